@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv (torch first, the CPU
+# build pinned below where no torch is installed yet), install the project, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO := data/demo
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+$(DEMO)/ground_truth.json: | $(STAMP)
+	$(VENV)/bin/m3-curate demo-archive $(DEMO) --cases 4 --seed 0
+
+demo: $(STAMP) $(DEMO)/ground_truth.json
+	$(VENV)/bin/m3-curate index manifests/demo.yaml
+	@echo "index and ledger: out/demo/index.parquet, out/demo/ledger.parquet"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf out data/demo

@@ -1,0 +1,129 @@
+"""The small records passed between stages: what was found (StudyItem), what became of each
+file (LedgerEntry), and what a loader returns (Volume).
+
+Arrays stay inside `Volume`; StudyItem and LedgerEntry are plain, hashable-free data that go to
+Parquet unchanged (`INDEX_SCHEMA`, `LEDGER_SCHEMA`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+ItemKind = Literal["dicom", "nifti", "nifti_group", "image2d"]
+Status = Literal["indexed", "skipped", "quarantined"]
+
+
+@dataclass(slots=True)
+class StudyItem:
+    """One unit an expert runs on: a DICOM series, a NIfTI volume, one case's NIfTI
+    sequences, or a 2D image.
+
+    `uris` are relative to the source root and in load order (DICOM: sorted along the slice
+    normal; groups: in `channels` order). `attrs` holds kind-specific facts that later stages
+    may need (gantry tilt, uneven spacing, mosaic, labels of a 2D image); it must be JSON-safe
+    and must not hold raw identifiers.
+    """
+
+    item_id: str
+    patient_key: str
+    study_key: str
+    source: str
+    kind: ItemKind
+    modality: str
+    shape: list[int]
+    spacing: list[float]
+    n_files: int
+    uris: list[str]
+    series_number: int | None = None
+    channels: list[str] = field(default_factory=list)
+    label_uri: str | None = None
+    frame: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["attrs"] = json.dumps(self.attrs, sort_keys=True)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "StudyItem":
+        values = dict(row)
+        values["attrs"] = json.loads(values.get("attrs") or "{}")
+        values["shape"] = list(values["shape"])
+        values["spacing"] = list(values["spacing"])
+        values["uris"] = list(values["uris"])
+        values["channels"] = list(values.get("channels") or [])
+        return cls(**{k: values[k] for k in cls.__slots__ if k in values})  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True, frozen=True)
+class LedgerEntry:
+    """What became of one discovered file. Every file under a source root gets exactly one."""
+
+    uri: str
+    source: str
+    status: Status
+    reason: str
+    item_id: str | None = None
+
+
+@dataclass(slots=True)
+class Volume:
+    """Voxels and where they are.
+
+    `array` is in NIfTI voxel order: (x, y, z) for a volume, (x, y, z, c) for a multi-sequence
+    group, (x, y) for a 2D image. `affine` maps voxel indices to RAS millimetres (4×4).
+    CT is in Hounsfield units (rescale applied).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    channels: tuple[str, ...] = ()
+
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("patient_key", pa.string()),
+        ("study_key", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("modality", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("spacing", pa.list_(pa.float64())),
+        ("n_files", pa.int64()),
+        ("uris", pa.list_(pa.string())),
+        ("series_number", pa.int64()),
+        ("channels", pa.list_(pa.string())),
+        ("label_uri", pa.string()),
+        ("frame", pa.int64()),
+        ("attrs", pa.string()),
+    ]
+)
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("source", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("item_id", pa.string()),
+    ]
+)
+
+
+def items_table(items: list[StudyItem]) -> pa.Table:
+    return pa.Table.from_pylist([i.to_row() for i in items], schema=INDEX_SCHEMA)
+
+
+def ledger_table(entries: list[LedgerEntry]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(e) for e in entries], schema=LEDGER_SCHEMA)
+
+
+def items_from_table(table: pa.Table) -> list[StudyItem]:
+    return [StudyItem.from_row(r) for r in table.to_pylist()]

@@ -1,0 +1,201 @@
+"""The build recipe: `manifests/*.yaml` read into a typed `BuildSpec`.
+
+Every key is declared; an unknown key, a wrong type or a dangling reference (a task naming a
+source that does not exist) is one `CurationError` naming the file and the key. Relative paths
+resolve against the manifest's folder, so a manifest works from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from curation.errors import CurationError
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeriesRules(_Spec):
+    """Which DICOM series become items, in the spirit of MONAI Deploy's series selector."""
+
+    modalities: list[str] | None = None  # None: any modality
+    image_type_all: list[str] = ["ORIGINAL", "PRIMARY"]
+    image_type_none: list[str] = ["LOCALIZER"]
+    min_slices: int = Field(8, ge=1)
+
+
+class _SourceBase(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    root: Path
+
+
+class DicomSourceSpec(_SourceBase):
+    kind: Literal["dicom"]
+    select: SeriesRules = SeriesRules()
+    labels: Path | None = None  # folder of <SeriesInstanceUID>.nii.gz ground-truth label maps
+    workers: int | None = Field(None, ge=1)  # header-reading threads; default: CPU count
+
+
+class NiftiSourceSpec(_SourceBase):
+    kind: Literal["nifti"]
+    modality: str = "CT"
+    split_4d: bool = True  # a 4D file becomes one item per volume; False sets it aside
+    patient_pattern: str | None = None  # regex on the relative path; group "patient"
+
+
+class NiftiGroupSourceSpec(_SourceBase):
+    kind: Literal["nifti_group"]
+    channels: list[str] = Field(min_length=1)
+    pattern: str = "{case}/{case}_{channel}.nii.gz"
+    labels: str | None = None  # the channel name of a ground-truth label file, e.g. "seg"
+    modality: str = "MR"
+
+
+class Image2DSourceSpec(_SourceBase):
+    kind: Literal["image2d"]
+    labels: Path | None = None  # CSV: column `image` (path under root), optional `patient_id`, 0/1 label columns
+    modality: str = "CR"
+
+
+SourceSpec = Annotated[
+    DicomSourceSpec | NiftiSourceSpec | NiftiGroupSourceSpec | Image2DSourceSpec,
+    Field(discriminator="kind"),
+]
+
+
+class ExpertSpec(_Spec):
+    name: str
+    runner: str
+    bundle: Path | None = None
+    models: list[Any] = []
+    options: dict[str, Any] = {}
+
+
+class TaskSpec(_Spec):
+    template: str
+    source: str
+    expert: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+
+class SplitSpec(_Spec):
+    by: Literal["patient"] = "patient"
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitSpec":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be below 1, got {self.val} + {self.test}")
+        return self
+
+
+class OutputSpec(_Spec):
+    dir: Path = Path("out")
+    rows_per_shard: int = Field(2000, ge=1)
+    image_max_side: int = Field(512, ge=16)
+    cache: Path | None = None  # default: <dir>/cache
+
+
+class BuildSpec(_Spec):
+    name: str
+    seed: int = 0
+    key: str | None = None  # secret for pseudonymous keys; M3_CURATE_KEY overrides
+    sources: list[SourceSpec] = Field(min_length=1)
+    experts: list[ExpertSpec] = []
+    tasks: list[TaskSpec] = []
+    split: SplitSpec = SplitSpec()
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _references(self) -> "BuildSpec":
+        for what, names in (("sources", [s.name for s in self.sources]), ("experts", [e.name for e in self.experts])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate name(s) {dupes}")
+        sources = {s.name for s in self.sources}
+        experts = {e.name for e in self.experts}
+        for i, task in enumerate(self.tasks):
+            if task.source not in sources:
+                raise ValueError(f"tasks[{i}].source: no source named {task.source!r} (have {sorted(sources)})")
+            if task.expert is not None and task.expert not in experts:
+                raise ValueError(f"tasks[{i}].expert: no expert named {task.expert!r} (have {sorted(experts)})")
+        return self
+
+    def source(self, name: str) -> SourceSpec:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise CurationError(f"no source named {name!r} in manifest {self.name!r}")
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{path}: " + "; ".join(parts)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative paths absolute against the manifest's folder (before validation, so
+    error messages still show what the user wrote when a value has the wrong type)."""
+
+    def resolve(value: Any) -> Any:
+        return str((base / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
+
+    for src in data.get("sources") or []:
+        if isinstance(src, dict):
+            for key in ("root",):
+                if key in src:
+                    src[key] = resolve(src[key])
+            if src.get("kind") in ("dicom", "image2d") and "labels" in src and isinstance(src.get("root"), str):
+                # labels resolve against the source root: they usually live inside it
+                src["labels"] = str((Path(src["root"]) / src["labels"]).resolve()) if isinstance(src["labels"], str) else src["labels"]
+    for exp in data.get("experts") or []:
+        if isinstance(exp, dict) and "bundle" in exp:
+            exp["bundle"] = resolve(exp["bundle"])
+    out = data.get("output")
+    if isinstance(out, dict):
+        for key in ("dir", "cache"):
+            if key in out:
+                out[key] = resolve(out[key])
+    elif out is None:
+        data["output"] = {"dir": str((base / "out" / str(data.get("name", "build"))).resolve())}
+    return data
+
+
+def load_manifest(path: str | Path) -> BuildSpec:
+    """Read and validate a manifest; every problem is a `CurationError` naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise CurationError(f"manifest not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CurationError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise CurationError(f"{path}: a manifest is a mapping of keys (name, sources, …), got {type(data).__name__}")
+    data = _resolve_paths(data, path.parent.resolve())
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as e:
+        raise CurationError(_format_errors(path, e)) from None
+
+
+def manifest_hash(spec: BuildSpec) -> str:
+    """A stable hash of the resolved manifest: part of every row's provenance."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

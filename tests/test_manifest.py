@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from curation.errors import CurationError
+from curation.manifest import load_manifest, manifest_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return {
+        "name": "t",
+        "sources": [{"name": "ct", "kind": "dicom", "root": "ct"}],
+        "experts": [{"name": "CTTissue", "runner": "ct_tissue"}],
+        "tasks": [{"template": "x.j2", "source": "ct", "expert": "CTTissue", "weight": 2}],
+    }
+
+
+def test_demo_manifest_loads_and_resolves_paths():
+    spec = load_manifest(REPO / "manifests" / "demo.yaml")
+    assert spec.name == "demo"
+    ct = spec.source("ct")
+    assert ct.root == (REPO / "data" / "demo" / "ct").resolve()
+    assert ct.labels == (REPO / "data" / "demo" / "ct_labels").resolve()
+    assert spec.output.dir == (REPO / "out" / "demo").resolve()
+
+
+def test_relative_paths_resolve_against_manifest_folder(write_manifest, tmp_path):
+    spec = load_manifest(write_manifest(base()))
+    assert spec.sources[0].root == tmp_path / "ct"
+    assert spec.output.dir == tmp_path / "out" / "t"
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["sources"][0].update(rooot="x"), "sources[0].dicom.rooot: unknown key"),
+        (lambda d: d.update(sed=3), "sed: unknown key"),
+        (lambda d: d["tasks"][0].update(weight="heavy"), "tasks[0].weight"),
+        (lambda d: d["tasks"][0].update(source="mri"), "tasks[0].source: no source named 'mri'"),
+        (lambda d: d["tasks"][0].update(expert="VISTA"), "tasks[0].expert: no expert named 'VISTA'"),
+        (lambda d: d["sources"][0].update(kind="zip"), "sources[0]"),
+        (lambda d: d.update(split={"val": 0.6, "test": 0.5}), "val + test must be below 1"),
+        (lambda d: d.pop("sources"), "sources: Field required"),
+    ],
+    ids=["typo-in-source", "typo-top-level", "wrong-type", "dangling-source", "dangling-expert", "bad-kind", "split", "missing"],
+)
+def test_bad_manifest_is_one_error_naming_file_and_key(write_manifest, mutate, expected):
+    data = base()
+    mutate(data)
+    path = write_manifest(data)
+    with pytest.raises(CurationError) as e:
+        load_manifest(path)
+    message = str(e.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_manifest(tmp_path):
+    with pytest.raises(CurationError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(CurationError, match="not valid YAML"):
+        load_manifest(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just text\n")
+    with pytest.raises(CurationError, match="mapping"):
+        load_manifest(scalar)
+
+
+def test_manifest_hash_changes_with_content(write_manifest):
+    a = load_manifest(write_manifest(base(), "a.yaml"))
+    data = base()
+    data["seed"] = 99
+    b = load_manifest(write_manifest(data, "b.yaml"))
+    assert manifest_hash(a) == manifest_hash(load_manifest(write_manifest(base(), "a2.yaml")))
+    assert manifest_hash(a) != manifest_hash(b)
