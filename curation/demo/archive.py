@@ -1,0 +1,218 @@
+"""`write_demo_archive`: the whole synthetic archive on disk, with its ground truth.
+
+Layout (every path below is relative to the archive folder; the indexer and the demo manifest
+rely on it):
+
+    ct/<PatientID>/2/IM<NNNN>.dcm        axial CT series, one file per slice
+    ct/<PatientID>/1/IM000<n>.dcm        localizer (1–3 scouts)
+    ct/<PatientID>/900/IM0001.dcm        secondary capture (screen save)
+    ct/<PatientID of case 0>/99/IM0001.dcm   the one truncated file, a series of its own
+    ct_labels/<SeriesInstanceUID>.nii.gz ground truth of each axial series (uint8, VISTA3D ids)
+    brain/<case>/<case>_{t1c,t1,t2,flair,seg}.nii.gz
+    cxr/images/cxr_<NNNN>.png, cxr/labels.csv
+    ground_truth.json
+
+Nothing depends on the clock: the same `(cases, seed, cxr_images)` gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from curation.demo.brain import BRATS_LABELS, BRAIN_SPACING, SEQUENCES, brain_phantom, case_id
+from curation.demo.ct import CT_LABELS, build_ct
+from curation.demo.cxr import CXR_LABELS, cxr_phantom
+from curation.demo.dicom import (AXIAL_SERIES, LOCALIZER_SERIES, CAPTURE_SERIES, TRUNCATED_SERIES, study_uids,
+                                 write_ct_study, write_truncated)
+from curation.demo.identity import fake_identity, part_rng
+from curation.errors import CurationError
+
+GENERATOR = "m3-curate demo-archive"
+FORMAT_VERSION = 1
+PARTS = ("ct", "ct_labels", "brain", "cxr", "ground_truth.json")
+
+
+def write_demo_archive(out: Path, *, cases: int = 4, seed: int = 0, cxr_images: int | None = None) -> dict[str, Any]:
+    """Write a synthetic imaging archive with ground truth under `out`; return a summary.
+
+    `cases` CT patients and `cases` brain MRI cases; `cxr_images` chest X-rays (default
+    `max(16, 8 * cases)`). `out` must be empty, absent, or a previous demo archive (whose parts
+    are replaced; anything else in it is left alone).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     summary = write_demo_archive(Path(d), cases=1)
+    >>> summary["ct"]["patients"], summary["brain"]["cases"], summary["cxr"]["images"]
+    (1, 1, 16)
+    """
+    out = Path(out)
+    _check_arguments(cases, seed, cxr_images)
+    n_cxr = max(16, 8 * cases) if cxr_images is None else cxr_images
+    _prepare(out)
+    ct = _write_ct(out, cases, seed)
+    brain = _write_brain(out, cases, seed)
+    cxr = _write_cxr(out, n_cxr, seed)
+    truth = {"generator": GENERATOR, "format_version": FORMAT_VERSION, "seed": seed, "cases": cases,
+             "ct": ct["cases"], "ct_truncated": ct["truncated"], "brain": brain, "cxr": cxr}
+    (out / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    return {
+        "out": str(out),
+        "seed": seed,
+        "ct": {"patients": cases, "files": ct["files"], "label_maps": cases, "root": str(out / "ct")},
+        "brain": {"cases": cases, "files": len(SEQUENCES) * cases + cases, "root": str(out / "brain")},
+        "cxr": {"images": n_cxr, "patients": len({c["patient_id"] for c in cxr["images"]}),
+                "labels": str(out / "cxr" / "labels.csv")},
+        "ground_truth": str(out / "ground_truth.json"),
+        "files": len(files),
+    }
+
+
+def _check_arguments(cases: int, seed: int, cxr_images: int | None) -> None:
+    if not isinstance(cases, int) or cases < 1:
+        raise CurationError(f"demo-archive: --cases must be a whole number ≥ 1, got {cases!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise CurationError(f"demo-archive: --seed must be a whole number ≥ 0, got {seed!r}")
+    if cxr_images is not None and (not isinstance(cxr_images, int) or cxr_images < 1):
+        raise CurationError(f"demo-archive: the number of chest X-rays must be ≥ 1, got {cxr_images!r}")
+
+
+def _prepare(out: Path) -> None:
+    """Refuse to write into a folder holding anything but a previous demo archive, and clear
+    that archive's parts so no stale file survives (the tree must match the seed exactly)."""
+    if out.exists() and not out.is_dir():
+        raise CurationError(f"demo-archive: {out} exists and is not a folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        truth = out / "ground_truth.json"
+        try:
+            previous = json.loads(truth.read_text()).get("generator") if truth.is_file() else None
+        except (OSError, ValueError):
+            previous = None
+        if previous != GENERATOR:
+            raise CurationError(f"demo-archive: {out} is not empty and holds no earlier demo archive "
+                                f"(no ground_truth.json written by it); give a new or empty folder")
+        for part in PARTS:
+            path = out / part
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """NIfTI-1 with sform and qform both 'scanner' (code 1) and mm units, gzip deterministic
+    (nibabel writes mtime 0)."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def _write_ct(out: Path, cases: int, seed: int) -> dict[str, Any]:
+    root = out / "ct"
+    shuffled_case = 0  # case 0 is the untidy one: shuffled InstanceNumbers, the truncated file
+    records, n_files, truncated = [], 0, {}
+    for case in range(cases):
+        p = build_ct(seed, case)
+        ident = fake_identity(seed, case)
+        uids = study_uids(seed, case)
+        rng = part_rng(seed, "dicom", case)
+        files = write_ct_study(root, p, ident, uids, seed, case, shuffle=rng if case == shuffled_case else None,
+                               n_localizers=int(rng.integers(1, 4)))
+        label_file = f"ct_labels/{uids['axial']}.nii.gz"
+        labels, affine = p.converted(p.labels)
+        _save_nifti(labels, affine, out / label_file)
+        n_files += sum(len(v) for v in files.values())
+        counts = np.bincount(p.labels.ravel(), minlength=256)
+        structures = {name: {"label": lid, "voxels": int(counts[lid]), "volume_ml": round(float(counts[lid]) * p.voxel_ml, 2)}
+                      for name, lid in CT_LABELS.items() if counts[lid]}
+        records.append({
+            "case": case,
+            "patient_id": ident.patient_id,
+            "study_uid": uids["study"],
+            "series_uid": uids["axial"],
+            "series_number": AXIAL_SERIES,
+            "files": [f"ct/{f}" for f in files["axial"]],
+            "shape": list(p.hu.shape),
+            "pixel_spacing_mm": p.pixel_spacing,
+            "slice_spacing_mm": p.slice_spacing,
+            "affine_ras": affine.round(4).tolist(),
+            "instance_order": "shuffled" if case == shuffled_case else "superior_first",
+            "label_file": label_file,
+            "structures": structures,
+            "hepatic_tumor": bool(p.tumours),
+            "hepatic_tumor_count": len(p.tumours),
+            "hepatic_tumors": p.tumours,
+            "localizer": {"series_uid": uids["localizer"], "series_number": LOCALIZER_SERIES,
+                          "files": [f"ct/{f}" for f in files["localizer"]]},
+            "secondary_capture": {"series_uid": uids["capture"], "series_number": CAPTURE_SERIES,
+                                  "files": [f"ct/{f}" for f in files["capture"]]},
+            "identifiers": ident.identifiers(),
+            "demographics": ident.demographics(),
+        })
+        if case == 0:
+            rel = write_truncated(root, p, ident, uids, seed, case)
+            n_files += 1
+            truncated = {"file": f"ct/{rel}", "patient_id": ident.patient_id, "series_uid": uids["truncated"],
+                         "series_number": TRUNCATED_SERIES}
+    return {"cases": records, "truncated": truncated, "files": n_files}
+
+
+def _write_brain(out: Path, cases: int, seed: int) -> list[dict[str, Any]]:
+    records = []
+    for case in range(cases):
+        p = brain_phantom(seed, case)
+        cid = case_id(case)
+        folder = out / "brain" / cid
+        files = {}
+        for seq in SEQUENCES:
+            _save_nifti(p.images[seq], p.affine, folder / f"{cid}_{seq}.nii.gz")
+            files[seq] = f"brain/{cid}/{cid}_{seq}.nii.gz"
+        _save_nifti(p.seg, p.affine, folder / f"{cid}_seg.nii.gz")
+        counts = {name: int((p.seg == lid).sum()) for name, lid in BRATS_LABELS.items()}
+        voxel_ml = BRAIN_SPACING**3 / 1000.0
+        records.append({
+            "case_id": cid,
+            "patient_id": cid,
+            "files": files,
+            "seg": f"brain/{cid}/{cid}_seg.nii.gz",
+            "tumor": bool(p.tumour),
+            "label_voxels": {str(BRATS_LABELS[n]): v for n, v in counts.items()},
+            "whole_tumor_ml": round(sum(counts.values()) * voxel_ml, 2),
+            "tumor_core_ml": round((counts["necrotic core"] + counts["enhancing tumour"]) * voxel_ml, 2),
+            "enhancing_ml": round(counts["enhancing tumour"] * voxel_ml, 2),
+            **({"tumor_geometry": p.tumour} if p.tumour else {}),
+        })
+    return records
+
+
+def _write_cxr(out: Path, n_images: int, seed: int) -> dict[str, Any]:
+    folder = out / "cxr"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows, records = [], []
+    for index in range(n_images):
+        s = cxr_phantom(seed, index)
+        image = f"images/cxr_{index + 1:04d}.png"
+        Image.fromarray(s.image, mode="L").save(folder / image, format="PNG")
+        rows.append([image, s.patient_id, *(s.labels[name] for name in CXR_LABELS)])
+        records.append({"image": image, "patient_id": s.patient_id,
+                        "positives": [name for name in CXR_LABELS if s.labels[name]],
+                        "cardiothoracic_ratio": round(s.chest.ctr, 3), "findings": s.findings})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "patient_id", *CXR_LABELS])
+    writer.writerows(rows)
+    (folder / "labels.csv").write_text(buffer.getvalue())
+    return {"labels_csv": "cxr/labels.csv", "label_columns": list(CXR_LABELS), "images": records}
