@@ -1,0 +1,217 @@
+"""`vista3d`: VISTA3D class-prompt segmentation of CT from a local MONAI bundle folder.
+
+Runs MONAI's own VISTA3D code the way the bundle's `inference.json` does, but without its
+`scripts/` package (which bundles ship as code next to the config):
+
+1. the bundle's preprocessing, rebuilt from its config in its order (VISTA3D: `Spacingd` to
+   1.5 mm bilinear, `CropForegroundd` margin 10, `VistaPreTransformd`, `ScaleIntensityRanged`
+   −963.8…1053.7 HU → 0…1 clipped, `Orientationd` RAS);
+2. the argument (VILA-M3's `<VISTA3D(arg)>`) becomes the class prompt: a group of
+   `data/vista3d_label_groups.json`, "everything" (or "") = the bundle's `everything_labels`;
+   `VistaPreTransformd(subclass=…)` expands subclass keys (lung 20 → its five lobes, …) and
+   repeats are dropped;
+3. `sliding_window_inference(…, with_coord=True, transpose=True, class_vector=prompt)` with the
+   bundle's patch size and overlap, under `torch.no_grad()` (autocast on CUDA), then
+   `VistaPostTransformd` → one channel of VISTA3D label ids;
+4. `Invertd` (nearest neighbour) back to the item's own grid, then `segmentation_findings`
+   with VISTA3D's names and the CT soft-tissue window.
+
+Manifest:
+
+```yaml
+experts:
+  - name: VISTA3D
+    runner: vista3d
+    bundle: models/vista3d          # configs/metadata.json, configs/inference.json, models/model.pt
+    options:                        # all optional; see volumetric.InferenceOptions
+      patch_size: 96                # sliding-window ROI (bundle: 128³)
+      sw_batch_size: 1
+      overlap: 0.3
+      amp: true                     # CUDA only
+      window: soft_tissue           # CT window of the pictures: soft_tissue, lung or bone
+```
+
+Label names: the published VISTA3D names (`data/vista3d_labels.json`) overridden by the
+bundle's metadata `channel_def`. A bundle without `everything_labels` or `subclass` uses the
+published ones (below).
+
+A bundle whose `network_def` is not a VISTA3D (our demo bundles: small networks trained on
+phantoms) is taken as an ordinary segmentation network whose output channel k is VISTA3D
+label k: argmax, then only the labels of the argument's prompt (before and after subclass
+expansion) are kept. Everything else — preprocessing, names, findings — is the same.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from curation.errors import CurationError
+from curation.imaging import CT_WINDOWS
+from curation.items import Volume
+from curation.manifest import ExpertSpec
+from expert_runners.base import ExpertInput, ExpertRunner, phase
+from expert_runners.bundle import read_bundle, warn_ignored
+from expert_runners.findings import Findings
+from expert_runners.segmentation import segmentation_findings
+from expert_runners.volumetric import KEY, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+
+# The published bundle's values, used when a bundle's config lacks them.
+DEFAULT_EVERYTHING = sorted(set(range(1, 133)) - {2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132})
+DEFAULT_SUBCLASS: dict[str, list[int]] = {
+    "2": [14, 5],
+    "20": [28, 29, 30, 31, 32],
+    "21": list(range(33, 57)) + list(range(63, 98)) + [114, 120, 122],
+}
+# SegResNetDS2 in vista3d132 halves the grid four times (and InstanceNorm needs more than one
+# voxel at the bottom, so a window is at least 32).
+DOWNSAMPLE = 16
+
+
+class Vista3DOptions(InferenceOptions):
+    window: str = "soft_tissue"
+
+
+def _package_json(name: str) -> Any:
+    return json.loads(resources.files("expert_runners").joinpath("data", name).read_text())
+
+
+def label_groups() -> dict[str, list[int]]:
+    """VILA-M3's argument groups: name → VISTA3D label ids ("everything" is not a list there).
+
+    >>> label_groups()["hepatic tumor"]
+    [1, 26]
+    """
+    return {name: [int(v) for v in ids.values()] for name, ids in _package_json("vista3d_label_groups.json").items() if isinstance(ids, dict)}
+
+
+class Vista3DRunner(ExpertRunner):
+    runner: ClassVar[str] = "vista3d"
+    modalities: ClassVar[tuple[str, ...]] = ("CT",)
+    kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
+
+    def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
+        super().__init__(spec, image_max_side=image_max_side)
+        if spec.bundle is None:
+            raise CurationError(f"expert {spec.name!r} (runner vista3d): set `bundle:` to a local VISTA3D bundle folder")
+        self.options: Vista3DOptions = parse_options(spec, Vista3DOptions)
+        if self.options.window not in CT_WINDOWS:
+            raise CurationError(f"expert {spec.name!r}: options.window {self.options.window!r} is not one of {sorted(CT_WINDOWS)}")
+        if self.options.patch_size and any(p % DOWNSAMPLE or p < 2 * DOWNSAMPLE for p in self.options.patch_size):
+            raise CurationError(
+                f"expert {spec.name!r}: options.patch_size {self.options.patch_size} must be multiples of {DOWNSAMPLE}, "
+                f"at least {2 * DOWNSAMPLE} (VISTA3D's encoder halves the grid four times)"
+            )
+        self.bundle = read_bundle(spec.bundle, extra_keys=("everything_labels", "subclass"))
+        names = {int(k): v for k, v in _package_json("vista3d_labels.json").items()} | self.bundle.label_names
+        if not any(step.name == "ScaleIntensityRanged" for step in self.bundle.preprocessing):
+            raise CurationError(
+                f"{self.bundle.config_file}: no ScaleIntensityRanged in `preprocessing`; VISTA3D needs its HU window "
+                "(the published bundle scales −963.8…1053.7 HU to 0…1)"
+            )
+        self.names = {k: v for k, v in names.items() if k != 0}
+        self.everything = [int(v) for v in self.bundle.values.get("everything_labels") or DEFAULT_EVERYTHING]
+        self.subclass = {str(k): [int(i) for i in v] for k, v in (self.bundle.values.get("subclass") or DEFAULT_SUBCLASS).items()}
+        self.groups = label_groups()
+        self.net: torch.nn.Module | None = None
+        self.prompted = True  # a VISTA3D network takes class prompts; known after setup
+
+    def weight_files(self) -> list[Path]:
+        return self.bundle.weight_files()
+
+    def setup(self, device: str = "cpu") -> None:
+        from monai.networks.nets.vista3d import VISTA3D
+
+        self.device = device
+        self.net = self.bundle.build_network(device)
+        self.prompted = isinstance(self.net, VISTA3D)
+        warn_ignored(self.bundle, self.name)
+
+    def arguments(self) -> list[str]:
+        """The arguments the VLM may write in `<VISTA3D(arg)>`."""
+        return ["everything", *self.groups]
+
+    def prompt(self, args: str) -> tuple[str, list[int]]:
+        """(normalised argument, class prompt before subclass expansion); ValueError if unknown.
+
+        "" means everything, as in VILA-M3.
+        """
+        arg = " ".join(args.strip().lower().split()) or "everything"
+        if arg == "everything":
+            return arg, list(self.everything)
+        if arg not in self.groups:
+            raise ValueError(f"unknown {self.name} argument {args!r}; use one of: {', '.join(self.arguments())}")
+        return arg, list(self.groups[arg])
+
+    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+        arg, prompt = self.prompt(args)
+        volume = inp.volume
+        label_map = self.segment(volume, prompt, timing)
+        with phase(timing, "postprocess"):
+            return segmentation_findings(
+                expert=self.name,
+                runner=self.runner,
+                args=arg,
+                modality=inp.item.modality,
+                image=volume.array,
+                label_map=label_map,
+                affine=volume.affine,
+                names=self.names,
+                window=self.options.window,
+                image_max_side=self.image_max_side,
+            )
+
+    def segment(self, volume: Volume, prompt: list[int], timing: dict[str, float] | None = None) -> np.ndarray:
+        """VISTA3D label ids (int16) on the volume's own grid for a class prompt (before
+        subclass expansion, as `prompt()` gives it)."""
+        from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd
+
+        timing = {} if timing is None else timing
+        if volume.array.ndim != 3:
+            raise ValueError(f"{self.name} takes one 3D volume, got an array of shape {volume.array.shape}")
+        if self.net is None:
+            with phase(timing, "load"):
+                self.setup(self.device)
+        assert self.net is not None
+        opts, bundle = self.options, self.bundle
+        with phase(timing, "preprocess"):
+            vista_pre = VistaPreTransformd(keys=KEY, subclass=self.subclass, labels_dict={str(k): v for k, v in self.names.items()})
+            pre = build_preprocessing(bundle.preprocessing, special={"VistaPreTransformd": vista_pre})
+            data = pre({KEY: to_meta_tensor(volume.array, volume.affine), "label_prompt": list(prompt)})
+            if not any(s.name == "VistaPreTransformd" for s in bundle.preprocessing):
+                data = vista_pre(data)
+            classes = list(dict.fromkeys(int(c) for c in data["label_prompt"]))  # subclasses expanded, repeats dropped
+            image = data[KEY]
+        window = {
+            "sw_batch_size": opts.sw_batch_size or bundle.sw_batch_size,
+            "overlap": bundle.overlap if opts.overlap is None else opts.overlap,
+            "device": self.device,
+            "amp": bundle.amp if opts.amp is None else opts.amp,
+        }
+        patch = opts.patch_size or bundle.patch_size
+        with phase(timing, "inference"):
+            if self.prompted:
+                # [B, 1]: the same logits as [B] without InstanceNorm1d's "size at dim=0" warning
+                class_vector = torch.tensor(classes, dtype=torch.long, device=self.device)[:, None]
+                roi = window_size(tuple(image.shape[1:]), patch, multiple=DOWNSAMPLE, minimum=2 * DOWNSAMPLE)
+                logits = sliding_window(self.net, image, roi=roi, with_coord=True, transpose=True, class_vector=class_vector, **window)
+            else:
+                logits = sliding_window(self.net, image, roi=window_size(tuple(image.shape[1:]), patch), **window)
+        with phase(timing, "postprocess"):
+            if self.prompted:
+                with torch.no_grad():
+                    pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
+            else:  # channel k is label k; keep the labels asked for
+                pred = logits[0].argmax(0, keepdim=True)
+                pred[~torch.isin(pred, torch.tensor(sorted(set(prompt) | set(classes))))] = 0
+                pred = pred.float()
+            pred = invert(pre, data, pred, nearest=True)
+            label_map = np.rint(torch.nan_to_num(pred[0], nan=0.0).numpy()).astype(np.int16)
+        if label_map.shape != volume.array.shape:
+            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {volume.array.shape}")
+        return label_map
