@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curation.errors import CurationError
 
@@ -79,10 +79,21 @@ class ExpertSpec(_Spec):
 
 
 class TaskSpec(_Spec):
+    """One kind of conversation: a template over a source's items, optionally through an
+    expert called with `args` (one argument, or a list that variants take in turn, e.g.
+    VISTA3D groups). `weight` is the upsampling factor of VILA-M3's mixtures: variants per
+    item (a fractional part is sampled with the seed)."""
+
     template: str
     source: str
     expert: str | None = None
+    args: list[str] = [""]
     weight: float = Field(1.0, gt=0)
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class SplitSpec(_Spec):
