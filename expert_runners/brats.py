@@ -35,7 +35,6 @@ t1gd, t1-ce, t1post; T1: t1, t1n, t1w; T2: t2, t2w; FLAIR: flair, t2f, t2-flair,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -45,11 +44,11 @@ from pydantic import Field
 from curation.errors import CurationError, ItemError
 from curation.imaging import axial, encode_png, percentile_normalise, reorient
 from curation.manifest import ExpertSpec
-from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.bundle import TransformStep, read_bundle, warn_ignored
+from expert_runners.base import ExpertInput, phase
+from expert_runners.bundle import TransformStep, read_bundle
 from expert_runners.findings import Findings, Image, Structure, measure_structures
 from expert_runners.segmentation import segmentation_findings
-from expert_runners.volumetric import KEY, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 
 SEQUENCES = ("T1c", "T1", "T2", "FLAIR")  # the bundle's input channel order
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -101,7 +100,7 @@ def channel_order(have: list[str], overrides: dict[str, str]) -> tuple[list[int]
     return order, missing
 
 
-class BratsRunner(ExpertRunner):
+class BratsRunner(BundleRunner):
     runner: ClassVar[str] = "brats"
     modalities: ClassVar[tuple[str, ...]] = ("MR",)
     kinds: ClassVar[tuple[str, ...]] = ("nifti_group",)
@@ -125,16 +124,8 @@ class BratsRunner(ExpertRunner):
             self.bundle.preprocessing = [TransformStep("NormalizeIntensityd", {"nonzero": True, "channel_wise": True})]
         self.net: torch.nn.Module | None = None
 
-    def weight_files(self) -> list[Path]:
-        return self.bundle.weight_files()
-
-    def setup(self, device: str = "cpu") -> None:
-        self.device = device
-        self.net = self.bundle.build_network(device)
-        warn_ignored(self.bundle, self.name)
-
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        volume, item, opts, bundle = inp.volume, inp.item, self.options, self.bundle
+        volume, item, opts = inp.volume, inp.item, self.options
         names = list(volume.channels or item.channels)
         if volume.array.ndim != 4 or volume.array.shape[-1] != len(names):
             raise ItemError(item.item_id, f"{self.name} needs a 4-sequence group (x, y, z, 4) with named channels, got shape {volume.array.shape} and channels {names}")

@@ -42,7 +42,6 @@ experts:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -53,11 +52,11 @@ from curation.errors import CurationError, ItemError
 from curation.imaging import CT_WINDOWS
 from curation.items import Volume
 from curation.manifest import ExpertSpec
-from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.bundle import read_bundle, warn_ignored
+from expert_runners.base import ExpertInput, phase
+from expert_runners.bundle import read_bundle
 from expert_runners.findings import Findings
 from expert_runners.segmentation import segmentation_findings
-from expert_runners.volumetric import KEY, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 
 class MonaiBundleOptions(InferenceOptions):
     activation: Literal["softmax", "sigmoid"] | None = None
@@ -67,7 +66,7 @@ class MonaiBundleOptions(InferenceOptions):
     window: str | None = "auto"
 
 
-class MonaiBundleRunner(ExpertRunner):
+class MonaiBundleRunner(BundleRunner):
     runner: ClassVar[str] = "monai_bundle"
     modalities: ClassVar[tuple[str, ...]] = ()
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti", "nifti_group")
@@ -96,16 +95,8 @@ class MonaiBundleRunner(ExpertRunner):
             raise CurationError(f"expert {spec.name!r}: options.window {opts.window!r} is not one of {sorted(CT_WINDOWS)} or null")
         self.net: torch.nn.Module | None = None
 
-    def weight_files(self) -> list[Path]:
-        return self.bundle.weight_files()
-
-    def setup(self, device: str = "cpu") -> None:
-        self.device = device
-        self.net = self.bundle.build_network(device)
-        warn_ignored(self.bundle, self.name)
-
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        volume, item, opts, bundle = inp.volume, inp.item, self.options, self.bundle
+        volume, item, bundle = inp.volume, inp.item, self.bundle
         array = volume.array
         channels = 1 if array.ndim == 3 else array.shape[-1] if array.ndim == 4 else None
         if channels != bundle.input_channels:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,11 +54,11 @@ from curation.errors import CurationError
 from curation.imaging import CT_WINDOWS
 from curation.items import Volume
 from curation.manifest import ExpertSpec
-from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.bundle import read_bundle, warn_ignored
+from expert_runners.base import ExpertInput, phase
+from expert_runners.bundle import read_bundle
 from expert_runners.findings import Findings
 from expert_runners.segmentation import segmentation_findings
-from expert_runners.volumetric import KEY, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 
 # The published bundle's values, used when a bundle's config lacks them.
 DEFAULT_EVERYTHING = sorted(set(range(1, 133)) - {2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132})
@@ -90,7 +89,7 @@ def label_groups() -> dict[str, list[int]]:
     return {name: [int(v) for v in ids.values()] for name, ids in _package_json("vista3d_label_groups.json").items() if isinstance(ids, dict)}
 
 
-class Vista3DRunner(ExpertRunner):
+class Vista3DRunner(BundleRunner):
     runner: ClassVar[str] = "vista3d"
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
@@ -121,16 +120,11 @@ class Vista3DRunner(ExpertRunner):
         self.net: torch.nn.Module | None = None
         self.prompted = True  # a VISTA3D network takes class prompts; known after setup
 
-    def weight_files(self) -> list[Path]:
-        return self.bundle.weight_files()
-
     def setup(self, device: str = "cpu") -> None:
         from monai.networks.nets.vista3d import VISTA3D
 
-        self.device = device
-        self.net = self.bundle.build_network(device)
+        super().setup(device)
         self.prompted = isinstance(self.net, VISTA3D)
-        warn_ignored(self.bundle, self.name)
 
     def arguments(self) -> list[str]:
         """The arguments the VLM may write in `<VISTA3D(arg)>`."""

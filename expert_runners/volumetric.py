@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import numpy as np
@@ -20,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from curation.errors import CurationError
 from curation.manifest import ExpertSpec
-from expert_runners.bundle import TransformStep
+from expert_runners.base import ExpertRunner
+from expert_runners.bundle import Bundle, TransformStep, warn_ignored
 
 KEY = "image"
 
@@ -156,3 +158,19 @@ def sliding_window(
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the network returned a {type(out).__name__}; bundle runners take networks with one output tensor")
     return out.float().cpu()
+
+
+class BundleRunner(ExpertRunner):
+    """A runner over a local MONAI bundle: its files are the fingerprint, and its network is
+    built once per worker in `setup`. Subclasses set `self.bundle` in `__init__`."""
+
+    bundle: Bundle
+    net: torch.nn.Module | None = None
+
+    def weight_files(self) -> list[Path]:
+        return self.bundle.weight_files()
+
+    def setup(self, device: str = "cpu") -> None:
+        self.device = device
+        self.net = self.bundle.build_network(device)
+        warn_ignored(self.bundle, self.name)
