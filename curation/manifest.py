@@ -64,18 +64,38 @@ class Image2DSourceSpec(_SourceBase):
     modality: str = "CR"
 
 
+class QaSourceSpec(_SourceBase):
+    """An existing question–answer set (VQA-RAD, SLAKE, MIMIC-CXR VQA exports): `file` is a
+    LLaVA-style JSON (`image` + `conversations`), a JSON list or JSON-lines of records, or a CSV,
+    with an image, a question and an answer per record; image paths are relative to `root`.
+    Each record becomes a 2D item carrying its own Q/A (see `curation.ingest.qa`)."""
+
+    kind: Literal["qa"]
+    file: Path  # relative paths resolve against the manifest's folder, like `root`
+    modality: str = "CR"
+    columns: dict[str, str] = {}  # our name (image, question, answer, patient_id, answer_type) → the file's
+
+
 SourceSpec = Annotated[
-    DicomSourceSpec | NiftiSourceSpec | NiftiGroupSourceSpec | Image2DSourceSpec,
+    DicomSourceSpec | NiftiSourceSpec | NiftiGroupSourceSpec | Image2DSourceSpec | QaSourceSpec,
     Field(discriminator="kind"),
 ]
 
 
 class ExpertSpec(_Spec):
+    """An expert and how `m3-curate build` schedules it. `actors` (pool size; default one per
+    GPU share, else 1), `batch_size` (items per actor call) and `gpus` (per actor; default 1
+    on a cluster with GPUs for runners with weights, else 0) only place the work: they are
+    not part of the expert's fingerprint, so changing them keeps the cache."""
+
     name: str
     runner: str
     bundle: Path | None = None
     models: list[Any] = []
     options: dict[str, Any] = {}
+    actors: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gpus: float | None = Field(None, ge=0)
 
 
 class TaskSpec(_Spec):
@@ -122,6 +142,7 @@ class BuildSpec(_Spec):
     sources: list[SourceSpec] = Field(min_length=1)
     experts: list[ExpertSpec] = []
     tasks: list[TaskSpec] = []
+    prompts: list[Path] = []  # template folders searched before the built-in prompts/
     split: SplitSpec = SplitSpec()
     output: OutputSpec = OutputSpec()
 
@@ -169,12 +190,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
     for src in data.get("sources") or []:
         if isinstance(src, dict):
-            for key in ("root",):
+            for key in ("root", "file") if src.get("kind") == "qa" else ("root",):
                 if key in src:
                     src[key] = resolve(src[key])
             if src.get("kind") in ("dicom", "image2d") and "labels" in src and isinstance(src.get("root"), str):
                 # labels resolve against the source root: they usually live inside it
                 src["labels"] = str((Path(src["root"]) / src["labels"]).resolve()) if isinstance(src["labels"], str) else src["labels"]
+    if isinstance(data.get("prompts"), list):
+        data["prompts"] = [resolve(p) for p in data["prompts"]]
     for exp in data.get("experts") or []:
         if isinstance(exp, dict) and "bundle" in exp:
             exp["bundle"] = resolve(exp["bundle"])

@@ -6,11 +6,12 @@ from curation.ingest.base import Scan, SourceReader
 from curation.ingest.dicom import DicomReader
 from curation.ingest.image2d import Image2DReader
 from curation.ingest.nifti import NiftiGroupReader, NiftiReader
+from curation.ingest.qa import QaReader
 from curation.keys import Keyer, resolve_secret
 from curation.manifest import BuildSpec
 
 READERS: dict[str, type[SourceReader]] = {
-    r.kind: r for r in (DicomReader, NiftiReader, NiftiGroupReader, Image2DReader)
+    r.kind: r for r in (DicomReader, NiftiReader, NiftiGroupReader, Image2DReader, QaReader)
 }
 
 

@@ -1,0 +1,304 @@
+"""`m3-curate preview`: a static HTML page of rendered samples, for tuning templates in seconds.
+
+    m3-curate preview MANIFEST [--task T | --template FILE] [-n N] --html FILE [--out DIR]
+
+For each task (all of the manifest's, the one named by `--task`, or a template file that no task
+names yet, `--template`), the first N items of its source are rendered: per sample the images
+(overlays included) beside the turns, the meta, the findings, and the template's source once
+per task. Findings come from the build's cache (`<out>/cache`, as `m3-curate build` left it)
+when it has them; otherwise the experts run here, in this process, on those items only, and the
+results are kept in `<out>/preview_cache` for the next preview (never in the build's cache: a
+build computes its own). Template errors are shown on the page, at the sample they hit.
+
+The page is one self-contained file (images inline as data: URIs); a line at the top counts the
+images the browser loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curation.cache import FindingsCache, content_hash
+from curation.errors import CurationError, ItemError
+from curation.index import scan_source
+from curation.ingest import SourceReader, readers_for
+from curation.items import StudyItem
+from curation.manifest import BuildSpec, TaskSpec, load_manifest
+from curation.prompt_data import provides
+from curation.render import Renderer, TemplateError
+from curation.rows import Conversation
+from expert_runners.findings import Findings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Sample:
+    item: StudyItem
+    variant: int
+    args: str
+    conversation: Conversation | None = None
+    findings: Findings | None = None
+    findings_from: str = ""  # "build cache", "preview cache", "expert run", ""
+    error: str = ""
+    render_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class Section:
+    task: TaskSpec
+    source_text: str
+    description: str
+    samples: list[Sample] = field(default_factory=list)
+    note: str = ""
+
+
+def preview_command(args: argparse.Namespace) -> None:
+    spec = load_manifest(args.manifest)
+    out = Path(args.out) if args.out else spec.output.dir
+    started = time.perf_counter()
+    sections = preview(spec, out=out, task=args.task, template=args.template, n=args.n)
+    page = Path(args.html)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_page(spec, sections, Renderer(spec).model_card), encoding="utf-8")
+    made = sum(1 for s in sections for x in s.samples if x.conversation is not None)
+    failed = sum(1 for s in sections for x in s.samples if x.error)
+    print(f"{page}: {made} conversation(s) from {len(sections)} task(s), {failed} error(s), in {time.perf_counter() - started:.1f} s")
+
+
+def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: str | None = None, n: int = 8) -> list[Section]:
+    """Render up to `n` samples for each chosen task; never raises for one sample's error."""
+    if n < 1:
+        raise CurationError(f"-n must be at least 1, got {n}")
+    renderer, tasks = _tasks(spec, task, template)
+    runners: dict[str, Any] = {}
+    readers = readers_for(spec)
+    build_cache = FindingsCache(spec.output.cache if spec.output.cache and out == spec.output.dir else out / "cache")
+    own_cache = FindingsCache(out / "preview_cache")
+    items: dict[str, list[StudyItem]] = {}
+    sections = []
+    for t in tasks:
+        d = renderer.declaration(t.template)
+        section = Section(task=t, source_text=renderer.compiled(t.template).source, description=d.description)
+        sections.append(section)
+        if t.source not in items:
+            items[t.source] = scan_source(readers[t.source])[0]
+        runner = _runner(spec, t.expert, runners) if t.expert else None
+        chosen = [i for i in items[t.source] if runner is None or runner.accepts(i) is None][:n]
+        if not chosen:
+            section.note = f"source {t.source!r} has no item that expert {t.expert} accepts"
+        variants = max(1, math.ceil(t.weight), len(t.args))
+        for k, item in enumerate(chosen):
+            sample = Sample(item=item, variant=k % variants, args=t.args[(k % variants) % len(t.args)])
+            section.samples.append(sample)
+            if runner is not None:
+                try:
+                    sample.findings, sample.findings_from = _findings(readers[t.source], runner, item, sample.args, build_cache, own_cache)
+                except (ItemError, CurationError) as e:
+                    sample.error = f"expert {t.expert}: {e}"
+                    continue
+            began = time.perf_counter()
+            try:
+                sample.conversation = renderer.render(t, item, sample.findings, variant=sample.variant)
+            except TemplateError as e:
+                sample.error = str(e)
+            sample.render_ms = (time.perf_counter() - began) * 1000
+    return sections
+
+
+def _tasks(spec: BuildSpec, task: str | None, template: str | None) -> tuple[Renderer, list[TaskSpec]]:
+    if template is None:
+        renderer = Renderer(spec)
+        tasks = list(spec.tasks)
+        if task is not None:
+            tasks = [t for t in tasks if t.template == task]
+            if not tasks:
+                raise CurationError(f"--task {task!r}: no task of manifest {spec.name!r} uses it (tasks: {[t.template for t in spec.tasks]})")
+        if not tasks:
+            raise CurationError(f"manifest {spec.name!r} has no tasks: name a template with --template FILE")
+        renderer.check({})
+        return renderer, tasks
+    path = Path(template).resolve()
+    if not path.is_file():
+        raise CurationError(f"--template: file not found: {template}")
+    probe = Renderer(spec)
+    name = next((path.relative_to(r.resolve()).as_posix() for r in probe.roots if path.is_relative_to(r.resolve())), None)
+    renderer = probe if name is not None else Renderer(spec, prompt_dirs=[path.parent])
+    name = name or path.name
+    return renderer, [_task_for(spec, renderer, name)]
+
+
+def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
+    """A task for a template no task names: the first source and expert its declaration fits,
+    with the arguments the manifest's tasks give that expert on that source (else the declared
+    ones, else none)."""
+    d = renderer.declaration(name)
+    for source in spec.sources:
+        if d.sources and source.kind not in d.sources:
+            continue
+        modality = getattr(source, "modality", None)
+        if d.modality and modality is not None and source.kind != "dicom" and modality not in d.modality:
+            continue
+        if not d.uses_expert:
+            return TaskSpec(template=name, source=source.name, weight=1.0)
+        used = [t.expert for t in spec.tasks if t.source == source.name and t.expert]
+        for expert in sorted(spec.experts, key=lambda e: (e.name not in used, used.index(e.name) if e.name in used else 0)):
+            got = provides(expert)
+            if got is not None and not set(d.needs) <= got:
+                continue
+            args = next((t.args for t in spec.tasks if t.source == source.name and t.expert == expert.name
+                         and (d.args is None or all(a in d.args for a in t.args))), None)
+            args = args or d.args or [""]
+            task = TaskSpec(template=name, source=source.name, expert=expert.name, args=args, weight=len(args))
+            try:
+                check = BuildSpec.model_validate({**spec.model_dump(), "tasks": [task.model_dump()]})
+                Renderer(check, prompt_dirs=renderer._extra).check({})
+            except CurationError:
+                continue
+            return task
+    raise CurationError(f"template {name}: no source and expert of manifest {spec.name!r} fit its declaration ({d.model_dump(exclude_defaults=True)})")
+
+
+def _runner(spec: BuildSpec, name: str, runners: dict[str, Any]) -> Any:
+    """The expert's runner, constructed once (cheap); its weights load on first use."""
+    if name not in runners:
+        from expert_runners.base import make_runner
+
+        runners[name] = make_runner(next(e for e in spec.experts if e.name == name), image_max_side=spec.output.image_max_side)
+    return runners[name]
+
+
+_READY: set[int] = set()  # runners whose setup() ran in this process
+
+
+def _findings(reader: SourceReader, runner: Any, item: StudyItem, args: str, build_cache: FindingsCache,
+              own_cache: FindingsCache) -> tuple[Findings, str]:
+    content = content_hash(item, reader.root)
+    fingerprint = runner.fingerprint()
+    for cache, label in ((build_cache, "build cache"), (own_cache, "preview cache")):
+        found = cache.get(content, fingerprint, args)
+        if found is not None:
+            return found, label
+    if id(runner) not in _READY:
+        runner.setup(_device())
+        _READY.add(id(runner))
+    from expert_runners.base import ExpertInput
+
+    findings = runner.run(ExpertInput(item=item, volume=reader.load(item), labels=reader.load_labels(item)), args)
+    own_cache.put(content, fingerprint, findings, args)
+    return findings, "expert run"
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 24px 48px; color: #222; background: #fafafa; }
+h1 { font-size: 20px; } h2 { font-size: 17px; margin-top: 36px; border-bottom: 1px solid #bbb; }
+#status { font-weight: 600; }
+.sample { display: grid; grid-template-columns: 330px 1fr; gap: 16px; background: #fff; border: 1px solid #ccc;
+          border-radius: 6px; padding: 12px; margin: 12px 0; }
+.pictures figure { margin: 0 0 8px; } .pictures img { width: 320px; image-rendering: pixelated; border: 1px solid #999; display: block; }
+figcaption, .small { font-size: 12px; color: #555; }
+.turn { margin: 6px 0; padding: 6px 10px; border-radius: 6px; white-space: pre-wrap; word-break: break-word; }
+.user { background: #eee; } .assistant { background: #f7f7f7; border: 1px solid #ddd; }
+.role { font-weight: 700; font-size: 12px; text-transform: uppercase; color: #444; }
+.slot { display: inline-block; padding: 0 4px; border: 1px solid #777; border-radius: 3px; font-size: 12px; }
+.error { border: 2px solid #333; padding: 8px; font-weight: 600; white-space: pre-wrap; }
+pre { background: #f0f0f0; padding: 8px; overflow-x: auto; font-size: 12px; }
+details { margin: 6px 0; } summary { cursor: pointer; color: #333; }
+"""
+
+SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images-loaded", String(loaded));
+  document.getElementById("status").textContent = loaded + " of " + images.length + " images loaded";
+});
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _numbered(source: str) -> str:
+    return "\n".join(f"{n:4d}  {line}" for n, line in enumerate(source.splitlines(), start=1))
+
+
+def _sample_html(s: Sample, k: int, card: str) -> str:
+    head = (f"<div class='small'>sample {k + 1} · item {_e(s.item.item_id)} ({_e(s.item.modality)}, {_e(s.item.kind)}) · "
+            f"variant {s.variant} · args {_e(repr(s.args))}"
+            + (f" · findings from {_e(s.findings_from)}" if s.findings_from else "")
+            + (f" · rendered in {s.render_ms:.1f} ms" if s.conversation else "") + "</div>")
+    findings = ""
+    if s.findings is not None:
+        d = s.findings.to_dict()
+        d.pop("timing", None)
+        findings = f"<details><summary>findings</summary><pre>{_e(json.dumps(d, indent=1))}</pre></details>"
+    if s.conversation is None:
+        return f"<div class='sample'><div>{head}</div><div><div class='error'>{_e(s.error)}</div>{findings}</div></div>"
+    c = s.conversation
+    pictures = "".join(
+        f"<figure><img alt='image {n + 1}' src='{_data_uri(png)}'><figcaption>image {n + 1}</figcaption></figure>"
+        for n, png in enumerate(c.images)
+    )
+    turns, slot = [], 0
+    for m in c.messages:
+        body = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                slot += 1
+                body.append(f"<span class='slot'>image {slot}</span>")
+            elif card and slot == 0 and part["text"].startswith(card):
+                rest = part["text"][len(card):].lstrip("\n")
+                body.append(f"<details><summary>model card</summary>{_e(card)}</details>{_e(rest)}")
+            else:
+                body.append(_e(part["text"]))
+        turns.append(f"<div class='turn {_e(m['role'])}'><div class='role'>{_e(m['role'])}</div>{''.join(body)}</div>")
+    meta = f"<details><summary>meta</summary><pre>{_e(json.dumps(c.meta, indent=1))}</pre></details>"
+    return (f"<div class='sample'><div class='pictures'>{head}{pictures}</div>"
+            f"<div>{''.join(turns)}{meta}{findings}</div></div>")
+
+
+def render_page(spec: BuildSpec, sections: list[Section], card: str = "") -> str:
+    """The whole page as one HTML string (self-contained); `card`, the model card, is folded
+    away where a conversation starts with it."""
+    body = []
+    for sec in sections:
+        t = sec.task
+        what = f"source {_e(t.source)}" + (f", expert {_e(t.expert)}, args {_e(t.args)}" if t.expert else ", no expert")
+        body.append(f"<h2>{_e(t.template)}</h2><div class='small'>{_e(sec.description)} · {what}</div>")
+        if sec.note:
+            body.append(f"<div class='error'>{_e(sec.note)}</div>")
+        body.append(f"<details><summary>template source</summary><pre>{_e(_numbered(sec.source_text))}</pre></details>")
+        body.extend(_sample_html(s, k, card.rstrip()) for k, s in enumerate(sec.samples))
+    total = sum(len(s.conversation.images) for sec in sections for s in sec.samples if s.conversation)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>m3-curate preview: {_e(spec.name)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head>"
+        f"<body data-images='{total}'><h1>m3-curate preview · {_e(spec.name)}</h1>"
+        f"<div id='status'>{total} images (loading…)</div>{''.join(body)}</body></html>"
+    )

@@ -1,0 +1,179 @@
+"""The data templates draw on besides findings: phrasing banks, model cards, and what each
+expert can report.
+
+- Phrasing banks are YAML files under `<prompts>/phrasings/`: a key maps to a list of
+  alternatives (nested mappings make dotted keys: `vista3d_target.organs`), each a string with
+  `{field}` placeholders that are plain names (no attribute or index access: `{x.__class__}`
+  is refused when the file is read).
+- The model card is `<prompts>/model_card.j2` filled from `<prompts>/model_cards.yaml`, one card
+  per manifest expert, by its name, else by its runner.
+- `provides` and `vocabulary` say what a runner's findings hold and which structure names an
+  argument covers, so that `check()` can refuse a task before it runs and a template can ask
+  about a structure that is truly absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curation.errors import CurationError
+from curation.manifest import ExpertSpec
+
+log = logging.getLogger(__name__)
+
+# --- phrasings -----------------------------------------------------------------------------
+
+FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_phrasing(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise CurationError(f"{where}: {text!r} holds a NUL character")
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise CurationError(f"{where}: {text!r} is not a valid phrasing ({e}); write {{{{ and }}}} for literal braces") from e
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not FIELD.match(field) or conversion or (spec and "{" in spec):
+            raise CurationError(f"{where}: {text!r}: placeholder {{{field}}} must be a plain name such as {{structure}}")
+
+
+def _flatten(data: Any, prefix: str, where: str, out: dict[str, tuple[str, ...]], origin: dict[str, str]) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), where, out, origin)
+        return
+    values = [data] if isinstance(data, str) else data
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise CurationError(f"{where}: {prefix!r} must be a non-empty list of phrasings (strings)")
+    for v in values:
+        check_phrasing(v, f"{where}: {prefix}")
+    if prefix in out:
+        raise CurationError(f"{where}: phrasing {prefix!r} is also defined in {origin[prefix]}; keep one")
+    out[prefix] = tuple(values)
+    origin[prefix] = where
+
+
+def load_phrasings(roots: list[Path]) -> tuple[dict[str, tuple[str, ...]], str]:
+    """All phrasing banks (key → alternatives) and a digest of them. A key in an earlier folder
+    replaces the same key in a later one (manifest folders come before the built-in one)."""
+    banks: dict[str, tuple[str, ...]] = {}
+    h = hashlib.sha256()
+    for root in roots:
+        mine: dict[str, tuple[str, ...]] = {}
+        origin: dict[str, str] = {}
+        for path in sorted((root / "phrasings").glob("*.yaml")):
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise CurationError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
+            if not isinstance(data, dict):
+                raise CurationError(f"{path}: a phrasing file maps keys to lists of phrasings")
+            _flatten(data, "", str(path), mine, origin)
+        for key, values in mine.items():
+            banks.setdefault(key, values)
+    for key in sorted(banks):
+        h.update(repr((key, banks[key])).encode())
+    return banks, h.hexdigest()[:16]
+
+
+# --- model card ----------------------------------------------------------------------------
+
+CARD_FIELDS = ("modality", "task", "overview", "accuracy", "args")
+
+
+def load_cards(roots: list[Path]) -> dict[str, dict[str, dict[str, str]]]:
+    """`model_cards.yaml` of every folder merged: {"experts": {name: card}, "runners": {runner:
+    card}}; earlier folders win per name."""
+    merged: dict[str, dict[str, dict[str, str]]] = {"experts": {}, "runners": {}}
+    for root in roots:
+        path = root / "model_cards.yaml"
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise CurationError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
+        unknown = sorted(set(data) - set(merged)) if isinstance(data, dict) else ["(not a mapping)"]
+        if unknown:
+            raise CurationError(f"{path}: top-level keys are 'experts' and 'runners', got {unknown}")
+        for section, known in merged.items():
+            for name, card in (data.get(section) or {}).items():
+                if not isinstance(card, dict) or sorted(card) != sorted(CARD_FIELDS):
+                    raise CurationError(f"{path}: {section}.{name} needs exactly the keys {list(CARD_FIELDS)}")
+                known.setdefault(str(name), {k: str(v) for k, v in card.items()})
+    return merged
+
+
+def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]]) -> list[dict[str, str]]:
+    """The cards of the manifest's experts, in manifest order: by the expert's name, else by its
+    runner. An expert with neither (ground truth standing in for findings, say) is not on the
+    model card: conversations may use its findings but never call it."""
+    out = []
+    for e in experts:
+        card = cards["experts"].get(e.name) or cards["runners"].get(e.runner)
+        if card is None:
+            log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", e.name, e.runner)
+            continue
+        out.append({"name": e.name, **card})
+    return out
+
+
+# --- what an expert can report -------------------------------------------------------------
+
+# What each built-in runner's findings hold (None for runners we do not know: not checked).
+PROVIDES: dict[str, frozenset[str]] = {
+    "vista3d": frozenset({"structures", "key_slice", "overlay"}),
+    "monai_bundle": frozenset({"structures", "key_slice", "overlay"}),
+    "ct_tissue": frozenset({"structures", "key_slice", "overlay"}),
+    "brats": frozenset({"structures", "key_slice", "overlay", "sequence"}),
+    "cxr_ensemble": frozenset({"classes", "key_slice"}),
+    "labels": frozenset({"structures", "key_slice", "overlay", "classes"}),
+}
+
+
+def provides(spec: ExpertSpec) -> frozenset[str] | None:
+    found = PROVIDES.get(spec.runner)
+    if found is not None and spec.runner == "brats" and spec.options.get("sequence_images") is False:
+        found = found - {"sequence"}
+    return found
+
+
+def vocabulary(spec: ExpertSpec, args: str) -> list[str]:
+    """Structure names the expert reports when present, for this argument: a name in this list
+    but absent from the findings is truly absent. Empty when unknown."""
+    from expert_runners import labels as labels_runner
+
+    preset = spec.options.get("preset")
+    arg = args.strip().lower()
+    if spec.runner == "vista3d" or (spec.runner == "labels" and preset == "vista3d"):
+        names = labels_runner.preset_names("vista3d")
+        groups = labels_runner.vista3d_groups()
+        if arg in ("", "everything"):
+            if spec.runner == "vista3d":  # VISTA3D's "everything" leaves tumours and lesions out
+                from expert_runners.vista3d import DEFAULT_EVERYTHING
+
+                return sorted({names[i] for i in DEFAULT_EVERYTHING if i in names})
+            return sorted(set(names.values()))
+        if arg in groups:
+            return sorted({names[i] for i in groups[arg] if i in names})
+        return sorted({p.strip() for p in arg.split(",") if p.strip() and not p.strip().isdigit()})
+    if spec.runner == "brats" or (spec.runner == "labels" and preset == "brats"):
+        return sorted(labels_runner.BRATS_NAMES.values())
+    if spec.runner == "ct_tissue":
+        from expert_runners.ct_tissue import selected
+
+        try:
+            return sorted(selected(args))
+        except ValueError:
+            return []
+    return []

@@ -1,0 +1,387 @@
+"""What a template is made of, apart from rendering: its declaration, the sandboxed environment
+that loads it, the `{% turn %}` tag and the filters templates may use (phrasings, model cards and
+expert capabilities are in `curation.prompt_data`).
+
+A template starts with a declaration in a Jinja comment, read without rendering:
+
+    {#- declare
+    kind: tumor_count            # the conversation kind, recorded in each row's meta
+    description: yes/no on a tumour, then "how many"
+    modality: [CT]               # item modalities it is written for (absent: any)
+    sources: [dicom, nifti]      # source kinds (absent: any)
+    needs: [structures, overlay] # what the task's expert must give (absent: no expert)
+    calls_expert: true           # an assistant turn calls the expert (default: true when it needs one)
+    args: [hepatic tumor, lung tumor]   # expert arguments it is written for (absent: any)
+    images: 2                    # image slots every conversation has
+    model_card: true             # the model card opens the first user turn (default true)
+    -#}
+
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+from collections.abc import Iterable
+from contextvars import ContextVar
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, nodes, pass_context
+from jinja2 import meta as jinja_meta
+from jinja2.environment import TemplateModule
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context, LoopContext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from curation.errors import CurationError
+from curation.prompt_data import check_phrasing
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+SOURCE_KINDS = ("dicom", "nifti", "nifti_group", "image2d", "qa")
+NEEDS = ("structures", "classes", "key_slice", "overlay", "sequence")
+MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (a sandbox limit)
+
+Need = Literal["structures", "classes", "key_slice", "overlay", "sequence"]
+SourceKind = Literal["dicom", "nifti", "nifti_group", "image2d", "qa"]
+
+
+class TemplateDeclaration(BaseModel):
+    """What a template needs, checked against each task before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    modality: list[str] = []
+    sources: list[SourceKind] = []
+    needs: list[Need] = []
+    calls_expert: bool = False
+    args: list[str] | None = None
+    images: int = Field(ge=0, le=32)
+    model_card: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "calls_expert" not in data:
+            data = {**data, "calls_expert": bool(data.get("needs"))}
+        return data
+
+    @property
+    def uses_expert(self) -> bool:
+        return bool(self.needs) or self.calls_expert
+
+
+DECLARATION = re.compile(r"\A\s*\{#-?\s*declare[ \t]*\n(?P<body>.*?)-?#\}", re.DOTALL)
+
+
+def read_declaration(source: str, name: str) -> TemplateDeclaration:
+    """The declaration at the top of a template's source (no rendering).
+
+    >>> read_declaration("{#- declare\\nkind: demo\\nimages: 1\\n-#}\\nhello", "x.j2").images
+    1
+    """
+    found = DECLARATION.match(source)
+    if not found:
+        raise CurationError(
+            f"template {name}: no declaration; start the file with a comment '{{#- declare' … '-#}}' "
+            "giving at least `kind:` and `images:` (see README, Writing templates)"
+        )
+    try:
+        data = yaml.safe_load(found["body"]) or {}
+    except yaml.YAMLError as e:
+        raise CurationError(f"template {name}: the declaration is not valid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise CurationError(f"template {name}: the declaration must be `key: value` lines, got {type(data).__name__}")
+    try:
+        return TemplateDeclaration.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "declaration"
+            msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            parts.append(f"{key}: {msg}")
+        raise CurationError(f"template {name}: declaration: {'; '.join(parts)}") from None
+
+
+class PromptLoader(FileSystemLoader):
+    """Templates by name under the prompt folders, first folder first; a file reached through a
+    link that leaves the folders is refused."""
+
+    def __init__(self, roots: list[Path]):
+        super().__init__([str(r) for r in roots], followlinks=False)
+        self._real = [os.path.realpath(r) + os.sep for r in roots]
+
+    def get_source(self, environment: Any, template: str) -> Any:
+        source, filename, uptodate = super().get_source(environment, template)
+        if not any(os.path.realpath(filename).startswith(root) for root in self._real):
+            raise TemplateNotFound(template, f"{template} leads outside the template folders (it is a link)")
+        return source, filename, uptodate
+
+
+# Types whose every public attribute is safe to read (none changes data or exposes internals),
+# and the methods of the built-in containers that change them.
+READ_ONLY_TYPES = frozenset({str, int, float, bool, tuple, Namespace, LoopContext, TemplateModule})
+MUTATORS: dict[type, frozenset[str]] = {
+    list: frozenset({"append", "clear", "extend", "insert", "pop", "remove", "reverse", "sort"}),
+    dict: frozenset({"clear", "pop", "popitem", "setdefault", "update"}),
+    set: frozenset({"add", "clear", "difference_update", "discard", "intersection_update", "pop", "remove",
+                    "symmetric_difference_update", "update"}),
+}
+
+
+class PromptSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, stricter: reaching an unsafe attribute fails at once (not
+    when the value is used), and `*`/`**` cannot build huge values.
+
+    Two fast paths keep it quick without loosening it: `x.key` on a plain dict that has `key`
+    returns the value directly (no attribute lookup: a mapping's key wins over a method of the
+    same name), and attributes of types known to be read-only skip the generic checks.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+    trusted_owners: tuple[type, ...] = ()  # helpers bound to these (the renderer's) are called directly
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if type(getattr(obj, "__self__", None)) in self.trusted_owners:
+            return obj(*args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if attr.startswith("_"):
+            return False
+        kind = type(obj)
+        if kind in READ_ONLY_TYPES:
+            return True
+        mutators = MUTATORS.get(kind)
+        if mutators is not None:
+            return attr not in mutators
+        return bool(super().is_safe_attribute(obj, attr, value))
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed in templates "
+            "(names starting with '_' and methods that change data are blocked)"
+        )
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
+                    raise SecurityError(f"'*' would build a value of {len(seq) * times} items; the limit is {MAX_SEQUENCE}")
+            return operator.mul(left, right)
+        if op == "**":
+            if isinstance(right, (int, float)) and abs(right) > 100:
+                raise SecurityError(f"exponent {right} is too large for a template (limit 100)")
+            return operator.pow(left, right)
+        return super().call_binop(context, op, left, right)
+
+
+class TurnExtension(Extension):
+    """`{% turn "user" %}…{% endturn %}`: one turn of the conversation.
+
+    The tag compiles to three steps: `_turn_begin(role, line)`, the body captured as text (as
+    `{% set %}…{% endset %}` captures it: a variable set inside a turn is local to it), then
+    `_turn_end(text, line)`, which adds the message to the render state (`CURRENT_STATE`).
+    Both are filters of the environment, so they are called without the sandbox's per-call
+    checks. The role comes from the tag, never from the text.
+    """
+
+    tags = {"turn"}  # noqa: RUF012 - the type Jinja declares
+
+    def parse(self, parser: Any) -> list[nodes.Node]:
+        lineno = next(parser.stream).lineno
+        role = parser.parse_expression()
+        if not isinstance(role, nodes.Const) or role.value not in ("user", "assistant"):
+            parser.fail('a turn is {% turn "user" %} or {% turn "assistant" %} (a quoted role)', lineno)
+        body = parser.parse_statements(("name:endturn",), drop_needle=True)
+        line = nodes.Const(lineno)
+        begin = nodes.Output([nodes.Filter(role, "_turn_begin", [line], [], None, None)])
+        text = nodes.AssignBlock(nodes.Name("_turn_text", "store"), None, body)
+        end = nodes.Output([nodes.Filter(nodes.Name("_turn_text", "load"), "_turn_end", [line], [], None, None)])
+        return [begin.set_lineno(lineno), text.set_lineno(lineno), end.set_lineno(lineno)]
+
+
+# The render state of the conversation being rendered in this thread (set by the renderer):
+# found this way, a turn works in any template, a macro file imported without context included.
+CURRENT_STATE: ContextVar[Any] = ContextVar("m3_curate_render_state")
+
+
+# `pass_context` (the context itself is not used) keeps Jinja from calling them while it compiles:
+# it folds filters of constants into constants, and a turn must happen at render time.
+@pass_context
+def _turn_begin(context: Any, role: str, line: int) -> str:
+    return CURRENT_STATE.get().turn_begin(role, line)  # type: ignore[no-any-return]
+
+
+@pass_context
+def _turn_end(context: Any, text: str, line: int) -> str:
+    return CURRENT_STATE.get().turn_end(text, line)  # type: ignore[no-any-return]
+
+
+# --- filters -------------------------------------------------------------------------------
+
+
+def label_text(name: str) -> str:
+    """A class name as text: lower case, `_` as a space (VILA-M3's CXR convention).
+
+    >>> label_text("Pleural_Thickening")
+    'pleural thickening'
+    """
+    return str(name).lower().replace("_", " ")
+
+
+def legend_text(legend: dict[str, str]) -> str:
+    """`red: liver, blue: spleen` from an overlay legend (colour → structure name)."""
+    return ", ".join(f"{colour}: {name}" for colour, name in legend.items())
+
+
+def predictions_text(classes: Iterable[dict[str, Any]]) -> str:
+    """VILA-M3's expert result lines, one per class: `atelectasis: no`."""
+    return "\n".join(f"{label_text(c['name'])}: {'yes' if c['present'] else 'no'}" for c in classes)
+
+
+def ml_text(volume: float) -> str:
+    """A volume as text, one decimal.
+
+    >>> ml_text(1505.754)
+    '1505.8 mL'
+    """
+    return f"{float(volume):.1f} mL"
+
+
+def join_and(values: Iterable[Any], word: str = "and") -> str:
+    """`a, b and c`.
+
+    >>> join_and(["liver"]), join_and(["liver", "spleen", "aorta"])
+    ('liver', 'liver, spleen and aorta')
+    """
+    items = [str(v) for v in values]
+    if len(items) < 2:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def plural(word: str, count: int = 2) -> str:
+    """The word with an `s` unless count is 1 (enough for the names our experts use)."""
+    return str(word) if count == 1 else f"{word}s"
+
+
+def largest(structures: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The structure with the largest `volume_ml` (the first of equals); None for none.
+
+    >>> largest([{"name": "a", "volume_ml": 2.0}, {"name": "b", "volume_ml": 5.0}])["name"]
+    'b'
+    """
+    best = None
+    for s in structures:
+        if best is None or s["volume_ml"] > best["volume_ml"]:
+            best = s
+    return best
+
+
+def without(values: Iterable[Any], others: Iterable[Any]) -> list[Any]:
+    """The values not among `others`, in order.
+
+    >>> without(["liver", "spleen", "aorta"], ["spleen"])
+    ['liver', 'aorta']
+    """
+    drop = set(others)
+    return [v for v in values if v not in drop]
+
+
+@lru_cache(maxsize=256)
+def _checked_pattern(pattern: str) -> str:
+    check_phrasing(pattern, "format_each")
+    return pattern
+
+
+def format_each(values: Iterable[dict[str, Any]], pattern: str) -> list[str]:
+    """`pattern` filled from each mapping: `structures | format_each("the {name} ({colour})")`.
+
+    >>> format_each([{"name": "liver", "colour": "red"}], "the {name} ({colour})")
+    ['the liver (red)']
+    """
+    _checked_pattern(pattern)
+    try:
+        return [pattern.format_map(v) for v in values]
+    except KeyError as e:
+        raise KeyError(f"format_each: pattern {pattern!r} names {e.args[0]!r}, which an entry lacks") from None
+
+
+FILTERS = {
+    "label": label_text,
+    "legend": legend_text,
+    "predictions": predictions_text,
+    "ml": ml_text,
+    "join_and": join_and,
+    "plural": plural,
+    "without": without,
+    "largest": largest,
+    "format_each": format_each,
+    "_turn_begin": _turn_begin,
+    "_turn_end": _turn_end,
+}
+
+
+class PromptContext(Context):
+    """Jinja's template context, built without re-reading the globals on every render: the
+    environment's globals are merged into `parent` by the renderer, once per template."""
+
+    def __init__(self, environment: Any, parent: dict[str, Any], name: str | None, blocks: dict[str, Any], globals: Any = None):
+        self.parent = parent
+        self.vars = {}
+        self.environment = environment
+        self.eval_ctx = EvalContext(environment, name)
+        self.exported_vars = set()
+        self.name = name
+        self.globals_keys = set() if globals is None else set(globals)
+        self.blocks = {k: [v] for k, v in blocks.items()} if blocks else {}
+
+
+def make_environment(roots: list[Path]) -> PromptSandbox:
+    env = PromptSandbox(
+        loader=PromptLoader(roots),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,
+        cache_size=-1,
+        extensions=[TurnExtension],
+    )
+    env.context_class = PromptContext
+    env.globals.pop("lipsum", None)  # random text from the global RNG: not reproducible
+    env.filters.pop("random", None)  # same; templates use pick()
+    env.filters.update(FILTERS)
+    return env
+
+
+def referenced_templates(env: PromptSandbox, name: str, seen: set[str] | None = None) -> list[str]:
+    """The template and every template it imports, includes or extends (static names), in a
+    stable order."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return []
+    seen.add(name)
+    source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
+    out = [name]
+    for ref in sorted(r for r in jinja_meta.find_referenced_templates(env.parse(source)) if r):
+        out += referenced_templates(env, ref, seen)
+    return out

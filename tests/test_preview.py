@@ -1,0 +1,134 @@
+"""`m3-curate preview`: the HTML page from cached findings or from the experts, a template file
+no task names yet, errors on the page, and the page opened in headless Chromium."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from render_factory import Demo, build_demo
+
+from curation.cache import FindingsCache, content_hash
+from curation.cli import main
+from curation.errors import CurationError
+from curation.ingest import readers_for
+from curation.preview import preview_command
+from curation.templates import BUILTIN_PROMPTS
+from expert_runners.base import ExpertInput, make_runner
+
+CHROMIUM = Path("/usr/bin/chromium")
+TASKS = [
+    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs"]},
+    {"template": "findings/volume.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["everything"]},
+    {"template": "cxr/expert_hint_vqa.j2", "source": "cxr", "expert": "CXR"},
+    {"template": "qa/plain.j2", "source": "vqa"},
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    return build_demo(tmp_path_factory.mktemp("preview"))
+
+
+@pytest.fixture
+def manifest(demo: Demo, tmp_path: Path) -> Path:
+    data = demo.spec.model_dump(mode="json")
+    data["experts"] = [e for e in data["experts"] if e["runner"] != "brats"]
+    data["tasks"] = TASKS
+    data["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(manifest: Path, html: Path, **kw) -> None:
+    args = {"manifest": str(manifest), "task": None, "template": None, "n": 2, "html": str(html), "out": None, **kw}
+    preview_command(argparse.Namespace(**args))
+
+
+def fill_build_cache(demo: Demo, out: Path) -> None:
+    """What a build leaves: VISTA3D findings of the CT items, under the build's keys."""
+    spec = next(e for e in demo.spec.experts if e.name == "VISTA3D")
+    runner, reader, cache = make_runner(spec), readers_for(demo.spec)["ct"], FindingsCache(out / "cache")
+    for item in demo.items_of("ct"):
+        for args in ("everything", "organs"):
+            f = runner.run(ExpertInput(item, reader.load(item), reader.load_labels(item)), args)
+            cache.put(content_hash(item, reader.root), runner.fingerprint(), f, args)
+
+
+def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path, capsys) -> None:
+    fill_build_cache(demo, tmp_path / "out")
+    page = tmp_path / "p.html"
+    run(manifest, page)
+    text = page.read_text()
+    assert "8 conversation(s) from 4 task(s), 0 error(s)" in capsys.readouterr().out
+    for t in TASKS:
+        assert f"<h2>{t['template']}</h2>" in text
+    assert text.count("class='sample'") == 8
+    assert text.count("findings from build cache") == 2 and text.count("findings from expert run") == 4
+    images = int(re.search(r"data-images='(\d+)'", text)[1])
+    assert images == text.count("<img ") == 2 * 2 + 2 * 1 + 2 * 1 + 2 * 1
+    assert "<summary>model card</summary>" in text and "<summary>template source</summary>" in text
+    assert "<summary>findings</summary>" in text and "&quot;question_kind&quot;" in text
+    run(manifest, page)
+    again = page.read_text()
+    assert again.count("findings from preview cache") == 4 and "findings from expert run" not in again
+    assert not (tmp_path / "out" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
+
+
+def test_one_task_and_a_template_file_no_task_names(demo: Demo, manifest: Path, tmp_path: Path) -> None:
+    page = tmp_path / "p.html"
+    run(manifest, page, task="cxr/expert_hint_vqa.j2", n=3)
+    assert page.read_text().count("class='sample'") == 3 and "<h2>qa/plain.j2</h2>" not in page.read_text()
+    mine = tmp_path / "drafts" / "tumour_draft.j2"
+    mine.parent.mkdir()
+    mine.write_text((BUILTIN_PROMPTS / "vista3d" / "tumor_presence.j2").read_text().replace("{{ follow_up }}", "So how many? {{ follow_up }}"))
+    run(manifest, page, template=str(mine), n=2)
+    text = page.read_text()
+    assert "<h2>tumour_draft.j2</h2>" in text and "expert VISTA3D, args [&#x27;hepatic tumor&#x27;" in text
+    assert text.count("class='sample'") == 2 and "class='error'" not in text
+
+
+def test_template_errors_show_on_the_page(manifest: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.j2"
+    bad.write_text("{#- declare\nkind: bad\nsources: [image2d]\nneeds: [classes]\ncalls_expert: false\nimages: 0\n-#}\n"
+                   '{% turn "user" %}{{ model_card }}{{ findings.nope }}{% endturn %}{% turn "assistant" %}x{% endturn %}\n')
+    page = tmp_path / "p.html"
+    run(manifest, page, template=str(bad))
+    text = page.read_text()
+    assert text.count("class='error'") == 2 and "template bad.j2, line 8: &#x27;dict object&#x27; has no attribute &#x27;nope&#x27;" in text
+
+
+def test_command_line(manifest: Path, tmp_path: Path, capsys) -> None:
+    assert main(["-q", "preview", str(manifest), "--task", "qa/plain.j2", "-n", "1", "--html", str(tmp_path / "x.html")]) == 0
+    assert main(["-q", "preview", str(manifest), "--task", "nope.j2", "--html", str(tmp_path / "x.html")]) == 2
+    assert "--task 'nope.j2': no task of manifest 'render-test' uses it" in capsys.readouterr().err
+    with pytest.raises(CurationError, match="--template: file not found"):
+        run(manifest, tmp_path / "x.html", template=str(tmp_path / "missing.j2"))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+def test_page_opens_in_headless_chromium_with_its_images(manifest: Path, tmp_path: Path) -> None:
+    page = tmp_path / "p.html"
+    run(manifest, page, n=1)
+    total = int(re.search(r"data-images='(\d+)'", page.read_text())[1])
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1600"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=120).stdout
+    assert f'data-images-loaded="{total}"' in dom and f"{total} of {total} images loaded" in dom
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (1600, 1280)
+    # The page itself is grey; saturated colour can only come from the overlays, drawn once loaded.
+    saturated = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum())
+    assert saturated > 2000, f"only {saturated} coloured pixels in the screenshot: the overlay images did not load"
+    shutil.copy(shot, tmp_path / "kept.png")

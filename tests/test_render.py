@@ -1,0 +1,462 @@
+"""Every template renders demo findings into valid `messages`, and every fact an answer states
+is recomputed here from the Findings; same seed → same rows; enough variety across seeds."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from render_factory import TASKS, Demo, build_demo
+
+from curation.errors import CurationError
+from curation.manifest import BuildSpec, TaskSpec
+from curation.render import Renderer, TemplateError, TemplateSkip, findings_view
+from curation.rows import Conversation
+from curation.templates import BUILTIN_PROMPTS, ml_text, predictions_text
+
+VARIANTS = 6
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    return build_demo(tmp_path_factory.mktemp("render"))
+
+
+@pytest.fixture(scope="module")
+def renderer(demo: Demo) -> Renderer:
+    return Renderer(demo.spec)
+
+
+def render_all(renderer: Renderer, demo: Demo, task: TaskSpec, variants: int = VARIANTS):
+    """(item, variant, findings, conversation or TemplateSkip) for every item and variant."""
+    out = []
+    for item in demo.items_of(task.source):
+        for v in range(variants):
+            f = demo.get(task, item, v)
+            try:
+                out.append((item, v, f, renderer.render(task, item, f, variant=v)))
+            except TemplateSkip as e:
+                out.append((item, v, f, e))
+    return out
+
+
+def texts(c: Conversation, role: str) -> list[str]:
+    return ["".join(p["text"] for p in m["content"] if p["type"] == "text") for m in c.messages if m["role"] == role]
+
+
+def test_every_template_is_exercised(demo: Demo) -> None:
+    on_disk = {p.relative_to(BUILTIN_PROMPTS).as_posix() for p in BUILTIN_PROMPTS.glob("*/*.j2")}
+    assert on_disk == {t.template for t in demo.spec.tasks}
+
+
+def test_tasks_pass_check(renderer: Renderer) -> None:
+    renderer.check({})
+
+
+def test_model_card_lists_the_experts_in_vila_m3_form(renderer: Renderer) -> None:
+    card = renderer.model_card
+    assert card.startswith("Here is a list of available expert models:\n<VISTA3D(args)> Modality: CT, Task: segmentation")
+    assert "<BRATS(args)> Modality: MRI" in card and "<CXR(args)> Modality: chest x-ray (CXR)" in card
+    assert "<CT_TISSUE(args)> Modality: CT" in card  # found by its runner, ct_tissue
+    assert card.endswith("Give the model <NAME(args)> when selecting a suitable expert model.\n")
+
+
+@pytest.mark.parametrize("index", range(len(TASKS)), ids=[f"{t['template']}@{t['source']}:{t.get('expert')}" for t in TASKS])
+def test_renders_valid_messages_and_true_facts(renderer: Renderer, demo: Demo, index: int) -> None:
+    task = demo.spec.tasks[index]
+    d = renderer.declaration(task.template)
+    results = render_all(renderer, demo, task)
+    made = [r for r in results if isinstance(r[3], Conversation)]
+    assert len(made) >= len(results) // 2, f"{task.template}: most renders skipped: {[str(r[3]) for r in results if not isinstance(r[3], Conversation)][:3]}"
+    for item, v, f, c in made:
+        where = f"{task.template} on {item.item_id} variant {v}"
+        roles = [m["role"] for m in c.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, where
+        assert c.image_parts() == len(c.images) == d.images, where
+        assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in c.images), where
+        assert all(p["type"] in ("text", "image") and (p["text"] is None) == (p["type"] == "image") for m in c.messages for p in m["content"])
+        assert all(p["text"].strip() for m in c.messages for p in m["content"] if p["type"] == "text"), where
+        assert not any(p["type"] == "image" for m in c.messages if m["role"] == "assistant" for p in m["content"]), where
+        first = c.messages[0]["content"][0]
+        assert first["type"] == "text" and first["text"].startswith(renderer.model_card.rstrip()), where
+        assert c.meta["kind"] == d.kind and c.meta["template"] == task.template and c.meta["variant"] == v
+        json.dumps(c.meta)
+        assert c.template_hash == renderer.template_hash(task.template)
+        call = f"<{task.expert}({task.args[v % len(task.args)]})>" if task.expert else None
+        if d.calls_expert:
+            assert c.expert == task.expert and c.meta["call"] == call and any(call in t for t in texts(c, "assistant")), where
+        else:
+            assert c.expert is None and not any(re.search(r"<[A-Z_0-9]+\(", t) for t in texts(c, "assistant")), where
+        FACTS[d.kind](c, f, item, where)
+        assert "\x00" not in json.dumps(c.messages)
+
+
+# --- the facts each kind states, recomputed from Findings ------------------------------------
+
+
+def last_answer(c: Conversation) -> str:
+    return texts(c, "assistant")[-1]
+
+
+def legend_stated(c: Conversation, f, where: str) -> None:
+    result = texts(c, "user")[1]
+    for colour, name in f.legend.items():
+        assert f"{colour}: {name}" in result, where
+
+
+def fact_expert_trigger(c, f, item, where):
+    legend_stated(c, f, where)
+    answer = last_answer(c)
+    shown = [s for s in f.structures if s.colour]
+    for s in shown:
+        assert f"the {s.name} ({s.colour})" in answer, where
+    if shown:
+        biggest = max(shown, key=lambda s: s.volume_ml)
+        assert c.meta["largest"] == biggest.name and biggest.name in answer and ml_text(biggest.volume_ml) in answer, where
+    else:
+        assert "none of" in answer.lower(), where
+
+
+def fact_direct_request(c, f, item, where):
+    assert c.meta["question_kind"] == "expert_selection"
+    assert c.meta["call"] in last_answer(c)
+
+
+def fact_tumor_count(c, f, item, where):
+    tumour = "hepatic tumor"  # hepatic tumor and hepatoma both name VISTA3D label 26
+    found = f.structure(tumour)
+    assert c.meta["answer"] == ("yes" if found else "no"), where
+    legend_stated(c, f, where)
+    answers = texts(c, "assistant")
+    assert answers[1].lower().startswith(c.meta["answer"]), where
+    if found:
+        assert len(c.messages) == 6 and c.meta["count"] == found.components, where
+        assert re.search(rf"\b{found.components}\b", answers[2]), where
+        assert texts(c, "user")[2] == c.meta["follow_up"], where
+    else:
+        assert len(c.messages) == 4, where
+
+
+def fact_brats(c, f, item, where):
+    whole, core = f.structure("whole tumor"), f.structure("tumor core")
+    answer = last_answer(c)
+    assert "yellow and red: tumor core, only yellow: enhancing tumor, all colors: whole tumor" in texts(c, "user")[1]
+    assert {f.legend.get("yellow"), f.legend.get("red")} <= {"enhancing tumor", "necrotic tumor core", None}
+    if c.meta["question_kind"] == "size":
+        assert whole is not None and c.meta["answer"] == ml_text(whole.volume_ml) and ml_text(whole.volume_ml) in answer, where
+    else:
+        assert c.meta["answer"] == ("yes" if whole else "no") and answer.lower().startswith(c.meta["answer"]), where
+        if whole:
+            assert ml_text(whole.volume_ml) in answer and ml_text(core.volume_ml if core else 0) in answer, where
+
+
+def fact_modality(c, f, item, where):
+    assert item.modality == "MR" and "brain MRI" in last_answer(c), where
+
+
+def label_of(name: str) -> str:
+    return name.lower().replace("_", " ")
+
+
+def predictions_stated(c, f, where, turn):
+    assert predictions_text([{"name": k.name, "present": k.present} for k in f.classes]) in texts(c, "user")[turn], where
+
+
+def fact_yes_no(c, f, item, where):
+    k = next(k for k in f.classes if k.name == c.meta["label"])
+    assert c.meta["answer"] == ("yes" if k.present else "no"), where
+    assert last_answer(c).lower().startswith(c.meta["answer"]), where
+
+
+def fact_cxr_trigger(c, f, item, where):
+    predictions_stated(c, f, where, 1)
+    if c.meta["question_kind"] == "yes_no":
+        fact_yes_no(c, f, item, where)
+    else:
+        present = [label_of(k.name) for k in f.classes if k.present]
+        assert c.meta["answer"] == present, where
+        for label in present:
+            assert label in last_answer(c), where
+        if not present:
+            assert "no abnormal" in last_answer(c).lower(), where
+
+
+def fact_cxr_hint_yes_no(c, f, item, where):
+    predictions_stated(c, f, where, 0)
+    fact_yes_no(c, f, item, where)
+
+
+def fact_cxr_choice(c, f, item, where):
+    predictions_stated(c, f, where, 0)
+    present = {label_of(k.name) for k in f.classes if k.present}
+    options, letter = c.meta["options"], c.meta["answer"]
+    truth = options["ABCD".index(letter)]
+    assert truth == c.meta["label"] and (truth in present or (truth == "no finding" and not present)), where
+    assert all(o not in present for o in options if o != truth), where
+    for n, option in enumerate(options):
+        assert f"{'ABCD'[n]}) {option}" in texts(c, "user")[0], where
+    assert f"{letter}) {truth}" in last_answer(c), where
+
+
+def fact_presence(c, f, item, where):
+    name = c.meta["structure"]
+    present = f.structure(name) is not None
+    assert c.meta["answer"] == ("yes" if present else "no"), where
+    assert last_answer(c).lower().startswith(c.meta["answer"]), where
+
+
+def fact_larger(c, f, item, where):
+    a, b = (f.structure(n) for n in c.meta["structures"])
+    bigger, smaller = (a, b) if a.volume_ml > b.volume_ml else (b, a)
+    assert c.meta["answer"] == bigger.name, where
+    answer = last_answer(c)
+    assert bigger.name in answer and ml_text(bigger.volume_ml) in answer and ml_text(smaller.volume_ml) in answer, where
+
+
+def fact_volume(c, f, item, where):
+    s = f.structure(c.meta["structure"])
+    assert c.meta["answer"] == ml_text(s.volume_ml) and ml_text(s.volume_ml) in last_answer(c), where
+
+
+def fact_side(c, f, item, where):
+    s = f.structure(c.meta["structure"])
+    assert s.side in ("left", "right") and c.meta["answer"] == s.side and s.side in last_answer(c), where
+    assert "left" not in s.name.split() and "right" not in s.name.split(), where
+
+
+def fact_qa(c, f, item, where):
+    qa = item.attrs["qa"]
+    assert c.meta["answer"] == qa[0]["answer"] and c.meta["question"] == qa[0]["question"], where
+    answers = texts(c, "assistant")
+    assert answers[-len(qa):] == [q["answer"] for q in qa], where
+    assert qa[0]["question"] in texts(c, "user")[0], where
+    if f is not None:
+        predictions_stated(c, f, where, 1 if c.meta["kind"] == "qa_expert_trigger" else 0)
+
+
+FACTS = {
+    "expert_trigger": fact_expert_trigger,
+    "direct_request": fact_direct_request,
+    "tumor_count": fact_tumor_count,
+    "brats_trigger": fact_brats,
+    "modality_question": fact_modality,
+    "cxr_trigger": fact_cxr_trigger,
+    "cxr_hint_yes_no": fact_cxr_hint_yes_no,
+    "cxr_hint_choice": fact_cxr_choice,
+    "grounded_presence": fact_presence,
+    "grounded_larger": fact_larger,
+    "grounded_volume": fact_volume,
+    "grounded_side": fact_side,
+    "qa_expert_trigger": fact_qa,
+    "qa_expert_hint": fact_qa,
+    "qa_plain": fact_qa,
+}
+
+
+def test_vila_m3_phrasings_appear(renderer: Renderer, demo: Demo) -> None:
+    """The exact VILA-M3 wording of the result and hint turns."""
+    ct = TaskSpec(template="vista3d/segment_and_answer.j2", source="ct", expert="VISTA3D", args=["organs"])
+    item = demo.items_of("ct")[0]
+    c = renderer.render(ct, item, demo.get(ct, item, 0), variant=0)
+    assert c.messages[0]["content"][2]["text"].startswith("This is a CT image.\n")
+    assert c.messages[2]["content"][0]["text"] == "The results are "
+    assert c.messages[2]["content"][2]["text"].startswith(". The colors in this image describe red: liver")
+    assert "Use this result to respond to this prompt:\n" in c.messages[2]["content"][2]["text"]
+    hint = TaskSpec(template="cxr/expert_hint_vqa.j2", source="cxr", expert="CXR")
+    item = demo.items_of("cxr")[0]
+    c = renderer.render(hint, item, demo.get(hint, item, 0), variant=0)
+    assert ("When answering the question, please analyze the image and incorporate the additional results generated by "
+            "an expert classification model:\natelectasis: ") in c.messages[0]["content"][2]["text"]
+    brats = TaskSpec(template="brats/four_sequences.j2", source="brain", expert="BRATS")
+    item = demo.items_of("brain")[0]
+    c = renderer.render(brats, item, demo.get(brats, item, 0), variant=0)
+    content = c.messages[0]["content"]
+    assert [p["type"] for p in content] == ["text", "image", "text", "image", "text", "image", "text", "image", "text"]
+    assert content[0]["text"].endswith("T1(contrast enhanced): ") and content[2]["text"] == ", T1: "
+    assert content[8]["text"].startswith(" These are different MRI modalities.\n")
+
+
+def test_images_follow_the_slots(renderer: Renderer, demo: Demo) -> None:
+    task = TaskSpec(template="brats/four_sequences.j2", source="brain", expert="BRATS")
+    item = demo.items_of("brain")[1]
+    f = demo.get(task, item, 0)
+    c = renderer.render(task, item, f, variant=0)
+    sequences = {i.caption: i.png for i in f.images if i.kind == "sequence"}
+    overlay = next(i.png for i in f.images if i.kind == "overlay")
+    assert c.images == [sequences["T1c"], sequences["T1"], sequences["T2"], sequences["FLAIR"], overlay]
+
+
+def test_same_seed_same_rows_other_seed_other_text(demo: Demo) -> None:
+    a, b = Renderer(demo.spec), Renderer(demo.spec)
+    other = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": demo.spec.seed + 1}))
+    differ = 0
+    for task in demo.spec.tasks:
+        for item in demo.items_of(task.source)[:2]:
+            for v in range(3):
+                f = demo.get(task, item, v)
+                try:
+                    x, y = a.render(task, item, f, variant=v), b.render(task, item, f, variant=v)
+                except TemplateSkip:
+                    continue
+                assert (x.messages, x.images, x.meta, x.expert, x.template_hash) == (y.messages, y.images, y.meta, y.expert, y.template_hash)
+                try:
+                    differ += other.render(task, item, f, variant=v).messages != x.messages
+                except TemplateSkip:
+                    differ += 1
+    assert differ > 20
+
+
+def normalised_question(c: Conversation) -> str:
+    """The question with its subject (a structure or label name) blanked: what is left is the
+    phrasing."""
+    q = c.meta.get("question", "")
+    subjects = [c.meta.get("structure"), c.meta.get("label")] + list(c.meta.get("structures") or [])
+    for s in sorted((s for s in subjects if s), key=len, reverse=True):
+        q = q.replace(s, "X").replace(s.lower().replace("_", " "), "X")
+    return q
+
+
+def test_at_least_five_question_phrasings_per_kind(demo: Demo) -> None:
+    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for seed in range(4):
+        r = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": seed}))
+        for task in demo.spec.tasks:
+            if task.source == "vqa":  # the questions of a qa source are the dataset's own
+                continue
+            for _, _, _, c in render_all(r, demo, task, variants=8):
+                if isinstance(c, Conversation):
+                    seen[(c.meta["kind"], c.meta["question_kind"])].add(normalised_question(c))
+                    if c.meta.get("follow_up"):
+                        seen[(c.meta["kind"], "follow_up")].add(c.meta["follow_up"])
+    few = {k: sorted(v) for k, v in seen.items() if len(v) < 5}
+    assert not few, few
+    kinds = {k for k, _ in seen}
+    assert kinds == set(FACTS) - {"qa_expert_trigger", "qa_expert_hint", "qa_plain"}
+
+
+def test_renderer_pickles_for_ray_workers(renderer: Renderer, demo: Demo) -> None:
+    task = demo.spec.tasks[0]
+    item = demo.items_of("ct")[0]
+    copy = pickle.loads(pickle.dumps(renderer))
+    x = renderer.render(task, item, demo.get(task, item, 1), variant=1)
+    y = copy.render(task, item, demo.get(task, item, 1), variant=1)
+    assert (x.messages, x.images, x.meta) == (y.messages, y.images, y.meta)
+
+
+def test_findings_view_is_plain_data_without_timing(demo: Demo) -> None:
+    f = next(iter(demo.findings.values()))
+    view = findings_view(f)
+    json.dumps({k: v for k, v in view.items() if k != "by_name"})
+    assert "timing" not in view and all("png" not in i for i in view["images"])
+
+
+def test_item_view_hides_identifiers(renderer: Renderer, demo: Demo, tmp_path: Path) -> None:
+    (tmp_path / "peek").mkdir()
+    (tmp_path / "peek" / "peek.j2").write_text(
+        "{#- declare\nkind: peek\nimages: 0\nmodel_card: false\n-#}\n"
+        '{% turn "user" %}{{ item | tojson }}{% endturn %}{% turn "assistant" %}ok{% endturn %}'
+    )
+    r = Renderer(demo.spec, prompt_dirs=[tmp_path / "peek"])
+    item = demo.items_of("ct")[0]
+    text = r.render(TaskSpec(template="peek.j2", source="ct"), item, None, variant=0).messages[0]["content"][0]["text"]
+    shown = json.loads(text)
+    assert set(shown) == {"modality", "kind", "source_kind", "shape", "spacing", "channels", "n_files", "qa"}
+    for secret in (item.item_id, item.patient_key, item.study_key, *item.uris):
+        assert secret not in text
+
+
+def test_skip_is_a_template_skip_naming_the_line(renderer: Renderer, demo: Demo) -> None:
+    task = TaskSpec(template="findings/side.j2", source="brain", expert="BRATS")
+    item = next(i for i in demo.items_of("brain") if not demo.findings[(i.item_id, "BRATS", "")].structures)
+    with pytest.raises(TemplateSkip) as e:
+        renderer.render(task, item, demo.findings[(item.item_id, "BRATS", "")], variant=0)
+    assert e.value.item == item.item_id and e.value.template == "findings/side.j2" and e.value.line
+    assert f"{item.item_id}: template findings/side.j2, line {e.value.line}: skipped: no structure lies on one side" == str(e.value)
+
+
+def test_template_error_names_template_line_and_item(demo: Demo, tmp_path: Path) -> None:
+    folder = tmp_path / "mine" / "vista3d"
+    folder.mkdir(parents=True)
+    (folder / "typo.j2").write_text(
+        "{#- declare\nkind: typo\nneeds: [structures]\nimages: 0\nmodel_card: false\n-#}\n"
+        '{% turn "user" %}Hello{% endturn %}\n'
+        '{% turn "assistant" %}\n'
+        "{{ findings.structurs | length }}\n"
+        "{% endturn %}\n"
+    )
+    r = Renderer(demo.spec, prompt_dirs=[tmp_path / "mine"])
+    task = TaskSpec(template="vista3d/typo.j2", source="ct", expert="VISTA3D", args=["everything"])
+    item = demo.items_of("ct")[0]
+    with pytest.raises(TemplateError) as e:
+        r.render(task, item, demo.get(task, item, 0), variant=0)
+    assert (e.value.template, e.value.line, e.value.item) == ("vista3d/typo.j2", 9, item.item_id)
+    assert str(e.value) == f"{item.item_id}: template vista3d/typo.j2, line 9: 'dict object' has no attribute 'structurs'"
+    assert e.value.reason.startswith("template vista3d/typo.j2, line 9")
+
+
+def test_error_inside_an_imported_macro_names_both(demo: Demo, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "helpers.j2").write_text("{% macro broken(x) %}\n{{ x.missing }}\n{% endmacro %}\n")
+    (tmp_path / "m" / "uses.j2").write_text(
+        "{#- declare\nkind: uses\nimages: 0\nmodel_card: false\n-#}\n"
+        '{% import "helpers.j2" as h %}\n{% turn "user" %}{{ h.broken({}) }}{% endturn %}\n'
+    )
+    r = Renderer(demo.spec, prompt_dirs=[tmp_path / "m"])
+    with pytest.raises(TemplateError) as e:
+        r.render(TaskSpec(template="uses.j2", source="ct"), demo.items_of("ct")[0], None, variant=0)
+    assert (e.value.template, e.value.line) == ("helpers.j2", 2)
+    assert "(called from uses.j2, line 7)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ({"template": "brats/four_sequences.j2", "source": "ct", "expert": "VISTA3D"}, "written for nifti_group sources; source 'ct' is dicom"),
+        ({"template": "cxr/expert_hint_vqa.j2", "source": "cxr"}, "needs an expert (classes, key_slice); add `expert:` to the task"),
+        ({"template": "qa/plain.j2", "source": "vqa", "expert": "CXR"}, "uses no expert, but the task names 'CXR'"),
+        ({"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": ["organs"]},
+         "argument(s) ['organs'] not among those it is written for"),
+        ({"template": "findings/volume.j2", "source": "ct", "expert": "XR"},
+         "needs structures from its expert; expert 'XR' (runner cxr_ensemble) gives classes, key_slice"),
+        ({"template": "vista3d/nope.j2", "source": "ct", "expert": "VISTA3D"}, "template vista3d/nope.j2 not found"),
+    ],
+)
+def test_check_names_task_and_template(demo: Demo, task: dict, message: str) -> None:
+    data = demo.spec.model_dump()
+    spec = BuildSpec.model_validate({**data, "experts": data["experts"] + [{"name": "XR", "runner": "cxr_ensemble"}], "tasks": [task]})
+    with pytest.raises(CurationError) as e:
+        Renderer(spec).check({})
+    assert str(e.value).startswith(f"tasks[0] (template {task['template']}): ")
+    assert message in str(e.value)
+
+
+def test_check_with_runners_knows_what_they_give(demo: Demo) -> None:
+    from expert_runners.base import make_runner
+
+    spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
+        {"template": "brats/what_is_this.j2", "source": "brain", "expert": "VISTA3D"}]})
+    runners = {"VISTA3D": make_runner(spec.experts[0])}
+    with pytest.raises(CurationError, match="needs sequence from its expert; expert 'VISTA3D' \\(runner labels\\) gives"):
+        Renderer(spec).check(runners)
+    spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
+        {"template": "findings/volume.j2", "source": "brain", "expert": "CT_TISSUE"}]})
+    with pytest.raises(CurationError, match="expert 'CT_TISSUE' takes dicom/nifti items; source 'brain' gives nifti_group items"):
+        Renderer(spec).check({"CT_TISSUE": make_runner(spec.experts[1])})
+
+
+def test_experts_without_a_card_stay_off_it_and_cannot_be_called(demo: Demo) -> None:
+    data = demo.spec.model_dump()
+    experts = data["experts"] + [{"name": "CTLabels", "runner": "labels", "options": {"preset": "vista3d"}}]
+    ok = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
+        {"template": "findings/volume.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
+    r = Renderer(ok)
+    r.check({})
+    assert "CTLabels" not in r.model_card and "<VISTA3D(args)>" in r.model_card
+    bad = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
+        {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
+    with pytest.raises(CurationError, match="calls expert 'CTLabels', which is not on the model card"):
+        Renderer(bad).check({})
