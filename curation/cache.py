@@ -5,6 +5,11 @@ Experts are the expensive part of a build; everything after them is cheap and al
 A cached entry is one JSON file (PNG bytes base64-encoded) written to a temporary name and
 renamed, so a killed build leaves either a whole entry or none, and a rerun picks up exactly
 where it stopped.
+
+Beside the findings the cache keeps what `m3-curate render` needs to work without an expert:
+the reason an expert could not give findings (`put_error`: a later build tries again, render
+reports the reason) and, in `experts.json`, each expert configuration a build ran with its
+fingerprint, so render finds the entries without constructing a runner.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from curation.items import StudyItem
 from expert_runners.findings import Findings
@@ -54,8 +60,56 @@ class FindingsCache:
 
     def put(self, content: str, fingerprint: str, findings: Findings, args: str = "") -> Path:
         path = self.path(content, fingerprint, args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(findings.to_dict(with_png=True), sort_keys=True))
-        os.replace(tmp, path)
+        _write_json(path, findings.to_dict(with_png=True))
+        self.error_path(content, fingerprint, args).unlink(missing_ok=True)
         return path
+
+    def error_path(self, content: str, fingerprint: str, args: str = "") -> Path:
+        path = self.path(content, fingerprint, args)
+        return path.with_name(path.name.removesuffix(".json") + ".error.json")
+
+    def put_error(self, content: str, fingerprint: str, reason: str, args: str = "", *, status: str = "quarantined") -> Path:
+        """Record why there are no findings (`status`: `quarantined` for a failure, `skipped`
+        for an item the expert does not take). Builds retry these; render reports them."""
+        path = self.error_path(content, fingerprint, args)
+        _write_json(path, {"status": status, "reason": reason})
+        return path
+
+    def get_error(self, content: str, fingerprint: str, args: str = "") -> tuple[str, str] | None:
+        """(status, reason) of a recorded failure, or None."""
+        try:
+            d = json.loads(self.error_path(content, fingerprint, args).read_text())
+        except FileNotFoundError:
+            return None
+        return str(d["status"]), str(d["reason"])
+
+    # -- the experts a build ran, for `m3-curate render` ---------------------------------------
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "experts.json"
+
+    def experts(self) -> list[dict[str, Any]]:
+        """Every expert configuration recorded by `register`, oldest first."""
+        try:
+            return list(json.loads(self.registry_path.read_text()))
+        except FileNotFoundError:
+            return []
+
+    def register(self, entries: list[dict[str, Any]]) -> None:
+        """Record expert configurations (dicts with at least `spec` and `fingerprint`); an
+        entry with the same spec and fingerprint replaces the old one."""
+        keep = [e for e in self.experts() if not any(_same(e, n) for n in entries)]
+        _write_json(self.registry_path, keep + entries)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("spec") == b.get("spec") and a.get("fingerprint") == b.get("fingerprint")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write beside the final name and rename: readers see a whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))  # dict order kept: a legend is in drawing order
+    os.replace(tmp, path)

@@ -51,6 +51,19 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"  set aside: {entry.uri}: {entry.reason}")
 
 
+def _delegate(target: str):
+    """Run `module:function(args)`, importing the module only when its command runs (Ray,
+    transformers and torch are heavy; `m3-curate index` should not pay for them)."""
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3-curate", description="Build expert-augmented instruction data for medical VLMs.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -72,6 +85,70 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--uncompressed", action="store_true", help="write .nii instead of .nii.gz")
     s.set_defaults(run=_convert)
+
+    s = sub.add_parser("build", help="the whole pipeline on Ray: index, experts, render, shards")
+    s.add_argument("manifest")
+    s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
+    s.add_argument("--limit", type=int, help="use only the first N items (for a quick try)")
+    s.set_defaults(run=_delegate("curation.pipeline:build_command"))
+
+    s = sub.add_parser("render", help="rebuild shards from cached findings only (no expert runs)")
+    s.add_argument("manifest")
+    s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
+    s.set_defaults(run=_delegate("curation.pipeline:render_command"))
+
+    s = sub.add_parser("preview", help="a static HTML gallery of rendered samples, for template tuning")
+    s.add_argument("manifest")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--task", help="a task of the manifest, by its template path")
+    which.add_argument("--template", help="a template file no task names yet, tried on the manifest's items")
+    s.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
+    s.add_argument("--html", required=True, help="the page to write")
+    s.add_argument("--out", help="output folder whose cache to use (default: the manifest's output.dir)")
+    s.set_defaults(run=_delegate("curation.preview:preview_command"))
+
+    s = sub.add_parser("export", help="export shards for other trainers")
+    s.add_argument("format", choices=["llava"], help="llava: VILA/LLaVA JSON plus image files")
+    s.add_argument("shards", help="a build's output folder or its shards/ folder")
+    s.add_argument("out")
+    s.set_defaults(run=_delegate("curation.export:export_command"))
+
+    s = sub.add_parser("finetune", help="stage-4 fine-tuning on shards")
+    s.add_argument("--data", required=True, help="a build's output folder or its shards/ folder")
+    s.add_argument("--model", required=True, help="a local image-text-to-text model folder, or 'tiny'")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--lr", type=float, default=2e-5, help="VILA-M3's value for full tuning (default 2e-5)")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--max-steps", type=int, default=-1)
+    s.add_argument("--warmup-ratio", type=float, default=0.03)
+    s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: train in this process)")
+    s.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (alpha is 2r; default 16)")
+    s.add_argument("--max-length", type=int, help="drop rows longer than this many tokens (default: keep all)")
+    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
+    s.add_argument("--log-steps", type=int, default=10)
+    s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling (default 256)")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches (default 0)")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU")
+    s.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
+    s.set_defaults(run=_delegate("curation.finetune:finetune_command"))
+
+    s = sub.add_parser("eval", help="held-out metrics as JSON")
+    s.add_argument("--model", required=True, help="a model folder (finetune's --out)")
+    s.add_argument("--data", required=True, help="a build's output folder or its shards/ folder")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", help="write the JSON here as well as to stdout")
+    s.add_argument("--limit", type=int, help="evaluate at most N rows")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded (default 8)")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU")
+    s.set_defaults(run=_delegate("curation.evaluate:eval_command"))
     return p
 
 

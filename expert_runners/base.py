@@ -27,6 +27,10 @@ from expert_runners.findings import Findings
 
 ENTRY_POINT_GROUP = "m3_curate.runners"
 
+# Manifest keys that only place the work (and the expert's display name): never part of what
+# an expert computes, so changing them keeps the cache.
+PLACEMENT_KEYS = {"name", "actors", "batch_size", "gpus"}
+
 # Built-in runners by manifest name; imported only when used (torch and MONAI are heavy).
 BUILTIN: dict[str, str] = {
     "vista3d": "expert_runners.vista3d:Vista3DRunner",
@@ -67,7 +71,7 @@ class ExpertRunner(ABC):
         """Weights + configuration + code version: findings cached under another fingerprint
         are never reused."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.runner, __version__, self.spec.model_dump(mode="json", exclude={"name"})], sort_keys=True).encode())
+        h.update(json.dumps([self.runner, __version__, self.spec.model_dump(mode="json", exclude=PLACEMENT_KEYS)], sort_keys=True).encode())
         for path in self.weight_files():
             h.update(path.name.encode())
             h.update(file_digest(path).encode())

@@ -1,0 +1,282 @@
+"""`m3-curate build` and `m3-curate render`: the build as one Ray Data program, and the same
+rows again from the cache alone.
+
+    index (driver) → plan (driver) → per lane: load (CPU tasks) → expert pools (actors)
+                                                → render (CPU tasks) ─┐
+                                      union of the lanes ◄─────────────┘ → shard writer (driver)
+                                                                        → ledger, dataset card
+
+Where it runs (`curation.cluster`): with no address, an embedded local Ray that the build
+starts and stops; with `--address` or `RAY_ADDRESS` (set by `ray job submit` for its
+entrypoint), that cluster; a process that already called `ray.init()` keeps its session.
+
+Memory stays bounded however large the archive: the driver holds the plan (a small record per
+item), Ray Data streams blocks of a few items with backpressure (`curation.cluster`), and the
+writer holds only rows that arrived ahead of their shard's cursor (`curation.shards`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from curation.cache import FindingsCache, content_hash
+from curation.card import Tally, build_ledger, code_version, dataset_card, write_json
+from curation.cluster import Placement, pipeline_dataset, place_experts, ray_session
+from curation.errors import CurationError
+from curation.index import build_index, write_table
+from curation.items import LedgerEntry, StudyItem, items_table
+from curation.manifest import BuildSpec, load_manifest, manifest_hash
+from curation.plan import ExpertInfo, ItemPlan, Plan, make_plan, runner_spec, spec_json
+from curation.progress import Progress, summary
+from curation.shards import ShardWriter
+from curation.stages import (
+    RENDERER,
+    BuildContext,
+    Report,
+    load_renderer,
+    render_item,
+    table_from_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+CARD, LEDGER, INDEX = "dataset_card.json", "ledger.parquet", "index.parquet"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    card: dict[str, Any]
+    shards: list[Path]
+    summary: str
+
+
+# -- inputs and the plan -------------------------------------------------------------------------
+
+
+def output_folder(spec: BuildSpec, out: str | Path | None) -> Path:
+    return Path(out).resolve() if out else Path(spec.output.dir)
+
+
+def cache_folder(spec: BuildSpec, out: Path) -> Path:
+    return Path(spec.output.cache) if spec.output.cache else out / "cache"
+
+
+def build_hash(spec: BuildSpec) -> str:
+    """The manifest's hash for provenance: the resolved manifest less its `output` section, so
+    the same recipe built into two folders makes the same rows."""
+    return manifest_hash(spec.model_copy(update={"output": type(spec.output)()}))
+
+
+def expert_infos_from_runners(spec: BuildSpec) -> tuple[dict[str, ExpertInfo], dict[str, Any]]:
+    """Construct every runner on the driver (validating its options before any worker
+    starts) and take its fingerprint."""
+    from expert_runners.base import make_runner
+
+    infos, runners = {}, {}
+    for e in spec.experts:
+        runner = make_runner(runner_spec(e), image_max_side=spec.output.image_max_side)
+        runners[e.name] = runner
+        infos[e.name] = ExpertInfo(
+            name=e.name, runner=e.runner, fingerprint=runner.fingerprint(), spec=spec_json(e),
+            modalities=tuple(runner.modalities), kinds=tuple(runner.kinds), weights=bool(runner.weight_files()),
+        )
+    return infos, runners
+
+
+def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, ExpertInfo]:
+    """Fingerprints a build recorded for the manifest's expert configurations; no runner is
+    constructed. An expert no build has run is an error that says so."""
+    recorded = cache.experts()
+    infos = {}
+    for i, e in enumerate(spec.experts):
+        want = spec_json(e)
+        found = [r for r in recorded if r["spec"] == want]
+        if not found:
+            raise CurationError(
+                f"experts[{i}] ({e.name!r}): no build has run this expert configuration with cache {cache.root}; "
+                f"run `m3-curate build` first (render uses cached findings only)"
+            )
+        infos[e.name] = ExpertInfo.from_json(found[-1]["info"])
+    return infos
+
+
+def index_items(spec: BuildSpec, out: Path, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
+    index = build_index(spec)
+    items = index.items if limit is None else index.items[: max(limit, 0)]
+    write_table(items_table(index.items), out / INDEX)
+    limited = {i.item_id for i in index.items[len(items):]}
+    return items, index.ledger, limited
+
+
+def check_templates(renderer: Any, runners: dict[str, Any]) -> None:
+    check = getattr(renderer, "check", None)
+    if check is not None:
+        check(runners)
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """State shared by build and render: the plan, the writer, the accounts."""
+
+    spec: BuildSpec
+    out: Path
+    plan: Plan
+    tally: Tally
+    writer: ShardWriter
+    progress: Progress
+    by_id: dict[str, ItemPlan] = field(default_factory=dict)
+
+    def take(self, item_id: str, rows: pa.Table | None, report: Report) -> None:
+        plan = self.by_id[item_id]
+        if rows is not None and rows.num_rows:
+            self.writer.add(plan.split, rows)
+        self.writer.resolve(plan.split, [(u.shard, u.pos) for u in plan.units])
+        self.tally.record(plan, report, rows)
+        self.progress.update(rows=rows.num_rows if rows is not None else 0, runs=sum(report.runs.values()),
+                             set_aside=sum(1 for u in report.units if u[2] != "used"))
+
+
+def _start(spec: BuildSpec, out: Path, plan: Plan, label: str, show: bool) -> _Run:
+    (out / CARD).unlink(missing_ok=True)  # the card marks a finished build: none while this one runs
+    run = _Run(spec=spec, out=out, plan=plan, tally=Tally(plan=plan, spec=spec),
+               writer=ShardWriter(out / "shards", plan.shards),
+               progress=Progress(len(plan.working), label=label, enabled=show))
+    run.by_id = {p.item.item_id: p for p in plan.items}
+    for p in plan.items:
+        if not p.units:
+            run.tally.record(p, Report(), None)
+    return run
+
+
+def _finish(run: _Run, prep: _Prepared, wall: dict[str, float], placements: dict[str, Placement], t0: float) -> BuildResult:
+    run.progress.close()
+    started = time.perf_counter()
+    shards = run.writer.finish()
+    table = build_ledger(prep.ledger, run.tally, prep.limited)
+    write_table(table, run.out / LEDGER)
+    wall["write"] = time.perf_counter() - started
+    wall["total"] = time.perf_counter() - t0
+    card = dataset_card(spec=run.spec, plan=run.plan, tally=run.tally, ledger=table, shards=shards, out=run.out,
+                        manifest_hash=prep.ctx.manifest_hash, code=prep.ctx.code_version, wall=wall,
+                        actors={n: p.to_json() for n, p in placements.items()})
+    card["timing"]["peak_rows_held"] = run.writer.peak_rows
+    write_json(card, run.out / CARD)
+    return BuildResult(out=run.out, card=card, shards=shards, summary=summary(card, str(run.out)))
+
+
+@dataclass
+class _Prepared:
+    spec: BuildSpec
+    out: Path
+    plan: Plan
+    ledger: list[LedgerEntry]
+    limited: set[str]
+    ctx: BuildContext
+    wall: dict[str, float]
+
+
+def _prepare(spec: BuildSpec, out: Path, *, limit: int | None, from_cache: bool) -> _Prepared:
+    """Index, experts' fingerprints, template check, plan: everything decided on the driver."""
+    wall: dict[str, float] = {}
+    t = time.perf_counter()
+    cache = FindingsCache(cache_folder(spec, out))
+    items, ledger, limited = index_items(spec, out, limit)
+    wall["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if from_cache:
+        infos = expert_infos_from_cache(spec, cache)
+        check_templates(load_renderer(RENDERER, spec), {})  # {}: check without constructing an expert
+    else:
+        infos, runners = expert_infos_from_runners(spec)
+        check_templates(load_renderer(RENDERER, spec), runners)
+        cache.register([{"spec": i.spec, "fingerprint": i.fingerprint, "info": i.to_json()} for i in infos.values()])
+    plan = make_plan(spec, items, infos)
+    ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={n: i.fingerprint for n, i in infos.items()},
+                       manifest_hash=build_hash(spec), code_version=code_version())
+    wall["plan"] = time.perf_counter() - t
+    return _Prepared(spec=spec, out=out, plan=plan, ledger=ledger, limited=limited, ctx=ctx, wall=wall)
+
+
+def build(manifest: str | Path, *, out: str | Path | None = None, address: str | None = None, limit: int | None = None,
+          progress: bool = True) -> BuildResult:
+    """The whole pipeline. See the module docstring. Ray starts (or connects) while the driver
+    indexes and plans, so its start-up overlaps the index."""
+    t0 = time.perf_counter()
+    spec = load_manifest(manifest)
+    out_dir = output_folder(spec, out)
+    wants_ray = bool(spec.tasks) and (limit is None or limit > 0)
+    placements: dict[str, Placement] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        preparing = pool.submit(_prepare, spec, out_dir, limit=limit, from_cache=False)
+        with (ray_session(address) if wants_ray else nullcontext("no Ray (nothing to run)")) as where:
+            ray_ready = time.perf_counter() - t0
+            prep = preparing.result()
+            wall = {**prep.wall, "ray_start": ray_ready} if wants_ray else dict(prep.wall)
+            run = _start(prep.spec, out_dir, prep.plan, "build", progress)
+            if prep.plan.working:
+                import ray
+
+                placements = place_experts(spec, prep.plan, ray.cluster_resources())
+                log.info("building %d items on %s; expert pools: %s", len(prep.plan.working), where,
+                         ", ".join(f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})" for n, p in placements.items()) or "none")
+                t = time.perf_counter()
+                ds = pipeline_dataset(prep.plan, prep.ctx, placements)
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for item_id, rows, report in zip(batch["item_id"].to_pylist(), batch["rows"].to_pylist(), batch["report"].to_pylist()):
+                        run.take(item_id, table_from_bytes(rows), Report.from_json(report))
+                wall["pipeline"] = time.perf_counter() - t
+    return _finish(run, prep, wall, placements, t0)
+
+
+def render(manifest: str | Path, *, out: str | Path | None = None, progress: bool = True) -> BuildResult:
+    """Every shard again from cached findings only: no Ray, no expert is constructed."""
+    from curation.ingest import readers_for
+
+    t0 = time.perf_counter()
+    spec = load_manifest(manifest)
+    out_dir = output_folder(spec, out)
+    prep = _prepare(spec, out_dir, limit=None, from_cache=True)
+    wall = dict(prep.wall)
+    run = _start(spec, out_dir, prep.plan, "render", progress)
+    readers = readers_for(spec)
+
+    def hashed(p: ItemPlan) -> tuple[ItemPlan, str | None, Report]:
+        report = Report()
+        try:
+            return p, content_hash(p.item, readers[p.item.source].root), report
+        except OSError as e:
+            report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
+            return p, None, report
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for p, content, report in pool.map(hashed, prep.plan.working):
+            run.take(p.item.item_id, render_item(p, content, prep.ctx, report, count_cached=True), report)
+    wall["render"] = time.perf_counter() - t
+    return _finish(run, prep, wall, {}, t0)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def build_command(args: argparse.Namespace) -> None:
+    result = build(args.manifest, out=args.out, address=args.address, limit=args.limit, progress=not args.quiet)
+    print(result.summary)
+
+
+def render_command(args: argparse.Namespace) -> None:
+    result = render(args.manifest, out=args.out, progress=not args.quiet)
+    print(result.summary)

@@ -1,0 +1,83 @@
+"""Live progress on the terminal and the closing summary.
+
+On a terminal one line is redrawn in place a few times a second; elsewhere (a `ray job`
+log, CI) a plain line is printed every `every` seconds, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """`update()` after each item; `close()` at the end."""
+
+    def __init__(self, total: int, *, label: str = "build", stream: IO[str] | None = None, every: float | None = None, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if every is not None else (0.25 if self.live else 10.0)
+        self.started = time.perf_counter()
+        self.done = self.rows = self.runs = self.set_aside = 0
+        self._last = 0.0
+
+    def update(self, *, rows: int = 0, runs: int = 0, set_aside: int = 0) -> None:
+        self.done += 1
+        self.rows += rows
+        self.runs += runs
+        self.set_aside += set_aside
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.every or self.done == self.total):
+            self._last = now
+            self._draw(now)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {self.rows} rows, {self.runs} expert runs, "
+                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {_clock(eta)}")
+
+    def _draw(self, now: float) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[2K" + self.line(now))
+        else:
+            self.stream.write(self.line(now) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary(card: dict[str, Any], out: str, *, limit: int = 8) -> str:
+    """The closing lines: rows, shards, time, what was set aside and why."""
+    c = card["counts"]
+    rows, files = c["rows"], c["files"]
+    splits = ", ".join(f"{n} {s}" for s, n in rows["by_split"].items()) or "none"
+    seconds = card["timing"]["wall_s"].get("total", 0)
+    lines = [
+        f"{rows['total']} rows ({splits}) in {c['shards']['total']} shards under {out}/shards in {seconds:.1f} s",
+        f"files: {files['discovered']} discovered = {files['used']} used + {files['skipped']} skipped + {files['quarantined']} quarantined",
+    ]
+    runs = ", ".join(f"{n}: {e['runs']} run, {e['cached']} cached" for n, e in card["experts"].items())
+    if runs:
+        lines.append(f"experts: {runs}")
+    if c["set_aside"]:
+        lines.append(f"conversations set aside ({sum(c['set_aside'].values())}):")
+        for reason, n in list(c["set_aside"].items())[:limit]:
+            lines.append(f"  {n:>5} × {reason}")
+        if len(c["set_aside"]) > limit:
+            lines.append(f"  … {len(c['set_aside']) - limit} more reasons in {out}/dataset_card.json")
+    lines.append(f"card: {out}/dataset_card.json, ledger: {out}/ledger.parquet")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Helpers for the build tests, importable by Ray workers (the tests put this folder on
+`PYTHONPATH` before Ray starts).
+
+- `CountingTissueRunner` / `CountingLabelsRunner`: the weight-free runners, registered in a
+  manifest by dotted path (`build_helpers:CountingTissueRunner`); each run appends a line
+  `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
+  `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
+  while experts are busy.
+- `FailingRunner`: an expert that fails on every item.
+- `demo_manifest()`: a small manifest over a `m3-curate demo-archive`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from expert_runners.base import ExpertInput
+from expert_runners.ct_tissue import CtTissueRunner
+from expert_runners.findings import Findings
+from expert_runners.labels import LabelsRunner
+
+
+def _count(inp: ExpertInput, args: str) -> None:
+    path = os.environ.get("M3_TEST_RUN_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{inp.item.item_id} {args}\n")
+    delay = float(os.environ.get("M3_TEST_RUN_SLEEP", "0") or 0)
+    if delay:
+        time.sleep(delay)
+
+
+class CountingTissueRunner(CtTissueRunner):
+    runner = "build_helpers:CountingTissueRunner"
+
+    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+        _count(inp, args)
+        return super().predict(inp, args, timing)
+
+
+class FailingRunner(LabelsRunner):
+    """Fails on every item, as a broken expert would."""
+
+    runner = "build_helpers:FailingRunner"
+
+    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+        raise RuntimeError("synthetic failure")
+
+
+class CountingLabelsRunner(LabelsRunner):
+    runner = "build_helpers:CountingLabelsRunner"
+
+    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+        _count(inp, args)
+        return super().predict(inp, args, timing)
+
+
+def demo_manifest(archive: Path, out: Path, *, rows_per_shard: int = 7, counting: bool = False,
+                  prompts: Path | None = None, extra_tasks: list[dict[str, Any]] | None = None,
+                  extra_experts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A build over `m3-curate demo-archive` with the weight-free runners: CT tissue and the
+    ground truth (as VISTA3D) on CT, the ground truth as BRATS on brain MRI and as CXR on chest
+    X-rays; templates from `prompts/`, with a fractional weight and a list of arguments."""
+    tissue = "build_helpers:CountingTissueRunner" if counting else "ct_tissue"
+    labels = "build_helpers:CountingLabelsRunner" if counting else "labels"
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 3,
+        "sources": [
+            {"name": "ct", "kind": "dicom", "root": str(archive / "ct"), "labels": "../ct_labels"},
+            {"name": "brain", "kind": "nifti_group", "root": str(archive / "brain"), "channels": ["t1c", "t1", "t2", "flair"],
+             "labels": "seg"},
+            {"name": "cxr", "kind": "image2d", "root": str(archive / "cxr"), "labels": "labels.csv"},
+        ],
+        "experts": [
+            {"name": "CT_TISSUE", "runner": tissue},
+            {"name": "VISTA3D", "runner": labels, "options": {"preset": "vista3d"}},
+            {"name": "BRATS", "runner": labels, "options": {"preset": "brats"}},
+            {"name": "CXR", "runner": labels},
+            *(extra_experts or []),
+        ],
+        "tasks": [
+            {"template": "findings/volume.j2", "source": "ct", "expert": "CT_TISSUE", "weight": 1},
+            {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs"], "weight": 2},
+            {"template": "findings/volume.j2", "source": "brain", "expert": "BRATS", "weight": 1.5},
+            {"template": "cxr/expert_hint_vqa.j2", "source": "cxr", "expert": "CXR", "weight": 1},
+            {"template": "cxr/expert_hint_choice.j2", "source": "cxr", "expert": "CXR", "weight": 0.5},
+            *(extra_tasks or []),
+        ],
+        "split": {"val": 0.25, "test": 0.25},
+        "output": {"dir": str(out), "rows_per_shard": rows_per_shard, "image_max_side": 128},
+    }
+    if prompts is not None:
+        data["prompts"] = [str(prompts)]
+    return data

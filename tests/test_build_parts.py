@@ -1,0 +1,115 @@
+"""Parts of the build that need no Ray: actor placement, the Ray address check, the cache's
+error entries and expert registry, progress, and a build that plans no work."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from build_helpers import demo_manifest
+
+from curation.cache import FindingsCache
+from curation.cluster import place_experts, ray_session
+from curation.demo import write_demo_archive
+from curation.errors import CurationError
+from curation.manifest import BuildSpec
+from curation.pipeline import build
+from curation.plan import ExpertInfo, Lane, Plan, runner_spec
+from curation.progress import Progress
+
+
+def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
+    return BuildSpec.model_validate({
+        "name": "p", "sources": [{"name": "ct", "kind": "dicom", "root": str(tmp_path)}, {"name": "x", "kind": "image2d", "root": str(tmp_path)}],
+        "experts": experts,
+        "tasks": [{"template": f"t{i}.j2", "source": "ct" if i < len(experts) - 1 else "x", "expert": e["name"]} for i, e in enumerate(experts)],
+    })
+
+
+def plan_for(spec: BuildSpec, weights: set[str]) -> Plan:
+    lanes = [Lane(sources=("ct",), experts=tuple(e.name for e in spec.experts[:-1])), Lane(sources=("x",), experts=(spec.experts[-1].name,))]
+    infos = {e.name: ExpertInfo(name=e.name, runner=e.runner, fingerprint="f", spec={}, weights=e.name in weights) for e in spec.experts}
+    return Plan(items=[], lanes=lanes, experts=infos, shards={})
+
+
+def test_pools_get_a_gpu_each_when_there_are_enough(tmp_path):
+    spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "T", "runner": "ct_tissue"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
+    placed = place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "GPU": 4})
+    assert (placed["V"].actors, placed["V"].gpus) == (2, 1.0) and (placed["C"].actors, placed["C"].gpus) == (2, 1.0)
+    assert placed["T"].gpus == 0 and placed["T"].actors == 1  # weight-free: CPU
+    assert all(p.cpus == 1.0 for p in placed.values())
+
+
+def test_gpus_are_shared_when_pools_outnumber_them(tmp_path):
+    spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "B", "runner": "brats"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
+    placed = place_experts(spec, plan_for(spec, {"V", "B", "C"}), {"CPU": 16, "GPU": 1})
+    assert [p.gpus for p in placed.values()] == [0.33, 0.33, 0.33] and all(p.actors == 1 for p in placed.values())
+
+
+def test_manifest_sizes_are_kept_and_checked(tmp_path):
+    spec = spec_with([{"name": "V", "runner": "vista3d", "actors": 3, "gpus": 1, "batch_size": 2}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
+    with pytest.raises(CurationError, match=r"need 3 GPUs and the cluster has 2.*experts\[0\] \(V\): 3 actors"):
+        place_experts(spec, plan_for(spec, {"V"}), {"CPU": 16, "GPU": 2})
+    placed = place_experts(spec, plan_for(spec, {"V"}), {"CPU": 16, "GPU": 3})
+    assert (placed["V"].actors, placed["V"].gpus, placed["V"].batch_size) == (3, 1.0, 2)
+
+
+def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
+    spec = spec_with([{"name": "A", "runner": "ct_tissue"}, {"name": "B", "runner": "labels"}, {"name": "C", "runner": "labels"}], tmp_path)
+    placed = place_experts(spec, plan_for(spec, set()), {"CPU": 2})
+    assert sum(p.cpus * p.actors for p in placed.values()) <= 1.0  # one CPU stays for load and render tasks
+
+
+def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
+    spec = spec_with([{"name": "V", "runner": "ct_tissue", "actors": 4, "batch_size": 8, "gpus": 0.5}, {"name": "C", "runner": "labels"}], tmp_path)
+    plain = spec_with([{"name": "V", "runner": "ct_tissue"}, {"name": "C", "runner": "labels"}], tmp_path)
+    assert runner_spec(spec.experts[0]) == runner_spec(plain.experts[0]) == plain.experts[0]
+
+
+def test_dashboard_address_is_refused_with_the_fix():
+    with pytest.raises(CurationError, match="ray job submit --address http://head:8265"), ray_session("http://head:8265"):
+        pass
+
+
+def test_cache_error_entries_and_registry(tmp_path):
+    cache = FindingsCache(tmp_path)
+    cache.put_error("c0ffee", "fp", "load failed: truncated", "organs")
+    assert cache.get_error("c0ffee", "fp", "organs") == ("quarantined", "load failed: truncated")
+    assert not cache.has("c0ffee", "fp", "organs") and cache.get_error("c0ffee", "fp", "") is None
+    cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {}}])
+    cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {"n": 2}}, {"spec": {"a": 2}, "fingerprint": "y", "info": {}}])
+    assert [e["fingerprint"] for e in cache.experts()] == ["x", "y"] and cache.experts()[0]["info"] == {"n": 2}
+
+
+def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress(3, stream=stream, every=0)
+        for _ in range(3):
+            p.update(rows=2, runs=1)
+        p.close()
+    assert tty.getvalue().count("\r") == 3 and "3/3 items (100%), 6 rows, 3 expert runs" in tty.getvalue()
+    assert log.getvalue().count("\n") == 3 and "\r" not in log.getvalue()
+
+
+def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
+    """`--limit 0`: no item goes to Ray (none is started); the ledger says why each file is left."""
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=1, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
+    result = build(manifest, limit=0, progress=False)
+    ledger = pq.read_table(tmp_path / "out" / "ledger.parquet").to_pylist()
+    files = result.card["counts"]["files"]
+    assert files["discovered"] == len(ledger) == files["used"] + files["skipped"] + files["quarantined"]
+    assert any(r["reason"] == "left out by --limit" for r in ledger)
+    assert result.card["counts"]["rows"]["total"] == 0 and not result.shards
+    assert json.loads((tmp_path / "out" / "dataset_card.json").read_text())["counts"] == result.card["counts"]

@@ -1,0 +1,113 @@
+"""A build killed with SIGKILL while its experts work, run again: it finishes, runs no expert a
+second time for an item whose findings were cached, and writes no duplicate row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from build_helpers import demo_manifest
+
+from curation.cache import content_hash
+from curation.demo import write_demo_archive
+from curation.index import build_index
+from curation.ingest import readers_for
+from curation.manifest import load_manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the build and every process it started (its local Ray), as a crash would."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(signal.SIGKILL)
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def cached_runs(cache: Path, content_to_item: dict[str, str], args: list[str]) -> set[tuple[str, str]]:
+    """(item_id, argument) of every findings entry in the cache."""
+    by_hash = {hashlib.sha256(a.encode()).hexdigest()[:8]: a for a in args}
+    out = set()
+    for path in cache.glob("*/*/*.json"):
+        if path.name.endswith(".error.json"):
+            continue
+        content, arg = path.stem.rsplit("-", 1)
+        out.add((content_to_item[content], by_hash[arg]))
+    return out
+
+
+def runs(log: Path) -> list[tuple[str, str]]:
+    if not log.exists():
+        return []
+    return [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]  # type: ignore[misc]
+
+
+def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_demo_archive(archive, cases=2, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, out, counting=True)))
+    command = [sys.executable, "-m", "curation", "-q", "build", str(manifest)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**env, "M3_TEST_RUN_LOG": str(first_log), "M3_TEST_RUN_SLEEP": "0.5"})
+    deadline = time.monotonic() + 180
+    while len(runs(first_log)) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the build ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"  # type: ignore[union-attr]
+    kill_tree(proc)
+    assert not (out / "dataset_card.json").exists()
+
+    spec = load_manifest(manifest)
+    readers = readers_for(spec)
+    items = build_index(spec).items
+    content_to_item = {content_hash(i, readers[i.source].root): i.item_id for i in items}
+    all_args = ["", "everything", "organs"]
+    at_kill = cached_runs(out / "cache", content_to_item, all_args)
+    assert 0 < len(at_kill) < 24, "the kill should land while experts are busy"
+
+    done = subprocess.run(command, check=False, cwd=REPO, env={**env, "M3_TEST_RUN_LOG": str(second_log)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    second = runs(second_log)
+    assert max(Counter(second).values()) == 1, "an expert ran twice on one item and argument"
+    assert not set(second) & at_kill, "an expert ran again on an item whose findings were cached"
+    assert set(second) | at_kill == cached_runs(out / "cache", content_to_item, all_args)
+
+    card = json.loads((out / "dataset_card.json").read_text())
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((out / "shards").glob("*/part-*.parquet"))])
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == card["counts"]["rows"]["total"]
+    assert card["counts"]["rows"]["planned"] == len(ids) + sum(card["counts"]["set_aside"].values())
+    # what was set aside was the templates' own choice, never a missing or failed expert result
+    assert all(reason.startswith("skipped: template") for reason in card["counts"]["set_aside"])
+    assert sum(e["cached"] for e in card["experts"].values()) == len(at_kill)
+    assert sum(e["runs"] for e in card["experts"].values()) == len(second)
+    assert not list((out / "shards").rglob("*.tmp"))

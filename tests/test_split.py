@@ -1,0 +1,151 @@
+"""The plan without Ray: splits by patient, task weights, row places, shard writing."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.errors import CurationError
+from curation.items import StudyItem
+from curation.keys import Keyer
+from curation.manifest import BuildSpec, SplitSpec, TaskSpec
+from curation.mixture import variant_count, variants
+from curation.plan import ExpertInfo, make_plan
+from curation.rows import ROW_SCHEMA
+from curation.shards import ShardWriter, shard_path
+from curation.split import split_of
+from curation.stages import PLACED_SCHEMA
+
+
+def item(i: int, patient: int, source: str = "cxr", modality: str = "CR") -> StudyItem:
+    return StudyItem(item_id=f"item{i:04d}", patient_key=f"patient{patient:03d}", study_key="s", source=source, kind="image2d",
+                     modality=modality, shape=[8, 8], spacing=[1.0, 1.0], n_files=1, uris=[f"{i}.png"])
+
+
+def spec(tmp_path: Path, tasks: list[dict], **extra) -> BuildSpec:
+    return BuildSpec.model_validate({
+        "name": "t", "seed": 5,
+        "sources": [{"name": "cxr", "kind": "image2d", "root": str(tmp_path)}, {"name": "ct", "kind": "dicom", "root": str(tmp_path)}],
+        "experts": [{"name": "CXR", "runner": "labels"}, {"name": "CT", "runner": "ct_tissue"}],
+        "tasks": tasks, "split": {"val": 0.2, "test": 0.2}, "output": {"dir": str(tmp_path), "rows_per_shard": 4}, **extra,
+    })
+
+
+INFOS = {
+    "CXR": ExpertInfo(name="CXR", runner="labels", fingerprint="f1", spec={}),
+    "CT": ExpertInfo(name="CT", runner="ct_tissue", fingerprint="f2", spec={}, modalities=("CT",)),
+}
+
+
+def test_split_fractions_and_stability():
+    s, keyer = SplitSpec(val=0.1, test=0.2), Keyer("secret")
+    splits = Counter(split_of(f"p{i}", s, keyer, 0) for i in range(4000))
+    assert abs(splits["test"] / 4000 - 0.2) < 0.03 and abs(splits["val"] / 4000 - 0.1) < 0.03
+    assert [split_of(f"p{i}", s, keyer, 0) for i in range(50)] == [split_of(f"p{i}", s, Keyer("secret"), 0) for i in range(50)]
+    # another secret or seed gives another assignment
+    assert [split_of(f"p{i}", s, Keyer("other"), 0) for i in range(50)] != [split_of(f"p{i}", s, keyer, 0) for i in range(50)]
+
+
+def test_fractional_weight_samples_with_the_seed():
+    keyer = Keyer("k")
+    task = TaskSpec(template="t.j2", source="cxr", weight=1.3)
+    counts = [variants(task, f"i{n}", keyer, 7) for n in range(3000)]
+    assert set(counts) == {1, 2}
+    assert abs(sum(counts) / 3000 - 1.3) < 0.04
+    assert counts == [variants(task, f"i{n}", keyer, 7) for n in range(3000)]
+    assert counts != [variants(task, f"i{n}", keyer, 8) for n in range(3000)]
+    assert variant_count(3.0, 0.999) == 3
+
+
+def test_plan_keeps_patients_in_one_split_and_places_every_row_once(tmp_path):
+    s = spec(tmp_path, [
+        {"template": "a.j2", "source": "cxr", "expert": "CXR", "weight": 2.5},
+        {"template": "b.j2", "source": "cxr", "weight": 0.5},
+        {"template": "c.j2", "source": "ct", "expert": "CT", "args": ["lung", "bone"], "weight": 3},
+    ])
+    items = [item(i, i // 3) for i in range(60)] + [item(100 + i, 50 + i, "ct", "CT") for i in range(5)] + [item(200, 60, "ct", "MR")]
+    plan = make_plan(s, items, INFOS)
+    by_patient = defaultdict(set)
+    for p in plan.items:
+        by_patient[p.item.patient_key].add(p.split)
+    assert all(len(v) == 1 for v in by_patient.values())
+    places = [(p.split, u.shard, u.pos) for p in plan.items for u in p.units]
+    assert len(places) == len(set(places)) == plan.planned_rows()
+    assert all(0 < n <= 4 for _, n in plan.shards.values())
+    for p in plan.items:  # a shard's positions are consecutive, from its first position on
+        for u in p.units:
+            start, n = plan.shards[(p.split, u.shard)]
+            assert start <= u.pos < start + n
+    # a shard holds one lane (sources sharing an expert chain): cxr and ct never share a shard
+    lanes_of_shard = defaultdict(set)
+    for p in plan.items:
+        for u in p.units:
+            lanes_of_shard[(p.split, u.shard)].add(p.lane)
+    assert all(len(v) == 1 for v in lanes_of_shard.values())
+    # the CT expert's arguments alternate over variants; an MR item in the CT source is left out with the reason
+    ct = next(p for p in plan.items if p.item.item_id == "item0100")
+    assert [u.arg for u in ct.units] == ["lung", "bone", "lung"]
+    mr = next(p for p in plan.items if p.item.item_id == "item0200")
+    assert not mr.units and "CT takes CT, not MR" in mr.notes[0]
+    # the same inputs in another order give the same plan
+    again = make_plan(s, random.Random(1).sample(items, len(items)), INFOS)
+    assert [(p.item.item_id, p.split, p.units) for p in again.items] == [(p.item.item_id, p.split, p.units) for p in plan.items]
+
+
+def test_two_tasks_with_one_template_on_one_source_are_refused(tmp_path):
+    s = spec(tmp_path, [{"template": "a.j2", "source": "cxr", "expert": "CXR"}, {"template": "a.j2", "source": "cxr"}])
+    with pytest.raises(CurationError, match=r"tasks\[0\] and tasks\[1\] both render 'a.j2'"):
+        make_plan(s, [item(0, 0)], INFOS)
+
+
+def placed_rows(n: int, shard: int, start: int = 0) -> pa.Table:
+    rows = [{"id": f"r{start + i}", "dataset": "t", "source": "s", "task": "t", "split": "train", "item_id": "i",
+             "patient_key": "p", "modality": "CR", "expert": None, "images": [{"bytes": bytes([i]), "path": "x.png"}],
+             "messages": [{"role": "user", "content": [{"type": "image", "text": None}]}], "findings": None,
+             "provenance": None, "_shard": shard, "_pos": start + i} for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=PLACED_SCHEMA)
+
+
+def test_shard_writer_is_order_independent_atomic_and_streams(tmp_path, monkeypatch):
+    monkeypatch.setattr("curation.shards.ROW_GROUP", 2)
+    planned = {("train", 0): (0, 5), ("train", 1): (5, 3)}
+    arrivals = [placed_rows(1, 0 if p < 5 else 1, p) for p in range(8) if p != 3]  # position 3: set aside
+    outputs = []
+    for n, order in enumerate((arrivals, arrivals[::-1], random.Random(2).sample(arrivals, len(arrivals)))):
+        root = tmp_path / str(n)
+        w = ShardWriter(root, planned)
+        for rows in order:
+            w.add("train", rows)
+            w.resolve("train", [(rows["_shard"][0].as_py(), rows["_pos"][0].as_py())] + ([(0, 3)] if rows["_pos"][0].as_py() == 4 else []))
+        (root / "train" / "part-00009.parquet").write_bytes(b"stale")
+        files = w.finish()
+        assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+        assert not list(root.rglob("*.tmp")) and not (root / "train" / "part-00009.parquet").exists()
+        outputs.append([f.read_bytes() for f in files])
+    assert outputs[0] == outputs[1] == outputs[2]
+    meta = pq.read_metadata(shard_path(tmp_path / "0", "train", 0))
+    assert meta.num_row_groups == 2 and meta.schema.to_arrow_schema().equals(ROW_SCHEMA)
+    assert pq.read_table(shard_path(tmp_path / "0", "train", 0))["id"].to_pylist() == ["r0", "r1", "r2", "r4"]
+
+
+def test_shard_writer_holds_only_rows_ahead_of_the_cursor(tmp_path, monkeypatch):
+    monkeypatch.setattr("curation.shards.ROW_GROUP", 4)
+    w = ShardWriter(tmp_path, {("train", 0): (0, 400)})
+    for p in range(400):  # in order: a row group is written as soon as it is full
+        w.add("train", placed_rows(1, 0, p))
+        w.resolve("train", [(0, p)])
+    assert w.peak_rows <= 4 and w.written == {("train", 0): 400}
+
+
+def test_shard_writer_refuses_to_finish_with_rows_missing(tmp_path):
+    w = ShardWriter(tmp_path, {("val", 0): (0, 2)})
+    w.add("val", placed_rows(1, 0))
+    w.resolve("val", [(0, 0)])
+    with pytest.raises(RuntimeError, match="never completed"):
+        w.finish()
+    assert not list(tmp_path.rglob("*.tmp"))
