@@ -21,8 +21,8 @@ $(DEMO)/ground_truth.json: | $(STAMP)
 	$(VENV)/bin/m3-curate demo-archive $(DEMO) --cases 4 --seed 0
 
 demo: $(STAMP) $(DEMO)/ground_truth.json
-	$(VENV)/bin/m3-curate index manifests/demo.yaml
-	@echo "index and ledger: out/demo/index.parquet, out/demo/ledger.parquet"
+	$(VENV)/bin/m3-curate build manifests/demo.yaml
+	@echo "shards: out/demo/shards/<split>/part-NNNNN.parquet; card: out/demo/dataset_card.json; ledger: out/demo/ledger.parquet"
 
 test: $(STAMP)
 	$(PY) -m pytest
