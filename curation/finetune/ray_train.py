@@ -1,0 +1,89 @@
+"""`m3-curate finetune --workers N [--use-gpu]`: the training loop of `train.py` on Ray Train.
+
+Each worker runs `train()` with its rank and world size: the model is wrapped for distributed
+data parallelism by `ray.train.torch.prepare_model` (NCCL on GPUs, Gloo on CPUs), each worker
+streams its own share of the shards' row groups, and rank 0 writes checkpoints and the final
+model to `--out`. On several machines `--out` must be storage every node sees (NFS, a mounted
+bucket), since any worker may be placed anywhere and resume reads the newest checkpoint there;
+Ray Train's own run folder goes to `OUT/ray` for the same reason.
+
+With no `--address` and no `RAY_ADDRESS`, a local Ray is started for the run; inside
+`ray job submit` the job's cluster is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from curation.errors import CurationError
+from curation.finetune.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from curation.finetune.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    ctx = ray.train.get_context()
+    config = TrainConfig(**loop_config["config"])
+
+    def wrap(model):
+        # batches without images leave the vision tower unused on that step
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    train(
+        config,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=wrap,
+        report=lambda metrics: ray.train.report(metrics),
+    )
+
+
+def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run `train(config)` on `workers` Ray Train workers (one GPU each with `use_gpu`) and
+    return the summary rank 0 wrote."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if workers < 1:
+        raise CurationError(f"--workers {workers}: must be at least 1")
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(include_dashboard=False)
+        started = not address
+    try:
+        if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
+            raise CurationError(
+                f"--workers {workers} --use-gpu: the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s)"
+            )
+        out = Path(config.out).resolve()
+        config.out, config.data = str(out), str(Path(config.data).resolve())
+        if Path(config.model).exists():
+            config.model = str(Path(config.model).resolve())
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"config": asdict(config)},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            run_config=RunConfig(name="finetune", storage_path=str(out / "ray")),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    summary_path = out / "train_summary.json"
+    if not summary_path.exists():
+        raise CurationError(f"Ray Train finished without {summary_path}; see the workers' logs above")
+    return json.loads(summary_path.read_text())

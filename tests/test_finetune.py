@@ -1,0 +1,256 @@
+"""Stage-4 fine-tuning on shards: streaming, assistant-only labels, training, checkpoints,
+resume, eval JSON, LoRA, and TRL's SFTTrainer reading the same shards."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from curation.cli import main
+from curation.finetune.data import ChatCollator, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
+from curation.finetune.train import TrainConfig, checkpoints, prepare, train
+from shards_factory import write_shards
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # a model this small is many times faster on one thread of a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("build"), conversations=60, seed=1, rows_per_shard=20, row_group_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(shards, tmp_path_factory) -> Path:
+    return build_tiny(shards, tmp_path_factory.mktemp("tiny"), hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny)
+
+
+def _ids(rows):
+    return [r["id"] for r in rows]
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+def test_stream_splits_row_groups_across_processes(shards):
+    files = shard_files(shards, "train")
+    ids = []
+    for rank in range(2):
+        stream = ShardStream(files, collate=_ids, batch_size=1, shuffle_buffer=4, rank=rank, world_size=2, columns=["id"])
+        rows = stream.rows()
+        ids += [next(rows)["id"] for _ in range(sum(u.rows for u in stream.epoch_units(0)))]
+    # the two processes' first epochs together are the split, each row once
+    assert sorted(ids) == sorted(_ids(iter_rows(files, columns=["id"])))
+
+
+def test_stream_is_seeded_and_skip_resumes_at_the_same_batch(shards):
+    files = shard_files(shards, "train")
+
+    def batches(seed, skip=0, k=6):
+        it = iter(ShardStream(files, collate=_ids, batch_size=3, seed=seed, shuffle_buffer=8, skip_batches=skip, columns=["id"]))
+        return [next(it) for _ in range(k)]
+
+    first = batches(0, k=8)
+    assert batches(0, k=8) == first
+    assert batches(1, k=8) != first
+    assert batches(0, skip=3, k=5) == first[3:]
+    # epochs continue without end, each row once per epoch
+    n = count_rows(files)
+    flat = [i for b in batches(0, k=(2 * n) // 3) for i in b]
+    assert sorted(flat[:n]) == sorted(flat[n : 2 * n])
+
+
+def test_stream_reads_row_groups_lazily(shards, monkeypatch):
+    """The first batch comes after reading about shuffle_buffer rows, not the split."""
+    read = []
+    original = pq.ParquetFile.iter_batches
+
+    def counting(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            read.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    files = shard_files(shards, "train")
+    stream = ShardStream(files, collate=_ids, batch_size=2, shuffle_buffer=4, columns=["id"])
+    next(iter(stream))
+    assert sum(read) <= 4 + 2 + 8  # buffer + batch + at most one row group (8 rows) read ahead
+    assert sum(read) < count_rows(files)
+
+
+def test_dataloader_workers_keep_the_single_process_order(shards):
+    files = shard_files(shards, "train")
+    make = lambda: ShardStream(files, collate=_ids, batch_size=2, shuffle_buffer=4, skip_batches=1, columns=["id"])  # noqa: E731
+    single = [b for _, b in zip(range(6), make())]
+    loader = torch.utils.data.DataLoader(make(), batch_size=None, num_workers=2)
+    assert [b for _, b in zip(range(6), loader)] == single
+
+
+# --- labels --------------------------------------------------------------------------------
+
+
+def _multi_turn_multi_image(shards) -> dict:
+    for row in iter_rows(shard_files(shards, "train")):
+        assistants = sum(m["role"] == "assistant" for m in row["messages"])
+        if assistants >= 2 and len(row["images"]) >= 2:
+            return row
+    raise AssertionError("the factory made no multi-turn, multi-image row")
+
+
+def _assistant_text(row) -> str:
+    return "".join(p["text"] + "<|im_end|>" for m in row["messages"] if m["role"] == "assistant" for p in m["content"])
+
+
+@pytest.mark.parametrize("template", ["generation markers", "prefix rendering"])
+def test_only_assistant_tokens_carry_labels(shards, tiny, template):
+    from transformers import AutoProcessor
+
+    row = _multi_turn_multi_image(shards)
+    processor = AutoProcessor.from_pretrained(tiny)
+    if template == "prefix rendering":  # as for a model whose chat template has no {% generation %}
+        processor.chat_template = re.sub(r"{% (end)?generation %}", "", CHAT_TEMPLATE)
+    collator = ChatCollator(processor)
+    assert collator.native_mask == (template == "generation markers")
+    batch = collator([row, _single_turn(shards)])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    tok = processor.tokenizer
+    labelled = labels != -100
+    # labels equal input ids where set, -100 everywhere else; image and user tokens are never labelled
+    assert torch.equal(labels[labelled], ids[labelled])
+    assert not labelled[ids == tok.image_token_id].any()
+    assert (ids == tok.image_token_id).sum() == len(row["images"]) * 16
+    assert tok.decode(ids[labelled]) == _assistant_text(row)
+    # each labelled run is exactly one assistant turn: the text after "<|im_start|>assistant\n"
+    runs = _runs(labelled.tolist())
+    assert len(runs) == sum(m["role"] == "assistant" for m in row["messages"])
+    for start, _ in runs:
+        assert tok.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+    # padding of the shorter row is not labelled
+    assert not (batch["labels"][1][batch["attention_mask"][1] == 0] != -100).any()
+
+
+def _single_turn(shards) -> dict:
+    return next(r for r in iter_rows(shard_files(shards, "train")) if len(r["messages"]) == 2)
+
+
+def _runs(mask: list[bool]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, m in enumerate(mask + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):
+    rows = list(iter_rows(shard_files(shards, "train"), limit=4))
+    full = ChatCollator(processor)(rows)
+    lengths = full["attention_mask"].sum(1).tolist()
+    limit = sorted(lengths)[1]
+    collator = ChatCollator(processor, max_length=limit)
+    batch = collator(rows)
+    assert batch["input_ids"].shape[0] == sum(n <= limit for n in lengths)
+    assert collator.dropped == sum(n > limit for n in lengths)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def _config(shards, tiny, out, **kw) -> TrainConfig:
+    base = dict(data=str(shards), model=str(tiny), out=str(out), lr=3e-3, batch_size=4, max_steps=12, save_steps=6, log_steps=3, shuffle_buffer=16)
+    return TrainConfig(**{**base, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
+    straight = train(_config(shards, tiny, tmp_path / "straight"))
+    losses = [loss for _, loss in straight["losses"]]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # the loss falls
+    assert [p.name for p in checkpoints(tmp_path / "straight")] == ["checkpoint-6", "checkpoint-12"]
+    state = json.loads((tmp_path / "straight" / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and (tmp_path / "straight" / "model.safetensors").exists()
+
+    # killed after step 7: checkpoint-6 is the newest; the resumed run goes on from step 6
+    def kill(metrics):
+        if metrics["step"] >= 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_config(shards, tiny, tmp_path / "killed", log_steps=1), report=kill)
+    assert [p.name for p in checkpoints(tmp_path / "killed")] == ["checkpoint-6"]
+    resumed = train(_config(shards, tiny, tmp_path / "killed", resume=True))
+    assert resumed["resumed_from"] == 6
+    # same batches, same optimizer and schedule state: the same losses as the uninterrupted run
+    assert [s for s, _ in resumed["losses"]] == list(range(1, 13))
+    assert [v for _, v in resumed["losses"]] == pytest.approx(losses, abs=1e-3)
+
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--model", str(tmp_path / "killed"), "--data", str(shards), "--out", str(out), "--cpu-threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["split"] == "test" and result["rows"] == count_rows(shard_files(shards, "test"))
+    assert result["expert_selection"]["turns"] > 0 and 0 <= result["expert_selection"]["accuracy"] <= 1
+    assert sum(t["rows"] for t in result["by_task"].values()) == result["rows"]
+
+
+def test_finetune_command_with_tiny_model(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["-q", "finetune", "--data", str(shards), "--model", "tiny", "--out", str(out), "--max-steps", "3",
+            "--batch-size", "2", "--lr", "1e-3", "--cpu-threads", "1", "--save-steps", "2"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps"] == 3 and printed["trainable_parameters"] > 10_000
+    assert (out / "tiny-base" / "tokenizer.json").exists() and (out / "config.json").exists()
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    # --resume after the end: nothing left to do, the model is rewritten from the last checkpoint
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 3
+
+
+def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
+    config = _config(shards, tiny, tmp_path / "lora", lora=True, lora_rank=4, max_steps=3, save_steps=2, gradient_checkpointing=True)
+    summary = train(config)
+    from transformers import AutoModelForImageTextToText
+
+    total = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny).parameters())
+    assert 0 < summary["trainable_parameters"] < total / 2
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora")  # LoRA merged into a plain model
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    config.resume = True
+    resumed = train(config)
+    assert resumed["resumed_from"] == 3
+
+
+def test_prepare_names_the_missing_thing(tmp_path, shards):
+    from curation.errors import CurationError
+
+    with pytest.raises(CurationError, match="no \\*.parquet shards for split 'train'"):
+        prepare(TrainConfig(data=str(tmp_path), model="tiny", out=str(tmp_path / "o")))
+    with pytest.raises(CurationError, match="not a model folder"):
+        prepare(TrainConfig(data=str(shards), model=str(tmp_path), out=str(tmp_path / "o")))
