@@ -137,7 +137,7 @@ PROVIDES: dict[str, frozenset[str]] = {
     "ct_tissue": frozenset({"structures", "key_slice", "overlay"}),
     "brats": frozenset({"structures", "key_slice", "overlay", "sequence"}),
     "cxr_ensemble": frozenset({"classes", "key_slice"}),
-    "labels": frozenset({"structures", "key_slice", "overlay", "classes"}),
+    "labels": frozenset({"structures", "key_slice", "overlay", "classes", "sequence"}),  # sequence: on multi-sequence groups
 }
 
 

@@ -42,12 +42,12 @@ import torch
 from pydantic import Field
 
 from curation.errors import CurationError, ItemError
-from curation.imaging import axial, encode_png, percentile_normalise, reorient
+from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
-from expert_runners.findings import Findings, Image, Structure, measure_structures
-from expert_runners.segmentation import segmentation_findings
+from expert_runners.findings import Findings, Structure, measure_structures
+from expert_runners.segmentation import segmentation_findings, sequence_pictures
 from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 
 SEQUENCES = ("T1c", "T1", "T2", "FLAIR")  # the bundle's input channel order
@@ -215,7 +215,7 @@ def brats_findings(
     findings.structures.extend(derived_structures(label_map, affine))
     if sequence_images:
         z = findings.images[0].slice
-        findings.images.extend(sequence_pictures(array, affine, z if z is not None else array.shape[2] // 2, image_max_side))
+        findings.images.extend(sequence_pictures(array, affine, z if z is not None else array.shape[2] // 2, image_max_side, SEQUENCES))
     return findings
 
 
@@ -229,12 +229,3 @@ def derived_structures(label_map: np.ndarray, affine: np.ndarray) -> list[Struct
         if mask.any():
             out.extend(measure_structures(np.where(mask, label, 0).astype(np.int32), affine_lps, {label: name}))
     return out
-
-
-def sequence_pictures(array: np.ndarray, affine: np.ndarray, z: int, max_side: int) -> list[Image]:
-    """Axial slice z of each sequence (T1c, T1, T2, FLAIR order), percentile-normalised."""
-    images = []
-    for i, seq in enumerate(SEQUENCES):
-        gray = percentile_normalise(array[..., i])
-        images.append(Image(kind="sequence", png=encode_png(axial(gray, affine, z), max_side), slice=z, caption=seq))
-    return images

@@ -47,7 +47,7 @@ from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
 from expert_runners.findings import ClassResult, Findings, Image
 from expert_runners.picture2d import grayscale, picture_2d
-from expert_runners.segmentation import segmentation_findings
+from expert_runners.segmentation import segmentation_findings, sequence_pictures
 
 BRATS_NAMES: dict[int, str] = {1: "necrotic tumor core", 2: "peritumoral edema", 4: "enhancing tumor"}
 # VILA-M3 describes BRATS overlays as "yellow and red: tumor core, only yellow: enhancing tumor".
@@ -153,6 +153,9 @@ def labels_on_grid(labels: Volume, shape: tuple[int, ...], affine: np.ndarray) -
         "resample the labels onto the image grid"
     )
 
+# Usual file-name spellings of the BRATS sequences → the captions templates ask for.
+SEQUENCE_CAPTIONS = {"t1c": "T1c", "t1ce": "T1c", "t1gd": "T1c", "t1": "T1", "t1n": "T1", "t2": "T2", "t2w": "T2", "flair": "FLAIR", "t2f": "FLAIR"}
+
 
 class LabelsRunner(ExpertRunner):
     """Ground-truth label maps and per-image labels as Findings."""
@@ -206,6 +209,7 @@ class LabelsRunner(ExpertRunner):
         if item.kind == "image2d" or inp.labels is None:
             return self._image_2d(inp, image, label_array, table or {}, args, timing)
         with phase(timing, "preprocess"):
+            group = image if image.ndim == 4 else None
             image = self._display_channel(image, inp.volume.channels)
             affine = np.asarray(inp.volume.affine, dtype=np.float64)
             labels = integer_labels(labels_on_grid(inp.labels, image.shape, affine))
@@ -214,11 +218,15 @@ class LabelsRunner(ExpertRunner):
             if len(keep) < len(present):
                 labels = np.where(np.isin(labels, keep), labels, 0)
         with phase(timing, "postprocess"):
-            return segmentation_findings(
+            findings = segmentation_findings(
                 expert=self.name, runner=self.runner, args=args, modality=item.modality, image=image,
                 label_map=labels, affine=affine, names=self.names, window=self.window(item.modality),
                 colours=self._colours(keep), image_max_side=self.image_max_side,
             )
+            if group is not None:  # a multi-sequence case shows every sequence, as BRATS does
+                captions = [SEQUENCE_CAPTIONS.get(c.lower(), c) for c in inp.volume.channels or item.channels]
+                findings.images += sequence_pictures(group, affine, findings.images[0].slice or 0, self.image_max_side, captions)
+            return findings
 
     def _colours(self, labels: list[int]) -> dict[int, str] | None:
         """Fixed colours where the options (or the BRATS preset) give them; None lets the

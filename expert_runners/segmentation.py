@@ -72,3 +72,13 @@ def legend(structures: list[Structure]) -> dict[str, str]:
             out[s.colour] = f"{out[s.colour]}, {s.name}" if s.colour in out else s.name
     return out
 
+
+
+def sequence_pictures(array: np.ndarray, affine: np.ndarray, z: int, max_side: int, names: tuple[str, ...] | list[str]) -> list[Image]:
+    """Axial slice z of each channel of an (x, y, z, c) group, percentile-normalised, captioned
+    with the channel's name (BRATS templates ask for `image("sequence", "T1c")`)."""
+    images = []
+    for i, name in enumerate(names):
+        gray = percentile_normalise(array[..., i])
+        images.append(Image(kind="sequence", png=encode_png(axial(gray, affine, z), max_side), slice=z, caption=name))
+    return images
