@@ -22,6 +22,8 @@ def demo(tmp_path_factory) -> tuple[Path, object]:
     manifest = root / "manifests" / "demo.yaml"
     manifest.parent.mkdir()
     manifest.write_text((REPO / "manifests" / "demo.yaml").read_text())
+    for table in (REPO / "manifests").glob("*.csv"):  # the demo's question–answer set
+        (manifest.parent / table.name).write_text(table.read_text())
     return root, load_manifest(manifest)
 
 
