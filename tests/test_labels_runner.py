@@ -108,6 +108,10 @@ def test_brats_group_with_display_channel(brain):
                                                            {"necrotic tumor core": "red", "peritumoral edema": "green",
                                                             "enhancing tumor": "yellow"}.items() if n in names.values()}
     assert first.images[0].png != flair.images[0].png  # T1c drawn first, then FLAIR
+    # every sequence at the key slice, captioned as BRATS templates ask for them
+    sequences = [i for i in first.images if i.kind == "sequence"]
+    assert [i.caption for i in sequences] == ["T1c", "T1", "T2", "FLAIR"]
+    assert {i.slice for i in sequences} == {first.images[0].slice} and len({i.png for i in sequences}) == 4
     assert runner(preset="brats", display_channel=3).run(inp).images[0].png == flair.images[0].png
     with pytest.raises(ItemError, match=r"^brain-1: .*'display_channel' is 'dwi'"):
         runner(display_channel="dwi").run(inp)

@@ -438,9 +438,9 @@ def test_check_with_runners_knows_what_they_give(demo: Demo) -> None:
     from expert_runners.base import make_runner
 
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
-        {"template": "brats/what_is_this.j2", "source": "brain", "expert": "VISTA3D"}]})
-    runners = {"VISTA3D": make_runner(spec.experts[0])}
-    with pytest.raises(CurationError, match="needs sequence from its expert; expert 'VISTA3D' \\(runner labels\\) gives"):
+        {"template": "brats/what_is_this.j2", "source": "brain", "expert": "CT_TISSUE"}]})
+    runners = {"CT_TISSUE": make_runner(spec.experts[1])}
+    with pytest.raises(CurationError, match="needs sequence from its expert; expert 'CT_TISSUE' \\(runner ct_tissue\\) gives"):
         Renderer(spec).check(runners)
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
         {"template": "findings/volume.j2", "source": "brain", "expert": "CT_TISSUE"}]})
