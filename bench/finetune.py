@@ -7,9 +7,9 @@
 
 Data, by default: factory shards (`tests/shards_factory.py`: VILA-M3's conversation kinds in
 ROW_SCHEMA, split by patient), where the right call follows from each question. `--build`
-writes `m3-curate demo-archive --cases N` and runs `m3-curate build` over it with the
-weight-free experts (ground-truth labels as VISTA3D and CXR, the CT tissue expert) and the
-demo manifest's CT and chest X-ray tasks; BRATS's templates need its network and are left out.
+writes `m3-curate demo-archive --cases N` and runs `m3-curate build` over it with
+`manifests/demo.yaml` (or `--manifest`), its sources pointed at that archive (a source whose
+file the archive lacks is left out, and said so) and images at most 128 pixels.
 
 Then, as `m3-curate finetune --model tiny` and `m3-curate eval` do:
   1. a tokenizer trained on the train split's text and a LLaVA of about 1.6 M parameters,
@@ -44,48 +44,30 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-BUILD_TASKS = [  # manifests/demo.yaml's CT and chest X-ray tasks
-    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "hepatic tumor"], "weight": 3},
-    {"template": "vista3d/segment_request.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "hepatic tumor"]},
-    {"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": ["hepatic tumor"]},
-    {"template": "findings/presence.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything"]},
-    {"template": "findings/larger.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything"]},
-    {"template": "findings/side.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything"]},
-    {"template": "findings/volume.j2", "source": "ct", "expert": "CTTissue", "args": ["everything"]},
-    {"template": "cxr/trigger_and_answer.j2", "source": "cxr", "expert": "CXR"},
-    {"template": "cxr/expert_hint_vqa.j2", "source": "cxr", "expert": "CXR"},
-    {"template": "cxr/expert_hint_choice.j2", "source": "cxr", "expert": "CXR"},
-]
-
-
-def real_build(work: Path, cases: int, seed: int) -> Path:
-    """`m3-curate demo-archive` + `m3-curate build` with the weight-free experts."""
+def real_build(work: Path, cases: int, seed: int, manifest: Path) -> tuple[Path, list[str]]:
+    """`m3-curate demo-archive --cases N` + `m3-curate build` with `manifest` (the demo's by
+    default), its sources pointed at the new archive. Returns the build folder and notes."""
     cli = [sys.executable, "-m", "curation", "-q"]
     archive, out = work / "archive", work / "build"
     shutil.rmtree(archive, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run([*cli, "demo-archive", str(archive), "--cases", str(cases), "--seed", str(seed)], check=True, cwd=REPO)
-    manifest = {
-        "name": "bench-finetune",
-        "seed": 7,
-        "sources": [
-            {"name": "ct", "kind": "dicom", "root": str(archive / "ct"), "labels": "../ct_labels",
-             "select": {"modalities": ["CT"], "image_type_all": ["ORIGINAL", "PRIMARY"], "image_type_none": ["LOCALIZER"], "min_slices": 8}},
-            {"name": "cxr", "kind": "image2d", "root": str(archive / "cxr"), "labels": "labels.csv"},
-        ],
-        "experts": [
-            {"name": "VISTA3D", "runner": "labels", "options": {"preset": "vista3d"}},
-            {"name": "CXR", "runner": "labels"},
-            {"name": "CTTissue", "runner": "ct_tissue"},
-        ],
-        "tasks": BUILD_TASKS,
-        "split": {"by": "patient", "val": 0.1, "test": 0.2},
-        "output": {"dir": str(out), "rows_per_shard": 200, "image_max_side": 128},
-    }
+    spec = yaml.safe_load(manifest.read_text())
+    notes, kept = [], []
+    for source in spec["sources"]:
+        source["root"] = str(archive / Path(source["root"]).name)  # ../data/demo/ct → ARCHIVE/ct
+        if "file" in source and not (Path(source["root"]) / source["file"]).exists():
+            notes.append(f"source {source['name']!r} left out: the archive has no {source['file']}")
+            continue
+        kept.append(source)
+    names = {source["name"] for source in kept}
+    spec["sources"] = kept
+    spec["tasks"] = [task for task in spec["tasks"] if task["source"] in names]
+    spec["output"] = {**spec.get("output", {}), "dir": str(out), "rows_per_shard": 200, "image_max_side": 128}
     path = work / "manifest.yaml"
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     subprocess.run([*cli, "build", str(path)], check=True, cwd=REPO)
-    return out
+    return out, notes
 
 
 def main() -> None:
@@ -94,6 +76,7 @@ def main() -> None:
     which.add_argument("--data", help="an existing build's output folder")
     which.add_argument("--build", action="store_true", help="build a demo archive with `m3-curate build` first")
     p.add_argument("--cases", type=int, default=10, help="demo archive cases for --build (default 10)")
+    p.add_argument("--manifest", type=Path, default=REPO / "manifests" / "demo.yaml", help="manifest for --build (default: the demo's)")
     p.add_argument("--conversations", type=int, default=500, help="factory conversations (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=float, default=10)
@@ -119,7 +102,8 @@ def main() -> None:
         if args.data:
             data, origin = Path(args.data), f"build output {args.data}"
         elif args.build:
-            data, origin = real_build(work, args.cases, args.seed), f"`m3-curate build` of a {args.cases}-case demo archive"
+            data, notes = real_build(work, args.cases, args.seed, args.manifest)
+            origin = f"`m3-curate build {args.manifest.name}` of a {args.cases}-case demo archive" + "".join(f"; {n}" for n in notes)
         else:
             from shards_factory import write_shards
 

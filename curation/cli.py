@@ -119,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="a local image-text-to-text model folder, or 'tiny'")
     s.add_argument("--out", required=True)
     s.add_argument("--epochs", type=float, default=1.0)
-    s.add_argument("--lr", type=float, default=2e-5, help="VILA-M3's value for full tuning (default 2e-5)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-5, VILA-M3's for full tuning; 2e-4 with --lora; 1e-3 for --model tiny)")
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--max-steps", type=int, default=-1)

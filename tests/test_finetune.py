@@ -232,6 +232,7 @@ def test_finetune_command_with_tiny_model(shards, tmp_path, capsys):
 
 
 def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
+    pytest.importorskip("peft")
     config = _config(shards, tiny, tmp_path / "lora", lora=True, lora_rank=4, max_steps=3, save_steps=2, gradient_checkpointing=True)
     summary = train(config)
     from transformers import AutoModelForImageTextToText

@@ -114,6 +114,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for meta in [pq.ParquetFile(f).metadata]
             for g in range(meta.num_row_groups)
         ]
+        if not any(u.rows for u in self.units):
+            raise CurationError(f"{Path(files[0]).parent if files else 'shards'}: the shards hold no rows")
         self.collate, self.batch_size, self.seed = collate, batch_size, seed
         self.shuffle_buffer, self.rank, self.world_size = max(1, shuffle_buffer), rank, world_size
         self.skip_batches, self.columns = skip_batches, list(columns)

@@ -62,7 +62,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else ray.init(include_dashboard=False)
+        ray.init(address=address) if address else ray.init()  # Ray Train's cleanup queries the state API (dashboard)
         started = not address
     try:
         if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:

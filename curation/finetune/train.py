@@ -38,6 +38,9 @@ from curation.finetune.data import ChatCollator, ShardStream, count_rows, shard_
 log = logging.getLogger(__name__)
 
 STATE = "trainer_state.json"
+FULL_LR = 2e-5  # VILA-M3's learning rate for full tuning (cosine, warmup ratio 0.03)
+LORA_LR = 2e-4  # the usual order for LoRA adapters
+TINY_LR = 1e-3  # the tiny model learns from scratch
 # LoRA on the language model's projections (LLaVA, Qwen2-VL and most HF VLMs name them so),
 # not on the vision tower; the multimodal projector is trained fully.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -51,7 +54,7 @@ class TrainConfig:
     model: str  # a local model folder; "tiny" is resolved by `prepare` before training
     out: str
     epochs: float = 1.0
-    lr: float = 2e-5
+    lr: float | None = None  # None: 2e-5 (VILA-M3, full tuning), 2e-4 with LoRA, 1e-3 for the tiny model
     batch_size: int = 1
     grad_accum: int = 1
     max_steps: int = -1  # > 0 overrides epochs
@@ -90,6 +93,8 @@ def prepare(config: TrainConfig) -> TrainConfig:
     if config.epochs <= 0 and config.max_steps <= 0:
         raise CurationError("--epochs must be positive (or give --max-steps)")
     shard_files(config.data, "train")
+    if config.lr is None:
+        config.lr = TINY_LR if config.model == "tiny" else LORA_LR if config.lora else FULL_LR
     if config.model == "tiny":
         from curation.finetune.tiny import build_tiny
 
@@ -207,7 +212,7 @@ def train(
 
     model, processor = load_model(config, device, resume_from)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr or FULL_LR, weight_decay=config.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
@@ -240,6 +245,7 @@ def train(
     model.train()
     t0, seen = time.monotonic(), 0
     losses: list[list[float]] = state["losses"]
+    last: dict[str, Any] | None = None  # the last batch this process trained on
     for step in range(start, steps):
         micro = [b for b in (next(batches) for _ in range(config.grad_accum)) if b]
         tokens = torch.tensor(float(sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)), device=device)
@@ -252,14 +258,20 @@ def train(
         for i, batch in enumerate(micro):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             seen += batch["input_ids"].shape[0]
-            sync = contextlib.nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync()
-            with sync, autocast():
-                # summed over this step's assistant tokens, divided by their count on all processes;
-                # DDP averages gradients over processes, hence × world_size
-                loss = model(**batch, use_cache=False, num_items_in_batch=tokens).loss * world_size
-            with sync:
+            # DDP synchronises gradients on the last micro-batch only
+            with contextlib.nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync():
+                with autocast():
+                    # summed over this step's assistant tokens, divided by their count on all
+                    # processes; DDP averages gradients over processes, hence × world_size
+                    loss = model(**batch, use_cache=False, num_items_in_batch=tokens).loss * world_size
                 loss.backward()
             step_loss += loss.detach() / world_size
+        if ddp and not micro and tokens.item() > 0 and last is not None:
+            # this process's rows were all dropped (--max-length) but others have tokens: take
+            # part in the gradient all-reduce with zeros, or the others would wait forever
+            with autocast():
+                (model(**last, use_cache=False).loss * 0.0).backward()
+        last = batch if micro else last
         if world_size > 1:
             torch.distributed.all_reduce(step_loss)
         if params:
@@ -285,7 +297,8 @@ def train(
             torch.distributed.barrier()
 
     summary = {
-        "steps": steps, "resumed_from": start, "rows": rows, "trainable_parameters": n_params, "dropped_rows": collator.dropped,
+        "steps": steps, "resumed_from": start, "rows": rows, "trainable_parameters": n_params,
+        "dropped_rows": collator.dropped,  # counted here only with --num-workers 0
         "seconds": round(time.monotonic() - t0, 2), "final_loss": losses[-1][1] if losses else None, "losses": losses,
     }
     if rank == 0:
