@@ -1,0 +1,56 @@
+"""`python -m expert_runners.demo_training OUT [--seed S] [--cases N] [--only NAMES]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from curation.errors import CurationError
+from expert_runners.demo_training import BUNDLES, DEFAULT_CASES, DEFAULT_SEED
+from expert_runners.demo_training.common import check_seed, file_size
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m expert_runners.demo_training",
+                                description="Train the demo bundles (small MONAI models) on synthetic phantoms.")
+    p.add_argument("out", type=Path, help="folder for the bundles (OUT/ct_organs, OUT/brats_demo, OUT/cxr_demo)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"phantom and training seed (default {DEFAULT_SEED}; 0 is the evaluation archive's)")
+    p.add_argument("--cases", type=int, default=DEFAULT_CASES,
+                   help=f"CT and brain training phantoms; chest X-rays are 20 × this (default {DEFAULT_CASES})")
+    p.add_argument("--only", default=",".join(BUNDLES), help=f"comma-separated subset of {','.join(BUNDLES)}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        check_seed(args.seed)
+        if args.cases < 2:
+            raise CurationError(f"demo training: --cases must be at least 2, got {args.cases}")
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(only) - set(BUNDLES))
+        if unknown or not only:
+            raise CurationError(f"demo training: --only {args.only!r}: use names among {', '.join(BUNDLES)}")
+    except CurationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    for name in BUNDLES:
+        if name not in only:
+            continue
+        if name == "ct_organs":
+            from expert_runners.demo_training.ct import train
+        elif name == "brats_demo":
+            from expert_runners.demo_training.brats import train
+        else:
+            from expert_runners.demo_training.cxr import train
+        root = train(args.out / name, seed=args.seed, cases=args.cases)
+        print(f"{name}: {file_size(root) / 1e6:.2f} MB at {root}", flush=True)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
