@@ -81,12 +81,15 @@ def baseline_ct(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant
     ph, card = r._phrasings, r.model_card
     args = task.args[variant % len(task.args)]
     rng = random.Random(conversation_seed(r.spec.seed, it.item_id, task.template, variant))
-    question = rng.choice(ph["vista3d_describe_question"])
+    group = args or "everything"
+    target = rng.choice(ph[f"vista3d_target.{group}"]) if f"vista3d_target.{group}" in ph else group
+    asked = f"vista3d_describe_question.{group}"
+    question = rng.choice(ph[asked if asked in ph else "vista3d_describe_question.any"]).format(target=target)
     shown = [s for s in f.structures if s.colour]
     largest = max(shown, key=lambda s: s.volume_ml) if shown else None
     call = expert_call(task.expert or "", args)
     meta: dict[str, Any] = {"kind": "expert_trigger", "template": task.template, "args": args, "variant": variant,
-                            "question_kind": "describe", "question": question, "largest": largest.name if largest else None}
+                            "question_kind": "describe", "group": group, "question": question, "largest": largest.name if largest else None}
     trigger = rng.choice(ph["vista3d_trigger"]).format(call=call)
     if f.legend:
         legend = ", ".join(f"{c}: {n}" for c, n in f.legend.items())
@@ -98,9 +101,6 @@ def baseline_ct(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant
         answer = (rng.choice(ph["vista3d_describe_answer"]).format(listing=listing) + " "
                   + rng.choice(ph["vista3d_largest"]).format(name=largest.name, volume=f"{largest.volume_ml:.1f} mL"))
     else:
-        group = args or "everything"
-        key = f"vista3d_target.{group}"
-        target = rng.choice(ph[key]) if key in ph else group
         answer = rng.choice(ph["vista3d_nothing"]).format(target=target)
     meta["call"] = call
     images = {i.kind: i.png for i in f.images}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     r = Renderer(spec)
     cases = [
         ("vista3d/segment_and_answer.j2", TaskSpec(template="vista3d/segment_and_answer.j2", source="ct", expert="VISTA3D",
-                                                   args=["everything"]), item("ct-1", "ct", "dicom", "CT"), ct_findings(), baseline_ct),
+                                                   args=["everything", "organs", "hepatic tumor", "skeleton"]), item("ct-1", "ct", "dicom", "CT"), ct_findings(), baseline_ct),
         ("cxr/expert_hint_vqa.j2", TaskSpec(template="cxr/expert_hint_vqa.j2", source="cxr", expert="CXR"),
          item("cxr-1", "cxr", "image2d", "CR"), cxr_findings(), baseline_cxr),
     ]

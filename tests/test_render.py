@@ -460,3 +460,19 @@ def test_experts_without_a_card_stay_off_it_and_cannot_be_called(demo: Demo) -> 
         {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
     with pytest.raises(CurationError, match="calls expert 'CTLabels', which is not on the model card"):
         Renderer(bad).check({})
+
+
+def test_the_question_decides_the_call(renderer: Renderer, demo: Demo) -> None:
+    """For one expert, the first user turn (image aside) must decide what the assistant calls:
+    a template whose question reads the same for `VISTA3D(everything)` and `VISTA3D(hepatic
+    tumor)` teaches a fine-tuned model to guess the argument. Calls compare as `m3-curate eval`
+    scores them (hepatoma is hepatic tumor)."""
+    from curation.evaluate import parse_calls
+
+    calls: dict[tuple[str | None, str], set[str]] = defaultdict(set)
+    for task in demo.spec.tasks:
+        for _, _, _, c in render_all(renderer, demo, task):
+            if isinstance(c, Conversation):
+                calls[(task.expert, texts(c, "user")[0])].add(str(parse_calls(c.meta.get("call", ""))))
+    clashes = {question: sorted(seen) for question, seen in calls.items() if len(seen) > 1}
+    assert not clashes, clashes
