@@ -46,7 +46,8 @@ from curation.manifest import BuildSpec, ExpertSpec, load_manifest  # noqa: E402
 from expert_runners.base import ExpertInput, ExpertRunner, make_runner  # noqa: E402
 from expert_runners.demo_training.common import auroc, dice  # noqa: E402
 
-DEMO_MANIFEST = REPO / "manifests" / "demo.yaml"
+DEMO_MANIFEST = REPO / "manifests" / "demo_bundles.yaml"
+SOURCES = ("ct", "brain", "cxr")  # the manifest's sources over the archive's three parts
 DEFAULT_BUNDLES = REPO / "expert_runners" / "demo_bundles"
 TUMOUR = CT_LABELS["hepatic tumor"]
 # The soft-tissue organs the goal "mean Dice over CT organs" is about; vertebrae are reported beside them.
@@ -56,9 +57,10 @@ GOALS = {"ct organs": 0.85, "hepatic tumour": 0.7, "cxr auroc": 0.9}
 
 
 def archive_spec(archive: Path, work: Path) -> BuildSpec:
-    """The demo manifest's sources, pointed at `archive` (written as a manifest beside it so
-    `load_manifest` resolves the label paths as for `data/demo`)."""
+    """The demo manifest's CT, brain and X-ray sources, pointed at `archive` (written as a
+    manifest beside it so `load_manifest` resolves the label paths as for `data/demo`)."""
     data = yaml.safe_load(DEMO_MANIFEST.read_text())
+    data["sources"] = [s for s in data["sources"] if s["name"] in SOURCES]
     for source in data["sources"]:
         source["root"] = str(archive / Path(source["root"]).name)
     data["experts"], data["tasks"] = [], []

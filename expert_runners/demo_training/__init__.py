@@ -21,9 +21,30 @@ step uses its own seeded numpy generator; bit-identical weights also need the sa
 thread count.
 """
 
+import time
+from pathlib import Path
+
 from expert_runners.demo_training.common import DEFAULT_SEED, EVALUATION_SEED
 
 BUNDLES = ("ct_organs", "brats_demo", "cxr_demo")
 DEFAULT_CASES = 24
 
-__all__ = ["BUNDLES", "DEFAULT_CASES", "DEFAULT_SEED", "EVALUATION_SEED"]
+__all__ = ["BUNDLES", "DEFAULT_CASES", "DEFAULT_SEED", "EVALUATION_SEED", "train_bundle"]
+
+
+def train_bundle(name: str, out: Path, seed: int, cases: int) -> tuple[str, Path, float]:
+    """Train bundle `name` into `out / name` with one torch thread, so that the arithmetic (and
+    the weights) do not depend on the machine's core count or on how many bundles train at once.
+    Lives here, not in `__main__`, so that spawned worker processes can import it."""
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    if name == "ct_organs":
+        from expert_runners.demo_training.ct import train
+    elif name == "brats_demo":
+        from expert_runners.demo_training.brats import train
+    else:
+        from expert_runners.demo_training.cxr import train
+    root = train(out / name, seed=seed, cases=cases)
+    return name, root, time.perf_counter() - started

@@ -77,7 +77,7 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
         loss.backward()
         optimiser.step()
         schedule.step()
-        progress.step(step, float(loss), schedule.get_last_lr()[0])
+        progress.step(step, loss.item(), schedule.get_last_lr()[0])
     net.eval()
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     root = write_bundle_folder(out, metadata=_metadata(seed, cases, steps), inference=inference_config(), weights=state,
