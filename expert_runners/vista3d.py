@@ -119,6 +119,8 @@ class Vista3DRunner(BundleRunner):
         self.groups = label_groups()
         self.net: torch.nn.Module | None = None
         self.prompted = True  # a VISTA3D network takes class prompts; known after setup
+        # (volume, preprocessing, its output, argmax) of the last item a plain network ran on
+        self._last_argmax: tuple[Volume, Any, dict[str, Any], torch.Tensor] | None = None
 
     def setup(self, device: str = "cpu") -> None:
         from monai.networks.nets.vista3d import VISTA3D
@@ -173,13 +175,17 @@ class Vista3DRunner(BundleRunner):
                 self.setup(self.device)
         assert self.net is not None
         opts, bundle = self.options, self.bundle
+        vista_pre = VistaPreTransformd(keys=KEY, subclass=self.subclass, labels_dict={str(k): v for k, v in self.names.items()})
+        # subclasses expanded, repeats dropped
+        classes = list(dict.fromkeys(int(c) for c in vista_pre({"label_prompt": list(prompt)})["label_prompt"]))
+        if not self.prompted and self._last_argmax is not None and self._last_argmax[0] is volume:
+            # a plain network's output does not depend on the prompt: the build asks for several
+            # groups of one item in a row (everything, organs, hepatic tumor), so run it once
+            _, pre, data, argmax = self._last_argmax
+            return self._plain_labels(volume, pre, data, argmax, prompt, classes, timing)
         with phase(timing, "preprocess"):
-            vista_pre = VistaPreTransformd(keys=KEY, subclass=self.subclass, labels_dict={str(k): v for k, v in self.names.items()})
             pre = build_preprocessing(bundle.preprocessing, special={"VistaPreTransformd": vista_pre})
             data = pre({KEY: to_meta_tensor(volume.array, volume.affine), "label_prompt": list(prompt)})
-            if not any(s.name == "VistaPreTransformd" for s in bundle.preprocessing):
-                data = vista_pre(data)
-            classes = list(dict.fromkeys(int(c) for c in data["label_prompt"]))  # subclasses expanded, repeats dropped
             image = data[KEY]
         window = {
             "sw_batch_size": opts.sw_batch_size or bundle.sw_batch_size,
@@ -196,16 +202,27 @@ class Vista3DRunner(BundleRunner):
                 logits = sliding_window(self.net, image, roi=roi, with_coord=True, transpose=True, class_vector=class_vector, **window)
             else:
                 logits = sliding_window(self.net, image, roi=window_size(tuple(image.shape[1:]), patch), **window)
+        if not self.prompted:  # channel k is label k
+            argmax = logits[0].argmax(0, keepdim=True)
+            self._last_argmax = (volume, pre, data, argmax)
+            return self._plain_labels(volume, pre, data, argmax, prompt, classes, timing)
         with phase(timing, "postprocess"):
-            if self.prompted:
-                with torch.no_grad():
-                    pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
-            else:  # channel k is label k; keep the labels asked for
-                pred = logits[0].argmax(0, keepdim=True)
-                pred[~torch.isin(pred, torch.tensor(sorted(set(prompt) | set(classes))))] = 0
-                pred = pred.float()
-            pred = invert(pre, data, pred, nearest=True)
-            label_map = np.rint(torch.nan_to_num(pred[0], nan=0.0).numpy()).astype(np.int16)
+            with torch.no_grad():
+                pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
+            return self._on_item_grid(volume, pre, data, pred)
+
+    def _plain_labels(self, volume: Volume, pre: Any, data: dict[str, Any], argmax: torch.Tensor, prompt: list[int],
+                      classes: list[int], timing: dict[str, float]) -> np.ndarray:
+        """A plain network's argmax with only the labels asked for kept, on the item's grid."""
+        with phase(timing, "postprocess"):
+            pred = argmax.clone()
+            pred[~torch.isin(pred, torch.tensor(sorted(set(prompt) | set(classes))))] = 0
+            return self._on_item_grid(volume, pre, data, pred.float())
+
+    @staticmethod
+    def _on_item_grid(volume: Volume, pre: Any, data: dict[str, Any], pred: torch.Tensor) -> np.ndarray:
+        pred = invert(pre, data, pred, nearest=True)
+        label_map = np.rint(torch.nan_to_num(pred[0], nan=0.0).numpy()).astype(np.int16)
         if label_map.shape != volume.array.shape:
             raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {volume.array.shape}")
         return label_map

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from curation.errors import CurationError, ItemError
+from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, make_runner
 from expert_runners.vista3d import DEFAULT_EVERYTHING, DEFAULT_SUBCLASS, Vista3DRunner, label_groups
@@ -174,3 +175,8 @@ def test_plain_segmentation_network_keeps_the_prompted_labels(tmp_path, ct):
     organs = runner.run(ExpertInput(item, volume), "organs")
     assert [(s.label, s.name) for s in organs.structures] == [(1, "liver"), (2, "kidney")]  # 2 is asked before expansion to 14, 5
     assert runner.run(ExpertInput(item, volume), "bone lesion").structures == []
+    assert organs.timing.get("inference", 0.0) == 0.0 and liver.timing["inference"] > 0  # one network run for the item's groups
+    fresh = make_runner(ExpertSpec(name="VISTA3D", runner="vista3d", bundle=bundle)).run(ExpertInput(item, volume), "organs")
+    assert fresh.to_dict()["structures"] == organs.to_dict()["structures"]
+    other = Volume(array=volume.array.copy(), affine=volume.affine)  # another item: the network runs again
+    assert runner.run(ExpertInput(item, other), "organs").timing["inference"] > 0
