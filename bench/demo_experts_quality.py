@@ -46,7 +46,7 @@ from curation.manifest import BuildSpec, ExpertSpec, load_manifest  # noqa: E402
 from expert_runners.base import ExpertInput, ExpertRunner, make_runner  # noqa: E402
 from expert_runners.demo_training.common import auroc, dice  # noqa: E402
 
-DEMO_MANIFEST = REPO / "manifests" / "demo_bundles.yaml"
+DEMO_MANIFEST = REPO / "manifests" / "demo.yaml"
 SOURCES = ("ct", "brain", "cxr")  # the manifest's sources over the archive's three parts
 DEFAULT_BUNDLES = REPO / "expert_runners" / "demo_bundles"
 TUMOUR = CT_LABELS["hepatic tumor"]
