@@ -42,10 +42,12 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
+        # the first items include the experts' start-up: an estimate from them means nothing
+        settled = rate > 0 and self.done >= max(3, self.total // 20)
+        eta = _clock((self.total - self.done) / rate) if settled else "?"
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {self.rows} rows, {self.runs} expert runs, "
-                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {_clock(eta)}")
+                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta}")
 
     def _draw(self, now: float) -> None:
         if self.live:

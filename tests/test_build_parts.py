@@ -98,6 +98,8 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
         p.close()
     assert tty.getvalue().count("\r") == 3 and "3/3 items (100%), 6 rows, 3 expert runs" in tty.getvalue()
     assert log.getvalue().count("\n") == 3 and "\r" not in log.getvalue()
+    lines = log.getvalue().splitlines()
+    assert lines[0].endswith("eta ?") and lines[-1].endswith("eta 0:00")  # no estimate from the first item
 
 
 def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
