@@ -1,7 +1,7 @@
 """Stage-4 fine-tuning end to end on this machine: shards → tiny LLaVA → eval on the test split.
 
     python bench/finetune.py                       # factory shards, 500 conversations
-    python bench/finetune.py --build [--cases 10]  # a real `m3-curate build` of a demo archive
+    python bench/finetune.py --build [--cases 10] [--test 0.25]  # a real `m3-curate build` of a demo archive
     python bench/finetune.py --data OUT            # an existing build's output folder
     options: [--epochs 10] [--lr 1e-3] [--hidden-size 256] [--heads 16] [--keep DIR]
 
@@ -44,7 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-def real_build(work: Path, cases: int, seed: int, manifest: Path) -> tuple[Path, list[str]]:
+def real_build(work: Path, cases: int, seed: int, manifest: Path, test: float | None = None) -> tuple[Path, list[str]]:
     """`m3-curate demo-archive --cases N` + `m3-curate build` with `manifest` (the demo's by
     default), its sources pointed at the new archive. Returns the build folder and notes."""
     cli = [sys.executable, "-m", "curation", "-q"]
@@ -60,10 +60,16 @@ def real_build(work: Path, cases: int, seed: int, manifest: Path) -> tuple[Path,
             notes.append(f"source {source['name']!r} left out: the archive has no {source['file']}")
             continue
         kept.append(source)
+    for expert in spec["experts"]:  # the copy lives elsewhere: bundle paths relative to the original
+        if "bundle" in expert:
+            expert["bundle"] = str((manifest.parent / expert["bundle"]).resolve())
     names = {source["name"] for source in kept}
     spec["sources"] = kept
     spec["tasks"] = [task for task in spec["tasks"] if task["source"] in names]
     spec["output"] = {**spec.get("output", {}), "dir": str(out), "rows_per_shard": 200, "image_max_side": 128}
+    if test is not None:  # a larger test split: more expert-selection turns to score
+        spec["split"] = {**spec.get("split", {}), "test": test}
+        notes.append(f"test split {test:g} of the patients")
     path = work / "manifest.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     subprocess.run([*cli, "build", str(path)], check=True, cwd=REPO)
@@ -76,6 +82,7 @@ def main() -> None:
     which.add_argument("--data", help="an existing build's output folder")
     which.add_argument("--build", action="store_true", help="build a demo archive with `m3-curate build` first")
     p.add_argument("--cases", type=int, default=10, help="demo archive cases for --build (default 10)")
+    p.add_argument("--test", type=float, help="with --build: this share of the patients as the test split (default: the manifest's)")
     p.add_argument("--manifest", type=Path, default=REPO / "manifests" / "demo.yaml", help="manifest for --build (default: the demo's)")
     p.add_argument("--conversations", type=int, default=500, help="factory conversations (default 500)")
     p.add_argument("--seed", type=int, default=0)
@@ -102,7 +109,7 @@ def main() -> None:
         if args.data:
             data, origin = Path(args.data), f"build output {args.data}"
         elif args.build:
-            data, notes = real_build(work, args.cases, args.seed, args.manifest)
+            data, notes = real_build(work, args.cases, args.seed, args.manifest, args.test)
             origin = f"`m3-curate build {args.manifest.name}` of a {args.cases}-case demo archive" + "".join(f"; {n}" for n in notes)
         else:
             from shards_factory import write_shards

@@ -84,9 +84,10 @@ SourceSpec = Annotated[
 
 class ExpertSpec(_Spec):
     """An expert and how `m3-curate build` schedules it. `actors` (pool size; default one per
-    GPU share, else 1), `batch_size` (items per actor call) and `gpus` (per actor; default 1
-    on a cluster with GPUs for runners with weights, else 0) only place the work: they are
-    not part of the expert's fingerprint, so changing them keeps the cache."""
+    GPU share, else 1), `batch_size` (items per actor call), `gpus` (per actor; default 1
+    on a cluster with GPUs for runners with weights, else 0) and `memory_gb` (host memory each
+    actor reserves in Ray's scheduler; default none) only place the work: they are not part
+    of the expert's fingerprint, so changing them keeps the cache."""
 
     name: str
     runner: str
@@ -96,6 +97,7 @@ class ExpertSpec(_Spec):
     actors: int | None = Field(None, ge=1)
     batch_size: int = Field(1, ge=1)
     gpus: float | None = Field(None, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
 
 
 class TaskSpec(_Spec):

@@ -59,7 +59,7 @@ class ExpertInfo:
         return cls(**{**d, "modalities": tuple(d.get("modalities", ())), "kinds": tuple(d.get("kinds", ()))})
 
 
-SCHEDULING_KEYS = ("actors", "batch_size", "gpus")
+SCHEDULING_KEYS = ("actors", "batch_size", "gpus", "memory_gb")
 
 
 def runner_spec(spec: ExpertSpec) -> ExpertSpec:

@@ -29,7 +29,7 @@ ENTRY_POINT_GROUP = "m3_curate.runners"
 
 # Manifest keys that only place the work (and the expert's display name): never part of what
 # an expert computes, so changing them keeps the cache.
-PLACEMENT_KEYS = {"name", "actors", "batch_size", "gpus"}
+PLACEMENT_KEYS = {"name", "actors", "batch_size", "gpus", "memory_gb"}
 
 # Built-in runners by manifest name; imported only when used (torch and MONAI are heavy).
 BUILTIN: dict[str, str] = {

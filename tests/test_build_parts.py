@@ -51,11 +51,12 @@ def test_gpus_are_shared_when_pools_outnumber_them(tmp_path):
 
 
 def test_manifest_sizes_are_kept_and_checked(tmp_path):
-    spec = spec_with([{"name": "V", "runner": "vista3d", "actors": 3, "gpus": 1, "batch_size": 2}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
+    spec = spec_with([{"name": "V", "runner": "vista3d", "actors": 3, "gpus": 1, "batch_size": 2, "memory_gb": 1.5},
+                      {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
     with pytest.raises(CurationError, match=r"need 3 GPUs and the cluster has 2.*experts\[0\] \(V\): 3 actors"):
         place_experts(spec, plan_for(spec, {"V"}), {"CPU": 16, "GPU": 2})
     placed = place_experts(spec, plan_for(spec, {"V"}), {"CPU": 16, "GPU": 3})
-    assert (placed["V"].actors, placed["V"].gpus, placed["V"].batch_size) == (3, 1.0, 2)
+    assert (placed["V"].actors, placed["V"].gpus, placed["V"].batch_size, placed["V"].memory) == (3, 1.0, 2, 1.5 * 2**30)
 
 
 def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
@@ -65,7 +66,8 @@ def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
 
 
 def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
-    spec = spec_with([{"name": "V", "runner": "ct_tissue", "actors": 4, "batch_size": 8, "gpus": 0.5}, {"name": "C", "runner": "labels"}], tmp_path)
+    spec = spec_with([{"name": "V", "runner": "ct_tissue", "actors": 4, "batch_size": 8, "gpus": 0.5, "memory_gb": 2},
+                      {"name": "C", "runner": "labels"}], tmp_path)
     plain = spec_with([{"name": "V", "runner": "ct_tissue"}, {"name": "C", "runner": "labels"}], tmp_path)
     assert runner_spec(spec.experts[0]) == runner_spec(plain.experts[0]) == plain.experts[0]
 
