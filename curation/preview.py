@@ -33,6 +33,7 @@ from curation.index import scan_source
 from curation.ingest import SourceReader, readers_for
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec, load_manifest
+from curation.plan import ExpertInfo, spec_json
 from curation.prompt_data import provides
 from curation.render import Renderer, TemplateError
 from curation.rows import Conversation
@@ -80,9 +81,9 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
     if n < 1:
         raise CurationError(f"-n must be at least 1, got {n}")
     renderer, tasks = _tasks(spec, task, template)
-    runners: dict[str, Any] = {}
     readers = readers_for(spec)
     build_cache = FindingsCache(spec.output.cache if spec.output.cache and out == spec.output.dir else out / "cache")
+    experts: dict[str, _Expert] = {}
     own_cache = FindingsCache(out / "preview_cache")
     items: dict[str, list[StudyItem]] = {}
     sections = []
@@ -92,17 +93,19 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
         sections.append(section)
         if t.source not in items:
             items[t.source] = scan_source(readers[t.source])[0]
-        runner = _runner(spec, t.expert, runners) if t.expert else None
-        chosen = [i for i in items[t.source] if runner is None or runner.accepts(i) is None][:n]
+        expert = None
+        if t.expert:
+            expert = experts.setdefault(t.expert, _Expert(spec, t.expert, build_cache))
+        chosen = [i for i in items[t.source] if expert is None or expert.accepts(i) is None][:n]
         if not chosen:
             section.note = f"source {t.source!r} has no item that expert {t.expert} accepts"
         variants = max(1, math.ceil(t.weight), len(t.args))
         for k, item in enumerate(chosen):
             sample = Sample(item=item, variant=k % variants, args=t.args[(k % variants) % len(t.args)])
             section.samples.append(sample)
-            if runner is not None:
+            if expert is not None:
                 try:
-                    sample.findings, sample.findings_from = _findings(readers[t.source], runner, item, sample.args, build_cache, own_cache)
+                    sample.findings, sample.findings_from = _findings(readers[t.source], expert, item, sample.args, build_cache, own_cache)
                 except (ItemError, CurationError) as e:
                     sample.error = f"expert {t.expert}: {e}"
                     continue
@@ -168,29 +171,47 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
     raise CurationError(f"template {name}: no source and expert of manifest {spec.name!r} fit its declaration ({d.model_dump(exclude_defaults=True)})")
 
 
-def _runner(spec: BuildSpec, name: str, runners: dict[str, Any]) -> Any:
-    """The expert's runner, constructed once (cheap); its weights load on first use."""
-    if name not in runners:
-        from expert_runners.base import make_runner
+class _Expert:
+    """An expert as preview sees it. When a build has run this configuration with the build
+    cache, what it recorded (fingerprint, the items it takes) is used, as `m3-curate render`
+    does: no runner is constructed, so no model code is imported (MONAI alone takes seconds).
+    The runner is made only when a sample's findings are in neither cache."""
 
-        runners[name] = make_runner(next(e for e in spec.experts if e.name == name), image_max_side=spec.output.image_max_side)
-    return runners[name]
+    def __init__(self, spec: BuildSpec, name: str, build_cache: FindingsCache):
+        self.spec = next(e for e in spec.experts if e.name == name)
+        self.image_max_side = spec.output.image_max_side
+        recorded = [r for r in build_cache.experts() if r["spec"] == spec_json(self.spec)]
+        self.info = ExpertInfo.from_json(recorded[-1]["info"]) if recorded else None
+        self._runner: Any = None
+        self.ready = False
+
+    @property
+    def runner(self) -> Any:
+        if self._runner is None:
+            from expert_runners.base import make_runner
+
+            self._runner = make_runner(self.spec, image_max_side=self.image_max_side)
+        return self._runner
+
+    def fingerprint(self) -> str:
+        return self.info.fingerprint if self.info is not None else str(self.runner.fingerprint())
+
+    def accepts(self, item: StudyItem) -> str | None:
+        return (self.info or self.runner).accepts(item)  # type: ignore[no-any-return]
 
 
-_READY: set[int] = set()  # runners whose setup() ran in this process
-
-
-def _findings(reader: SourceReader, runner: Any, item: StudyItem, args: str, build_cache: FindingsCache,
+def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, args: str, build_cache: FindingsCache,
               own_cache: FindingsCache) -> tuple[Findings, str]:
     content = content_hash(item, reader.root)
-    fingerprint = runner.fingerprint()
+    fingerprint = expert.fingerprint()
     for cache, label in ((build_cache, "build cache"), (own_cache, "preview cache")):
         found = cache.get(content, fingerprint, args)
         if found is not None:
             return found, label
-    if id(runner) not in _READY:
+    runner = expert.runner
+    if not expert.ready:
         runner.setup(_device())
-        _READY.add(id(runner))
+        expert.ready = True
     from expert_runners.base import ExpertInput
 
     findings = runner.run(ExpertInput(item=item, volume=reader.load(item), labels=reader.load_labels(item)), args)

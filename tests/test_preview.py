@@ -19,6 +19,7 @@ from curation.cache import FindingsCache, content_hash
 from curation.cli import main
 from curation.errors import CurationError
 from curation.ingest import readers_for
+from curation.plan import ExpertInfo, spec_json
 from curation.preview import preview_command
 from curation.templates import BUILTIN_PROMPTS
 from expert_runners.base import ExpertInput, make_runner
@@ -81,6 +82,23 @@ def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path,
     again = page.read_text()
     assert again.count("findings from preview cache") == 4 and "findings from expert run" not in again
     assert not (tmp_path / "out" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
+
+
+def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """As `m3-curate render`: the fingerprint a build recorded finds the cached findings without
+    constructing the runner (and importing its model code, seconds for MONAI alone)."""
+    out = tmp_path / "out"
+    fill_build_cache(demo, out)
+    spec = next(e for e in demo.spec.experts if e.name == "VISTA3D")
+    runner = make_runner(spec)
+    info = ExpertInfo(name=spec.name, runner=spec.runner, fingerprint=runner.fingerprint(), spec=spec_json(spec),
+                      modalities=tuple(runner.modalities), kinds=tuple(runner.kinds))
+    FindingsCache(out / "cache").register([{"spec": info.spec, "fingerprint": info.fingerprint, "info": info.to_json()}])
+    monkeypatch.setattr("expert_runners.base.make_runner", lambda *a, **k: pytest.fail("preview constructed a runner"))
+    page = tmp_path / "p.html"
+    run(manifest, page, task="vista3d/segment_and_answer.j2")
+    text = page.read_text()
+    assert text.count("findings from build cache") == 2 and "findings from expert run" not in text
 
 
 def test_one_task_and_a_template_file_no_task_names(demo: Demo, manifest: Path, tmp_path: Path) -> None:
