@@ -82,6 +82,10 @@ SourceSpec = Annotated[
 ]
 
 
+# ExpertSpec keys that only place the work (see its docstring): never part of a fingerprint.
+SCHEDULING_KEYS = ("actors", "batch_size", "gpus", "memory_gb")
+
+
 class ExpertSpec(_Spec):
     """An expert and how `m3-curate build` schedules it. `actors` (pool size; default one per
     GPU share, else 1), `batch_size` (items per actor call), `gpus` (per actor; default 1

@@ -23,7 +23,7 @@ from typing import Any
 from curation.errors import CurationError
 from curation.items import StudyItem
 from curation.keys import Keyer, resolve_secret
-from curation.manifest import BuildSpec, ExpertSpec, TaskSpec
+from curation.manifest import SCHEDULING_KEYS, BuildSpec, ExpertSpec, TaskSpec
 from curation.mixture import expert_arg, variants
 from curation.split import SPLITS, split_of
 
@@ -57,9 +57,6 @@ class ExpertInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ExpertInfo:
         return cls(**{**d, "modalities": tuple(d.get("modalities", ())), "kinds": tuple(d.get("kinds", ()))})
-
-
-SCHEDULING_KEYS = ("actors", "batch_size", "gpus", "memory_gb")
 
 
 def runner_spec(spec: ExpertSpec) -> ExpertSpec:

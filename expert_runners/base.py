@@ -22,14 +22,14 @@ from typing import Any, ClassVar, Iterator
 from curation import __version__
 from curation.errors import CurationError, ItemError
 from curation.items import StudyItem, Volume
-from curation.manifest import ExpertSpec
+from curation.manifest import SCHEDULING_KEYS, ExpertSpec
 from expert_runners.findings import Findings
 
 ENTRY_POINT_GROUP = "m3_curate.runners"
 
 # Manifest keys that only place the work (and the expert's display name): never part of what
 # an expert computes, so changing them keeps the cache.
-PLACEMENT_KEYS = {"name", "actors", "batch_size", "gpus", "memory_gb"}
+PLACEMENT_KEYS = {"name", *SCHEDULING_KEYS}
 
 # Built-in runners by manifest name; imported only when used (torch and MONAI are heavy).
 BUILTIN: dict[str, str] = {
