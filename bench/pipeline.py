@@ -3,9 +3,10 @@ the time of a template-tuning preview from the cache.
 
     python bench/pipeline.py [--manifest manifests/demo.yaml | --weight-free [--cases 4 12] [--sleep S]] [--keep DIR]
 
-Without `--manifest`: manifests/demo.yaml when it has tasks (`make demo` must have made
-data/demo and the demo bundles), else — or with `--weight-free` — a weight-free manifest (CT tissue + ground truth as VISTA3D/BRATS/CXR, the
-templates in prompts/) over a fresh `demo-archive` of each `--cases` size, which shows how
+Without `--manifest`: manifests/demo.yaml (the committed demo bundles; `make demo` must have
+made data/demo) when it has tasks, else — or with `--weight-free` — a weight-free manifest (CT
+tissue + ground truth as VISTA3D/BRATS/CXR, the templates in prompts/) over a fresh
+`demo-archive` of each `--cases` size, which shows how
 memory behaves as the archive grows. `--sleep S` makes each of those experts' runs take S
 seconds more without using a CPU, as a GPU expert's inference would: it shows how busy the
 pipeline keeps experts whose own time dominates.
