@@ -82,9 +82,10 @@ def baseline_ct(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant
     args = task.args[variant % len(task.args)]
     rng = random.Random(conversation_seed(r.spec.seed, it.item_id, task.template, variant))
     group = args or "everything"
-    target = rng.choice(ph[f"vista3d_target.{group}"]) if f"vista3d_target.{group}" in ph else group
-    asked = f"vista3d_describe_question.{group}"
-    question = rng.choice(ph[asked if asked in ph else "vista3d_describe_question.any"]).format(target=target)
+    key = f"vista3d_target.{group}"
+    target = rng.choice(ph[key if key in ph else "vista3d_target.any"]).format(group=group)
+    key = f"vista3d_describe_question.{group}"
+    question = rng.choice(ph[key if key in ph else "vista3d_describe_question.any"]).format(target=target)
     shown = [s for s in f.structures if s.colour]
     largest = max(shown, key=lambda s: s.volume_ml) if shown else None
     call = expert_call(task.expert or "", args)

@@ -75,7 +75,7 @@ class _Compiled:
     declaration: TemplateDeclaration
     hash: str
     source: str
-    globals: dict[str, Any]  # the template's globals as one plain dict (merged under each render's context)
+    parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the static helpers
 
 
 def conversation_seed(seed: int, item_id: str, template: str, variant: int) -> int:
@@ -267,8 +267,9 @@ class Renderer:
         for dep in deps:
             h.update(dep.encode() + b"\0" + env.loader.get_source(env, dep)[0].encode() + b"\0")  # type: ignore[union-attr]
         h.update(self._phrasings_digest.encode() + self._card.encode())
+        parent = {**template.globals, "model_card": self._card, "has_phrase": self._has_phrase, "skip": _skip}
         found = _Compiled(name=name, template=template, declaration=declaration, hash=h.hexdigest()[:16], source=source,
-                          globals=dict(template.globals))
+                          parent=parent)
         self._compiled[name] = found
         return found
 
@@ -372,7 +373,7 @@ class Renderer:
         state = RenderState(self, c, task, item, findings, variant, conversation_seed(self.spec.seed, item.item_id, task.template, variant))
         token = CURRENT_STATE.set(state)
         try:
-            context = PromptContext(self._env, self._context(c, state, task, item, findings, variant), c.name, c.template.blocks)
+            context = PromptContext(self._env, c.parent, c.name, c.template.blocks, self._context(state, task, item, findings, variant))
             state.finish_output(c.template.root_render_func(context))
             self._finish(state, task)
         except Skip as e:
@@ -398,17 +399,14 @@ class Renderer:
             meta=state.meta,
         )
 
-    def _context(self, c: _Compiled, state: RenderState, task: TaskSpec, item: StudyItem, findings: Findings | None,
-                 variant: int) -> dict[str, Any]:
-        """What the template sees: the template's globals, the data, and the helpers bound to
-        this rendering."""
+    def _context(self, state: RenderState, task: TaskSpec, item: StudyItem, findings: Findings | None, variant: int) -> dict[str, Any]:
+        """What the template sees beside the compiled template's `parent`: the data and the
+        helpers bound to this rendering (the context's `vars`, where `{% set %}` writes too)."""
         expert = None if task.expert is None else self._expert_view(task.expert, state.args, state.call)
         return {
-            **c.globals,
             "item": self._item_view(item),
             "findings": self._view(findings),
             "expert": expert,
-            "model_card": self._card,
             "vocabulary": self.vocabulary(task.expert, state.args) if task.expert else [],
             "variant": variant,
             "image": state.image,
@@ -418,9 +416,7 @@ class Renderer:
             "sample": state.sample,
             "chance": state.chance,
             "phrase": state.phrase,
-            "has_phrase": self._has_phrase,
             "structure": state.structure,
-            "skip": _skip,
         }
 
     def _finish(self, state: RenderState, task: TaskSpec) -> None:
@@ -437,13 +433,13 @@ class Renderer:
             first = state.messages[0]["content"][0]
             if first["type"] != "text" or not first["text"].startswith(self._card_text):
                 raise Fault("the model card must open the first user turn ({{ model_card }} first), or declare model_card: false", state.lines[0])
-        answers = [m["content"][0]["text"] for m in state.messages[1::2]]  # assistant turns hold one text part
+        answers = "\x00".join([m["content"][0]["text"] for m in state.messages[1::2]])  # assistant turns hold one text part
         if d.calls_expert and task.expert is not None:
             call = state.call
-            if not any(call in text for text in answers):
+            if call not in answers:
                 raise Fault(f"declares calls_expert but no assistant turn contains {call} (write {{{{ expert.call }}}})", last)
             state.meta["call"] = call
-        elif self._calls_any and any(call in text for text in answers for call in self._calls_any):
+        elif "<" in answers and any(call in answers for call in self._calls_any):
             raise Fault("an assistant turn calls an expert, but the declaration says calls_expert: false", last)
 
     def _expert_view(self, name: str, args: str, call: str) -> dict[str, str]:

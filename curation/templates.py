@@ -20,10 +20,12 @@ A template starts with a declaration in a Jinja comment, read without rendering:
 
 from __future__ import annotations
 
+import io
 import logging
 import operator
 import os
 import re
+import string
 from collections.abc import Iterable
 from contextvars import ContextVar
 from functools import lru_cache
@@ -33,6 +35,7 @@ from typing import Any, Literal
 import yaml
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, nodes, pass_context
 from jinja2 import meta as jinja_meta
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.environment import TemplateModule
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension
@@ -193,12 +196,56 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, op, left, right)
 
 
+class PromptCodeGenerator(CodeGenerator):
+    """Jinja's code generator with the sandbox's trusted-call check written into the template.
+
+    A sandboxed template calls everything through `environment.call(context, f, …)` and reads
+    every attribute through `environment.getattr(obj, name)`; `PromptSandbox` has a fast path in
+    each (the renderer's own helpers — bound methods of a trusted owner — are called directly;
+    `x.key` of a plain dict holding `key` is `x["key"]`). The extra Python frames were a tenth of
+    a VISTA3D conversation's cost, so the same checks are compiled inline:
+
+        (t(args) if type(getattr((t := f), '__self__', None)) in environment.trusted_owners
+         else environment.call(context, t, args))
+        (t["key"] if type(t := x) is dict and "key" in t else environment.getattr(t, "key"))
+
+    Exactly what the sandbox's fast paths pass straight through skips it; everything else goes
+    through the sandbox as before.
+    """
+
+    @optimizeconst
+    def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
+        if self.environment.is_async:
+            super().visit_Getattr(node, frame)
+            return
+        obj, key = self.temporary_identifier(), repr(node.attr)
+        self.write(f"({obj}[{key}] if type({obj} := ")
+        self.visit(node.node, frame)
+        self.write(f") is dict and {key} in {obj} else environment.getattr({obj}, {key}))")
+
+    @optimizeconst
+    def visit_Call(self, node: nodes.Call, frame: Frame, forward_caller: bool = False) -> None:
+        if forward_caller or self.environment.is_async:
+            super().visit_Call(node, frame, forward_caller=forward_caller)
+            return
+        saved, self.stream = self.stream, io.StringIO()  # the arguments' code, written twice below
+        try:
+            self.signature(node, frame)
+            args = self.stream.getvalue()  # ", a, k=v"
+        finally:
+            self.stream = saved
+        callee = self.temporary_identifier()
+        self.write(f"({callee}({args[2:]}) if type(getattr(({callee} := ")
+        self.visit(node.node, frame)
+        self.write(f"), '__self__', None)) in environment.trusted_owners else environment.call(context, {callee}{args}))")
+
+
 class TurnExtension(Extension):
     """`{% turn "user" %}…{% endturn %}`: one turn of the conversation.
 
-    The tag compiles to three steps: `_turn_begin(role, line)`, the body captured as text (as
-    `{% set %}…{% endset %}` captures it: a variable set inside a turn is local to it), then
-    `_turn_end(text, line)`, which adds the message to the render state (`CURRENT_STATE`).
+    The tag compiles to two steps: `_turn_begin(role, line)`, then the body as
+    `{% filter _turn_end(line) %}…{% endfilter %}` (a variable set inside a turn is local to
+    it): `_turn_end(text, line)` adds the message to the render state (`CURRENT_STATE`).
     Both are filters of the environment, so they are called without the sandbox's per-call
     checks. The role comes from the tag, never from the text.
     """
@@ -212,10 +259,9 @@ class TurnExtension(Extension):
             parser.fail('a turn is {% turn "user" %} or {% turn "assistant" %} (a quoted role)', lineno)
         body = parser.parse_statements(("name:endturn",), drop_needle=True)
         line = nodes.Const(lineno)
-        begin = nodes.Output([nodes.Filter(role, "_turn_begin", [line], [], None, None)])
-        text = nodes.AssignBlock(nodes.Name("_turn_text", "store"), None, body)
-        end = nodes.Output([nodes.Filter(nodes.Name("_turn_text", "load"), "_turn_end", [line], [], None, None)])
-        return [begin.set_lineno(lineno), text.set_lineno(lineno), end.set_lineno(lineno)]
+        begin = nodes.ExprStmt(nodes.Filter(role, "_turn_begin", [line], [], None, None))
+        turn = nodes.FilterBlock(body, nodes.Filter(None, "_turn_end", [line], [], None, None))
+        return [begin.set_lineno(lineno), turn.set_lineno(lineno)]
 
 
 # The render state of the conversation being rendered in this thread (set by the renderer):
@@ -307,20 +353,37 @@ def without(values: Iterable[Any], others: Iterable[Any]) -> list[Any]:
 
 
 @lru_cache(maxsize=256)
-def _checked_pattern(pattern: str) -> str:
+def _each_pattern(pattern: str) -> tuple[str, Any] | None:
+    """A checked `format_each` pattern whose fields are all plain (no format spec) as %-style
+    text and a getter of its fields' values: `str.format_map` parses the pattern again for
+    every entry, which made this filter the slowest step of a VISTA3D conversation. None: use
+    `format_map` (a field has a format spec)."""
     check_phrasing(pattern, "format_each")
-    return pattern
+    parts = list(string.Formatter().parse(pattern))
+    if any(spec for _, f, spec, _ in parts if f is not None):
+        return None
+    fields = [f for _, f, _, _ in parts if f is not None]
+    text = "".join(literal.replace("%", "%%") + ("%s" if f is not None else "") for literal, f, _, _ in parts)
+    if len(fields) == 1:
+        one = operator.itemgetter(fields[0])
+        return text, lambda v: (one(v),)
+    return text, operator.itemgetter(*fields) if fields else (lambda v: ())
 
 
 def format_each(values: Iterable[dict[str, Any]], pattern: str) -> list[str]:
     """`pattern` filled from each mapping: `structures | format_each("the {name} ({colour})")`.
 
-    >>> format_each([{"name": "liver", "colour": "red"}], "the {name} ({colour})")
-    ['the liver (red)']
+    >>> format_each([{"name": "liver", "colour": "red", "volume_ml": 2.0}], "the {name} ({colour}), 100% {volume_ml}")
+    ['the liver (red), 100% 2.0']
+    >>> format_each([{"volume_ml": 1505.75}], "{volume_ml:.1f} mL")
+    ['1505.8 mL']
     """
-    _checked_pattern(pattern)
+    fast = _each_pattern(pattern)
     try:
-        return [pattern.format_map(v) for v in values]
+        if fast is None:
+            return [pattern.format_map(v) for v in values]
+        text, fields = fast
+        return [text % fields(v) for v in values]
     except KeyError as e:
         raise KeyError(f"format_each: pattern {pattern!r} names {e.args[0]!r}, which an entry lacks") from None
 
@@ -341,12 +404,14 @@ FILTERS = {
 
 
 class PromptContext(Context):
-    """Jinja's template context, built without re-reading the globals on every render: the
-    environment's globals are merged into `parent` by the renderer, once per template."""
+    """Jinja's template context, built without copying: `parent` is the compiled template's
+    shared, never-changed dict (its globals, the model card, the static helpers) and `vars`
+    this rendering's own data and helpers (Jinja writes `{% set %}` there too)."""
 
-    def __init__(self, environment: Any, parent: dict[str, Any], name: str | None, blocks: dict[str, Any], globals: Any = None):
+    def __init__(self, environment: Any, parent: dict[str, Any], name: str | None, blocks: dict[str, Any], vars: dict[str, Any] | None = None,
+                 globals: Any = None):
         self.parent = parent
-        self.vars = {}
+        self.vars = {} if vars is None else vars
         self.environment = environment
         self.eval_ctx = EvalContext(environment, name)
         self.exported_vars = set()
@@ -367,6 +432,7 @@ def make_environment(roots: list[Path]) -> PromptSandbox:
         extensions=[TurnExtension],
     )
     env.context_class = PromptContext
+    env.code_generator_class = PromptCodeGenerator
     env.globals.pop("lipsum", None)  # random text from the global RNG: not reproducible
     env.filters.pop("random", None)  # same; templates use pick()
     env.filters.update(FILTERS)

@@ -21,7 +21,7 @@ from expert_runners.findings import Findings
 if TYPE_CHECKING:  # pragma: no cover
     from curation.render import Renderer, _Compiled
 
-META_SET_BY_RENDERER = ("kind", "template", "args", "variant", "call")
+META_SET_BY_RENDERER = frozenset({"kind", "template", "args", "variant", "call"})
 SCALARS = frozenset({str, bool, int, float, type(None)})
 MAX_IMAGES = 64
 
@@ -47,8 +47,9 @@ class Markers:
     """
 
     def __init__(self, secret: str):
-        self.image = [f"\x00{secret}:image:{n}\x00" for n in range(MAX_IMAGES)]
-        self.slot = {token.strip("\x00"): n for n, token in enumerate(self.image)}
+        self.tokens = [f"{secret}:image:{n}" for n in range(MAX_IMAGES)]
+        self.image = [f"\x00{token}\x00" for token in self.tokens]
+        self.slot = {token: n for n, token in enumerate(self.tokens)}
 
 
 def _json_safe(value: Any, key: str) -> Any:
@@ -69,6 +70,9 @@ def _json_safe(value: Any, key: str) -> Any:
 class RenderState:
     """The state of one rendering: the RNG, the turns so far, the images, the meta."""
 
+    __slots__ = ("args", "c", "call", "findings", "images", "item", "lines", "m", "messages", "meta", "open", "pending",
+                 "phrasings", "r", "rng")
+
     def __init__(self, renderer: Renderer, compiled: _Compiled, task: TaskSpec, item: StudyItem,
                  findings: Findings | None, variant: int, seed: int):
         self.r = renderer
@@ -79,6 +83,7 @@ class RenderState:
         self.call = "" if task.expert is None else f"<{task.expert}({self.args})>"
         self.rng = random.Random(seed)
         self.m: Markers = renderer._markers
+        self.phrasings: dict[str, tuple[str, ...]] = renderer._phrasings
         self.messages: list[dict[str, Any]] = []
         self.images: list[bytes] = []
         self.pending: list[bytes] = []  # pictures of the open turn, by slot number
@@ -116,8 +121,14 @@ class RenderState:
                 raise Fault(f"{role} turn {len(self.messages) + 1} is empty", line)
             self.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
             return ""
-        parts: list[dict[str, Any]] = []
         pieces = text.split("\x00")
+        if pieces[1::2] == self.m.tokens[: len(pending)]:  # the usual case: every slot once, in order
+            parts: list[dict[str, Any]] = [{"type": "text", "text": piece} if i % 2 == 0 else {"type": "image", "text": None}
+                                           for i, piece in enumerate(pieces) if piece]
+            self.images += pending
+            self.messages.append({"role": role, "content": parts})
+            return ""
+        parts = []
         used = set()
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
@@ -138,14 +149,13 @@ class RenderState:
         return ""
 
     def image(self, kind: str, which: int | str = 0) -> str:
-        if self.open is None:
-            raise Fault("image() belongs inside a user turn")
         if self.open != "user":
-            raise Fault("images go in user turns; the assistant answers in text")
-        n = len(self.pending)
+            raise Fault("image() belongs inside a user turn" if self.open is None else "images go in user turns; the assistant answers in text")
+        pending = self.pending
+        n = len(pending)
         if n >= MAX_IMAGES:
             raise Fault(f"more than {MAX_IMAGES} images in one turn")
-        self.pending.append(self._image_bytes(kind, which))
+        pending.append(self._image_bytes(kind, which))
         return self.m.image[n]
 
     def _image_bytes(self, kind: str, which: int | str) -> bytes:
@@ -174,10 +184,13 @@ class RenderState:
     # --- other helpers templates call ------------------------------------------------------
 
     def set_meta(self, **values: Any) -> str:
+        if not META_SET_BY_RENDERER.isdisjoint(values):
+            key = next(k for k in values if k in META_SET_BY_RENDERER)
+            raise Fault(f"meta key {key!r} is set by the renderer")
         for key, value in values.items():
-            if key in META_SET_BY_RENDERER:
-                raise Fault(f"meta key {key!r} is set by the renderer")
-            self.meta[key] = value if type(value) in SCALARS else _json_safe(value, key)
+            if type(value) not in SCALARS:
+                values[key] = _json_safe(value, key)
+        self.meta.update(values)
         return ""
 
     def pick(self, values: Any) -> Any:
@@ -198,8 +211,19 @@ class RenderState:
     def chance(self, p: float = 0.5) -> bool:
         return self.rng.random() < float(p)
 
-    def phrase(self, key: str, **fields: Any) -> str:
-        bank = self.r._phrasings.get(key)
+    def phrase(self, key: str | list[str], **fields: Any) -> str:
+        """`phrase("key", name=…)`, or `phrase([key, fallback, …], …)`: the first key that has
+        phrasings (a group's own wording, else the general one)."""
+        banks = self.phrasings
+        if type(key) is str:
+            bank = banks.get(key)
+        else:
+            for k in key:
+                bank = banks.get(str(k))
+                if bank is not None:
+                    break
+            else:
+                bank = None
         if bank is None:
             raise Fault(f"no phrasing {key!r}: add it to a file in prompts/phrasings/")
         text = self.rng.choice(bank)

@@ -50,6 +50,8 @@ ESCAPES = {
     "func globals": ('{% turn "user" %}{{ phrase.__func__.__globals__["os"] }}{% endturn %}' + OK, "access to attribute '__func__'"),
     "self": ('{% turn "user" %}{{ pick.__self__.r.spec }}{% endturn %}' + OK, "access to attribute '__self__'"),
     "format": ('{% turn "user" %}{{ "{0.__class__}".format(item) }}{% endturn %}' + OK, "access to attribute '__class__' of a dict"),
+    "format by name": ('{% turn "user" %}{% set f = "{0.__class__}".format %}{{ f(item) }}{% endturn %}' + OK,
+                       "access to attribute '__class__' of a dict"),  # a call of a name is checked as any other
     "mutate": ('{% turn "user" %}{{ findings.structures.append(1) }}{% endturn %}' + OK, "access to attribute 'append' of a list"),
     "open": ('{% turn "user" %}{{ open("/etc/passwd").read() }}{% endturn %}' + OK, "'open' is undefined"),
     "import builtin": ('{% turn "user" %}{{ __import__("os") }}{% endturn %}' + OK, "'__import__' is undefined"),
