@@ -160,9 +160,7 @@ def vocabulary(spec: ExpertSpec, args: str) -> list[str]:
         groups = labels_runner.vista3d_groups()
         if arg in ("", "everything"):
             if spec.runner == "vista3d":  # VISTA3D's "everything" leaves tumours and lesions out
-                from expert_runners.vista3d import DEFAULT_EVERYTHING
-
-                return sorted({names[i] for i in DEFAULT_EVERYTHING if i in names})
+                return sorted({names[i] for i in labels_runner.DEFAULT_EVERYTHING if i in names})
             return sorted(set(names.values()))
         if arg in groups:
             return sorted({names[i] for i in groups[arg] if i in names})

@@ -57,6 +57,11 @@ OPTIONS = ("preset", "names", "colours", "display_channel", "window")
 GRID_TOLERANCE_MM = 0.05
 
 
+# What the published VISTA3D bundle segments for "everything" (its `everything_labels`): all
+# 132 classes but tumours, lesions and the classes it splits into subclasses.
+DEFAULT_EVERYTHING = sorted(set(range(1, 133)) - {2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132})
+
+
 def _package_json(name: str) -> Any:
     return json.loads(resources.files("expert_runners").joinpath("data", name).read_text())
 

@@ -57,11 +57,12 @@ from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import read_bundle
 from expert_runners.findings import Findings
+from expert_runners.labels import DEFAULT_EVERYTHING
 from expert_runners.segmentation import segmentation_findings
 from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 
-# The published bundle's values, used when a bundle's config lacks them.
-DEFAULT_EVERYTHING = sorted(set(range(1, 133)) - {2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132})
+# The published bundle's values, used when a bundle's config lacks them (`everything`: in
+# expert_runners.labels, which templates' vocabulary reads without importing torch).
 DEFAULT_SUBCLASS: dict[str, list[int]] = {
     "2": [14, 5],
     "20": [28, 29, 30, 31, 32],
