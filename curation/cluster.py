@@ -3,6 +3,7 @@ actor pools' placement, and the Ray Data program itself.
 
     per lane:  from_arrow(blocks of item plans)
                  → map_batches(load_batch)             CPU tasks, `memory` reserved per task
+                 → map_batches(expert_batch)           weight-free experts, fused into the load task
                  → map_batches(ExpertStage) per expert  actor pool: ActorPoolStrategy(size=…),
                                                         num_gpus per actor on GPU clusters
                  → map_batches(render_batch)            CPU tasks
@@ -45,10 +46,11 @@ class Placement:
     batch_size: int
     pools: int = 1  # lanes that use the expert: each has its own pool
     memory: float | None = None  # bytes each actor reserves (None: nothing, Ray's default)
+    tasks: bool = False  # no actors: runs in the lane's load tasks (a weight-free expert)
 
     def to_json(self) -> dict[str, Any]:
         return {"actors": self.actors, "gpus_per_actor": self.gpus, "cpus_per_actor": self.cpus, "batch_size": self.batch_size,
-                "pools": self.pools, "memory_per_actor": self.memory}
+                "pools": self.pools, "memory_per_actor": self.memory, "in_load_tasks": self.tasks}
 
 
 def _quiet_ray_logs() -> None:
@@ -104,7 +106,9 @@ def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float]) -> d
     a GPU each for runners with weights when the cluster has GPUs, shared fractionally when
     the pools outnumber the GPUs, and CPUs shared fractionally when the actors would leave
     none for loading and rendering: every pool can start, so the build cannot stall waiting
-    for resources."""
+    for resources. A runner without weights and without `actors`/`gpus` in the manifest gets
+    no pool: it has nothing to load once, so it runs inside the lane's load tasks (no actor
+    process to start, no extra hop for the voxels)."""
     gpus_total = float(resources.get("GPU", 0.0))
     cpus_total = float(resources.get("CPU", 1.0))
     pools = {e.name: sum(e.name in lane.experts for lane in plan.lanes) for e in spec.experts}
@@ -113,6 +117,9 @@ def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float]) -> d
     out: dict[str, Placement] = {}
     share_pools = sum(pools[e.name] for e in auto_gpu)
     for e in used:
+        if not plan.experts[e.name].weights and e.actors is None and not e.gpus:
+            out[e.name] = Placement(actors=0, gpus=0.0, cpus=1.0, batch_size=e.batch_size, pools=pools[e.name], tasks=True)
+            continue
         if e in auto_gpu:
             per_pool = gpus_total / share_pools
             actors = e.actors or max(1, math.floor(per_pool))
@@ -170,7 +177,7 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
     """The whole build as one Ray Data dataset: one branch per lane, unioned."""
     import ray.data
 
-    from curation.stages import ExpertStage, load_batch, render_batch
+    from curation.stages import ExpertStage, expert_batch, load_batch, render_batch
 
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
@@ -183,13 +190,20 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
         ds = ray.data.from_arrow(_blocks(plans))
         # `memory` also keeps Ray Data from fusing loading into the expert actors (different
         # resources): loading must overlap the experts' work, not run inside their actors.
-        ds = ds.map_batches(load_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                            num_cpus=1, memory=load_memory(plans))
-        for k, expert in enumerate(lane.experts):
-            p = placements[expert]
+        # Experts that run in load tasks come first, with the same resources: Ray Data fuses
+        # them into the load task.
+        load_args = {"num_cpus": 1, "memory": load_memory(plans)}
+        ds = ds.map_batches(load_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", **load_args)
+        experts = sorted(lane.experts, key=lambda name: not placements[name].tasks)
+        for k, expert in enumerate(experts):
+            p, last = placements[expert], k == len(experts) - 1
+            if p.tasks:
+                ds = ds.map_batches(expert_batch, fn_kwargs={"ctx": ctx, "expert": expert, "last": last}, batch_size=None,
+                                    batch_format="pyarrow", **load_args)
+                continue
             ds = ds.map_batches(
                 ExpertStage,
-                fn_constructor_kwargs={"ctx": ctx, "expert": expert, "gpus": p.gpus, "last": k == len(lane.experts) - 1},
+                fn_constructor_kwargs={"ctx": ctx, "expert": expert, "gpus": p.gpus, "last": last},
                 batch_size=p.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus, num_gpus=p.gpus or None,
                 **({"memory": p.memory} if p.memory else {}),

@@ -231,7 +231,8 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
 
                 placements = place_experts(spec, prep.plan, ray.cluster_resources())
                 log.info("building %d items on %s; expert pools: %s", len(prep.plan.working), where,
-                         ", ".join(f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})" for n, p in placements.items()) or "none")
+                         ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
+                                   for n, p in placements.items()) or "none")
                 t = time.perf_counter()
                 ds = pipeline_dataset(prep.plan, prep.ctx, placements)
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

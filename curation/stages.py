@@ -1,6 +1,6 @@
 """The build's stages, each a thin Ray Data callable over one pure per-item function.
 
-    load (CPU task)  →  expert (actor, one pool per expert)  →  …  →  render (CPU task)
+    load (CPU task, with the weight-free experts)  →  expert (actor, one pool per expert)  →  …  →  render (CPU task)
 
 Rows between stages follow `WORK_SCHEMA`: the item's plan as JSON, its content hash, which
 expert results are still missing, the voxels (pickled, only while an expert still needs
@@ -21,6 +21,7 @@ import io
 import json
 import pickle
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class BuildContext:
     manifest_hash: str
     code_version: str
     renderer: str = RENDERER
+    # Per-process memos (readers, renderer, weight-free experts) are kept for one build: a
+    # worker that serves the next build — the same recipe into another folder, with another
+    # cache or image size — builds its own.
+    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def cache(self) -> FindingsCache:
         return FindingsCache(Path(self.cache_root))
@@ -94,7 +99,7 @@ _RENDERERS: dict[tuple[str, str], Any] = {}
 
 
 def reader(ctx: BuildContext, source: str) -> SourceReader:
-    key = ctx.manifest_hash
+    key = ctx.build_id
     if key not in _READERS:
         _READERS.clear()
         _READERS[key] = readers_for(ctx.spec)
@@ -108,7 +113,7 @@ def load_renderer(path: str, spec: BuildSpec) -> Any:
 
 
 def renderer(ctx: BuildContext) -> Any:
-    key = (ctx.renderer, ctx.manifest_hash)
+    key = (ctx.renderer, ctx.build_id)
     if key not in _RENDERERS:
         _RENDERERS.clear()
         _RENDERERS[key] = load_renderer(ctx.renderer, ctx.spec)
@@ -218,6 +223,21 @@ class ExpertStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.run_item(r) for r in batch.to_pylist()], schema=WORK_SCHEMA)
+
+
+_TASK_EXPERTS: dict[tuple[str, str, bool], ExpertStage] = {}
+
+
+def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
+    """A weight-free expert in a CPU task (fused by Ray Data into the load task): its runner is
+    built once per worker process, as an actor builds it once."""
+    key = (ctx.build_id, expert, last)
+    stage = _TASK_EXPERTS.get(key)
+    if stage is None:
+        if any(k[0] != ctx.build_id for k in _TASK_EXPERTS):
+            _TASK_EXPERTS.clear()
+        stage = _TASK_EXPERTS[key] = ExpertStage(ctx, expert, gpus=0.0, last=last)
+    return stage(batch)
 
 
 def _device(gpus: float) -> str:

@@ -63,7 +63,8 @@ def demo_manifest(archive: Path, out: Path, *, rows_per_shard: int = 7, counting
                   extra_experts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A build over `m3-curate demo-archive` with the weight-free runners: CT tissue and the
     ground truth (as VISTA3D) on CT, the ground truth as BRATS on brain MRI and as CXR on chest
-    X-rays; templates from `prompts/`, with a fractional weight and a list of arguments."""
+    X-rays; templates from `prompts/`, with a fractional weight and a list of arguments. BRATS
+    has `actors: 1`, so builds of it run both an actor pool and experts in load tasks."""
     tissue = "build_helpers:CountingTissueRunner" if counting else "ct_tissue"
     labels = "build_helpers:CountingLabelsRunner" if counting else "labels"
     data: dict[str, Any] = {
@@ -78,7 +79,7 @@ def demo_manifest(archive: Path, out: Path, *, rows_per_shard: int = 7, counting
         "experts": [
             {"name": "CT_TISSUE", "runner": tissue},
             {"name": "VISTA3D", "runner": labels, "options": {"preset": "vista3d"}},
-            {"name": "BRATS", "runner": labels, "options": {"preset": "brats"}},
+            {"name": "BRATS", "runner": labels, "options": {"preset": "brats"}, "actors": 1},  # a pool; the others run in load tasks
             {"name": "CXR", "runner": labels},
             *(extra_experts or []),
         ],

@@ -229,6 +229,9 @@ def test_every_expert_runs_once_per_item_and_argument(built):
     assert counted == len(built.runs)
     # VISTA3D (the ground truth) ran with both of its task's arguments
     assert {line.split(" ", 1)[1] for line in built.runs} >= {"everything", "organs", ""}
+    # weight-free experts ran inside the load tasks, except BRATS, which the manifest gives a pool
+    assert experts["CT_TISSUE"]["in_load_tasks"] and experts["CT_TISSUE"]["actors"] == 0 and experts["CT_TISSUE"]["runs"]
+    assert not experts["BRATS"]["in_load_tasks"] and experts["BRATS"]["actors"] == 1 and experts["BRATS"]["runs"]
 
 
 def test_export_llava_of_a_build(built, tmp_path):

@@ -40,8 +40,16 @@ def test_pools_get_a_gpu_each_when_there_are_enough(tmp_path):
     spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "T", "runner": "ct_tissue"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
     placed = place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "GPU": 4})
     assert (placed["V"].actors, placed["V"].gpus) == (2, 1.0) and (placed["C"].actors, placed["C"].gpus) == (2, 1.0)
-    assert placed["T"].gpus == 0 and placed["T"].actors == 1  # weight-free: CPU
+    assert placed["T"].tasks and placed["T"].gpus == 0 and placed["T"].actors == 0  # weight-free: in the load tasks
     assert all(p.cpus == 1.0 for p in placed.values())
+
+
+def test_a_weight_free_expert_gets_a_pool_when_the_manifest_sizes_one(tmp_path):
+    spec = spec_with([{"name": "T", "runner": "ct_tissue", "actors": 2}, {"name": "L", "runner": "labels", "gpus": 0.5},
+                      {"name": "C", "runner": "labels"}], tmp_path)
+    placed = place_experts(spec, plan_for(spec, set()), {"CPU": 16, "GPU": 1})
+    assert (placed["T"].tasks, placed["T"].actors) == (False, 2) and (placed["L"].tasks, placed["L"].gpus) == (False, 0.5)
+    assert placed["C"].tasks
 
 
 def test_gpus_are_shared_when_pools_outnumber_them(tmp_path):
@@ -60,8 +68,8 @@ def test_manifest_sizes_are_kept_and_checked(tmp_path):
 
 
 def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
-    spec = spec_with([{"name": "A", "runner": "ct_tissue"}, {"name": "B", "runner": "labels"}, {"name": "C", "runner": "labels"}], tmp_path)
-    placed = place_experts(spec, plan_for(spec, set()), {"CPU": 2})
+    spec = spec_with([{"name": "A", "runner": "vista3d"}, {"name": "B", "runner": "brats"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
+    placed = place_experts(spec, plan_for(spec, {"A", "B", "C"}), {"CPU": 2})
     assert sum(p.cpus * p.actors for p in placed.values()) <= 1.0  # one CPU stays for load and render tasks
 
 
