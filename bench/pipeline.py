@@ -19,9 +19,12 @@ Ray, cold cache), as a user would run it. Reported:
   peak memory  the largest proportional set size (PSS) of the build process and all its
                descendants (Ray's GCS, raylet, workers, actors), sampled every 0.5 s; PSS
                counts shared object-store pages once
-  busy ratio   build wall time / the experts' own time, where the experts' own time is that of
-               the busiest pool: Σ its runner seconds / its actors (an expert that is never
-               idle and never waits would give 1.0). Goal ≤ 1.3 on the demo.
+  busy ratio   build wall time / the experts' own time (goal ≤ 1.3 on the demo), two ways:
+               over all experts (Σ runner seconds of every pool: on one machine the experts
+               share its CPUs, or its GPU, so 1.0 means that shared resource never waited for
+               the pipeline), and over the busiest pool (Σ its runner seconds / its actors: 1.0
+               means that pool was never idle). Also for the streaming part alone (after Ray
+               and the driver's preparation).
   render       `m3-curate render` wall time (cache only)
   preview      `m3-curate preview MANIFEST -n 20` wall time from the cache (goal < 5 s)
 """
@@ -84,6 +87,9 @@ def weight_free_manifest(archive: Path, out: Path, path: Path, *, counting: bool
 
     data = demo_manifest(archive, out, rows_per_shard=2000, counting=counting)
     data["output"]["image_max_side"] = 512
+    if counting:  # experts that emulate GPU inference get pools, as experts with weights do
+        for e in data["experts"]:
+            e["actors"] = 1
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -129,7 +135,8 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
         "items": working, "rows": card["counts"]["rows"]["total"], "wall_s": wall, "pipeline_s": pipeline_s,
         "items_per_s": working / wall, "items_per_s_streaming": working / pipeline_s if pipeline_s else 0.0,
         "peak_pss_mib": peak / 2**20, "expert_s_total": expert_total, "busiest": busiest, "busiest_s": busiest_s,
-        "busy_ratio": wall / busiest_s if busiest_s else float("nan"), "ray_start_s": card["timing"]["wall_s"].get("ray_start", 0.0),
+        "busy_ratio": wall / expert_total if expert_total else float("nan"),
+        "busy_ratio_busiest": wall / busiest_s if busiest_s else float("nan"), "ray_start_s": card["timing"]["wall_s"].get("ray_start", 0.0),
         "render_s": render_wall, "preview_s": preview_wall if preview_wall is not None else float("nan"),
         "peak_rows_held": card["timing"].get("peak_rows_held", 0),
     }
@@ -137,9 +144,11 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
     print(f"  items {working}, rows {result['rows']}, build wall {wall:.1f} s (Ray start {result['ray_start_s']:.1f} s, streaming {pipeline_s:.1f} s)")
     print(f"  items/s: {result['items_per_s']:.2f} end to end, {result['items_per_s_streaming']:.2f} while streaming")
     print(f"  peak memory (PSS of the build and its Ray processes): {result['peak_pss_mib']:.0f} MiB; rows held by the writer at most: {result['peak_rows_held']}")
-    print(f"  experts: {expert_total:.1f} s of runner time in all; busiest pool {busiest} {busiest_s:.1f} s "
-          f"→ build wall / busiest expert = {result['busy_ratio']:.2f} (goal ≤ 1.3); streaming part alone: "
-          f"{pipeline_s / busiest_s if busiest_s else float('nan'):.2f}")
+    per = ", ".join(f"{n} {e['seconds']:.1f}" for n, e in card["experts"].items())
+    print(f"  experts' own time: {expert_total:.1f} s of runner time in all ({per}); busiest pool {busiest} {busiest_s:.1f} s")
+    print(f"  build wall / experts' own time (goal ≤ 1.3): {result['busy_ratio']:.2f} over all experts, "
+          f"{result['busy_ratio_busiest']:.2f} over the busiest pool; streaming part alone: "
+          f"{pipeline_s / expert_total if expert_total else float('nan'):.2f} and {pipeline_s / busiest_s if busiest_s else float('nan'):.2f}")
     print(f"  render from cache: {render_wall:.1f} s; preview -n 20 from cache: "
           + (f"{preview_wall:.1f} s (goal < 5 s)" if preview_wall is not None else "not available (no curation/preview.py)"))
     return result
