@@ -44,9 +44,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+
 def real_build(work: Path, cases: int, seed: int, manifest: Path, test: float | None = None) -> tuple[Path, list[str]]:
     """`m3-curate demo-archive --cases N` + `m3-curate build` with `manifest` (the demo's by
     default), its sources pointed at the new archive. Returns the build folder and notes."""
+    from curation.manifest import resolve_paths
+
     cli = [sys.executable, "-m", "curation", "-q"]
     archive, out = work / "archive", work / "build"
     shutil.rmtree(archive, ignore_errors=True)
@@ -55,14 +58,12 @@ def real_build(work: Path, cases: int, seed: int, manifest: Path, test: float | 
     spec = yaml.safe_load(manifest.read_text())
     notes, kept = [], []
     for source in spec["sources"]:
-        source["root"] = str(archive / Path(source["root"]).name)  # ../data/demo/ct → ARCHIVE/ct
-        if "file" in source and not (Path(source["root"]) / source["file"]).exists():
-            notes.append(f"source {source['name']!r} left out: the archive has no {source['file']}")
+        if source.get("kind") == "qa":
+            notes.append(f"source {source['name']!r} left out: its question-answer file describes the demo archive's images, not these")
             continue
+        source["root"] = str(archive / Path(source["root"]).name)  # ../data/demo/ct → ARCHIVE/ct
         kept.append(source)
-    for expert in spec["experts"]:  # the copy lives elsewhere: bundle paths relative to the original
-        if "bundle" in expert:
-            expert["bundle"] = str((manifest.parent / expert["bundle"]).resolve())
+    spec = resolve_paths(spec, manifest.parent.resolve())  # the copy lives elsewhere: bundles, prompts against the original
     names = {source["name"] for source in kept}
     spec["sources"] = kept
     spec["tasks"] = [task for task in spec["tasks"] if task["source"] in names]

@@ -95,18 +95,12 @@ def weight_free_manifest(archive: Path, out: Path, path: Path, *, counting: bool
 
 
 def with_output(manifest: Path, out: Path, folder: Path) -> Path:
-    """The manifest with its output folder (and cache) set to `out`."""
-    data = yaml.safe_load(manifest.read_text())
-    data.setdefault("output", {})
+    """A copy of the manifest in `folder`, its paths resolved, its output folder (and cache) `out`."""
+    from curation.manifest import resolve_paths
+
+    data = resolve_paths(yaml.safe_load(manifest.read_text()), manifest.parent.resolve())
     data["output"]["dir"] = str(out)
     data["output"].pop("cache", None)
-    for key in ("sources", "experts"):
-        for entry in data.get(key) or []:
-            for field in ("root", "bundle", "file"):
-                if isinstance(entry.get(field), str) and not Path(entry[field]).is_absolute():
-                    entry[field] = str((manifest.parent / entry[field]).resolve())
-    if isinstance(data.get("prompts"), list):
-        data["prompts"] = [p if Path(p).is_absolute() else str((manifest.parent / p).resolve()) for p in data["prompts"]]
     path = folder / manifest.name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -187,9 +187,10 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative paths absolute against the manifest's folder (before validation, so
-    error messages still show what the user wrote when a value has the wrong type)."""
+    error messages still show what the user wrote when a value has the wrong type). Also what
+    makes a copy of a manifest's data work from another folder."""
 
     def resolve(value: Any) -> Any:
         return str((base / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
@@ -228,7 +229,7 @@ def load_manifest(path: str | Path) -> BuildSpec:
         raise CurationError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
     if not isinstance(data, dict):
         raise CurationError(f"{path}: a manifest is a mapping of keys (name, sources, …), got {type(data).__name__}")
-    data = _resolve_paths(data, path.parent.resolve())
+    data = resolve_paths(data, path.parent.resolve())
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as e:
