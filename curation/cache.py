@@ -9,7 +9,9 @@ where it stopped.
 Beside the findings the cache keeps what `m3-curate render` needs to work without an expert:
 the reason an expert could not give findings (`put_error`: a later build tries again, render
 reports the reason) and, in `experts.json`, each expert configuration a build ran with its
-fingerprint, so render finds the entries without constructing a runner.
+fingerprint, so render finds the entries without constructing a runner. While an expert runs on
+an item, a `.running.json` mark names the build: a mark of the same build found again means
+the run killed its process, and the item is set aside rather than run into the next crash.
 """
 
 from __future__ import annotations
@@ -82,6 +84,29 @@ class FindingsCache:
         except FileNotFoundError:
             return None
         return str(d["status"]), str(d["reason"])
+
+    # -- runs in progress: an item that kills its expert's process is set aside, not retried forever
+
+    def running_path(self, content: str, fingerprint: str, args: str = "") -> Path:
+        path = self.path(content, fingerprint, args)
+        return path.with_name(path.name.removesuffix(".json") + ".running.json")
+
+    def mark_running(self, content: str, fingerprint: str, build: str, args: str = "") -> None:
+        """Note that this build is running the expert on the item; `clear_running` when done.
+        A mark left behind means the process died in the run (out of memory, a crash in native
+        code): Ray restarts the worker and retries, and `crashed` then tells it so."""
+        _write_json(self.running_path(content, fingerprint, args), {"build": build, "pid": os.getpid()})
+
+    def crashed(self, content: str, fingerprint: str, build: str, args: str = "") -> bool:
+        """Whether a process of this build died running the expert on the item (a mark left by
+        an earlier build, killed as a whole, does not count: a resumed build runs it again)."""
+        try:
+            return bool(json.loads(self.running_path(content, fingerprint, args).read_text())["build"] == build)
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return False
+
+    def clear_running(self, content: str, fingerprint: str, args: str = "") -> None:
+        self.running_path(content, fingerprint, args).unlink(missing_ok=True)
 
     # -- the experts a build ran, for `m3-curate render` ---------------------------------------
 

@@ -206,20 +206,39 @@ class ExpertStage:
             volume, labels = pickle.loads(row["volume"])
             inp = ExpertInput(item=plan.item, volume=volume, labels=labels)
             for arg in args:
-                started = time.perf_counter()
-                try:
-                    findings = self.runner.run(inp, arg)
-                except ItemError as e:
-                    report.errors[f"{self.expert}({arg})"] = e.reason
-                    self.cache.put_error(row["content"], self.fingerprint, e.reason, arg)
-                else:
-                    self.cache.put(row["content"], self.fingerprint, findings, arg)
-                report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)
-                report.runs[self.expert] = report.runs.get(self.expert, 0) + 1
+                self._run_one(inp, row["content"], arg, report)
             row = {**row, "report": report.to_json()}
         if self.last:
             row = {**row, "volume": None}
         return row
+
+    def _run_one(self, inp: Any, content: str, arg: str, report: Report) -> None:
+        """One run, its findings or its failure written to the cache. An item whose run killed
+        a process of this build before (Ray retries the batch on a restarted worker) is set
+        aside instead of killing the next one too."""
+        call, cache, build = f"{self.expert}({arg})", self.cache, self.ctx.build_id
+        if cache.has(content, self.fingerprint, arg):  # a retried batch: done before the crash
+            report.cached[self.expert] = report.cached.get(self.expert, 0) + 1
+            return
+        if cache.crashed(content, self.fingerprint, build, arg):
+            reason = "the expert's process died while running on this item (out of memory, or a crash in native code)"
+            report.errors[call] = reason
+            cache.put_error(content, self.fingerprint, reason, arg)
+            cache.clear_running(content, self.fingerprint, arg)
+            return
+        started = time.perf_counter()
+        cache.mark_running(content, self.fingerprint, build, arg)
+        try:
+            findings = self.runner.run(inp, arg)
+        except ItemError as e:
+            report.errors[call] = e.reason
+            cache.put_error(content, self.fingerprint, e.reason, arg)
+        else:
+            cache.put(content, self.fingerprint, findings, arg)
+        finally:
+            cache.clear_running(content, self.fingerprint, arg)
+        report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)
+        report.runs[self.expert] = report.runs.get(self.expert, 0) + 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.run_item(r) for r in batch.to_pylist()], schema=WORK_SCHEMA)

@@ -6,7 +6,8 @@
   `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
   `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
   while experts are busy.
-- `FailingRunner`: an expert that fails on every item.
+- `FailingRunner`: an expert that fails on every item; `CrashingLabelsRunner`: one whose
+  process dies on chosen items.
 - `demo_manifest()`: a small manifest over a `m3-curate demo-archive`.
 """
 
@@ -48,6 +49,19 @@ class FailingRunner(LabelsRunner):
 
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
         raise RuntimeError("synthetic failure")
+
+
+class CrashingLabelsRunner(LabelsRunner):
+    """Kills its own process (as the OOM killer or a crash in native code would) on the items
+    with a file whose name holds `M3_TEST_CRASH_ON`; the ground truth elsewhere."""
+
+    runner = "build_helpers:CrashingLabelsRunner"
+
+    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+        marker = os.environ.get("M3_TEST_CRASH_ON")
+        if marker and any(marker in uri for uri in inp.item.uris):
+            os._exit(1)
+        return super().predict(inp, args, timing)
 
 
 class CountingLabelsRunner(LabelsRunner):

@@ -54,7 +54,7 @@ def cached_runs(cache: Path, content_to_item: dict[str, str], args: list[str]) -
     by_hash = {hashlib.sha256(a.encode()).hexdigest()[:8]: a for a in args}
     out = set()
     for path in cache.glob("*/*/*.json"):
-        if path.name.endswith(".error.json"):
+        if path.name.endswith((".error.json", ".running.json")):  # failures; runs in progress when killed
             continue
         content, arg = path.stem.rsplit("-", 1)
         out.add((content_to_item[content], by_hash[arg]))
@@ -111,3 +111,32 @@ def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
     assert sum(e["cached"] for e in card["experts"].values()) == len(at_kill)
     assert sum(e["runs"] for e in card["experts"].values()) == len(second)
     assert not list((out / "shards").rglob("*.tmp"))
+    assert not list((out / "cache").rglob("*.running.json")), "a finished build leaves no run marked in progress"
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["actor pool", "in load tasks"])
+def test_an_item_that_kills_its_expert_is_set_aside_and_the_build_finishes(tmp_path, monkeypatch, pool):
+    """The expert's process dies on one chest X-ray (as on an out-of-memory kill): Ray restarts
+    the worker and retries; the item is set aside with the reason, everything else is built."""
+    from curation.pipeline import build
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_demo_archive(archive, cases=2, seed=0)
+    data = demo_manifest(archive, out)
+    cxr = next(e for e in data["experts"] if e["name"] == "CXR")
+    cxr["runner"] = "build_helpers:CrashingLabelsRunner"
+    if pool:
+        cxr["actors"] = 1
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("M3_TEST_CRASH_ON", "cxr_0002")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO)]))
+    result = build(manifest, progress=False)
+
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    crashed = [r for r in ledger if "process died" in (r.get("reason") or "")]
+    assert crashed and all("cxr_0002" in r["uri"] for r in crashed), crashed
+    assert all(r["status"] == "quarantined" for r in crashed)
+    counts = result.card["counts"]
+    assert counts["rows"]["total"] > 0 and counts["items"]["used"] > 0
+    assert not list((out / "cache").rglob("*.running.json"))
