@@ -153,20 +153,36 @@ def load_item(row: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
         missing = missing_findings(plan, content, ctx, cache, report)
         if missing:
             try:
-                volume = src.load(plan.item)
-                labels = src.load_labels(plan.item) if plan.item.label_uri else None
+                out["volume"] = _voxels(plan, src, content, ctx, cache)
+                out["missing"] = json.dumps(missing, sort_keys=True)
             except ItemError as e:
                 reason = f"load failed: {e}"
                 report.errors["load"] = reason
                 for expert, args in missing.items():
                     for arg in args:
                         cache.put_error(content, ctx.fingerprints[expert], reason, arg)
-            else:
-                out["volume"] = pickle.dumps((volume, labels), protocol=5)
-                out["missing"] = json.dumps(missing, sort_keys=True)
     report.add_seconds("load", time.perf_counter() - started)
     out["report"] = report.to_json()
     return out
+
+
+LOADING = "_load"  # the cache's folder for marks of items being loaded
+
+
+def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, cache: FindingsCache) -> bytes:
+    """The item's voxels and labels, pickled. An item whose loading killed a process of this
+    build before (a decoder crash, the out-of-memory killer; Ray retries the task) is an
+    `ItemError`, not the next crash."""
+    if cache.crashed(content, LOADING, ctx.build_id):
+        cache.clear_running(content, LOADING)
+        raise ItemError(plan.item.item_id, "loading it killed the worker process (out of memory, or a crash in native code)")
+    cache.mark_running(content, LOADING, ctx.build_id)
+    try:
+        volume = src.load(plan.item)
+        labels = src.load_labels(plan.item) if plan.item.label_uri else None
+        return pickle.dumps((volume, labels), protocol=5)
+    finally:
+        cache.clear_running(content, LOADING)
 
 
 def load_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from build_helpers import demo_manifest
 
-from curation.cache import FindingsCache
+from curation.cache import FindingsCache, content_hash
 from curation.cluster import place_experts, ray_session
 from curation.demo import write_demo_archive
 from curation.errors import CurationError
-from curation.manifest import BuildSpec
+from curation.manifest import BuildSpec, load_manifest
 from curation.pipeline import build
 from curation.plan import ExpertInfo, Lane, Plan, runner_spec
 from curation.progress import Progress
@@ -136,3 +136,32 @@ def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     assert any(r["reason"] == "left out by --limit" for r in ledger)
     assert result.card["counts"]["rows"]["total"] == 0 and not result.shards
     assert json.loads((tmp_path / "out" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
+
+
+def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_path):
+    """Ray retries a load task whose process died; the retry finds the mark the dead process
+    left and quarantines the item instead of loading it into the next crash. A mark left by an
+    earlier build (killed as a whole) does not count."""
+    from curation.pipeline import _prepare
+    from curation.stages import LOADING, load_item
+
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=1, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
+    spec = load_manifest(manifest)
+    prep = _prepare(spec, tmp_path / "out", limit=None, from_cache=False)
+    plan = next(p for p in prep.plan.working if p.item.source == "ct")
+    row, cache = {"plan": plan.to_json()}, prep.ctx.cache()
+    content = content_hash(plan.item, Path(spec.source("ct").root))
+
+    cache.mark_running(content, LOADING, "an earlier build")
+    assert load_item(row, prep.ctx)["volume"] is not None  # loaded as usual
+    assert not cache.running_path(content, LOADING).exists()
+
+    cache.mark_running(content, LOADING, prep.ctx.build_id)  # as a process of this build that died loading it
+    out = load_item(row, prep.ctx)
+    assert out["volume"] is None and "killed the worker process" in json.loads(out["report"])["errors"]["load"]
+    expert, args = next(iter(plan.needs(spec).items()))
+    assert "killed the worker process" in cache.get_error(content, prep.ctx.fingerprints[expert], args[0])[1]
+    assert not cache.running_path(content, LOADING).exists()
