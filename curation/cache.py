@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ def content_hash(item: StudyItem, root: Path) -> str:
                 h.update(block)
     h.update(f"frame={item.frame}".encode())
     return h.hexdigest()[:32]
+
+
+class DiedHere(Exception):
+    """A process of this build died running this before (see `FindingsCache.running`)."""
 
 
 class FindingsCache:
@@ -92,21 +98,27 @@ class FindingsCache:
         return path.with_name(path.name.removesuffix(".json") + ".running.json")
 
     def mark_running(self, content: str, fingerprint: str, build: str, args: str = "") -> None:
-        """Note that this build is running the expert on the item; `clear_running` when done.
-        A mark left behind means the process died in the run (out of memory, a crash in native
-        code): Ray restarts the worker and retries, and `crashed` then tells it so."""
         _write_json(self.running_path(content, fingerprint, args), {"build": build, "pid": os.getpid()})
 
-    def crashed(self, content: str, fingerprint: str, build: str, args: str = "") -> bool:
-        """Whether a process of this build died running the expert on the item (a mark left by
-        an earlier build, killed as a whole, does not count: a resumed build runs it again)."""
+    @contextmanager
+    def running(self, content: str, fingerprint: str, build: str, args: str = "") -> Iterator[None]:
+        """Mark the run while the block runs. A mark of this build found when it starts means a
+        process died in it before (out of memory, a crash in native code; Ray restarted the
+        worker and retried): `DiedHere` instead of running into the next crash. A mark of an
+        earlier build, killed as a whole, does not count: a resumed build runs the item again."""
+        path = self.running_path(content, fingerprint, args)
         try:
-            return bool(json.loads(self.running_path(content, fingerprint, args).read_text())["build"] == build)
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return False
-
-    def clear_running(self, content: str, fingerprint: str, args: str = "") -> None:
-        self.running_path(content, fingerprint, args).unlink(missing_ok=True)
+            died = json.loads(path.read_text()).get("build") == build
+        except (FileNotFoundError, ValueError, AttributeError):
+            died = False
+        if died:
+            path.unlink(missing_ok=True)
+            raise DiedHere(content)
+        self.mark_running(content, fingerprint, build, args)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
     # -- the experts a build ran, for `m3-curate render` ---------------------------------------
 

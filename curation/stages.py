@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.cache import FindingsCache, content_hash
+from curation.cache import DiedHere, FindingsCache, content_hash
 from curation.errors import ItemError
 from curation.ingest import SourceReader, readers_for
 from curation.manifest import BuildSpec
@@ -173,16 +173,13 @@ def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, 
     """The item's voxels and labels, pickled. An item whose loading killed a process of this
     build before (a decoder crash, the out-of-memory killer; Ray retries the task) is an
     `ItemError`, not the next crash."""
-    if cache.crashed(content, LOADING, ctx.build_id):
-        cache.clear_running(content, LOADING)
-        raise ItemError(plan.item.item_id, "loading it killed the worker process (out of memory, or a crash in native code)")
-    cache.mark_running(content, LOADING, ctx.build_id)
     try:
-        volume = src.load(plan.item)
-        labels = src.load_labels(plan.item) if plan.item.label_uri else None
-        return pickle.dumps((volume, labels), protocol=5)
-    finally:
-        cache.clear_running(content, LOADING)
+        with cache.running(content, LOADING, ctx.build_id):
+            volume = src.load(plan.item)
+            labels = src.load_labels(plan.item) if plan.item.label_uri else None
+            return pickle.dumps((volume, labels), protocol=5)
+    except DiedHere:
+        raise ItemError(plan.item.item_id, "loading it killed the worker process (out of memory, or a crash in native code)") from None
 
 
 def load_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
@@ -232,27 +229,23 @@ class ExpertStage:
         """One run, its findings or its failure written to the cache. An item whose run killed
         a process of this build before (Ray retries the batch on a restarted worker) is set
         aside instead of killing the next one too."""
-        call, cache, build = f"{self.expert}({arg})", self.cache, self.ctx.build_id
-        if cache.has(content, self.fingerprint, arg):  # a retried batch: done before the crash
+        if self.cache.has(content, self.fingerprint, arg):  # a retried batch: done before the crash
             report.cached[self.expert] = report.cached.get(self.expert, 0) + 1
             return
-        if cache.crashed(content, self.fingerprint, build, arg):
-            reason = "the expert's process died while running on this item (out of memory, or a crash in native code)"
-            report.errors[call] = reason
-            cache.put_error(content, self.fingerprint, reason, arg)
-            cache.clear_running(content, self.fingerprint, arg)
-            return
         started = time.perf_counter()
-        cache.mark_running(content, self.fingerprint, build, arg)
         try:
-            findings = self.runner.run(inp, arg)
+            with self.cache.running(content, self.fingerprint, self.ctx.build_id, arg):
+                findings = self.runner.run(inp, arg)
+        except DiedHere:
+            reason = "the expert's process died while running on this item (out of memory, or a crash in native code)"
+            report.errors[f"{self.expert}({arg})"] = reason
+            self.cache.put_error(content, self.fingerprint, reason, arg)
+            return
         except ItemError as e:
-            report.errors[call] = e.reason
-            cache.put_error(content, self.fingerprint, e.reason, arg)
+            report.errors[f"{self.expert}({arg})"] = e.reason
+            self.cache.put_error(content, self.fingerprint, e.reason, arg)
         else:
-            cache.put(content, self.fingerprint, findings, arg)
-        finally:
-            cache.clear_running(content, self.fingerprint, arg)
+            self.cache.put(content, self.fingerprint, findings, arg)
         report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)
         report.runs[self.expert] = report.runs.get(self.expert, 0) + 1
 
