@@ -9,9 +9,10 @@ where it stopped.
 Beside the findings the cache keeps what `m3-curate render` needs to work without an expert:
 the reason an expert could not give findings (`put_error`: a later build tries again, render
 reports the reason) and, in `experts.json`, each expert configuration a build ran with its
-fingerprint, so render finds the entries without constructing a runner. While an expert runs on
-an item, a `.running.json` mark names the build: a mark of the same build found again means
-the run killed its process, and the item is set aside rather than run into the next crash.
+fingerprint, so render finds the entries without constructing a runner. While an item is
+loaded, run through an expert or rendered, a `.running.json` mark names the build: a mark of
+the same build found again means that step killed its process, and the item is set aside
+rather than run into the next crash.
 """
 
 from __future__ import annotations

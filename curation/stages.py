@@ -365,11 +365,23 @@ def table_from_bytes(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+RENDERING = "_render"  # the cache's folder for marks of items being rendered
+
+
 def render_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
-    out = []
+    """`render_item` for each item; an item whose rendering killed a worker of this build
+    before (an image that crashes the decoder or fills the memory; Ray retries the task) has
+    its conversations quarantined instead."""
+    out, cache = [], ctx.cache()
     for row in batch.to_pylist():
         plan = ItemPlan.from_json(row["plan"])
         report = Report.from_json(row["report"])
-        rows = render_item(plan, row["content"], ctx, report)
+        try:
+            with cache.running(plan.item.item_id, RENDERING, ctx.build_id):
+                rows = render_item(plan, row["content"], ctx, report)
+        except DiedHere:
+            reason = "rendering it killed the worker process (out of memory, or a crash in native code)"
+            report.units = [[u.task, u.variant, "quarantined", reason] for u in plan.units]
+            rows = PLACED_SCHEMA.empty_table()
         out.append({"item_id": row["item_id"], "rows": table_bytes(rows), "report": report.to_json()})
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -165,3 +166,22 @@ def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_pa
     expert, args = next(iter(plan.needs(spec).items()))
     assert "killed the worker process" in cache.get_error(content, prep.ctx.fingerprints[expert], args[0])[1]
     assert not cache.running_path(content, LOADING).exists()
+
+
+def test_an_item_whose_rendering_killed_a_worker_of_this_build_is_set_aside(tmp_path):
+    from curation.pipeline import _prepare
+    from curation.stages import RENDERING, Report, render_batch, table_from_bytes
+
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=1, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
+    prep = _prepare(load_manifest(manifest), tmp_path / "out", limit=None, from_cache=False)
+    plan = next(p for p in prep.plan.working if p.item.source == "cxr")
+    batch = pa.table({"item_id": [plan.item.item_id], "plan": [plan.to_json()], "content": [None], "report": [Report().to_json()]})
+    prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id)  # as a worker of this build that died rendering it
+    result = render_batch(batch, prep.ctx).to_pylist()[0]
+    units = json.loads(result["report"])["units"]
+    assert len(units) == len(plan.units) and all(u[2] == "quarantined" and "rendering it killed" in u[3] for u in units)
+    assert table_from_bytes(result["rows"]).num_rows == 0
+    assert not prep.ctx.cache().running_path(plan.item.item_id, RENDERING).exists()
