@@ -229,7 +229,9 @@ class ExpertStage:
         """One run, its findings or its failure written to the cache. An item whose run killed
         a process of this build before (Ray retries the batch on a restarted worker) is set
         aside instead of killing the next one too."""
-        if self.cache.has(content, self.fingerprint, arg):  # a retried batch: done before the crash
+        if self.cache.has(content, self.fingerprint, arg):
+            # made since this item was loaded: by another item with the same files (a qa set's
+            # questions share their images) or before a crash, when Ray retries the batch
             report.cached[self.expert] = report.cached.get(self.expert, 0) + 1
             return
         started = time.perf_counter()
