@@ -9,11 +9,10 @@ actor pools' placement, and the Ray Data program itself.
                  → map_batches(render_batch)            CPU tasks
     union of the lanes → the driver's iterator
 
-Ray Data streams it: blocks of a few items flow through every operator at once, output is
-throttled by Ray Data's backpressure (object-store budgets: per operator on clusters with more
-CPUs than operators, else for the whole dataset — see `_reserve_per_operator`), voxels exist
-only between load and the lane's last expert, and a load task reserves the memory of the
-largest item of its lane, so Ray never starts more loads than the node holds.
+Ray Data streams it: blocks of a few items flow through every operator at once, each
+operator's output is throttled by Ray Data's backpressure (object-store budgets per operator),
+voxels exist only between load and the lane's last expert, and a load task reserves the
+memory of the largest item of its lane, so Ray never starts more loads than the node holds.
 """
 
 from __future__ import annotations
@@ -174,18 +173,6 @@ def load_memory(plans: list[ItemPlan]) -> float:
     return float(WORKER_BASE_MEMORY + 3 * largest)
 
 
-def _reserve_per_operator(plan: Plan, placements: dict[str, Placement], resources: dict[str, float]) -> bool:
-    """Whether Ray Data should reserve resources per operator (its default). It reserves half
-    the cluster, split evenly among the operators, and lets each use its share plus an even
-    share of the rest: when the operators outnumber the CPUs, every share is a fraction of the
-    one CPU a load or render task needs, and operators wait for each other with CPUs idle
-    (measured on 2 CPUs: a build whose experts sleep 0.3 s per item, as GPU experts would,
-    took 24–25 s with it and 18–20 s without, at the same peak memory). Without it, memory
-    stays bounded by the object store budget and by the memory each load task reserves."""
-    operators = sum(2 + sum(not placements[e].tasks for e in lane.experts) for lane in plan.lanes)  # load, pools, render
-    return float(resources.get("CPU", 1.0)) >= operators
-
-
 def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placement]) -> Any:
     """The whole build as one Ray Data dataset: one branch per lane, unioned."""
     import ray.data
@@ -195,7 +182,6 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.progress
-    data_ctx.op_resource_reservation_enabled = _reserve_per_operator(plan, placements, ray.cluster_resources())
     branches = []
     for lane_index, lane in enumerate(plan.lanes):
         plans = [p for p in plan.working if p.lane == lane_index]

@@ -81,17 +81,6 @@ def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
     assert runner_spec(spec.experts[0]) == runner_spec(plain.experts[0]) == plain.experts[0]
 
 
-def test_ray_data_reserves_per_operator_only_when_the_cpus_outnumber_the_operators(tmp_path):
-    from curation.cluster import _reserve_per_operator
-
-    spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "T", "runner": "ct_tissue"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
-    plan = plan_for(spec, {"V", "C"})
-    placed = place_experts(spec, plan, {"CPU": 2})
-    # two lanes: load (+ T inside) → V → render, and load → C → render: 6 operators
-    assert not _reserve_per_operator(plan, placed, {"CPU": 2})
-    assert _reserve_per_operator(plan, placed, {"CPU": 6}) and _reserve_per_operator(plan, placed, {"CPU": 64, "GPU": 8})
-
-
 def test_dashboard_address_is_refused_with_the_fix():
     with pytest.raises(CurationError, match="ray job submit --address http://head:8265"), ray_session("http://head:8265"):
         pass
