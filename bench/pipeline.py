@@ -8,8 +8,9 @@ made data/demo) when it has tasks, else — or with `--weight-free` — a weight
 tissue + ground truth as VISTA3D/BRATS/CXR, the templates in prompts/) over a fresh
 `demo-archive` of each `--cases` size, which shows how
 memory behaves as the archive grows. `--sleep S` makes each of those experts' runs take S
-seconds more without using a CPU, as a GPU expert's inference would: it shows how busy the
-pipeline keeps experts whose own time dominates.
+seconds more without using a CPU, as a GPU expert's inference would, and gives each an actor
+pool, as experts with weights have: it shows how busy the pipeline keeps experts whose own
+time dominates.
 
 Each build runs as `python -m curation -q build` in a fresh output folder (embedded local
 Ray, cold cache), as a user would run it. Reported:
