@@ -94,16 +94,23 @@ class Report:
 
 # -- per-process memos (a Ray worker runs many tasks) --------------------------------------------
 
-_READERS: dict[str, dict[str, SourceReader]] = {}
-_RENDERERS: dict[tuple[str, str], Any] = {}
+_MEMO: dict[tuple[Any, ...], Any] = {}
+
+
+def per_build(ctx: BuildContext, key: tuple[Any, ...], make: Any) -> Any:
+    """`make()`, built once per worker process and build (readers, the renderer, weight-free
+    experts); dropped when the worker serves another build."""
+    full = (ctx.build_id, *key)
+    found = _MEMO.get(full)
+    if found is None:
+        if any(k[0] != ctx.build_id for k in _MEMO):
+            _MEMO.clear()
+        found = _MEMO[full] = make()
+    return found
 
 
 def reader(ctx: BuildContext, source: str) -> SourceReader:
-    key = ctx.build_id
-    if key not in _READERS:
-        _READERS.clear()
-        _READERS[key] = readers_for(ctx.spec)
-    return _READERS[key][source]
+    return per_build(ctx, ("readers",), lambda: readers_for(ctx.spec))[source]  # type: ignore[no-any-return]
 
 
 def load_renderer(path: str, spec: BuildSpec) -> Any:
@@ -113,11 +120,7 @@ def load_renderer(path: str, spec: BuildSpec) -> Any:
 
 
 def renderer(ctx: BuildContext) -> Any:
-    key = (ctx.renderer, ctx.build_id)
-    if key not in _RENDERERS:
-        _RENDERERS.clear()
-        _RENDERERS[key] = load_renderer(ctx.renderer, ctx.spec)
-    return _RENDERERS[key]
+    return per_build(ctx, ("renderer", ctx.renderer), lambda: load_renderer(ctx.renderer, ctx.spec))
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -255,19 +258,11 @@ class ExpertStage:
         return pa.Table.from_pylist([self.run_item(r) for r in batch.to_pylist()], schema=WORK_SCHEMA)
 
 
-_TASK_EXPERTS: dict[tuple[str, str, bool], ExpertStage] = {}
-
-
 def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
     """A weight-free expert in a CPU task (fused by Ray Data into the load task): its runner is
     built once per worker process, as an actor builds it once."""
-    key = (ctx.build_id, expert, last)
-    stage = _TASK_EXPERTS.get(key)
-    if stage is None:
-        if any(k[0] != ctx.build_id for k in _TASK_EXPERTS):
-            _TASK_EXPERTS.clear()
-        stage = _TASK_EXPERTS[key] = ExpertStage(ctx, expert, gpus=0.0, last=last)
-    return stage(batch)
+    stage = per_build(ctx, ("expert", expert, last), lambda: ExpertStage(ctx, expert, gpus=0.0, last=last))
+    return stage(batch)  # type: ignore[no-any-return]
 
 
 def _device(gpus: float) -> str:
