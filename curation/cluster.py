@@ -6,8 +6,8 @@ actor pools' placement, and the Ray Data program itself.
                  → map_batches(expert_batch)           weight-free experts, fused into the load task
                  → map_batches(ExpertStage) per expert  actor pool: ActorPoolStrategy(size=…),
                                                         num_gpus per actor on GPU clusters
-                 → map_batches(render_batch)            CPU tasks
-    union of the lanes → the driver's iterator
+    union of the lanes → map_batches(render_batch)      CPU tasks, one operator for every lane
+                       → the driver's iterator
 
 Ray Data streams it: blocks of a few items flow through every operator at once, each
 operator's output is throttled by Ray Data's backpressure (object-store budgets per operator),
@@ -174,7 +174,11 @@ def load_memory(plans: list[ItemPlan]) -> float:
 
 
 def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placement]) -> Any:
-    """The whole build as one Ray Data dataset: one branch per lane, unioned."""
+    """The whole build as one Ray Data dataset: one branch per lane up to its last expert,
+    unioned, then rendering. One render operator, not one per lane: Ray Data reserves each
+    operator at least one task's CPUs, and on a node with few CPUs the per-lane render
+    operators left too few for the lanes to stream at once, so experts idled
+    (bench/pipeline.py, 2 CPUs, experts that sleep 0.3 s a run: 61 s → 45 s)."""
     import ray.data
 
     from curation.stages import ExpertStage, expert_batch, load_batch, render_batch
@@ -208,6 +212,6 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
                 compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus, num_gpus=p.gpus or None,
                 **({"memory": p.memory} if p.memory else {}),
             )
-        ds = ds.map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=1)
         branches.append(ds)
-    return branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    return ds.map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=1)

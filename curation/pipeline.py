@@ -1,10 +1,9 @@
 """`m3-curate build` and `m3-curate render`: the build as one Ray Data program, and the same
 rows again from the cache alone.
 
-    index (driver) → plan (driver) → per lane: load (CPU tasks) → expert pools (actors)
-                                                → render (CPU tasks) ─┐
-                                      union of the lanes ◄─────────────┘ → shard writer (driver)
-                                                                        → ledger, dataset card
+    index (driver) → plan (driver) → per lane: load (CPU tasks) → expert pools (actors) ─┐
+                                      union of the lanes ◄────────────────────────────────┘
+                                      → render (CPU tasks) → shard writer (driver) → ledger, dataset card
 
 Where it runs (`curation.cluster`): with no address, an embedded local Ray that the build
 starts and stops; with `--address` or `RAY_ADDRESS` (set by `ray job submit` for its
