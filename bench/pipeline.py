@@ -26,6 +26,10 @@ Ray, cold cache), as a user would run it. Reported:
                the pipeline), and over the busiest pool (Σ its runner seconds / its actors: 1.0
                means that pool was never idle). Also for the streaming part alone (after Ray
                and the driver's preparation).
+  CPU time     CPU seconds of every process of the build, by kind (driver, Ray daemons, Ray
+               Data's own actors, expert actors, task workers), sampled with the memory; divided
+               by the CPUs it is the shortest wall time any schedule could reach, so it bounds
+               the busy ratio from below
   render       `m3-curate render` wall time (cache only)
   preview      `m3-curate preview MANIFEST -n 20` wall time from the cache (goal < 5 s)
 """
@@ -50,14 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
-def tree_pss(pid: int) -> int:
-    """Bytes of PSS of a process and its descendants (0 for those that vanish meanwhile)."""
+def tree_pss(procs: list[psutil.Process]) -> int:
+    """Bytes of PSS of a process tree (0 for those that vanish meanwhile)."""
     total = 0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     for p in procs:
         try:
             total += p.memory_full_info().pss
@@ -66,21 +65,78 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def run_sampled(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(wall seconds, peak tree PSS bytes, output) of a command."""
+# What each process of a build is, from its command line: Ray names its workers `ray::<task or
+# actor>` (`ray::IDLE` between tasks); the daemons are raylet, gcs_server and Python scripts
+# under ray/.
+RAY_DATA_ACTORS = ("_StatsActor", "AutoscalingCoordinator", "ActorLocationTracker")
+
+
+def process_kind(cmdline: list[str], is_root: bool) -> str:
+    first = cmdline[0] if cmdline else ""
+    if is_root:
+        return "driver"
+    if not first.startswith("ray::"):
+        return "Ray daemons"
+    if "ExpertStage" in first:
+        return "expert actors"
+    if any(name in first for name in RAY_DATA_ACTORS):
+        return "Ray Data's own actors"
+    return "idle workers" if first == "ray::IDLE" else "task workers"
+
+
+class CpuLedger:
+    """CPU seconds (user + system) of every process of the tree, by kind. Sampled: a process
+    that exits between two samples loses at most its last interval."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+
+    def sample(self, root: psutil.Process, procs: list[psutil.Process]) -> None:
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    kind = process_kind(p.cmdline(), p.pid == root.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            self.seconds[p.pid] = t.user + t.system
+            # a worker is what it last did that was not idling
+            if kind != "idle workers" or p.pid not in self.kind:
+                self.kind[p.pid] = kind
+
+    def by_kind(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for pid, s in self.seconds.items():
+            totals[self.kind[pid]] = totals.get(self.kind[pid], 0.0) + s
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def tree(pid: int) -> tuple[psutil.Process, list[psutil.Process]] | None:
+    try:
+        root = psutil.Process(pid)
+        return root, [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+
+
+def run_sampled(command: list[str], env: dict[str, str]) -> tuple[float, int, str, CpuLedger]:
+    """(wall seconds, peak tree PSS bytes, output, CPU seconds by process) of a command."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, output = 0, []
+    peak, output, cpu = 0, [], CpuLedger()
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
+        if (found := tree(proc.pid)) is not None:
+            peak = max(peak, tree_pss(found[1]))
+            cpu.sample(*found)
         time.sleep(0.5)
     reader.join()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{''.join(output)[-4000:]}")
-    return wall, peak, "".join(output)
+    return wall, peak, "".join(output), cpu
 
 
 def weight_free_manifest(archive: Path, out: Path, path: Path, *, counting: bool = False) -> Path:
@@ -112,7 +168,7 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
     if sleep:
         env["M3_TEST_RUN_SLEEP"] = str(sleep)
     py = sys.executable
-    wall, peak, _ = run_sampled([py, "-m", "curation", "-q", "build", str(manifest)], env)
+    wall, peak, _, cpu = run_sampled([py, "-m", "curation", "-q", "build", str(manifest)], env)
     card = json.loads((out / "dataset_card.json").read_text())
     working = sum(card["counts"]["items"][k] for k in ("used", "quarantined"))
     pipeline_s = card["timing"]["wall_s"].get("pipeline", 0.0)
@@ -122,10 +178,10 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
         share = e["seconds"] / max(1, e.get("actors", 1) * e.get("pools", 1))
         if share > busiest_s:
             busiest, busiest_s = name, share
-    render_wall, _, _ = run_sampled([py, "-m", "curation", "-q", "render", str(manifest)], env)
+    render_wall, *_ = run_sampled([py, "-m", "curation", "-q", "render", str(manifest)], env)
     preview_wall = None
     if (REPO / "curation" / "preview.py").exists():
-        preview_wall, _, _ = run_sampled([py, "-m", "curation", "-q", "preview", str(manifest), "-n", "20", "--html", str(out / "preview.html")], env)
+        preview_wall, *_ = run_sampled([py, "-m", "curation", "-q", "preview", str(manifest), "-n", "20", "--html", str(out / "preview.html")], env)
     result = {
         "items": working, "rows": card["counts"]["rows"]["total"], "wall_s": wall, "pipeline_s": pipeline_s,
         "items_per_s": working / wall, "items_per_s_streaming": working / pipeline_s if pipeline_s else 0.0,
@@ -134,7 +190,11 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
         "busy_ratio_busiest": wall / busiest_s if busiest_s else float("nan"), "ray_start_s": card["timing"]["wall_s"].get("ray_start", 0.0),
         "render_s": render_wall, "preview_s": preview_wall if preview_wall is not None else float("nan"),
         "peak_rows_held": card["timing"].get("peak_rows_held", 0),
+        "cpu_s": cpu.by_kind(),
     }
+    cpu_total = sum(result["cpu_s"].values())
+    cpus = len(os.sched_getaffinity(0))
+    floor_wall = cpu_total / cpus
     print(f"\n== {label}")
     print(f"  items {working}, rows {result['rows']}, build wall {wall:.1f} s (Ray start {result['ray_start_s']:.1f} s, streaming {pipeline_s:.1f} s)")
     print(f"  items/s: {result['items_per_s']:.2f} end to end, {result['items_per_s_streaming']:.2f} while streaming")
@@ -144,6 +204,10 @@ def bench_one(manifest: Path, out: Path, label: str, *, sleep: float = 0.0) -> d
     print(f"  build wall / experts' own time (goal ≤ 1.3): {result['busy_ratio']:.2f} over all experts, "
           f"{result['busy_ratio_busiest']:.2f} over the busiest pool; streaming part alone: "
           f"{pipeline_s / expert_total if expert_total else float('nan'):.2f} and {pipeline_s / busiest_s if busiest_s else float('nan'):.2f}")
+    print(f"  CPU time of the build and its Ray processes: {cpu_total:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["cpu_s"].items()) + ")")
+    print(f"  so on {cpus} CPUs no schedule finishes this work in under {floor_wall:.1f} s: build wall / experts' own time "
+          f"≥ {floor_wall / expert_total if expert_total else float('nan'):.2f} over all experts, whatever the pipeline does")
     print(f"  render from cache: {render_wall:.1f} s; preview -n 20 from cache: "
           + (f"{preview_wall:.1f} s (goal < 5 s)" if preview_wall is not None else "not available (no curation/preview.py)"))
     return result
