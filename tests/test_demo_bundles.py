@@ -20,7 +20,7 @@ from curation.items import Volume
 from curation.manifest import ExpertSpec, load_manifest
 from expert_runners.base import ExpertInput, make_runner
 from expert_runners.bundle import read_bundle
-from expert_runners.demo_training.common import dice, file_size
+from expert_runners.demo_training.common import dice, draws, file_size
 from experts_factory import study_item
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +101,11 @@ def test_demo_manifest_experts_build():
     assert runners["VISTA3D"].bundle.root == BUNDLES / "ct_organs"  # type: ignore[attr-defined]
     for runner in runners.values():
         assert len(runner.fingerprint()) == 16
+
+
+def test_training_draws_full_batches_each_index_once_per_pass():
+    batches = draws(np.random.default_rng(0), 8, 4)
+    passes = [next(batches) + next(batches) for _ in range(3)]
+    assert all(sorted(p) == list(range(8)) for p in passes) and len({tuple(p) for p in passes}) == 3
+    uneven = draws(np.random.default_rng(0), 10, 4)  # 2 left over after two batches: a fresh pass
+    assert all(len(next(uneven)) == 4 for _ in range(5))

@@ -23,7 +23,7 @@ import torch
 from curation.demo import SEQUENCES, brain_phantom
 from curation.demo.brain import BRAIN_SHAPE, BRAIN_SPACING
 from expert_runners.bundle import TransformStep
-from expert_runners.demo_training.common import (Progress, cosine_lr, half_state_dict, metadata, seed_everything,
+from expert_runners.demo_training.common import (Progress, draws, fit, half_state_dict, metadata, seed_everything,
                                                  training_record, write_bundle_folder)
 from expert_runners.volumetric import KEY, build_preprocessing, to_meta_tensor
 
@@ -85,22 +85,8 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
         # the network to say "no tumour" there
         return dice_loss(logits, target) + bce(logits, target)
 
-    optimiser = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-5)
-    schedule = cosine_lr(optimiser, steps)
-    rng = np.random.default_rng([seed, 2])
-    order: list[int] = []
-    net.train()
-    for step in range(1, steps + 1):
-        if not order:
-            order = list(rng.permutation(cases))
-        image, target = data[order.pop()]
-        loss = loss_fn(net(image[None]), target[None])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        progress.step(step, loss.item(), schedule.get_last_lr()[0])
-    net.eval()
+    batches = ((data[i][0][None], data[i][1][None]) for [i] in draws(np.random.default_rng([seed, 2]), cases, 1))
+    fit(net, loss_fn, batches, steps=steps, lr=LEARNING_RATE, weight_decay=1e-5, progress=progress)
     root = write_bundle_folder(out, metadata=_metadata(seed, cases, steps), inference=inference_config(),
                                weights=half_state_dict(net), readme=README)
     progress.say(f"wrote {root} in {progress.elapsed():.0f} s")

@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,35 @@ def cosine_lr(optimiser: torch.optim.Optimizer, steps: int, warmup: int = 10) ->
         return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def draws(rng: np.random.Generator, count: int, size: int) -> Iterator[list[int]]:
+    """`size` indices a step, without replacement: a fresh permutation of `count` whenever fewer
+    than `size` are left (the leftovers are dropped, so every batch is full)."""
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            order = list(rng.permutation(count))
+        yield [order.pop() for _ in range(size)]
+
+
+def fit(net: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float, weight_decay: float,
+        progress: Progress) -> None:
+    """`steps` steps of AdamW on the cosine schedule, one (input, target) batch each; the
+    network is left in eval mode."""
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = cosine_lr(optimiser, steps)
+    net.train()
+    for step in range(1, steps + 1):
+        inputs, target = next(batches)
+        loss = loss_fn(net(inputs), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        progress.step(step, loss.item(), schedule.get_last_lr()[0])
+    net.eval()
 
 
 def half_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ import torch
 
 from curation.demo import CT_LABELS, ct_phantom
 from expert_runners.bundle import TransformStep
-from expert_runners.demo_training.common import (Progress, cosine_lr, half_state_dict, metadata, seed_everything,
+from expert_runners.demo_training.common import (Progress, draws, fit, half_state_dict, metadata, seed_everything,
                                                  training_record, write_bundle_folder)
 from expert_runners.vista3d import DEFAULT_SUBCLASS
 from expert_runners.volumetric import KEY, build_preprocessing, to_meta_tensor
@@ -115,22 +115,8 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
     def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return dice_loss(logits, label) + cross_entropy(logits, label[:, 0])
 
-    optimiser = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-5)
-    schedule = cosine_lr(optimiser, steps)
-    rng = np.random.default_rng([seed, 1])
-    order: list[int] = []
-    net.train()
-    for step in range(1, steps + 1):
-        if not order:
-            order = list(rng.permutation(cases))
-        image, label = data[order.pop()]
-        loss = loss_fn(net(image), label)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        progress.step(step, loss.item(), schedule.get_last_lr()[0])
-    net.eval()
+    batches = (data[i] for [i] in draws(np.random.default_rng([seed, 1]), cases, 1))
+    fit(net, loss_fn, batches, steps=steps, lr=LEARNING_RATE, weight_decay=1e-5, progress=progress)
     root = write_bundle_folder(out, metadata=_metadata(seed, cases, steps), inference=inference_config(),
                                weights=half_state_dict(spread_head(net)), readme=README)
     progress.say(f"wrote {root} in {progress.elapsed():.0f} s")

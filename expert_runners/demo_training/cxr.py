@@ -22,7 +22,8 @@ import torch
 
 from curation.demo import CXR_LABELS, FINDINGS, cxr_phantom
 from expert_runners.cxr import model_input, unit_scale
-from expert_runners.demo_training.common import Progress, cosine_lr, metadata, seed_everything, training_record, write_bundle_folder
+from expert_runners.demo_training.common import (Progress, draws, fit, metadata, seed_everything, training_record,
+                                                 write_bundle_folder)
 
 NAME = "cxr_demo"
 SIZE = 256
@@ -63,22 +64,8 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
     progress.say(f"{count} chest X-ray phantoms (seed {seed}); positives {positives}")
     net = network()
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    optimiser = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    schedule = cosine_lr(optimiser, steps)
-    rng = np.random.default_rng([seed, 3])
-    order: list[int] = []
-    net.train()
-    for step in range(1, steps + 1):
-        if len(order) < BATCH:
-            order = list(rng.permutation(count))
-        batch = [order.pop() for _ in range(BATCH)]
-        loss = loss_fn(net(inputs[batch]), labels[batch])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        progress.step(step, loss.item(), schedule.get_last_lr()[0])
-    net.eval()
+    batches = ((inputs[b], labels[b]) for b in draws(np.random.default_rng([seed, 3]), count, BATCH))
+    fit(net, loss_fn, batches, steps=steps, lr=LEARNING_RATE, weight_decay=1e-4, progress=progress)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     root = write_bundle_folder(out, metadata=_metadata(seed, cases, steps), inference=inference_config(), weights=state,
                                readme=README, extra_files={EXPORTED: lambda path: export(net, path)})
