@@ -50,6 +50,10 @@ def read_labels_table(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
+# What reading a header raises for a file that is not a readable image.
+UNREADABLE = (UnidentifiedImageError, OSError, pydicom.errors.InvalidDicomError, SyntaxError)
+
+
 def _picture_header(path: Path) -> tuple[list[int], str]:
     with Image.open(path) as img:
         img.verify()
@@ -95,7 +99,7 @@ class Image2DReader(SourceReader):
         table: dict[str, dict[str, Any]] = {}
         if self.spec.labels is not None:
             table = read_labels_table(Path(self.spec.labels))
-            table_uri = _relative(Path(self.spec.labels), self.root)
+            table_uri = relative_uri(Path(self.spec.labels), self.root)
             if table_uri in files:
                 scan.ledger.append(self.entry(table_uri, "indexed", "labels table"))
         for uri in files:
@@ -105,23 +109,35 @@ class Image2DReader(SourceReader):
         return scan
 
     def _file(self, uri: str, row: dict[str, Any] | None, scan: Scan) -> None:
-        path = self.root / uri
         try:
-            if _suffix(uri) in PICTURE_SUFFIXES:
-                shape, _ = _picture_header(path)
-                spacing, modality = [1.0, 1.0], self.spec.modality
-            else:
-                shape, spacing, modality = _dicom_header(path)
-        except (UnidentifiedImageError, OSError, pydicom.errors.InvalidDicomError, SyntaxError) as e:
+            header = self.header(uri)
+        except UNREADABLE as e:
             scan.ledger.append(self.entry(uri, "quarantined", f"corrupt: {type(e).__name__}: {e}"))
             return
         except ValueError as e:
             scan.ledger.append(self.entry(uri, "skipped", str(e)))
             return
         patient = (row or {}).get("patient_id") or Path(uri).stem
-        attrs = {"labels": row["labels"]} if row else {}
-        item = StudyItem(
-            item_id=self.keyer("item", self.spec.name, uri),
+        item = self.item(uri, header, patient=patient, attrs={"labels": row["labels"]} if row else {})
+        scan.items.append(item)
+        scan.ledger.append(self.entry(uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
+
+    def header(self, uri: str) -> tuple[list[int], list[float], str]:
+        """(shape, spacing, modality) from the file's header alone; a picture has neither spacing
+        nor modality, so unit spacing and the source's modality stand in. Raises one of
+        UNREADABLE, or ValueError for a DICOM that is not a 2D image."""
+        path = self.root / uri
+        if _suffix(uri) in PICTURE_SUFFIXES:
+            shape, _ = _picture_header(path)
+            return shape, [1.0, 1.0], self.spec.modality
+        return _dicom_header(path)
+
+    def item(self, uri: str, header: tuple[list[int], list[float], str], *, patient: str, attrs: dict[str, Any],
+             record: Any = None) -> StudyItem:
+        """The item of image `uri`; `record` tells apart several items of one image (question–answer records)."""
+        shape, spacing, modality = header
+        return StudyItem(
+            item_id=self.keyer("item", self.spec.name, uri, *([] if record is None else [record])),
             patient_key=self.keyer("patient", patient),
             study_key=self.keyer("study", self.spec.name, uri),
             source=self.spec.name,
@@ -133,8 +149,6 @@ class Image2DReader(SourceReader):
             uris=[uri],
             attrs=attrs,
         )
-        scan.items.append(item)
-        scan.ledger.append(self.entry(uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
 
     def load(self, item: StudyItem) -> Volume:
         path = self.root / item.uris[0]
@@ -146,7 +160,8 @@ class Image2DReader(SourceReader):
         return Volume(array=array, affine=affine)
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_uri(path: Path, root: Path) -> str:
+    """`path` as a URI under `root`, or "" when it lies elsewhere."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:

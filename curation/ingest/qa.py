@@ -32,12 +32,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from PIL import UnidentifiedImageError
 
 from curation.errors import CurationError
 from curation.ingest.base import Scan
-from curation.ingest.image2d import PICTURE_SUFFIXES, Image2DReader, _dicom_header, _picture_header
+from curation.ingest.image2d import PICTURE_SUFFIXES, UNREADABLE, Image2DReader, relative_uri
 from curation.items import StudyItem
 
 log = logging.getLogger(__name__)
@@ -157,7 +155,7 @@ class QaReader(Image2DReader):
         table = Path(self.spec.file)
         records = read_records(table, dict(self.spec.columns))
         present = set(files)
-        table_uri = _relative(table, self.root)
+        table_uri = relative_uri(table, self.root)
         if table_uri in present:
             scan.ledger.append(self.entry(table_uri, "indexed", "question–answer table"))
         dropped: Counter[str] = Counter()
@@ -176,7 +174,8 @@ class QaReader(Image2DReader):
                     header = headers[uri] = self._header(uri)
                 if isinstance(header, str):
                     continue  # unreadable image: quarantined once below
-                by_image.setdefault(uri, []).append(self._item(uri, rec, header))
+                by_image.setdefault(uri, []).append(
+                    self.item(uri, header, patient=rec["patient_id"] or Path(uri).stem, attrs={"qa": rec["qa"]}, record=rec["record"]))
                 continue
             dropped[reason] += 1
             examples.setdefault(reason, f"record {rec['record']} ({image!r})")
@@ -196,35 +195,7 @@ class QaReader(Image2DReader):
 
     def _header(self, uri: str) -> tuple[list[int], list[float], str] | str:
         """(shape, spacing, modality) of an image, or why it cannot be read."""
-        path = self.root / uri
         try:
-            if Path(uri).suffix.lower() in PICTURE_SUFFIXES:
-                shape, _ = _picture_header(path)
-                return shape, [1.0, 1.0], self.spec.modality
-            return _dicom_header(path)
-        except (UnidentifiedImageError, OSError, pydicom.errors.InvalidDicomError, SyntaxError, ValueError) as e:
+            return self.header(uri)
+        except (*UNREADABLE, ValueError) as e:
             return f"corrupt: {type(e).__name__}: {e}"
-
-    def _item(self, uri: str, rec: dict[str, Any], header: tuple[list[int], list[float], str]) -> StudyItem:
-        shape, spacing, modality = header
-        patient = rec["patient_id"] or Path(uri).stem
-        return StudyItem(
-            item_id=self.keyer("item", self.spec.name, uri, rec["record"]),
-            patient_key=self.keyer("patient", patient),
-            study_key=self.keyer("study", self.spec.name, uri),
-            source=self.spec.name,
-            kind="image2d",
-            modality=modality,
-            shape=shape,
-            spacing=spacing,
-            n_files=1,
-            uris=[uri],
-            attrs={"qa": rec["qa"]},
-        )
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return ""
