@@ -1,7 +1,7 @@
 """Where and how the build runs on Ray: the session (embedded, a cluster, or a job's), the
 actor pools' placement, and the Ray Data program itself.
 
-    per lane:  from_arrow(blocks of item plans)
+    per lane:  from_blocks(blocks of item plans)
                  → map_batches(load_batch)             CPU tasks, `memory` reserved per task
                  → map_batches(expert_batch)           weight-free experts, fused into the load task
                  → map_batches(ExpertStage) per expert  actor pool: ActorPoolStrategy(size=…),
@@ -191,7 +191,9 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
         plans = [p for p in plan.working if p.lane == lane_index]
         if not plans:
             continue
-        ds = ray.data.from_arrow(_blocks(plans))
+        # from_blocks, not from_arrow: from_arrow runs a Ray task per block for its metadata and
+        # waits for them all before anything streams (one per CT series on a large archive)
+        ds = ray.data.from_blocks(_blocks(plans))
         # `memory` also keeps Ray Data from fusing loading into the expert actors (different
         # resources): loading must overlap the experts' work, not run inside their actors.
         # Experts that run in load tasks come first, with the same resources: Ray Data fuses
