@@ -32,7 +32,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
 from curation.errors import CurationError
 from curation.ingest.base import Scan
 from curation.ingest.image2d import PICTURE_SUFFIXES, UNREADABLE, Image2DReader, relative_uri
@@ -171,7 +170,7 @@ class QaReader(Image2DReader):
             else:
                 header = headers.get(uri)
                 if header is None:
-                    header = headers[uri] = self._header(uri)
+                    header = headers[uri] = self._header_or_reason(uri)
                 if isinstance(header, str):
                     continue  # unreadable image: quarantined once below
                 by_image.setdefault(uri, []).append(
@@ -193,7 +192,7 @@ class QaReader(Image2DReader):
             log.warning("source %s: %s", self.spec.name, "; ".join(f"{n} record(s) left out: {r} (e.g. {examples[r]})" for r, n in dropped.items()))
         return scan
 
-    def _header(self, uri: str) -> tuple[list[int], list[float], str] | str:
+    def _header_or_reason(self, uri: str) -> tuple[list[int], list[float], str] | str:
         """(shape, spacing, modality) of an image, or why it cannot be read."""
         try:
             return self.header(uri)
