@@ -22,7 +22,7 @@ $(DEMO)/ground_truth.json: | $(STAMP)
 
 demo: $(STAMP) $(DEMO)/ground_truth.json
 	$(VENV)/bin/m3-curate build manifests/demo.yaml
-	@echo "shards: out/demo/shards/<split>/part-NNNNN.parquet; card: out/demo/dataset_card.json; ledger: out/demo/ledger.parquet"
+	@echo "share out/demo/dataset as it is (dataset_card.json, rows in data/<split>/part-NNNNN.parquet); out/demo/internal names source files (index, ledger, cache)"
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from curation.demo import CT_LABELS, write_demo_archive  # noqa: E402
-from curation.index import build_index  # noqa: E402
+from curation.ingest.index import build_index  # noqa: E402
 from curation.ingest import readers_for  # noqa: E402
 from curation.items import StudyItem  # noqa: E402
 from curation.manifest import BuildSpec, ExpertSpec, load_manifest  # noqa: E402

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from curation.demo import write_demo_archive  # noqa: E402
-from curation.index import build_index  # noqa: E402
+from curation.ingest.index import build_index  # noqa: E402
 from curation.ingest import readers_for  # noqa: E402
 from curation.items import StudyItem  # noqa: E402
 from curation.manifest import ExpertSpec  # noqa: E402

@@ -99,7 +99,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from curation.evaluate import evaluate
+    from curation.finetune.evaluate import evaluate
     from curation.finetune.data import count_rows, shard_files, shards_root
     from curation.finetune.train import TrainConfig, prepare, train
 

@@ -6,7 +6,7 @@ Writes a CT archive with pydicom into a temporary folder (S series × N slices o
 uncompressed explicit VR little endian, with a header of the size scanners write), then times
 each converter writing uncompressed `.nii`:
 
-  ours      `curation.convert.convert(spec, out, compress=False)`: index (header scan of every
+  ours      `curation.ingest.convert.convert(spec, out, compress=False)`: index (header scan of every
             file) + load every item + nibabel save, plus index/ledger Parquet
   dcm2niix  `dcm2niix -z n -o OUT DIR` (the PyPI package's binary next to this Python)
 
@@ -41,8 +41,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import dicom_factory as fac  # noqa: E402  (tests/dicom_factory.py: the same writer the tests use)
 
-from curation.convert import convert  # noqa: E402
-from curation.index import list_files  # noqa: E402
+from curation.ingest.convert import convert  # noqa: E402
+from curation.ingest.index import list_files  # noqa: E402
 from curation.ingest.dicom import DicomReader  # noqa: E402
 from curation.keys import Keyer  # noqa: E402
 from curation.manifest import BuildSpec, DicomSourceSpec  # noqa: E402

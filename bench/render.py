@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curation.imaging import encode_png
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render import Renderer, conversation_seed, expert_call
+from curation.render.renderer import Renderer, conversation_seed, expert_call
 from curation.rows import Conversation
-from expert_runners.findings import ClassResult, Findings, Image, Structure
+from curation.findings import ClassResult, Findings, Image, Structure
 
 CT_STRUCTURES = [  # name, volume (mL), side, colour: the demo CT phantom's ground truth
     ("liver", 1505.75, "right", "red"), ("spleen", 145.22, "left", "blue"), ("right kidney", 98.41, "right", "yellow"),

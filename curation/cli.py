@@ -24,23 +24,22 @@ def _demo_archive(args: argparse.Namespace) -> None:
     )
 
 
-def _out_dir(args: argparse.Namespace, spec_out: Path) -> Path:
-    return Path(args.out) if args.out else spec_out
-
-
 def _index(args: argparse.Namespace) -> None:
-    from curation.index import build_index, write_index
+    from curation.ingest.index import build_index, write_index
     from curation.manifest import load_manifest
+    from curation.store.layout import Layout
 
     spec = load_manifest(args.manifest)
     index = build_index(spec)
-    index_path, ledger_path = write_index(index, _out_dir(args, spec.output.dir))
+    layout = Layout.of(spec, args.out)
+    layout.mark_internal()
+    index_path, ledger_path = write_index(index, layout.index, layout.ledger)
     print(index.summary())
     print(f"wrote {index_path} and {ledger_path}")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from curation.convert import convert
+    from curation.ingest.convert import convert
     from curation.manifest import load_manifest
 
     spec = load_manifest(args.manifest)
@@ -91,12 +90,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
     s.add_argument("--limit", type=int, help="use only the first N items (for a quick try)")
-    s.set_defaults(run=_delegate("curation.pipeline:build_command"))
+    s.set_defaults(run=_delegate("curation.build.pipeline:build_command"))
 
     s = sub.add_parser("render", help="rebuild shards from cached findings only (no expert runs)")
     s.add_argument("manifest")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
-    s.set_defaults(run=_delegate("curation.pipeline:render_command"))
+    s.set_defaults(run=_delegate("curation.build.pipeline:render_command"))
 
     s = sub.add_parser("preview", help="a static HTML gallery of rendered samples, for template tuning")
     s.add_argument("manifest")
@@ -148,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded (default 8)")
     s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU")
-    s.set_defaults(run=_delegate("curation.evaluate:eval_command"))
+    s.set_defaults(run=_delegate("curation.finetune.evaluate:eval_command"))
     return p
 
 

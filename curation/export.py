@@ -26,18 +26,10 @@ from typing import IO, Any
 import pyarrow.parquet as pq
 
 from curation.errors import CurationError
+from curation.store.layout import shard_files
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
-
-
-def shard_files(path: Path) -> list[Path]:
-    """The shards under a build's output folder or its `shards/` folder."""
-    root = path / "shards" if (path / "shards").is_dir() else path
-    files = sorted(root.glob("*/part-*.parquet"))
-    if not files:
-        raise CurationError(f"no shards (<split>/part-NNNNN.parquet) under {root}; give a build's output folder or its shards/ folder")
-    return files
 
 
 def turn_text(content: list[dict[str, Any]]) -> str:

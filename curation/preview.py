@@ -27,17 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.cache import FindingsCache, content_hash
+from curation.store.cache import FindingsCache, content_hash
 from curation.errors import CurationError, ItemError
-from curation.index import scan_source
+from curation.ingest.index import scan_source
 from curation.ingest import SourceReader, readers_for
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec, load_manifest
-from curation.plan import ExpertInfo, spec_json
-from curation.prompt_data import provides
-from curation.render import Renderer, TemplateError
+from curation.build.plan import ExpertInfo, spec_json
+from curation.render.prompt_data import provides
+from curation.render.renderer import Renderer, TemplateError
 from curation.rows import Conversation
-from expert_runners.findings import Findings
+from curation.findings import Findings
+from curation.store.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,10 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
         raise CurationError(f"-n must be at least 1, got {n}")
     renderer, tasks = _tasks(spec, task, template)
     readers = readers_for(spec)
-    build_cache = FindingsCache(spec.output.cache if spec.output.cache and out == spec.output.dir else out / "cache")
+    layout = Layout.of(spec, out)
+    build_cache = FindingsCache(layout.cache)
     experts: dict[str, _Expert] = {}
-    own_cache = FindingsCache(out / "preview_cache")
+    own_cache = FindingsCache(layout.preview_cache)
     items: dict[str, list[StudyItem]] = {}
     sections = []
     for t in tasks:

@@ -23,7 +23,7 @@ from curation import __version__
 from curation.errors import CurationError, ItemError
 from curation.items import StudyItem, Volume
 from curation.manifest import SCHEDULING_KEYS, ExpertSpec
-from expert_runners.findings import Findings
+from curation.findings import Findings
 
 ENTRY_POINT_GROUP = "m3_curate.runners"
 

@@ -46,7 +46,8 @@ from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
-from expert_runners.findings import Findings, Structure, measure_structures
+from curation.findings import Findings, Structure
+from expert_runners.measure import measure_structures
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
 from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
 

@@ -56,7 +56,8 @@ from curation.errors import CurationError
 from curation.imaging import CT_WINDOWS, reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.findings import Findings, measure_structures
+from curation.findings import Findings
+from expert_runners.measure import measure_structures
 from expert_runners.segmentation import segmentation_findings
 
 LUNG, BONE, FAT, SOFT_TISSUE, BODY = 1, 2, 3, 4, 5

@@ -73,7 +73,7 @@ from curation.errors import CurationError
 from curation.imaging import encode_png
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.findings import ClassResult, Findings, Image
+from curation.findings import ClassResult, Findings, Image
 from expert_runners.picture2d import grayscale, picture_2d
 
 CXR_LABELS: tuple[str, ...] = (

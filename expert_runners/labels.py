@@ -45,7 +45,7 @@ from curation.imaging import COLOURS, CT_WINDOWS, encode_png, reorient
 from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
-from expert_runners.findings import ClassResult, Findings, Image
+from curation.findings import ClassResult, Findings, Image
 from expert_runners.picture2d import grayscale, picture_2d
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
 

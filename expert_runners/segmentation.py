@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from curation.imaging import assign_colours, axial, ct_window, encode_png, key_slice, overlay, percentile_normalise, reorient
-from expert_runners.findings import Findings, Image, Structure, measure_structures
+from curation.findings import Findings, Image, Structure
+from expert_runners.measure import measure_structures
 
 
 def display_volume(volume: np.ndarray, window: str | None) -> np.ndarray:

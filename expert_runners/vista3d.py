@@ -56,7 +56,7 @@ from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import read_bundle
-from expert_runners.findings import Findings
+from curation.findings import Findings
 from expert_runners.labels import DEFAULT_EVERYTHING
 from expert_runners.segmentation import segmentation_findings
 from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size

@@ -20,7 +20,7 @@ from typing import Any
 
 from expert_runners.base import ExpertInput
 from expert_runners.ct_tissue import CtTissueRunner
-from expert_runners.findings import Findings
+from curation.findings import Findings
 from expert_runners.labels import LabelsRunner
 
 

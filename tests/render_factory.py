@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from curation.demo import write_demo_archive
-from curation.index import build_index
+from curation.ingest.index import build_index
 from curation.ingest import readers_for
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
 from expert_runners.base import ExpertInput, make_runner
 from expert_runners.brats import brats_findings
-from expert_runners.findings import Findings
+from curation.findings import Findings
 
 CASES = 2
 TUMOUR_GROUPS = ["hepatic tumor", "hepatoma"]

@@ -1,7 +1,7 @@
 """Shards shaped like a build's, for fine-tuning and evaluation tests (and `bench/finetune.py`
 until the real `m3-curate build` writes them).
 
-`write_shards(out, conversations=N)` writes `out/shards/<split>/part-NNNNN.parquet` with
+`write_shards(out, conversations=N)` writes `out/dataset/data/<split>/part-NNNNN.parquet` with
 `curation.rows.ROW_SCHEMA` rows that follow VILA-M3's conversation kinds
 (`../shared/reference/VILA-M3.md`): a model card first in the first user turn, real small PNG
 images (CT slices, segmentation overlays, four brain MRI sequences, chest X-rays), expert
@@ -276,11 +276,11 @@ def make_rows(conversations: int, *, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def write_shards(out: Path, *, conversations: int = 60, seed: int = 0, rows_per_shard: int = 40, row_group_size: int = 16) -> Path:
-    """Write `out/shards/<split>/part-NNNNN.parquet` and return `out`."""
+    """Write `out/dataset/data/<split>/part-NNNNN.parquet` and return `out`."""
     rows = make_rows(conversations, seed=seed)
     for split in ("train", "val", "test"):
         part = [row for row in rows if row["split"] == split]
-        folder = out / "shards" / split
+        folder = out / "dataset" / "data" / split
         folder.mkdir(parents=True, exist_ok=True)
         for n, start in enumerate(range(0, len(part), rows_per_shard)):
             table = pa.Table.from_pylist(part[start : start + rows_per_shard], schema=ROW_SCHEMA)

@@ -16,7 +16,7 @@ import yaml
 from build_helpers import demo_manifest
 
 from curation.demo import write_demo_archive
-from curation.index import list_files
+from curation.ingest.index import list_files
 from curation.rows import ROW_SCHEMA
 
 pytestmark = pytest.mark.ray
@@ -97,7 +97,7 @@ def tiny_manifest(archive: Path, root: Path, prompts: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built(runs_log, archive, tmp_path_factory) -> Built:
-    from curation.pipeline import build
+    from curation.build.pipeline import build
 
     root = tmp_path_factory.mktemp("build")
     prompts = write_prompts(root / "prompts")
@@ -109,14 +109,14 @@ def built(runs_log, archive, tmp_path_factory) -> Built:
 def shard_table(out: Path):
     import pyarrow as pa
 
-    files = sorted((out / "shards").glob("*/part-*.parquet"))
+    files = sorted((out / "dataset" / "data").glob("*/part-*.parquet"))
     return pa.concat_tables([pq.read_table(f) for f in files]), files
 
 
 def test_shards_load_with_datasets_images_and_messages(built):
     import datasets
 
-    files = {s: sorted(str(f) for f in (built.out / "shards" / s).glob("part-*.parquet")) for s in ("train", "val", "test")}
+    files = {s: sorted(str(f) for f in (built.out / "dataset" / "data" / s).glob("part-*.parquet")) for s in ("train", "val", "test")}
     files = {s: f for s, f in files.items() if f}
     ds = datasets.load_dataset("parquet", data_files=files)
     total = sum(len(ds[s]) for s in ds)
@@ -166,7 +166,7 @@ def test_card_counts_add_up_and_match_shards(built):
     card, c = built.card, built.card["counts"]
     table, files = shard_table(built.out)
     assert table.schema.equals(ROW_SCHEMA)
-    assert json.loads((built.out / "dataset_card.json").read_text())["counts"] == c
+    assert json.loads((built.out / "dataset" / "dataset_card.json").read_text())["counts"] == c
     files_ = c["files"]
     assert files_["discovered"] == files_["used"] + files_["skipped"] + files_["quarantined"]
     assert c["rows"]["total"] == table.num_rows
@@ -174,7 +174,7 @@ def test_card_counts_add_up_and_match_shards(built):
         assert c["rows"][f"by_{column}"] == dict(Counter(table[column].to_pylist()))
     assert sum(c["rows"]["by_expert"].values()) == table.num_rows
     assert c["rows"]["planned"] == table.num_rows + sum(c["set_aside"].values())
-    assert c["shards"]["files"] == [f.relative_to(built.out).as_posix() for f in files] and c["shards"]["total"] == len(files)
+    assert c["shards"]["files"] == [f.relative_to(built.out / "dataset").as_posix() for f in files] and c["shards"]["total"] == len(files)
     assert all(pq.read_metadata(f).num_rows <= card["manifest"]["output"]["rows_per_shard"] for f in files)
     items = c["items"]
     assert items["indexed"] == items["used"] + items["skipped"] + items["quarantined"]
@@ -193,12 +193,12 @@ def test_no_patient_in_two_splits(built):
     for patient, split in zip(table["patient_key"].to_pylist(), table["split"].to_pylist()):
         splits[patient].add(split)
     assert splits and all(len(s) == 1 for s in splits.values())
-    for f in (built.out / "shards").glob("*/part-*.parquet"):
+    for f in (built.out / "dataset" / "data").glob("*/part-*.parquet"):
         assert set(pq.read_table(f, columns=["split"])["split"].to_pylist()) == {f.parent.name}
 
 
 def test_ledger_accounts_for_every_file_and_every_failure(built, archive):
-    ledger = pq.read_table(built.out / "ledger.parquet").to_pylist()
+    ledger = pq.read_table(built.out / "internal" / "ledger.parquet").to_pylist()
     uris = Counter((r["source"], r["uri"]) for r in ledger)
     on_disk = {(s, u) for s in ("ct", "brain", "cxr") for u in list_files(archive / s)}
     assert set(uris) == on_disk and max(uris.values()) == 1
@@ -255,7 +255,7 @@ def rows_by_id(out: Path) -> dict[str, dict]:
 
 def test_building_twice_gives_identical_rows(built, tmp_path):
     """A second build into a fresh folder (its own cache: every expert runs again)."""
-    from curation.pipeline import build
+    from curation.build.pipeline import build
 
     again = build(built.manifest, out=tmp_path / "again", progress=False)
     first, second = rows_by_id(built.out), rows_by_id(tmp_path / "again")
@@ -263,13 +263,13 @@ def test_building_twice_gives_identical_rows(built, tmp_path):
     for rid, row in first.items():
         assert row["messages"] == second[rid]["messages"]
         assert [i["bytes"] for i in row["images"]] == [i["bytes"] for i in second[rid]["images"]]
-    names = lambda out: sorted(p.relative_to(out).as_posix() for p in (out / "shards").rglob("*.parquet"))
+    names = lambda out: sorted(p.relative_to(out).as_posix() for p in (out / "dataset" / "data").rglob("*.parquet"))
     assert names(built.out) == names(tmp_path / "again")
     assert again.card["experts"]["CT_TISSUE"]["runs"] == built.card["experts"]["CT_TISSUE"]["runs"]
 
 
 def test_render_after_a_template_change_runs_no_expert(built, tmp_path, monkeypatch):
-    from curation.pipeline import render
+    from curation.build.pipeline import render
     from expert_runners import base
 
     out = tmp_path / "out"
@@ -308,7 +308,7 @@ def test_render_after_a_template_change_runs_no_expert(built, tmp_path, monkeypa
 
 def test_render_without_a_build_says_what_to_do(built, tmp_path):
     from curation.errors import CurationError
-    from curation.pipeline import render
+    from curation.build.pipeline import render
 
     with pytest.raises(CurationError, match=r"experts\[0\] \('CT_TISSUE'\): no build has run this expert configuration"):
         render(built.manifest, out=tmp_path / "empty", progress=False)

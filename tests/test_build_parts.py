@@ -13,14 +13,14 @@ import pytest
 import yaml
 from build_helpers import demo_manifest
 
-from curation.cache import FindingsCache, content_hash
-from curation.cluster import place_experts, ray_session
+from curation.store.cache import FindingsCache, content_hash
+from curation.build.cluster import place_experts, ray_session
 from curation.demo import write_demo_archive
 from curation.errors import CurationError
 from curation.manifest import BuildSpec, load_manifest
-from curation.pipeline import build
-from curation.plan import ExpertInfo, Lane, Plan, runner_spec
-from curation.progress import Progress
+from curation.build.pipeline import build
+from curation.build.plan import ExpertInfo, Lane, Plan, runner_spec
+from curation.build.progress import Progress
 
 
 def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
@@ -120,27 +120,28 @@ def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
     result = build(manifest, limit=0, progress=False)
-    ledger = pq.read_table(tmp_path / "out" / "ledger.parquet").to_pylist()
+    ledger = pq.read_table(tmp_path / "out" / "internal" / "ledger.parquet").to_pylist()
     files = result.card["counts"]["files"]
     assert files["discovered"] == len(ledger) == files["used"] + files["skipped"] + files["quarantined"]
     assert any(r["reason"] == "left out by --limit" for r in ledger)
     assert result.card["counts"]["rows"]["total"] == 0 and not result.shards
-    assert json.loads((tmp_path / "out" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
+    assert json.loads((tmp_path / "out" / "dataset" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
 
 
 def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_path):
     """Ray retries a load task whose process died; the retry finds the mark the dead process
     left and quarantines the item instead of loading it into the next crash. A mark left by an
     earlier build (killed as a whole) does not count."""
-    from curation.pipeline import _prepare
-    from curation.stages import LOADING, load_item
+    from curation.build.pipeline import _prepare
+    from curation.store.layout import Layout
+    from curation.build.stages import LOADING, load_item
 
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
     spec = load_manifest(manifest)
-    prep = _prepare(spec, tmp_path / "out", limit=None, from_cache=False)
+    prep = _prepare(spec, Layout(tmp_path / "out"), limit=None, from_cache=False)
     plan = next(p for p in prep.plan.working if p.item.source == "ct")
     row, cache = {"plan": plan.to_json()}, prep.ctx.cache()
     content = content_hash(plan.item, Path(spec.source("ct").root))
@@ -158,14 +159,15 @@ def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_pa
 
 
 def test_an_item_whose_rendering_killed_a_worker_of_this_build_is_set_aside(tmp_path):
-    from curation.pipeline import _prepare
-    from curation.stages import RENDERING, Report, render_batch, table_from_bytes
+    from curation.build.pipeline import _prepare
+    from curation.store.layout import Layout
+    from curation.build.stages import RENDERING, Report, render_batch, table_from_bytes
 
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
-    prep = _prepare(load_manifest(manifest), tmp_path / "out", limit=None, from_cache=False)
+    prep = _prepare(load_manifest(manifest), Layout(tmp_path / "out"), limit=None, from_cache=False)
     plan = next(p for p in prep.plan.working if p.item.source == "cxr")
     batch = pa.table({"item_id": [plan.item.item_id], "plan": [plan.to_json()], "content": [None], "report": [Report().to_json()]})
     prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id)  # as a worker of this build that died rendering it

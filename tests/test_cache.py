@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from curation.cache import FindingsCache, content_hash
+from curation.store.cache import FindingsCache, content_hash
 from curation.items import StudyItem
-from expert_runners.findings import ClassResult, Findings, Image
+from curation.findings import ClassResult, Findings, Image
 
 
 def item(uris: list[str]) -> StudyItem:

@@ -59,5 +59,5 @@ def test_index_writes_tables(capsys, write_manifest, tmp_path: Path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v" / "a.nii.gz")
     path = write_manifest({"name": "x", "sources": [{"name": "v", "kind": "nifti", "root": "v"}]})
     assert main(["-q", "index", str(path), "--out", str(tmp_path / "o")]) == 0
-    assert (tmp_path / "o" / "index.parquet").is_file() and (tmp_path / "o" / "ledger.parquet").is_file()
+    assert (tmp_path / "o" / "internal" / "index.parquet").is_file() and (tmp_path / "o" / "internal" / "ledger.parquet").is_file()
     assert "1 items from 1 files" in capsys.readouterr().out

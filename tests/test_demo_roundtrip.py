@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from curation.convert import convert
+from curation.ingest.convert import convert
 from curation.demo import ct_phantom, write_demo_archive
-from curation.index import build_index
+from curation.ingest.index import build_index
 from curation.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from curation import evaluate as ev
-from curation.evaluate import Closed, closed_from_meta, closed_question, parse_calls, targets
+from curation.finetune import evaluate as ev
+from curation.finetune.evaluate import Closed, closed_from_meta, closed_question, parse_calls, targets
 from curation.finetune.data import iter_rows, shard_files
 from shards_factory import write_shards
 

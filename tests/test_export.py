@@ -23,7 +23,7 @@ IMAGE = {"type": "image", "text": None}
 
 def test_every_row_becomes_a_record_with_its_images_in_order(tmp_path):
     shards = write_shards(tmp_path / "build", conversations=30)
-    table = pa.concat_tables([pq.read_table(f) for f in sorted((shards / "shards").glob("*/*.parquet"))])
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((shards / "dataset" / "data").glob("*/*.parquet"))])
     counts = export_llava(shards, tmp_path / "llava")
     assert sum(counts.values()) == table.num_rows
     by_id = {r["id"]: r for r in table.to_pylist()}
@@ -64,7 +64,7 @@ def test_a_system_turn_opens_the_first_human_turn():
 
 def test_command_line(tmp_path, capsys):
     shards = write_shards(tmp_path / "build", conversations=12)
-    assert main(["export", "llava", str(shards / "shards"), str(tmp_path / "out")]) == 0
+    assert main(["export", "llava", str(shards / "dataset" / "data"), str(tmp_path / "out")]) == 0
     assert "exported 12 conversations" in capsys.readouterr().out
     assert main(["export", "llava", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
-    assert "no shards" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err

@@ -2,7 +2,8 @@ import json
 
 import numpy as np
 
-from expert_runners.findings import ClassResult, Findings, measure_structures
+from curation.findings import ClassResult, Findings
+from expert_runners.measure import measure_structures
 from expert_runners.segmentation import segmentation_findings
 
 AFFINE = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS-ordered voxels, 2×2×3 mm → 12 µL… 0.012 mL per voxel

@@ -251,7 +251,7 @@ def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
 def test_prepare_names_the_missing_thing(tmp_path, shards):
     from curation.errors import CurationError
 
-    with pytest.raises(CurationError, match="no \\*.parquet shards for split 'train'"):
+    with pytest.raises(CurationError, match="no shards"):
         prepare(TrainConfig(data=str(tmp_path), model="tiny", out=str(tmp_path / "o")))
     with pytest.raises(CurationError, match="not a model folder"):
         prepare(TrainConfig(data=str(shards), model=str(tmp_path), out=str(tmp_path / "o")))

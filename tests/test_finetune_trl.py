@@ -20,7 +20,7 @@ def load_shards(data: Path, split: str):
     images (a cast of the column's type at load time; the files are not touched)."""
     from datasets import Image, List, load_dataset
 
-    files = sorted(glob.glob(str(data / "shards" / split / "*.parquet")))
+    files = sorted(glob.glob(str(data / "dataset" / "data" / split / "*.parquet")))
     ds = load_dataset("parquet", data_files=files, split="train")
     if not isinstance(ds.features["images"], List) or not isinstance(ds.features["images"].feature, Image):
         ds = ds.cast_column("images", List(Image()))
@@ -33,7 +33,7 @@ def test_sft_trainer_trains_on_the_shards_unchanged(tmp_path):
 
     torch.set_num_threads(1)
     data = write_shards(tmp_path / "build", conversations=24, seed=2)
-    before = {p: p.read_bytes() for p in (data / "shards").rglob("*.parquet")}
+    before = {p: p.read_bytes() for p in (data / "dataset" / "data").rglob("*.parquet")}
     model_dir = build_tiny(data, tmp_path / "tiny", hidden_size=32)
     ds = load_shards(data, "train")
     assert {"messages", "images"} <= set(ds.column_names)
@@ -50,4 +50,4 @@ def test_sft_trainer_trains_on_the_shards_unchanged(tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(loss == loss and loss < 20 for loss in losses)
-    assert {p: p.read_bytes() for p in (data / "shards").rglob("*.parquet")} == before
+    assert {p: p.read_bytes() for p in (data / "dataset" / "data").rglob("*.parquet")} == before

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from curation.errors import CurationError
-from curation.index import build_index, write_index
+from curation.ingest.index import build_index, write_index
 from curation.ingest import readers_for
 from curation.items import items_from_table
 from curation.manifest import load_manifest
@@ -114,7 +114,7 @@ def test_keys_depend_on_the_secret(manifest: Path, monkeypatch):
 def test_written_index_round_trips_and_loads(manifest: Path, tmp_path: Path):
     spec = load_manifest(manifest)
     index = build_index(spec)
-    index_path, ledger_path = write_index(index, tmp_path / "out")
+    index_path, ledger_path = write_index(index, tmp_path / "out" / "index.parquet", tmp_path / "out" / "ledger.parquet")
     table = pq.read_table(index_path)
     for column in ("item_id", "patient_key", "study_key", "source", "kind", "modality", "shape", "spacing", "n_files", "uris", "series_number"):
         assert column in table.column_names

@@ -15,13 +15,13 @@ import yaml
 from PIL import Image
 from render_factory import Demo, build_demo
 
-from curation.cache import FindingsCache, content_hash
+from curation.store.cache import FindingsCache, content_hash
 from curation.cli import main
 from curation.errors import CurationError
 from curation.ingest import readers_for
-from curation.plan import ExpertInfo, spec_json
+from curation.build.plan import ExpertInfo, spec_json
 from curation.preview import preview_command
-from curation.templates import BUILTIN_PROMPTS
+from curation.render.templates import BUILTIN_PROMPTS
 from expert_runners.base import ExpertInput, make_runner
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +57,7 @@ def run(manifest: Path, html: Path, **kw) -> None:
 def fill_build_cache(demo: Demo, out: Path) -> None:
     """What a build leaves: VISTA3D findings of the CT items, under the build's keys."""
     spec = next(e for e in demo.spec.experts if e.name == "VISTA3D")
-    runner, reader, cache = make_runner(spec), readers_for(demo.spec)["ct"], FindingsCache(out / "cache")
+    runner, reader, cache = make_runner(spec), readers_for(demo.spec)["ct"], FindingsCache(out / "internal" / "cache")
     for item in demo.items_of("ct"):
         for args in ("everything", "organs"):
             f = runner.run(ExpertInput(item, reader.load(item), reader.load_labels(item)), args)
@@ -81,7 +81,7 @@ def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path,
     run(manifest, page)
     again = page.read_text()
     assert again.count("findings from preview cache") == 4 and "findings from expert run" not in again
-    assert not (tmp_path / "out" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
+    assert not (tmp_path / "out" / "internal" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
 
 
 def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
@@ -93,7 +93,7 @@ def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path
     runner = make_runner(spec)
     info = ExpertInfo(name=spec.name, runner=spec.runner, fingerprint=runner.fingerprint(), spec=spec_json(spec),
                       modalities=tuple(runner.modalities), kinds=tuple(runner.kinds))
-    FindingsCache(out / "cache").register([{"spec": info.spec, "fingerprint": info.fingerprint, "info": info.to_json()}])
+    FindingsCache(out / "internal" / "cache").register([{"spec": info.spec, "fingerprint": info.fingerprint, "info": info.to_json()}])
     monkeypatch.setattr("expert_runners.base.make_runner", lambda *a, **k: pytest.fail("preview constructed a runner"))
     page = tmp_path / "p.html"
     run(manifest, page, task="vista3d/segment_and_answer.j2")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from curation.errors import CurationError
-from curation.index import build_index
+from curation.ingest.index import build_index
 from curation.ingest import readers_for
 from curation.ingest.qa import clean_question
 from curation.manifest import load_manifest

@@ -95,8 +95,8 @@ def test_ray_job_submit_runs_the_build(tmp_path):
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
-    card = json.loads((out / "dataset_card.json").read_text())
-    shards = sorted((out / "shards").glob("*/part-*.parquet"))
+    card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    shards = sorted((out / "dataset" / "data").glob("*/part-*.parquet"))
     assert shards and sum(pq.read_metadata(f).num_rows for f in shards) == card["counts"]["rows"]["total"] > 0
     assert card["counts"]["files"]["discovered"] == sum(card["counts"]["files"][s] for s in ("used", "skipped", "quarantined"))
-    assert f"shards under {out}/shards" in submit.stdout  # the closing summary reached the job's log
+    assert f"shards under {out}/dataset/data" in submit.stdout  # the closing summary reached the job's log

@@ -16,7 +16,7 @@ import pytest
 
 import pyarrow.parquet as pq
 
-from curation.convert import convert
+from curation.ingest.convert import convert
 from curation.ingest.dicom import DicomReader
 from curation.items import StudyItem, Volume
 from curation.keys import Keyer

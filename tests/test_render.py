@@ -14,9 +14,9 @@ from render_factory import TASKS, Demo, build_demo
 
 from curation.errors import CurationError
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render import Renderer, TemplateError, TemplateSkip, findings_view
+from curation.render.renderer import Renderer, TemplateError, TemplateSkip, findings_view
 from curation.rows import Conversation
-from curation.templates import BUILTIN_PROMPTS, ml_text, predictions_text
+from curation.render.templates import BUILTIN_PROMPTS, ml_text, predictions_text
 
 VARIANTS = 6
 
@@ -467,7 +467,7 @@ def test_the_question_decides_the_call(renderer: Renderer, demo: Demo) -> None:
     a template whose question reads the same for `VISTA3D(everything)` and `VISTA3D(hepatic
     tumor)` teaches a fine-tuned model to guess the argument. Calls compare as `m3-curate eval`
     scores them (hepatoma is hepatic tumor)."""
-    from curation.evaluate import parse_calls
+    from curation.finetune.evaluate import parse_calls
 
     calls: dict[tuple[str | None, str], set[str]] = defaultdict(set)
     for task in demo.spec.tasks:

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from build_helpers import demo_manifest
 
-from curation.cache import content_hash
+from curation.store.cache import content_hash
 from curation.demo import write_demo_archive
-from curation.index import build_index
+from curation.ingest.index import build_index
 from curation.ingest import readers_for
 from curation.manifest import load_manifest
 
@@ -83,14 +83,14 @@ def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None, f"the build ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"  # type: ignore[union-attr]
     kill_tree(proc)
-    assert not (out / "dataset_card.json").exists()
+    assert not (out / "dataset" / "dataset_card.json").exists()
 
     spec = load_manifest(manifest)
     readers = readers_for(spec)
     items = build_index(spec).items
     content_to_item = {content_hash(i, readers[i.source].root): i.item_id for i in items}
     all_args = ["", "everything", "organs"]
-    at_kill = cached_runs(out / "cache", content_to_item, all_args)
+    at_kill = cached_runs(out / "internal" / "cache", content_to_item, all_args)
     assert 0 < len(at_kill) < 24, "the kill should land while experts are busy"
 
     done = subprocess.run(command, check=False, cwd=REPO, env={**env, "M3_TEST_RUN_LOG": str(second_log)}, capture_output=True, text=True, timeout=600)
@@ -99,10 +99,10 @@ def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
     second = runs(second_log)
     assert max(Counter(second).values()) == 1, "an expert ran twice on one item and argument"
     assert not set(second) & at_kill, "an expert ran again on an item whose findings were cached"
-    assert set(second) | at_kill == cached_runs(out / "cache", content_to_item, all_args)
+    assert set(second) | at_kill == cached_runs(out / "internal" / "cache", content_to_item, all_args)
 
-    card = json.loads((out / "dataset_card.json").read_text())
-    table = pa.concat_tables([pq.read_table(f) for f in sorted((out / "shards").glob("*/part-*.parquet"))])
+    card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((out / "dataset" / "data").glob("*/part-*.parquet"))])
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)) == card["counts"]["rows"]["total"]
     assert card["counts"]["rows"]["planned"] == len(ids) + sum(card["counts"]["set_aside"].values())
@@ -110,15 +110,15 @@ def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
     assert all(reason.startswith("skipped: template") for reason in card["counts"]["set_aside"])
     assert sum(e["cached"] for e in card["experts"].values()) == len(at_kill)
     assert sum(e["runs"] for e in card["experts"].values()) == len(second)
-    assert not list((out / "shards").rglob("*.tmp"))
-    assert not list((out / "cache").rglob("*.running.json")), "a finished build leaves no run marked in progress"
+    assert not list((out / "dataset" / "data").rglob("*.tmp"))
+    assert not list((out / "internal" / "cache").rglob("*.running.json")), "a finished build leaves no run marked in progress"
 
 
 @pytest.mark.parametrize("pool", [True, False], ids=["actor pool", "in load tasks"])
 def test_an_item_that_kills_its_expert_is_set_aside_and_the_build_finishes(tmp_path, monkeypatch, pool):
     """The expert's process dies on one chest X-ray (as on an out-of-memory kill): Ray restarts
     the worker and retries; the item is set aside with the reason, everything else is built."""
-    from curation.pipeline import build
+    from curation.build.pipeline import build
 
     archive, out = tmp_path / "archive", tmp_path / "out"
     write_demo_archive(archive, cases=2, seed=0)
@@ -133,10 +133,10 @@ def test_an_item_that_kills_its_expert_is_set_aside_and_the_build_finishes(tmp_p
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO)]))
     result = build(manifest, progress=False)
 
-    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    ledger = pq.read_table(out / "internal" / "ledger.parquet").to_pylist()
     crashed = [r for r in ledger if "process died" in (r.get("reason") or "")]
     assert crashed and all("cxr_0002" in r["uri"] for r in crashed), crashed
     assert all(r["status"] == "quarantined" for r in crashed)
     counts = result.card["counts"]
     assert counts["rows"]["total"] > 0 and counts["items"]["used"] > 0
-    assert not list((out / "cache").rglob("*.running.json"))
+    assert not list((out / "internal" / "cache").rglob("*.running.json"))

@@ -14,12 +14,12 @@ from curation.errors import CurationError
 from curation.items import StudyItem
 from curation.keys import Keyer
 from curation.manifest import BuildSpec, SplitSpec, TaskSpec
-from curation.mixture import variant_count, variants
-from curation.plan import ExpertInfo, make_plan
+from curation.build.mixture import variant_count, variants
+from curation.build.plan import ExpertInfo, make_plan
 from curation.rows import ROW_SCHEMA
-from curation.shards import ShardWriter, shard_path
-from curation.split import split_of
-from curation.stages import PLACED_SCHEMA
+from curation.store.shards import ShardWriter, shard_path
+from curation.build.split import split_of
+from curation.build.stages import PLACED_SCHEMA
 
 
 def item(i: int, patient: int, source: str = "cxr", modality: str = "CR") -> StudyItem:
@@ -112,7 +112,7 @@ def placed_rows(n: int, shard: int, start: int = 0) -> pa.Table:
 
 
 def test_shard_writer_is_order_independent_atomic_and_streams(tmp_path, monkeypatch):
-    monkeypatch.setattr("curation.shards.ROW_GROUP", 2)
+    monkeypatch.setattr("curation.store.shards.ROW_GROUP", 2)
     planned = {("train", 0): (0, 5), ("train", 1): (5, 3)}
     arrivals = [placed_rows(1, 0 if p < 5 else 1, p) for p in range(8) if p != 3]  # position 3: set aside
     outputs = []
@@ -134,7 +134,7 @@ def test_shard_writer_is_order_independent_atomic_and_streams(tmp_path, monkeypa
 
 
 def test_shard_writer_holds_only_rows_ahead_of_the_cursor(tmp_path, monkeypatch):
-    monkeypatch.setattr("curation.shards.ROW_GROUP", 4)
+    monkeypatch.setattr("curation.store.shards.ROW_GROUP", 4)
     w = ShardWriter(tmp_path, {("train", 0): (0, 400)})
     for p in range(400):  # in order: a row group is written as soon as it is full
         w.add("train", placed_rows(1, 0, p))

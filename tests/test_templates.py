@@ -11,9 +11,9 @@ import pytest
 from curation.errors import CurationError
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render import Renderer, TemplateError
-from curation.templates import read_declaration
-from expert_runners.findings import Findings, Image, Structure
+from curation.render.renderer import Renderer, TemplateError
+from curation.render.templates import read_declaration
+from curation.findings import Findings, Image, Structure
 
 HEAD = "{#- declare\nkind: probe\nimages: 0\nmodel_card: false\n-#}\n"  # 5 lines
 OK = '{% turn "assistant" %}ok{% endturn %}'

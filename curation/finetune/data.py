@@ -27,34 +27,12 @@ import torch
 from PIL import Image
 
 from curation.errors import CurationError
+from curation.store.layout import shard_files
 
 log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 IGNORE = -100
-
-
-def shards_root(data: str | Path) -> Path:
-    """The folder holding `<split>/part-*.parquet`: `data/shards` for a build's output folder,
-    else `data` itself."""
-    data = Path(data)
-    if (data / "shards").is_dir():
-        return data / "shards"
-    if data.is_dir():
-        return data
-    raise CurationError(f"--data {data}: no such folder (give a build's output folder or its shards/ folder)")
-
-
-def shard_files(data: str | Path, split: str) -> list[Path]:
-    """The split's shard files in name order; an error naming the folder if there are none."""
-    root = shards_root(data)
-    files = sorted((root / split).glob("*.parquet"))
-    if not files:
-        have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
-        raise CurationError(
-            f"{root / split}: no *.parquet shards for split {split!r} (splits with shards here: {', '.join(have) or 'none'})"
-        )
-    return files
 
 
 def count_rows(files: Sequence[Path]) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-from curation.evaluate import CALL_RE
+from curation.finetune.evaluate import CALL_RE
 
 KNOWN_CALLS = [
     *(f"<VISTA3D({g})>" for g in (

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.items import StudyItem
-from expert_runners.findings import Findings
+from curation.findings import Findings
 
 
 def content_hash(item: StudyItem, root: Path) -> str:

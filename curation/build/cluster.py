@@ -29,8 +29,8 @@ import pyarrow as pa
 
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
-from curation.plan import ItemPlan, Plan
-from curation.stages import BuildContext
+from curation.build.plan import ItemPlan, Plan
+from curation.build.stages import BuildContext
 
 BLOCK_ITEMS = 16  # items per input block at most ...
 BLOCK_BYTES = 64 << 20  # ... and voxels per input block at most (estimated from the index)
@@ -181,11 +181,11 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
     (bench/pipeline.py, 2 CPUs, experts that sleep 0.3 s a run: 61 s → 45 s)."""
     import ray.data
 
-    from curation.stages import ExpertStage, expert_batch, load_batch, render_batch
+    from curation.build.stages import ExpertStage, expert_batch, load_batch, render_batch
 
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = False  # ours is in curation.progress
+    data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
     branches = []
     for lane_index, lane in enumerate(plan.lanes):
         plans = [p for p in plan.working if p.lane == lane_index]

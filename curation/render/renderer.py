@@ -3,8 +3,8 @@
 A template writes each turn with `{% turn "user" %}…{% endturn %}` and places images with
 `{{ image("overlay") }}`. The tag calls the render state when the turn opens and closes, so
 the `messages` structure is built as the template runs, never recovered by splitting text on
-role markers (see `curation.turns`). Before anything runs, `check()` compares each task with
-its template's declaration (`curation.templates`).
+role markers (see `curation.render.turns`). Before anything runs, `check()` compares each task with
+its template's declaration (`curation.render.templates`).
 
 Randomness (phrasings, subjects, option order) comes from one `random.Random` per conversation,
 seeded by (manifest seed, item, template, variant): the same inputs give the same text.
@@ -31,9 +31,9 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from curation.errors import CurationError, ItemError
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
-from curation.prompt_data import expert_cards, load_cards, load_phrasings, provides, vocabulary
+from curation.render.prompt_data import expert_cards, load_cards, load_phrasings, provides, vocabulary
 from curation.rows import Conversation
-from curation.templates import (
+from curation.render.templates import (
     BUILTIN_PROMPTS,
     CURRENT_STATE,
     PromptContext,
@@ -43,8 +43,8 @@ from curation.templates import (
     read_declaration,
     referenced_templates,
 )
-from curation.turns import Fault, Markers, RenderState, Skip
-from expert_runners.findings import Findings
+from curation.render.turns import Fault, Markers, RenderState, Skip
+from curation.findings import Findings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """One rendering: the seeded RNG, the helpers a template calls, and the messages they build.
 
-`{% turn "user" %}…{% endturn %}` (see `curation.templates.TurnExtension`) calls
+`{% turn "user" %}…{% endturn %}` (see `curation.render.templates.TurnExtension`) calls
 `turn_begin(role, line)`, captures its body as text, then calls `turn_end(text, line)`, which
 appends the message: roles come from the tags, in the order the template runs them, and are
 never read from text. Inside a turn, `{{ image("overlay") }}` registers the picture and writes
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from curation.items import StudyItem
 from curation.manifest import TaskSpec
-from expert_runners.findings import Findings
+from curation.findings import Findings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from curation.render import Renderer, _Compiled
+    from curation.render.renderer import Renderer, _Compiled
 
 META_SET_BY_RENDERER = frozenset({"kind", "template", "args", "variant", "call"})
 SCALARS = frozenset({str, bool, int, float, type(None)})

@@ -13,7 +13,7 @@ import math
 
 from curation.keys import Keyer
 from curation.manifest import TaskSpec
-from curation.split import unit_interval
+from curation.build.split import unit_interval
 
 
 def variant_count(weight: float, draw: float) -> int:

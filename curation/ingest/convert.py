@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from curation.errors import ItemError
-from curation.index import Index, build_index, write_index
+from curation.ingest.index import Index, build_index, write_index
 from curation.ingest import SourceReader, readers_for
 from curation.items import LedgerEntry, StudyItem, Volume
 from curation.manifest import BuildSpec
@@ -80,4 +80,4 @@ def _record(index: Index, result: Converted, out: Path) -> None:
         replace(e, status="quarantined", reason=reasons[e.item_id]) if e.item_id in reasons else e
         for e in index.ledger
     ]
-    write_index(Index(items=items, ledger=ledger), out)
+    write_index(Index(items=items, ledger=ledger), out / "index.parquet", out / "ledger.parquet")

@@ -22,9 +22,9 @@ import pyarrow as pa
 from curation import __version__
 from curation.items import LEDGER_SCHEMA, LedgerEntry
 from curation.manifest import BuildSpec
-from curation.plan import ItemPlan, Plan, task_name
+from curation.build.plan import ItemPlan, Plan, task_name
 from curation.rows import SCHEMA_VERSION
-from curation.stages import Report
+from curation.build.stages import Report
 
 BUILD_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("rows", pa.int64()))
 PACKAGES = ("curation", "expert_runners")
@@ -38,7 +38,7 @@ def code_version() -> str:
     checkout (a `ray job submit` working dir has none), and editing the fine-tuning code does
     not change them."""
     h = hashlib.sha256()
-    base = Path(__file__).resolve().parents[1]
+    base = Path(__file__).resolve().parents[2]
     for package in PACKAGES:
         for path in sorted((base / package).rglob("*")):
             rel = path.relative_to(base / package)

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import IO, Any
 
+from curation.store.layout import Layout
+
 
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
@@ -62,14 +64,14 @@ class Progress:
             self.stream.flush()
 
 
-def summary(card: dict[str, Any], out: str, *, limit: int = 8) -> str:
+def summary(card: dict[str, Any], layout: Layout, *, limit: int = 8) -> str:
     """The closing lines: rows, shards, time, what was set aside and why."""
     c = card["counts"]
     rows, files = c["rows"], c["files"]
     splits = ", ".join(f"{n} {s}" for s, n in rows["by_split"].items()) or "none"
     seconds = card["timing"]["wall_s"].get("total", 0)
     lines = [
-        f"{rows['total']} rows ({splits}) in {c['shards']['total']} shards under {out}/shards in {seconds:.1f} s",
+        f"{rows['total']} rows ({splits}) in {c['shards']['total']} shards under {layout.data} in {seconds:.1f} s",
         f"files: {files['discovered']} discovered = {files['used']} used + {files['skipped']} skipped + {files['quarantined']} quarantined",
     ]
     runs = ", ".join(f"{n}: {e['runs']} run, {e['cached']} cached" for n, e in card["experts"].items())
@@ -80,6 +82,6 @@ def summary(card: dict[str, Any], out: str, *, limit: int = 8) -> str:
         for reason, n in list(c["set_aside"].items())[:limit]:
             lines.append(f"  {n:>5} × {reason}")
         if len(c["set_aside"]) > limit:
-            lines.append(f"  … {len(c['set_aside']) - limit} more reasons in {out}/dataset_card.json")
-    lines.append(f"card: {out}/dataset_card.json, ledger: {out}/ledger.parquet")
+            lines.append(f"  … {len(c['set_aside']) - limit} more reasons in {layout.card}")
+    lines.append(f"share {layout.dataset} as it is (rows and card); {layout.internal} names source files: ledger {layout.ledger.name}, index, cache")
     return "\n".join(lines)

@@ -5,13 +5,13 @@ rows again from the cache alone.
                                       union of the lanes ◄────────────────────────────────┘
                                       → render (CPU tasks) → shard writer (driver) → ledger, dataset card
 
-Where it runs (`curation.cluster`): with no address, an embedded local Ray that the build
+Where it runs (`curation.build.cluster`): with no address, an embedded local Ray that the build
 starts and stops; with `--address` or `RAY_ADDRESS` (set by `ray job submit` for its
 entrypoint), that cluster; a process that already called `ray.init()` keeps its session.
 
 Memory stays bounded however large the archive: the driver holds the plan (a small record per
-item), Ray Data streams blocks of a few items with backpressure (`curation.cluster`), and the
-writer holds only rows that arrived ahead of their shard's cursor (`curation.shards`).
+item), Ray Data streams blocks of a few items with backpressure (`curation.build.cluster`), and the
+writer holds only rows that arrived ahead of their shard's cursor (`curation.store.shards`).
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.cache import FindingsCache, content_hash
-from curation.card import Tally, build_ledger, code_version, dataset_card, write_json
-from curation.cluster import Placement, pipeline_dataset, place_experts, ray_session
+from curation.store.cache import FindingsCache, content_hash
+from curation.store.card import Tally, build_ledger, code_version, dataset_card, write_json
+from curation.store.layout import Layout
+from curation.build.cluster import Placement, pipeline_dataset, place_experts, ray_session
 from curation.errors import CurationError
-from curation.index import build_index, write_table
+from curation.ingest.index import build_index, write_table
 from curation.items import LedgerEntry, StudyItem, items_table
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
-from curation.plan import ExpertInfo, ItemPlan, Plan, make_plan, runner_spec, spec_json
-from curation.progress import Progress, summary
-from curation.shards import ShardWriter
-from curation.stages import (
+from curation.build.plan import ExpertInfo, ItemPlan, Plan, make_plan, runner_spec, spec_json
+from curation.build.progress import Progress, summary
+from curation.store.shards import ShardWriter
+from curation.build.stages import (
     RENDERER,
     BuildContext,
     Report,
@@ -49,26 +50,16 @@ from curation.stages import (
 
 log = logging.getLogger(__name__)
 
-CARD, LEDGER, INDEX = "dataset_card.json", "ledger.parquet", "index.parquet"
-
-
 @dataclass
 class BuildResult:
     out: Path
+    layout: Layout
     card: dict[str, Any]
     shards: list[Path]
     summary: str
 
 
 # -- inputs and the plan -------------------------------------------------------------------------
-
-
-def output_folder(spec: BuildSpec, out: str | Path | None) -> Path:
-    return Path(out).resolve() if out else Path(spec.output.dir)
-
-
-def cache_folder(spec: BuildSpec, out: Path) -> Path:
-    return Path(spec.output.cache) if spec.output.cache else out / "cache"
 
 
 def build_hash(spec: BuildSpec) -> str:
@@ -110,10 +101,11 @@ def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, 
     return infos
 
 
-def index_items(spec: BuildSpec, out: Path, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
+def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
     index = build_index(spec)
     items = index.items if limit is None else index.items[: max(limit, 0)]
-    write_table(items_table(index.items), out / INDEX)
+    layout.mark_internal()
+    write_table(items_table(index.items), layout.index)
     limited = {i.item_id for i in index.items[len(items):]}
     return items, index.ledger, limited
 
@@ -131,7 +123,7 @@ class _Run:
     """State shared by build and render: the plan, the writer, the accounts."""
 
     spec: BuildSpec
-    out: Path
+    layout: Layout
     plan: Plan
     tally: Tally
     writer: ShardWriter
@@ -148,10 +140,10 @@ class _Run:
                              set_aside=sum(1 for u in report.units if u[2] != "used"))
 
 
-def _start(spec: BuildSpec, out: Path, plan: Plan, label: str, show: bool) -> _Run:
-    (out / CARD).unlink(missing_ok=True)  # the card marks a finished build: none while this one runs
-    run = _Run(spec=spec, out=out, plan=plan, tally=Tally(plan=plan, spec=spec),
-               writer=ShardWriter(out / "shards", plan.shards),
+def _start(spec: BuildSpec, layout: Layout, plan: Plan, label: str, show: bool) -> _Run:
+    layout.card.unlink(missing_ok=True)  # the card marks a finished build: none while this one runs
+    run = _Run(spec=spec, layout=layout, plan=plan, tally=Tally(plan=plan, spec=spec),
+               writer=ShardWriter(layout.data, plan.shards),
                progress=Progress(len(plan.working), label=label, enabled=show))
     run.by_id = {p.item.item_id: p for p in plan.items}
     for p in plan.items:
@@ -165,21 +157,21 @@ def _finish(run: _Run, prep: _Prepared, wall: dict[str, float], placements: dict
     started = time.perf_counter()
     shards = run.writer.finish()
     table = build_ledger(prep.ledger, run.tally, prep.limited)
-    write_table(table, run.out / LEDGER)
+    write_table(table, run.layout.ledger)
     wall["write"] = time.perf_counter() - started
     wall["total"] = time.perf_counter() - t0
-    card = dataset_card(spec=run.spec, plan=run.plan, tally=run.tally, ledger=table, shards=shards, out=run.out,
+    card = dataset_card(spec=run.spec, plan=run.plan, tally=run.tally, ledger=table, shards=shards, out=run.layout.dataset,
                         manifest_hash=prep.ctx.manifest_hash, code=prep.ctx.code_version, wall=wall,
                         actors={n: p.to_json() for n, p in placements.items()})
     card["timing"]["peak_rows_held"] = run.writer.peak_rows
-    write_json(card, run.out / CARD)
-    return BuildResult(out=run.out, card=card, shards=shards, summary=summary(card, str(run.out)))
+    write_json(card, run.layout.card)
+    return BuildResult(out=run.layout.out, layout=run.layout, card=card, shards=shards, summary=summary(card, run.layout))
 
 
 @dataclass
 class _Prepared:
     spec: BuildSpec
-    out: Path
+    layout: Layout
     plan: Plan
     ledger: list[LedgerEntry]
     limited: set[str]
@@ -187,12 +179,12 @@ class _Prepared:
     wall: dict[str, float]
 
 
-def _prepare(spec: BuildSpec, out: Path, *, limit: int | None, from_cache: bool) -> _Prepared:
+def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, from_cache: bool) -> _Prepared:
     """Index, experts' fingerprints, template check, plan: everything decided on the driver."""
     wall: dict[str, float] = {}
     t = time.perf_counter()
-    cache = FindingsCache(cache_folder(spec, out))
-    items, ledger, limited = index_items(spec, out, limit)
+    cache = FindingsCache(layout.cache)
+    items, ledger, limited = index_items(spec, layout, limit)
     wall["index"] = time.perf_counter() - t
     t = time.perf_counter()
     if from_cache:
@@ -206,7 +198,7 @@ def _prepare(spec: BuildSpec, out: Path, *, limit: int | None, from_cache: bool)
     ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={n: i.fingerprint for n, i in infos.items()},
                        manifest_hash=build_hash(spec), code_version=code_version())
     wall["plan"] = time.perf_counter() - t
-    return _Prepared(spec=spec, out=out, plan=plan, ledger=ledger, limited=limited, ctx=ctx, wall=wall)
+    return _Prepared(spec=spec, layout=layout, plan=plan, ledger=ledger, limited=limited, ctx=ctx, wall=wall)
 
 
 def build(manifest: str | Path, *, out: str | Path | None = None, address: str | None = None, limit: int | None = None,
@@ -215,16 +207,16 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
     indexes and plans, so its start-up overlaps the index."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    out_dir = output_folder(spec, out)
+    layout = Layout.of(spec, out)
     wants_ray = bool(spec.tasks) and (limit is None or limit > 0)
     placements: dict[str, Placement] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        preparing = pool.submit(_prepare, spec, out_dir, limit=limit, from_cache=False)
+        preparing = pool.submit(_prepare, spec, layout, limit=limit, from_cache=False)
         with (ray_session(address) if wants_ray else nullcontext("no Ray (nothing to run)")) as where:
             ray_ready = time.perf_counter() - t0
             prep = preparing.result()
             wall = {**prep.wall, "ray_start": ray_ready} if wants_ray else dict(prep.wall)
-            run = _start(prep.spec, out_dir, prep.plan, "build", progress)
+            run = _start(prep.spec, layout, prep.plan, "build", progress)
             if prep.plan.working:
                 import ray
 
@@ -247,10 +239,10 @@ def render(manifest: str | Path, *, out: str | Path | None = None, progress: boo
 
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    out_dir = output_folder(spec, out)
-    prep = _prepare(spec, out_dir, limit=None, from_cache=True)
+    layout = Layout.of(spec, out)
+    prep = _prepare(spec, layout, limit=None, from_cache=True)
     wall = dict(prep.wall)
-    run = _start(spec, out_dir, prep.plan, "render", progress)
+    run = _start(spec, layout, prep.plan, "render", progress)
     readers = readers_for(spec)
 
     def hashed(p: ItemPlan) -> tuple[ItemPlan, str | None, Report]:

@@ -28,11 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.cache import DiedHere, FindingsCache, content_hash
+from curation.store.cache import DiedHere, FindingsCache, content_hash
 from curation.errors import ItemError
 from curation.ingest import SourceReader, readers_for
 from curation.manifest import BuildSpec
-from curation.plan import ItemPlan, Unit, runner_spec, task_name
+from curation.build.plan import ItemPlan, Unit, runner_spec, task_name
 from curation.rows import ROW_SCHEMA, Conversation, row_id
 
 WORK_SCHEMA = pa.schema(
@@ -48,7 +48,7 @@ WORK_SCHEMA = pa.schema(
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("rows", pa.large_binary()), ("report", pa.string())])
 # Rows as they travel to the writer: the shard row plus where it goes.
 PLACED_SCHEMA = ROW_SCHEMA.append(pa.field("_shard", pa.int64())).append(pa.field("_pos", pa.int64()))
-RENDERER = "curation.render:Renderer"
+RENDERER = "curation.render.renderer:Renderer"
 
 
 @dataclass(slots=True, frozen=True)

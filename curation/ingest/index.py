@@ -93,8 +93,7 @@ def write_table(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_index(index: Index, out: Path) -> tuple[Path, Path]:
-    index_path, ledger_path = out / "index.parquet", out / "ledger.parquet"
+def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:
     write_table(items_table(index.items), index_path)
     write_table(ledger_table(index.ledger), ledger_path)
     return index_path, ledger_path

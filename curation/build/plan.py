@@ -24,8 +24,8 @@ from curation.errors import CurationError
 from curation.items import StudyItem
 from curation.keys import Keyer, resolve_secret
 from curation.manifest import SCHEDULING_KEYS, BuildSpec, ExpertSpec, TaskSpec
-from curation.mixture import expert_arg, variants
-from curation.split import SPLITS, split_of
+from curation.build.mixture import expert_arg, variants
+from curation.build.split import SPLITS, split_of
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,6 +1,6 @@
 """What a template is made of, apart from rendering: its declaration, the sandboxed environment
 that loads it, the `{% turn %}` tag and the filters templates may use (phrasings, model cards and
-expert capabilities are in `curation.prompt_data`).
+expert capabilities are in `curation.render.prompt_data`).
 
 A template starts with a declaration in a Jinja comment, read without rendering:
 
@@ -46,11 +46,11 @@ from jinja2.utils import Namespace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from curation.errors import CurationError
-from curation.prompt_data import check_phrasing
+from curation.render.prompt_data import check_phrasing
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 SOURCE_KINDS = ("dicom", "nifti", "nifti_group", "image2d", "qa")
 NEEDS = ("structures", "classes", "key_slice", "overlay", "sequence")
 MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (a sandbox limit)
