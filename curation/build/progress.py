@@ -83,5 +83,5 @@ def summary(card: dict[str, Any], layout: Layout, *, limit: int = 8) -> str:
             lines.append(f"  {n:>5} × {reason}")
         if len(c["set_aside"]) > limit:
             lines.append(f"  … {len(c['set_aside']) - limit} more reasons in {layout.card}")
-    lines.append(f"share {layout.dataset} as it is (rows and card); {layout.internal} names source files: ledger {layout.ledger.name}, index, cache")
+    lines.append(f"share {layout.dataset} as it is; keep {layout.internal} (index, ledger, cache) to yourself: it names source files")
     return "\n".join(lines)
