@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from curation.cli import main
-from curation.finetune.data import ChatCollator, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.chat import ChatCollator
+from curation.finetune.data import ShardStream, count_rows, iter_rows, shard_files
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
-from curation.finetune.train import TrainConfig, checkpoints, prepare, train
+from curation.finetune.train import TrainConfig, checkpoints, prepare, steps_per_epoch, train
 from shards_factory import write_shards
 
 
@@ -178,7 +179,8 @@ def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):
 
 
 def _config(shards, tiny, out, **kw) -> TrainConfig:
-    base = dict(data=str(shards), model=str(tiny), out=str(out), lr=3e-3, batch_size=4, max_steps=12, save_steps=6, log_steps=3, shuffle_buffer=16)
+    base = dict(data=str(shards), model=str(tiny), out=str(out), lr=3e-3, batch_size=4, max_steps=12, save_steps=6, log_steps=3,
+                shuffle_buffer=16, cpu_threads=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -187,11 +189,15 @@ class Stop(Exception):
 
 
 def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
-    straight = train(_config(shards, tiny, tmp_path / "straight"))
+    config = _config(shards, tiny, tmp_path / "straight", save_total_limit=5)
+    straight = train(config)
     losses = [loss for _, loss in straight["losses"]]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # the loss falls
-    assert [p.name for p in checkpoints(tmp_path / "straight")] == ["checkpoint-6", "checkpoint-12"]
+    # every --save-steps, at the end of each epoch, and at the end
+    per_epoch = steps_per_epoch(config, count_rows(shard_files(shards, "train")), 1)
+    assert 7 < per_epoch < 12
+    assert [p.name for p in checkpoints(tmp_path / "straight")] == [f"checkpoint-{s}" for s in (6, per_epoch, 12)]
     state = json.loads((tmp_path / "straight" / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["step"] == 12 and (tmp_path / "straight" / "model.safetensors").exists()
 
