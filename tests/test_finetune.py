@@ -4,6 +4,7 @@ resume, eval JSON, LoRA, and TRL's SFTTrainer reading the same shards."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from curation.cli import main
 from curation.finetune.chat import ChatCollator
 from curation.finetune.data import ShardStream, count_rows, iter_rows, shard_files
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
-from curation.finetune.train import TrainConfig, checkpoints, prepare, steps_per_epoch, train
+from curation.finetune.train import Progress, TrainConfig, available_cpus, checkpoints, cpu_threads, prepare, steps_per_epoch, train
 from shards_factory import write_shards
 
 
@@ -261,3 +262,26 @@ def test_prepare_names_the_missing_thing(tmp_path, shards):
         prepare(TrainConfig(data=str(tmp_path), model="tiny", out=str(tmp_path / "o")))
     with pytest.raises(CurationError, match="not a model folder"):
         prepare(TrainConfig(data=str(shards), model=str(tmp_path), out=str(tmp_path / "o")))
+
+
+# --- defaults for the machine ----------------------------------------------------------------
+
+
+def test_cpu_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(None) == available_cpus() >= 1
+    assert available_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # as Ray sets it for a worker
+    assert cpu_threads(None) == 3
+    assert cpu_threads(5) == 5  # --cpu-threads wins
+
+
+def test_progress_checkpoints_every_epoch_and_logs_the_time_left():
+    progress = Progress(start=2, steps=10, per_epoch=4, log_steps=5, save_steps=500, world_size=1)
+    assert [d for d in range(3, 11) if progress.save_due(d)] == [4, 8, 10]
+    assert [d for d in range(3, 11) if progress.log_due(d)] == [5, 10]
+    metrics = progress.metrics(6, 1.5, 1e-3, rows=8)
+    assert metrics["epoch"] == 1.5
+    assert metrics["eta_s"] == metrics["elapsed_s"]  # 4 steps done since the start, 4 left
+    line = progress.line({**metrics, "elapsed_s": 125.0, "eta_s": 3725.0, "rows_per_s": 2.0})
+    assert line == "step 6/10 (60%) epoch 1.50 loss 1.5000 lr 1.00e-03 2.0 rows/s elapsed 0:02:05 ETA 1:02:05"

@@ -201,9 +201,11 @@ def _squash(text: str) -> str:
 
 
 def check_template(processor: Any, rows: list[dict[str, Any]], *, name: str) -> None:
-    """Refuse a chat template on which assistant turns cannot be located: each of `rows` must
-    encode, and its labelled tokens must decode to its assistant turns' text, in order, with no
-    image token among them."""
+    """Refuse a chat template on which assistant turns cannot be located: on each of `rows`
+    the template must render, and the labelled tokens must decode to the assistant turns' text,
+    in order, with no image token among them."""
+    from jinja2 import TemplateError
+
     collator = ChatCollator(processor, name=name)
     tokenizer = processor.tokenizer
     image_ids = {i for i in (getattr(processor, "image_token_id", None), getattr(tokenizer, "image_token_id", None)) if i is not None}
@@ -215,6 +217,10 @@ def check_template(processor: Any, rows: list[dict[str, Any]], *, name: str) -> 
             raise CurationError(f"{name}: its chat template hides where assistant turns are (row {row.get('id')}, {e.detail}); "
                                 "give the model a chat template that renders a conversation's prefixes as prefixes, or wraps "
                                 "assistant turns in {% generation %}") from e
+        except TemplateError as e:
+            raise CurationError(f"{name}: its chat template fails on row {row.get('id')} ({type(e).__name__}: {e})") from e
+        except _row_error_types():
+            continue  # the row's own fault (an image): set aside in training as well
         ids = batch["input_ids"][0]
         labelled = torch.as_tensor(batch["assistant_masks"][0]).bool() & batch["attention_mask"][0].bool()
         said = _squash(tokenizer.decode(ids[labelled]))

@@ -453,7 +453,7 @@ def train(
         log.info("training %s on %d rows (%s): %d steps of %d×%d×%d rows (%d an epoch), %d trainable parameters, %s%s",
                  config.model, run.rows, config.out, progress.steps, config.batch_size, config.grad_accum, world_size,
                  progress.per_epoch, sum(p.numel() for p in stepper.params), device,
-                 f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+                 f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else "")
     run.model.train()
     for done in range(progress.start + 1, progress.steps + 1):
         loss = stepper([next(run.batches) for _ in range(config.grad_accum)], done)
