@@ -135,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-steps", type=int, default=10)
     s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling (default 256)")
     s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches (default 0)")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU (default: the CPUs this process may use)")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU (default: the idle CPUs this process may use)")
     s.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
     s.set_defaults(run=_delegate("curation.finetune:finetune_command"))
 
@@ -147,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="evaluate at most N rows")
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded (default 8)")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU (default: the CPUs this process may use)")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU (default: the idle CPUs this process may use)")
     s.set_defaults(run=_delegate("curation.evaluate:eval_command"))
     return p
 

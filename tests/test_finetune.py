@@ -267,10 +267,13 @@ def test_prepare_names_the_missing_thing(tmp_path, shards):
 # --- defaults for the machine ----------------------------------------------------------------
 
 
-def test_cpu_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+def test_cpu_threads_default_to_the_idle_cpus_this_process_may_use(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert cpu_threads(None) == available_cpus() >= 1
-    assert available_cpus() <= len(os.sched_getaffinity(0))
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cpu_threads(None) == available_cpus()  # an idle machine: every CPU
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count()) + 2, 0.0, 0.0))
+    assert cpu_threads(None) == 1  # every core busy: one thread
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # as Ray sets it for a worker
     assert cpu_threads(None) == 3
     assert cpu_threads(5) == 5  # --cpu-threads wins

@@ -13,7 +13,7 @@ position and the Ray wrapping stay in one place that reads top to bottom:
   clipping at 1.0; bf16 autocast (fp32 master weights) and gradient checkpointing on GPU;
   LoRA through `peft` as an option (`lora.py`: the language model's linear layers, wherever the
   family keeps them, and the projector trained fully);
-- on CPU, torch uses the CPUs this process may use (`cpu_threads`) unless told otherwise;
+- on CPU, torch uses the idle CPUs this process may use (`cpu_threads`) unless told otherwise;
 - checkpoints `OUT/checkpoint-<step>/` (weights or adapter, processor, optimizer, scheduler,
   `trainer_state.json`, written under a temporary name and renamed, so a half-written
   checkpoint is never picked up) every `save_steps` steps, at the end of every epoch and at the
@@ -41,6 +41,7 @@ import torch
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.memory import gib, state_bytes
 from curation.finetune.processors import load_processor, save_processor
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class TrainConfig:
     num_workers: int = 0
     bf16: bool | None = None  # None: on a GPU that supports it
     gradient_checkpointing: bool | None = None  # None: on GPU
-    cpu_threads: int | None = None  # None: the CPUs this process may use (see `cpu_threads`)
+    cpu_threads: int | None = None  # None: the idle CPUs this process may use (see `cpu_threads`)
     tiny: dict[str, Any] = field(default_factory=dict)  # build_tiny keyword arguments for --model tiny
 
     @classmethod
@@ -141,13 +142,24 @@ def available_cpus() -> int:
     return n
 
 
+def idle_cpus() -> int:
+    """CPUs this process may use that other work is not keeping busy (the one-minute load
+    average), at least 1. Threads that wait for a busy core stall every operation: on this
+    2-core machine under a load of 4, two threads ran the tiny model at 6–46 rows/s, one
+    thread at 30–33."""
+    available = available_cpus()
+    with contextlib.suppress(OSError, AttributeError):
+        return max(1, min(available, round((os.cpu_count() or available) - os.getloadavg()[0])))
+    return available
+
+
 def cpu_threads(requested: int | None) -> int:
     """torch threads for a training process on CPU: `--cpu-threads`, else `OMP_NUM_THREADS`
-    (Ray sets it to a worker's CPUs), else every CPU this process may use."""
+    (Ray sets it to a worker's CPUs), else the idle CPUs this process may use."""
     if requested:
         return requested
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+    return int(env) if env.isdigit() and int(env) > 0 else idle_cpus()
 
 
 def checkpoints(out: str | Path) -> list[Path]:
@@ -450,9 +462,11 @@ def train(
     run = _setup(config, rank, world_size, device, wrap)
     progress, stepper = run.progress, run.stepper
     if rank == 0:
-        log.info("training %s on %d rows (%s): %d steps of %d×%d×%d rows (%d an epoch), %d trainable parameters, %s%s",
+        state = state_bytes(run.model)
+        log.info("training %s on %d rows (%s): %d steps of %d×%d×%d rows (%d an epoch), %d trainable parameters, "
+                 "model state %.1f GiB (weights, gradients, AdamW; activations extra), %s%s",
                  config.model, run.rows, config.out, progress.steps, config.batch_size, config.grad_accum, world_size,
-                 progress.per_epoch, sum(p.numel() for p in stepper.params), device,
+                 progress.per_epoch, state["trainable"], gib(state["bytes"]), device,
                  f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else "")
     run.model.train()
     for done in range(progress.start + 1, progress.steps + 1):
