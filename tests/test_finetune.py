@@ -18,15 +18,7 @@ from curation.finetune.data import ShardStream, count_rows, iter_rows, shard_fil
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
 from curation.finetune.train import Progress, TrainConfig, available_cpus, checkpoints, cpu_threads, prepare, steps_per_epoch, train
 from shards_factory import write_shards
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a model this small is many times faster on one thread of a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from vlm_families import labelled_runs, one_thread  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +134,7 @@ def test_only_assistant_tokens_carry_labels(shards, tiny, template):
     assert (ids == tok.image_token_id).sum() == len(row["images"]) * 16
     assert tok.decode(ids[labelled]) == _assistant_text(row)
     # each labelled run is exactly one assistant turn: the text after "<|im_start|>assistant\n"
-    runs = _runs(labelled.tolist())
+    runs = labelled_runs(labelled.tolist())
     assert len(runs) == sum(m["role"] == "assistant" for m in row["messages"])
     for start, _ in runs:
         assert tok.decode(ids[:start]).endswith("<|im_start|>assistant\n")
@@ -152,17 +144,6 @@ def test_only_assistant_tokens_carry_labels(shards, tiny, template):
 
 def _single_turn(shards) -> dict:
     return next(r for r in iter_rows(shard_files(shards, "train")) if len(r["messages"]) == 2)
-
-
-def _runs(mask: list[bool]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, m in enumerate(mask + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):

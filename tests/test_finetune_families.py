@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from shards_factory import write_shards
-from vlm_families import FAMILIES, build_family
+from vlm_families import FAMILIES, build_family, labelled_runs, one_thread  # noqa: F401 (a fixture)
 
 from curation.cli import main
 from curation.errors import CurationError
@@ -27,14 +27,6 @@ from curation.finetune.processors import has_torchvision, load_processor, save_p
 from curation.finetune.train import TrainConfig, prepare, train
 
 NAMES = list(FAMILIES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +55,6 @@ def _multi_turn_multi_image(shards) -> dict:
     return next(r for r in _rows(shards) if len(r["images"]) >= 2 and sum(m["role"] == "assistant" for m in r["messages"]) >= 2)
 
 
-def _runs(mask: list[bool]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, m in enumerate([*mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 def _image_ids(processor) -> set[int]:
     return {i for i in (getattr(processor, "image_token_id", None), processor.tokenizer.image_token_id) if i is not None}
 
@@ -93,7 +74,7 @@ def test_labels_are_exactly_the_assistant_turns_and_their_end_marker(shards, mod
     labelled = labels != -100
     assert torch.equal(labels[labelled], ids[labelled])
     turns = [p["text"] for m in row["messages"] if m["role"] == "assistant" for p in m["content"]]
-    runs = _runs(labelled.tolist())
+    runs = labelled_runs(labelled.tolist())
     decoded = [processor.tokenizer.decode(ids[a:b]) for a, b in runs]
     assert decoded == [expected.lead + text + expected.end for text in turns]
     image_tokens = torch.isin(ids, torch.tensor(sorted(_image_ids(processor))))

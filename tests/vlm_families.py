@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from curation.finetune.data import iter_rows, shard_files
@@ -208,3 +209,25 @@ def build_family(name: str, data: str | Path, out: str | Path, *, seed: int = 0)
     """Write a tiny model of family `name` (model, processor, tokenizer) to `out`."""
     torch.manual_seed(seed)
     return FAMILIES[name].build(Path(data), Path(out))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for a module's tests: models this small are many times faster on one
+    thread of a busy 2-core machine (import the fixture into a test module to use it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def labelled_runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """The (start, end) of each run of True in `mask`: the labelled turns of a row."""
+    runs, start = [], None
+    for i, m in enumerate([*mask, False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

@@ -53,15 +53,18 @@ def image_only(cls: type) -> type:
 
 
 def _processor_class(path: Path) -> type | None:
-    """The processor class a model folder names (processor or preprocessor config), if any."""
+    """The processor class a model folder names (processor or preprocessor config), else the
+    one transformers maps its model type to, if any."""
     import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+    found = None
     for name in ("processor_config.json", "preprocessor_config.json"):
-        if (path / name).exists():
+        if not found and (path / name).exists():
             found = json.loads((path / name).read_text()).get("processor_class")
-            if found and hasattr(transformers, found):
-                return getattr(transformers, found)
-    return None
+    if not found and (path / "config.json").exists():
+        found = PROCESSOR_MAPPING_NAMES.get(json.loads((path / "config.json").read_text()).get("model_type", ""))
+    return getattr(transformers, found, None) if isinstance(found, str) else None
 
 
 def load_processor(model: str | Path) -> Any:
