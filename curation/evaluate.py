@@ -258,7 +258,7 @@ def evaluate(
 
     from curation.finetune.data import iter_rows, row_to_chat, shard_files
     from curation.finetune.processors import load_processor
-    from curation.finetune.train import cpu_threads as threads
+    from curation.finetune.machine import cpu_threads as threads
 
     files = shard_files(data, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@
   torchvision is missing);
 - `lora`: `model_parts` (language model, vision encoder, projector found in the model) and
   `lora_config`;
-- `memory`: the model state's size on the device;
+- `memory`: the model state's size on the device; `machine`: torch threads on CPU;
 - `tiny`: `build_tiny`, an offline tiny LLaVA for tests and the demo (`--model tiny`);
 - `train`: `TrainConfig` and `train`, the single-process loop with checkpoints and resume;
 - `ray_train`: `train_on_ray`, the same loop on Ray Train workers (`--workers N --use-gpu`).
