@@ -14,7 +14,6 @@ chat templates read.
 from __future__ import annotations
 
 import io
-import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from PIL import Image
 
 from curation.errors import CurationError
 
-log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 
