@@ -26,7 +26,6 @@ from PIL import Image
 
 from curation.errors import CurationError
 
-
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 
 
