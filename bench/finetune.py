@@ -100,7 +100,8 @@ def main() -> None:
     from transformers import AutoConfig
 
     from curation.finetune.evaluate import evaluate
-    from curation.finetune.data import count_rows, shard_files, shards_root
+    from curation.finetune.data import count_rows
+    from curation.store.layout import shard_files, shards_root
     from curation.finetune.train import TrainConfig, prepare, train
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-finetune-"))

@@ -129,12 +129,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (alpha is 2r; default 16)")
-    s.add_argument("--max-length", type=int, help="drop rows longer than this many tokens (default: keep all)")
-    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
+    s.add_argument("--max-length", type=int, help="set aside rows longer than this many tokens (default: the model's context)")
+    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (default 500), and after each epoch")
     s.add_argument("--log-steps", type=int, default=10)
     s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling (default 256)")
     s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches (default 0)")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU (default: the idle CPUs this process may use)")
     s.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
     s.set_defaults(run=_delegate("curation.finetune:finetune_command"))
 
@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="evaluate at most N rows")
     s.add_argument("--max-new-tokens", type=int, default=48)
     s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded (default 8)")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU")
+    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU (default: the idle CPUs this process may use)")
     s.set_defaults(run=_delegate("curation.finetune.evaluate:eval_command"))
     return p
 

@@ -4,6 +4,7 @@ resume, eval JSON, LoRA, and TRL's SFTTrainer reading the same shards."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,19 +13,13 @@ import pytest
 import torch
 
 from curation.cli import main
-from curation.finetune.data import ChatCollator, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.chat import ChatCollator
+from curation.finetune.data import ShardStream, count_rows, iter_rows, shard_files
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
-from curation.finetune.train import TrainConfig, checkpoints, prepare, train
+from curation.finetune.machine import available_cpus, cpu_threads
+from curation.finetune.train import Progress, TrainConfig, checkpoints, prepare, steps_per_epoch, train
 from shards_factory import write_shards
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a model this small is many times faster on one thread of a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from vlm_families import labelled_runs, one_thread  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +135,7 @@ def test_only_assistant_tokens_carry_labels(shards, tiny, template):
     assert (ids == tok.image_token_id).sum() == len(row["images"]) * 16
     assert tok.decode(ids[labelled]) == _assistant_text(row)
     # each labelled run is exactly one assistant turn: the text after "<|im_start|>assistant\n"
-    runs = _runs(labelled.tolist())
+    runs = labelled_runs(labelled.tolist())
     assert len(runs) == sum(m["role"] == "assistant" for m in row["messages"])
     for start, _ in runs:
         assert tok.decode(ids[:start]).endswith("<|im_start|>assistant\n")
@@ -150,17 +145,6 @@ def test_only_assistant_tokens_carry_labels(shards, tiny, template):
 
 def _single_turn(shards) -> dict:
     return next(r for r in iter_rows(shard_files(shards, "train")) if len(r["messages"]) == 2)
-
-
-def _runs(mask: list[bool]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, m in enumerate(mask + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):
@@ -178,7 +162,8 @@ def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):
 
 
 def _config(shards, tiny, out, **kw) -> TrainConfig:
-    base = dict(data=str(shards), model=str(tiny), out=str(out), lr=3e-3, batch_size=4, max_steps=12, save_steps=6, log_steps=3, shuffle_buffer=16)
+    base = dict(data=str(shards), model=str(tiny), out=str(out), lr=3e-3, batch_size=4, max_steps=12, save_steps=6, log_steps=3,
+                shuffle_buffer=16, cpu_threads=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -187,11 +172,15 @@ class Stop(Exception):
 
 
 def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
-    straight = train(_config(shards, tiny, tmp_path / "straight"))
+    config = _config(shards, tiny, tmp_path / "straight", save_total_limit=5)
+    straight = train(config)
     losses = [loss for _, loss in straight["losses"]]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # the loss falls
-    assert [p.name for p in checkpoints(tmp_path / "straight")] == ["checkpoint-6", "checkpoint-12"]
+    # every --save-steps, at the end of each epoch, and at the end
+    per_epoch = steps_per_epoch(config, count_rows(shard_files(shards, "train")), 1)
+    assert 7 < per_epoch < 12
+    assert [p.name for p in checkpoints(tmp_path / "straight")] == [f"checkpoint-{s}" for s in (6, per_epoch, 12)]
     state = json.loads((tmp_path / "straight" / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["step"] == 12 and (tmp_path / "straight" / "model.safetensors").exists()
 
@@ -255,3 +244,29 @@ def test_prepare_names_the_missing_thing(tmp_path, shards):
         prepare(TrainConfig(data=str(tmp_path), model="tiny", out=str(tmp_path / "o")))
     with pytest.raises(CurationError, match="not a model folder"):
         prepare(TrainConfig(data=str(shards), model=str(tmp_path), out=str(tmp_path / "o")))
+
+
+# --- defaults for the machine ----------------------------------------------------------------
+
+
+def test_cpu_threads_default_to_the_idle_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cpu_threads(None) == available_cpus()  # an idle machine: every CPU
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count()) + 2, 0.0, 0.0))
+    assert cpu_threads(None) == 1  # every core busy: one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # as Ray sets it for a worker
+    assert cpu_threads(None) == 3
+    assert cpu_threads(5) == 5  # --cpu-threads wins
+
+
+def test_progress_checkpoints_every_epoch_and_logs_the_time_left():
+    progress = Progress(start=2, steps=10, per_epoch=4, log_steps=5, save_steps=500, world_size=1)
+    assert [d for d in range(3, 11) if progress.save_due(d)] == [4, 8, 10]
+    assert [d for d in range(3, 11) if progress.log_due(d)] == [5, 10]
+    metrics = progress.metrics(6, 1.5, 1e-3, rows=8)
+    assert metrics["epoch"] == 1.5
+    assert metrics["eta_s"] == metrics["elapsed_s"]  # 4 steps done since the start, 4 left
+    line = progress.line({**metrics, "elapsed_s": 125.0, "eta_s": 3725.0, "rows_per_s": 2.0})
+    assert line == "step 6/10 (60%) epoch 1.50 loss 1.5000 lr 1.00e-03 2.0 rows/s elapsed 0:02:05 ETA 1:02:05"

@@ -1,7 +1,14 @@
 """Stage-4 fine-tuning on the shards (`m3-curate finetune`).
 
 - `data`: `ShardStream` (streaming over Parquet row groups, seeded, split across processes)
-  and `ChatCollator` (the processor's chat template, labels on assistant tokens only);
+  and `row_to_chat`;
+- `chat`: `ChatCollator` (the processor's chat template, labels on assistant tokens only, rows
+  that cannot be used set aside by reason) and `check_template`;
+- `processors`: `load_processor` (a family's processor without its video part where
+  torchvision is missing);
+- `lora`: `model_parts` (language model, vision encoder, projector found in the model) and
+  `lora_config`;
+- `memory`: the model state's size on the device; `machine`: torch threads on CPU;
 - `tiny`: `build_tiny`, an offline tiny LLaVA for tests and the demo (`--model tiny`);
 - `train`: `TrainConfig` and `train`, the single-process loop with checkpoints and resume;
 - `ray_train`: `train_on_ray`, the same loop on Ray Train workers (`--workers N --use-gpu`).

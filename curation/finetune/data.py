@@ -1,4 +1,5 @@
-"""Shards in, model batches out: a streaming reader and a chat-template collator.
+"""Shards in, rows out: a streaming reader over Parquet row groups (`chat.py` turns rows into
+model batches).
 
 Reading never loads a split into memory: `ShardStream` walks Parquet row groups (the unit of
 work; only their metadata is read up front), shuffles their order per epoch with the seed,
@@ -6,17 +7,14 @@ splits them across training processes, reads each with `iter_batches` (only the 
 training needs) and passes rows through a bounded shuffle buffer. The mixture is taken as
 written: the build already repeated rows by task weight, so every row counts once per epoch.
 
-`ChatCollator` turns rows into a batch with the model's own processor: the processor's chat
-template applied to `messages` with the row's PNGs in its image parts, and labels that are
--100 everywhere except on assistant tokens.
+`row_to_chat` gives a row's `messages` with its PNGs in the image parts, the form processors'
+chat templates read.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,7 @@ from PIL import Image
 from curation.errors import CurationError
 from curation.store.layout import shard_files
 
-log = logging.getLogger(__name__)
-
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
-IGNORE = -100
 
 
 def count_rows(files: Sequence[Path]) -> int:
@@ -163,112 +158,3 @@ def row_to_chat(row: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image.I
     if k != len(images) or sum(p["type"] == "image" for m in row["messages"] for p in m["content"]) != len(images):
         raise CurationError(f"row {row.get('id')}: {len(images)} images but a different number of image parts in messages")
     return messages, images
-
-
-_GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-def has_generation_markers(processor: Any) -> bool:
-    template = processor.chat_template
-    if isinstance(template, dict):
-        template = template.get("default", "")
-    return bool(template and _GENERATION.search(template))
-
-
-def assistant_char_spans(processor: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-    """For chat templates without `{% generation %}`: the rendered text and the character span
-    of each assistant turn, found by rendering each prefix of the conversation (the span of
-    turn i is what rendering turn i adds after the generation prompt)."""
-    render = processor.apply_chat_template
-    full = render(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = render(messages[: i + 1], tokenize=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise CurationError(
-                "the model's chat template renders a conversation differently from its prefixes, so assistant turns "
-                "cannot be located; give the processor a chat template that wraps assistant turns in {% generation %}"
-            )
-        spans.append((len(before), len(upto.rstrip())))  # not the template's trailing whitespace
-    return full, spans
-
-
-def _mask_from_offsets(offsets: Sequence[Sequence[int]], spans: list[tuple[int, int]], replacements: Sequence[dict]) -> list[int]:
-    """Tokens overlapping an assistant span (character spans moved past expanded image tokens,
-    as transformers does for `{% generation %}` masks)."""
-    import bisect
-
-    ends = [r["span"][1] for r in replacements]
-    gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements]
-    mask = [0] * len(offsets)
-    for span in spans:
-        lo, hi = (c + gained[bisect.bisect_right(ends, c)] for c in span)
-        for pos, (a, b) in enumerate(offsets):
-            if a < hi and b > lo:
-                mask[pos] = 1
-    return mask
-
-
-class ChatCollator:
-    """Rows → `input_ids`, `attention_mask`, pixel inputs and `labels` (assistant tokens only).
-
-    Uses the processor's chat template. When the template marks assistant turns with
-    `{% generation %}` the processor's own assistant mask is used; otherwise assistant turns
-    are located by rendering prefixes. Rows longer than `max_length` tokens are dropped (and
-    counted in `dropped`) rather than cut, so no image loses its tokens.
-    """
-
-    def __init__(self, processor: Any, *, max_length: int | None = None, assistant_only: bool = True):
-        self.processor, self.max_length, self.assistant_only = processor, max_length, assistant_only
-        self.native_mask = has_generation_markers(processor)
-        self.dropped = 0
-
-    def _encode(self, chats: list[list[dict[str, Any]]], images: list[list[Image.Image]]) -> dict[str, Any]:
-        kwargs = {"padding": True, "padding_side": "right"}
-        if self.native_mask or not self.assistant_only:
-            out = self.processor.apply_chat_template(
-                chats, tokenize=True, return_dict=True, return_tensors="pt",
-                return_assistant_tokens_mask=self.assistant_only, processor_kwargs=kwargs,
-            )
-            return dict(out)
-        rendered = [assistant_char_spans(self.processor, chat) for chat in chats]
-        out = self.processor(
-            text=[text for text, _ in rendered],
-            images=images if any(images) else None,
-            return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
-            add_special_tokens=not any(
-                self.processor.tokenizer.bos_token and text.startswith(self.processor.tokenizer.bos_token) for text, _ in rendered
-            ),
-            return_tensors="pt",
-            **kwargs,
-        )
-        offsets = out.pop("offset_mapping").tolist()
-        replacements = out.pop("text_replacement_offsets", None) or [[] for _ in chats]
-        out = dict(out)
-        out["assistant_masks"] = torch.tensor([_mask_from_offsets(o, spans, r) for o, (_, spans), r in zip(offsets, rendered, replacements)])
-        return out
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        converted = [row_to_chat(row) for row in rows]
-        out = self._encode([c for c, _ in converted], [i for _, i in converted])
-        if self.max_length is not None:
-            lengths = out["attention_mask"].sum(dim=1).tolist()
-            keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
-            if len(keep) < len(rows):
-                self.dropped += len(rows) - len(keep)
-                log.warning("dropped %d row(s) longer than --max-length %d tokens", len(rows) - len(keep), self.max_length)
-                if not keep:
-                    return {}
-                converted = [converted[i] for i in keep]
-                out = self._encode([c for c, _ in converted], [i for _, i in converted])
-        labels = out["input_ids"].clone()
-        labels[out["attention_mask"] == 0] = IGNORE
-        mask = out.pop("assistant_masks", None)
-        if self.assistant_only:
-            labels[torch.as_tensor(mask) == 0] = IGNORE
-        out["labels"] = labels
-        return out

@@ -254,17 +254,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate on the split's rows with the model in folder `model` and score them."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from curation.finetune.data import iter_rows, row_to_chat, shard_files
+    from curation.finetune.processors import load_processor
+    from curation.finetune.machine import cpu_threads as threads
 
-    if cpu_threads:
-        torch.set_num_threads(cpu_threads)
     files = shard_files(data, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(threads(cpu_threads))
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model)
+    processor = load_processor(model)  # without torchvision: the family's processor minus its video part
 
     t0 = time.monotonic()
     overall, by_expert, by_task = _Tally(), defaultdict(_Tally), defaultdict(_Tally)

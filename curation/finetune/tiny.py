@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,19 @@ def message_texts(rows: Iterable[dict]) -> Iterator[str]:
                     yield part["text"]
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`; expert calls found in the
-    text and VILA-M3's known calls become single non-special tokens."""
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 2000,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    pad_token: str = "<pad>",
+    eos_token: str = "<|im_end|>",
+    **tokenizer_kwargs: Any,
+):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`, with `special_tokens`
+    (a family's chat and image markers) and expert calls found in the text and VILA-M3's known
+    calls as single non-special tokens. `tokenizer_kwargs` go to the tokenizer (`bos_token`,
+    `extra_special_tokens`, …); the default is the tiny LLaVA's ChatML tokenizer."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +91,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -88,12 +99,28 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000):
     # each call also with its leading space as one token, so the call is predicted straight from
     # the word before it ("trigger", "using") rather than from a generic space token
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for c in sorted(calls) for t in (" " + c, c)])
+    tokenizer_kwargs.setdefault("extra_special_tokens", {"image_token": "<image>"})
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=1 << 16,
+        tokenizer_object=tok, pad_token=pad_token, eos_token=eos_token, model_max_length=1 << 16, **tokenizer_kwargs
+    )
+
+
+def _llava_config(tokenizer: Any, *, hidden_size: int, layers: int, heads: int, vision_hidden_size: int, image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2, num_hidden_layers=layers,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2, vision_feature_select_strategy="default",
+        vision_feature_layer=-1, tie_word_embeddings=True,
     )
 
 
@@ -114,7 +141,7 @@ def build_tiny(
     """Write a tiny LLaVA (model, processor, tokenizer) to `out`, its tokenizer trained on the
     text of at most `max_rows` train rows under `data`. Returns `out`."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from curation.finetune.data import iter_rows, shard_files
@@ -122,49 +149,15 @@ def build_tiny(
     out = Path(out)
     files = shard_files(data, "train")
     tokenizer = train_tokenizer(message_texts(iter_rows(files, columns=["messages"], limit=max_rows)), vocab_size=vocab_size)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    patches = (image_size // patch_size) ** 2
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",  # drops CLS: `patches` tokens per image
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default",  # drops CLS: (image_size / patch_size)² tokens per image
         num_additional_image_tokens=1,  # CLIP's CLS
         chat_template=CHAT_TEMPLATE,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=vision_hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.image_token_id,
-        image_seq_length=patches,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        tie_word_embeddings=True,
-    )
+    config = _llava_config(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads, vision_hidden_size=vision_hidden_size,
+                           image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -4,17 +4,22 @@ A plain PyTorch loop rather than `transformers.Trainer`, so that streaming, the 
 position and the Ray wrapping stay in one place that reads top to bottom:
 
 - data: `ShardStream` over the train split (row groups, seeded per epoch, split per process)
-  and `ChatCollator` (processor chat template, labels on assistant tokens only);
+  and `ChatCollator` (processor chat template, labels on assistant tokens only, rows longer
+  than the model's context set aside and counted);
 - the loss is summed over every assistant token of the optimizer step (all micro-batches and
   processes) and divided by their count, so gradient accumulation and uneven turn lengths do
-  not reweight tokens;
+  not reweight tokens (`Stepper`);
 - AdamW, cosine schedule with linear warmup (VILA-M3: lr 2e-5, warmup ratio 0.03), gradient
   clipping at 1.0; bf16 autocast (fp32 master weights) and gradient checkpointing on GPU;
-  LoRA through `peft` as an option (language-model projections, projector fully trained);
+  LoRA through `peft` as an option (`lora.py`: the language model's linear layers, wherever the
+  family keeps them, and the projector trained fully);
+- on CPU, torch uses the idle CPUs this process may use (`cpu_threads`) unless told otherwise;
 - checkpoints `OUT/checkpoint-<step>/` (weights or adapter, processor, optimizer, scheduler,
-  `trainer_state.json`, written last under a temporary name and renamed, so a half-written
-  checkpoint is never picked up); `resume=True` continues from the newest one at its step and
-  data position; the final model (LoRA merged) goes to `OUT/` with `train_summary.json`.
+  `trainer_state.json`, written under a temporary name and renamed, so a half-written
+  checkpoint is never picked up) every `save_steps` steps, at the end of every epoch and at the
+  end; `resume=True` continues from the newest one at its step and data position; the final
+  model (LoRA merged) goes to `OUT/` with `train_summary.json`;
+- log lines give the step, epoch, loss, rows/s and the time left (`Progress`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,17 +38,18 @@ from typing import Any
 import torch
 
 from curation.errors import CurationError
-from curation.finetune.data import ChatCollator, ShardStream, count_rows, shard_files
+from curation.finetune.chat import ChatCollator, check_template
+from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.machine import cpu_threads
+from curation.finetune.memory import gib, state_bytes
+from curation.finetune.processors import load_processor, save_processor
 
 log = logging.getLogger(__name__)
 
 STATE = "trainer_state.json"
 FULL_LR = 2e-5  # VILA-M3's learning rate for full tuning (cosine, warmup ratio 0.03)
-LORA_LR = 2e-4  # the usual order for LoRA adapters
+LORA_LR = 2e-4  # 10× full tuning: only the adapters and the projector learn (the usual order for LoRA)
 TINY_LR = 1e-3  # the tiny model learns from scratch
-# LoRA on the language model's projections (LLaVA, Qwen2-VL and most HF VLMs name them so),
-# not on the vision tower; the multimodal projector is trained fully.
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @dataclass(slots=True)
@@ -65,18 +71,18 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: int | None = None  # None: 2 × rank
     lora_dropout: float = 0.05
-    lora_targets: str = LORA_TARGETS
+    lora_targets: str | None = None  # None: every linear layer of the language model (found in the model)
     resume: bool = False
     seed: int = 0
-    save_steps: int = 500
+    save_steps: int = 500  # and at the end of every epoch
     save_total_limit: int = 2
     log_steps: int = 10
-    max_length: int | None = None
+    max_length: int | None = None  # None: the model's context
     shuffle_buffer: int = 256
     num_workers: int = 0
     bf16: bool | None = None  # None: on a GPU that supports it
     gradient_checkpointing: bool | None = None  # None: on GPU
-    cpu_threads: int | None = None  # torch threads on CPU (1 is fastest for the tiny model on a busy machine)
+    cpu_threads: int | None = None  # None: the idle CPUs this process may use (see `cpu_threads`)
     tiny: dict[str, Any] = field(default_factory=dict)  # build_tiny keyword arguments for --model tiny
 
     @classmethod
@@ -85,14 +91,18 @@ class TrainConfig:
         return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
+# --- before training -----------------------------------------------------------------------
+
+
 def prepare(config: TrainConfig) -> TrainConfig:
-    """Check the inputs before any worker starts, and build the tiny model for `--model tiny`
-    (once, in `OUT/tiny-base`, reused on resume)."""
+    """Check the inputs before any worker starts — shards, model folder, the chat template on
+    the first rows, the model's LoRA parts — and build the tiny model for `--model tiny` (once,
+    in `OUT/tiny-base`, reused on resume)."""
     if config.batch_size < 1 or config.grad_accum < 1:
         raise CurationError("--batch-size and --grad-accum must be at least 1")
     if config.epochs <= 0 and config.max_steps <= 0:
         raise CurationError("--epochs must be positive (or give --max-steps)")
-    shard_files(config.data, "train")
+    files = shard_files(config.data, "train")
     if config.lr is None:
         config.lr = TINY_LR if config.model == "tiny" else LORA_LR if config.lora else FULL_LR
     if config.model == "tiny":
@@ -104,7 +114,21 @@ def prepare(config: TrainConfig) -> TrainConfig:
         config.model = str(base)
     elif not (Path(config.model) / "config.json").exists():
         raise CurationError(f"--model {config.model}: not a model folder (no config.json); give a local model folder or 'tiny'")
+    check_template(load_processor(config.model), list(iter_rows(files, columns=TRAIN_COLUMNS, limit=4)), name=config.model)
+    if config.lora:
+        _check_lora_parts(config.model)
     return config
+
+
+def _check_lora_parts(model: str) -> None:
+    """Find the model's LoRA parts on an empty (meta-device) copy: no weights are read."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from curation.finetune.lora import model_parts
+
+    with torch.device("meta"):
+        empty = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+    model_parts(empty, name=model)
 
 
 def checkpoints(out: str | Path) -> list[Path]:
@@ -113,39 +137,57 @@ def checkpoints(out: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def steps_per_epoch(config: TrainConfig, rows: int, world_size: int) -> int:
+    """Optimizer steps that see every row once (a checkpoint is written after each epoch)."""
+    return total_steps(config, rows, world_size, epochs=1.0)
+
+
+def total_steps(config: TrainConfig, rows: int, world_size: int, *, epochs: float | None = None) -> int:
+    if config.max_steps > 0 and epochs is None:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil((epochs or config.epochs) * rows / per_step))
+
+
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     if config.bf16 is not None:
         return config.bf16 and device.type == "cuda"
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | None):
+# --- model, optimizer, checkpoints ---------------------------------------------------------
+
+
+def _with_lora(config: TrainConfig, bf16: bool, checkpoint: Path | None) -> Any:
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from curation.finetune.lora import lora_config
+
+    # frozen base weights may stay in bf16; adapters and the projector train in fp32
+    base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if checkpoint is not None:
+        model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    else:
+        lora = lora_config(base, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                           targets=config.lora_targets, name=config.model)
+        model = get_peft_model(base, lora)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | None) -> tuple[Any, Any]:
     """The model to train (and its processor): from the checkpoint when resuming."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    bf16 = _use_bf16(config, device)
     if config.lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        # frozen base weights may stay in bf16; adapters and the projector train in fp32
-        base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.bfloat16 if bf16 else torch.float32)
-        if checkpoint is not None:
-            model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
-        else:
-            save = [n for n in ("multi_modal_projector",) if any(n in name for name, _ in base.named_modules())]
-            lora = LoraConfig(
-                r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank, lora_dropout=config.lora_dropout,
-                target_modules=config.lora_targets, modules_to_save=save or None, task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(base, lora)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        model = _with_lora(config, _use_bf16(config, device), checkpoint)
     else:
         model = AutoModelForImageTextToText.from_pretrained(checkpoint or config.model, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(checkpoint or config.model)
-    checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda"
-    if checkpointing:
+    processor = load_processor(checkpoint or config.model)
+    if config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda":
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x names it so
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -153,17 +195,41 @@ def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | Non
     return model.to(device), processor
 
 
-def _save(model: Any, processor: Any, path: Path) -> None:
-    model = getattr(model, "module", model)  # DDP
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's text config allows, if it says."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], steps: int) -> tuple[Any, Any]:
+    """AdamW and a cosine schedule with linear warmup over `steps`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr or FULL_LR, weight_decay=config.weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+
+
+def restore(config: TrainConfig, world_size: int) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint to resume from (with `resume`) and its state; else a fresh state."""
+    found = checkpoints(config.out) if config.resume else []
+    if config.resume and not found:
+        log.warning("--resume: no checkpoint in %s yet, starting from step 0", config.out)
+    if not found:
+        return None, {"step": 0, "losses": []}
+    state = json.loads((found[-1] / STATE).read_text())
+    if state.get("world_size", world_size) != world_size:
+        log.warning("resuming with %d processes after %d: the data position is approximate", world_size, state["world_size"])
+    return found[-1], state
+
+
+def _save(model: Any, processor: Any, path: Path, base: str) -> None:
+    getattr(model, "module", model).save_pretrained(path)  # DDP wraps it in .module
+    save_processor(processor, path, base=base)
 
 
 def save_checkpoint(out: Path, step: int, model: Any, processor: Any, optimizer: Any, scheduler: Any, state: dict, keep: int) -> Path:
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    _save(model, processor, tmp)
+    _save(model, processor, tmp, state["base_model"])
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -175,11 +241,175 @@ def save_checkpoint(out: Path, step: int, model: Any, processor: Any, optimizer:
     return final
 
 
-def total_steps(config: TrainConfig, rows: int, world_size: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    per_step = config.batch_size * config.grad_accum * world_size
-    return max(1, math.ceil(config.epochs * rows / per_step))
+def write_final(model: Any, processor: Any, config: TrainConfig, summary: dict[str, Any]) -> None:
+    """The trained model (LoRA merged, its adapter beside it in `adapter/`) and the summary."""
+    out, final = Path(config.out), getattr(model, "module", model)
+    if config.lora:
+        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        final.save_pretrained(out / "adapter")
+        final = final.merge_and_unload()
+    if getattr(final, "is_activation_checkpointing", False):
+        final.activation_checkpointing_disable()
+    _save(final, processor, out, config.model)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("model written to %s (%d steps, final loss %s)", out, summary["steps"], summary["final_loss"])
+
+
+# --- the step and the loop -----------------------------------------------------------------
+
+
+class Stepper:
+    """One optimizer step over a list of micro-batches: the loss is summed over the step's
+    assistant tokens on every process and divided by their count; DDP synchronises gradients
+    on the last micro-batch only."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, *, config: TrainConfig, device: torch.device, world_size: int):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device, self.world_size, self.max_grad_norm = device, world_size, config.max_grad_norm
+        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        bf16 = _use_bf16(config, device)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.rows = 0  # rows this process trained on
+        self.last: dict[str, Any] | None = None  # the last batch this process trained on
+
+    def _tokens(self, micro: list[dict[str, Any]]) -> torch.Tensor:
+        tokens = torch.tensor(float(sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)), device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tokens)
+        return tokens
+
+    def _backward(self, micro: list[dict[str, Any]], tokens: torch.Tensor) -> torch.Tensor:
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            self.rows += batch["input_ids"].shape[0]
+            with contextlib.nullcontext() if not self.ddp or i == len(micro) - 1 else self.model.no_sync():
+                with self.autocast():
+                    # summed over this step's assistant tokens, divided by their count on all
+                    # processes; DDP averages gradients over processes, hence × world_size
+                    loss = self.model(**batch, use_cache=False, num_items_in_batch=tokens).loss * self.world_size
+                loss.backward()
+            step_loss += loss.detach() / self.world_size
+            self.last = batch
+        return step_loss
+
+    def __call__(self, micro: list[dict[str, Any]], step: int) -> float:
+        micro = [b for b in micro if b]
+        tokens = self._tokens(micro)
+        if tokens.item() == 0:  # every row set aside, or no assistant tokens: nothing to learn
+            log.warning("step %d: no assistant tokens in the batch; skipped", step)
+            micro = []
+        step_loss = self._backward(micro, tokens)
+        if self.ddp and not micro and tokens.item() > 0 and self.last is not None:
+            # this process's rows were all set aside but others have tokens: take part in the
+            # gradient all-reduce with zeros, or the others would wait forever
+            with self.autocast():
+                (self.model(**self.last, use_cache=False).loss * 0.0).backward()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(step_loss)
+        if self.params:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(step_loss)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@dataclass(slots=True)
+class Progress:
+    """When to log and checkpoint, and the log line: step, epoch, loss, speed, time left."""
+
+    start: int
+    steps: int
+    per_epoch: int
+    log_steps: int
+    save_steps: int
+    world_size: int
+    t0: float = field(default_factory=time.monotonic)
+
+    def log_due(self, done: int) -> bool:
+        return done % self.log_steps == 0 or done == self.steps
+
+    def save_due(self, done: int) -> bool:
+        return done % self.save_steps == 0 or done % self.per_epoch == 0 or done == self.steps
+
+    def metrics(self, done: int, loss: float, lr: float, rows: int) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        eta = elapsed / max(done - self.start, 1) * (self.steps - done)
+        return {"step": done, "loss": loss, "lr": lr, "rows_per_s": rows / elapsed * self.world_size,
+                "epoch": done / self.per_epoch, "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1)}
+
+    def line(self, m: dict[str, Any]) -> str:
+        return (f"step {m['step']}/{self.steps} ({100 * m['step'] / self.steps:.0f}%) epoch {m['epoch']:.2f} "
+                f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['rows_per_s']:.1f} rows/s "
+                f"elapsed {_clock(m['elapsed_s'])} ETA {_clock(m['eta_s'])}")
+
+
+@dataclass(slots=True)
+class Run:
+    """What the loop works with, set up by `_setup`."""
+
+    rows: int
+    state: dict[str, Any]
+    model: Any
+    processor: Any
+    collator: ChatCollator
+    stepper: Stepper
+    batches: Iterator[dict[str, Any]]
+    progress: Progress
+
+
+def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device, wrap: Callable | None) -> Run:
+    """Model, processor, optimizer and schedule (restored when resuming), collator, batches
+    from the resume position on, progress."""
+    files = shard_files(config.data, "train")
+    rows = count_rows(files)
+    steps = total_steps(config, rows, world_size)
+    resume_from, state = restore(config, world_size)
+    model, processor = load_model(config, device, resume_from)
+    optimizer, scheduler = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], steps)
+    if resume_from:
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    collator = ChatCollator(processor, max_length=config.max_length or context_length(model), name=config.model)
+    stream = ShardStream(
+        files, collate=collator, batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+        rank=rank, world_size=world_size, skip_batches=state["step"] * config.grad_accum,
+    )
+    model = wrap(model) if wrap is not None else model
+    return Run(
+        rows, state, model, processor, collator, Stepper(model, optimizer, scheduler, config=config, device=device, world_size=world_size),
+        iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)),
+        Progress(state["step"], steps, steps_per_epoch(config, rows, world_size), config.log_steps, config.save_steps, world_size),
+    )
+
+
+def _checkpoint(run: Run, config: TrainConfig, done: int, rank: int, world_size: int) -> None:
+    if rank == 0:
+        state = {"step": done, "total_steps": run.progress.steps, "world_size": world_size, "base_model": config.model,
+                 "lora": config.lora, "config": asdict(config), "losses": run.state["losses"]}
+        stepper = run.stepper
+        save_checkpoint(Path(config.out), done, run.model, run.processor, stepper.optimizer, stepper.scheduler, state, config.save_total_limit)
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    losses = run.state["losses"]
+    return {
+        "steps": run.progress.steps, "resumed_from": run.progress.start, "rows": run.rows,
+        "trainable_parameters": sum(p.numel() for p in run.stepper.params),
+        # rows set aside, by reason (counted here only with --num-workers 0)
+        "dropped_rows": run.collator.dropped, "skipped_rows": dict(run.collator.skipped),
+        "seconds": round(time.monotonic() - run.progress.t0, 2), "final_loss": losses[-1][1] if losses else None, "losses": losses,
+    }
 
 
 def train(
@@ -195,121 +425,31 @@ def train(
     `prepare_model`) wraps the model for data parallelism; `report` receives metrics at each
     log step on every process. Only rank 0 writes files."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.cpu_threads and device.type == "cpu":
-        torch.set_num_threads(config.cpu_threads)
-    out = Path(config.out)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.cpu_threads))
     torch.manual_seed(config.seed + rank)
-    files = shard_files(config.data, "train")
-    rows = count_rows(files)
-    steps = total_steps(config, rows, world_size)
-
-    resume_from = checkpoints(out)[-1] if config.resume and checkpoints(out) else None
-    if config.resume and resume_from is None:
-        log.warning("--resume: no checkpoint in %s yet, starting from step 0", out)
-    state: dict[str, Any] = json.loads((resume_from / STATE).read_text()) if resume_from else {"step": 0, "losses": []}
-    if resume_from and state.get("world_size", world_size) != world_size:
-        log.warning("resuming with %d processes after %d: the data position is approximate", world_size, state["world_size"])
-
-    model, processor = load_model(config, device, resume_from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr or FULL_LR, weight_decay=config.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
-    if resume_from:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    if wrap is not None:
-        model = wrap(model)
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-    collator = ChatCollator(processor, max_length=config.max_length)
-    start = state["step"]
-    stream = ShardStream(
-        files, collate=collator, batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-        rank=rank, world_size=world_size, skip_batches=start * config.grad_accum,
-    )
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)
-    batches = iter(loader)
-    bf16 = _use_bf16(config, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    n_params = sum(p.numel() for p in params)
+    run = _setup(config, rank, world_size, device, wrap)
+    progress, stepper = run.progress, run.stepper
     if rank == 0:
-        log.info(
-            "training %s on %d rows (%s): %d steps of %d×%d×%d rows, %d trainable parameters, %s%s",
-            config.model, rows, out, steps, config.batch_size, config.grad_accum, world_size, n_params, device,
-            ", bf16" if bf16 else "",
-        )
-
-    model.train()
-    t0, seen = time.monotonic(), 0
-    losses: list[list[float]] = state["losses"]
-    last: dict[str, Any] | None = None  # the last batch this process trained on
-    for step in range(start, steps):
-        micro = [b for b in (next(batches) for _ in range(config.grad_accum)) if b]
-        tokens = torch.tensor(float(sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)), device=device)
-        if world_size > 1:
-            torch.distributed.all_reduce(tokens)
-        if tokens.item() == 0:  # every row dropped by --max-length, or no assistant tokens: nothing to learn
-            log.warning("step %d: no assistant tokens in the batch; skipped", step + 1)
-            micro = []
-        step_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            seen += batch["input_ids"].shape[0]
-            # DDP synchronises gradients on the last micro-batch only
-            with contextlib.nullcontext() if not ddp or i == len(micro) - 1 else model.no_sync():
-                with autocast():
-                    # summed over this step's assistant tokens, divided by their count on all
-                    # processes; DDP averages gradients over processes, hence × world_size
-                    loss = model(**batch, use_cache=False, num_items_in_batch=tokens).loss * world_size
-                loss.backward()
-            step_loss += loss.detach() / world_size
-        if ddp and not micro and tokens.item() > 0 and last is not None:
-            # this process's rows were all dropped (--max-length) but others have tokens: take
-            # part in the gradient all-reduce with zeros, or the others would wait forever
-            with autocast():
-                (model(**last, use_cache=False).loss * 0.0).backward()
-        last = batch if micro else last
-        if world_size > 1:
-            torch.distributed.all_reduce(step_loss)
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        value = float(step_loss)
-        losses.append([done, round(value, 5)])
-        if done % config.log_steps == 0 or done == steps:
-            rate = seen / max(time.monotonic() - t0, 1e-9)
-            metrics = {"step": done, "loss": value, "lr": scheduler.get_last_lr()[0], "rows_per_s": rate * world_size}
+        state = state_bytes(run.model)
+        log.info("training %s on %d rows (%s): %d steps of %d×%d×%d rows (%d an epoch), %d trainable parameters, "
+                 "model state %.1f GiB (weights, gradients, AdamW; activations extra), %s%s",
+                 config.model, run.rows, config.out, progress.steps, config.batch_size, config.grad_accum, world_size,
+                 progress.per_epoch, state["trainable"], gib(state["bytes"]), device,
+                 f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else "")
+    run.model.train()
+    for done in range(progress.start + 1, progress.steps + 1):
+        loss = stepper([next(run.batches) for _ in range(config.grad_accum)], done)
+        run.state["losses"].append([done, round(loss, 5)])
+        if progress.log_due(done):
+            metrics = progress.metrics(done, loss, stepper.scheduler.get_last_lr()[0], stepper.rows)
             if rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f rows/s", done, steps, value, metrics["lr"], metrics["rows_per_s"])
+                log.info(progress.line(metrics))
             if report is not None:
                 report(metrics)
-        if rank == 0 and (done % config.save_steps == 0 or done == steps):
-            state = {"step": done, "total_steps": steps, "world_size": world_size, "base_model": config.model,
-                     "lora": config.lora, "config": asdict(config), "losses": losses}
-            save_checkpoint(out, done, model, processor, optimizer, scheduler, state, config.save_total_limit)
-        if world_size > 1 and done % config.save_steps == 0:
-            torch.distributed.barrier()
-
-    summary = {
-        "steps": steps, "resumed_from": start, "rows": rows, "trainable_parameters": n_params,
-        "dropped_rows": collator.dropped,  # counted here only with --num-workers 0
-        "seconds": round(time.monotonic() - t0, 2), "final_loss": losses[-1][1] if losses else None, "losses": losses,
-    }
+        if progress.save_due(done):
+            _checkpoint(run, config, done, rank, world_size)
+    summary = _summary(run)
     if rank == 0:
-        final = getattr(model, "module", model)
-        if config.lora:
-            (out / "adapter").mkdir(parents=True, exist_ok=True)
-            final.save_pretrained(out / "adapter")
-            final = final.merge_and_unload()
-        if getattr(final, "is_activation_checkpointing", False):
-            final.activation_checkpointing_disable()
-        _save(final, processor, out)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("model written to %s (%d steps, final loss %s)", out, steps, summary["final_loss"])
+        write_final(run.model, run.processor, config, summary)
     return summary
