@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curation.errors import CurationError
+from curation.errors import CurationError, validation_message
 
 
 class _Spec(BaseModel):
@@ -174,19 +174,6 @@ class BuildSpec(_Spec):
         raise CurationError(f"no source named {name!r} in manifest {self.name!r}")
 
 
-def _format_errors(path: Path, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{path}: " + "; ".join(parts)
-
-
 def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative paths absolute against the manifest's folder (before validation, so
     error messages still show what the user wrote when a value has the wrong type). Also what
@@ -233,7 +220,7 @@ def load_manifest(path: str | Path) -> BuildSpec:
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as e:
-        raise CurationError(_format_errors(path, e)) from None
+        raise CurationError(f"{path}: {validation_message(e)}") from None
 
 
 def manifest_hash(spec: BuildSpec) -> str:
