@@ -145,6 +145,10 @@ class BuildSpec(_Spec):
     name: str
     seed: int = 0
     key: str | None = None  # secret for pseudonymous keys; M3_CURATE_KEY overrides
+    # The dataset card's licence: a Hugging Face licence id (cc-by-4.0, apache-2.0, …) or "other";
+    # the build cannot know the terms of the archive, so it never guesses them.
+    license: str = Field("other", pattern=r"^[a-z0-9][a-z0-9.+-]*$")
+    description: str = ""  # the card's opening paragraph: what the archive is, who may use it
     sources: list[SourceSpec] = Field(min_length=1)
     experts: list[ExpertSpec] = []
     tasks: list[TaskSpec] = []

@@ -29,7 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from curation.store.cache import FindingsCache, content_hash
-from curation.store.card import Tally, build_ledger, code_version, dataset_card, write_json
+from curation.store.card import Tally, build_ledger, code_version, dataset_card
+from curation.store.readme import write_dataset_card
 from curation.store.layout import Layout
 from curation.build.cluster import Placement, pipeline_dataset, place_experts, ray_session
 from curation.errors import CurationError
@@ -164,7 +165,7 @@ def _finish(run: _Run, prep: _Prepared, wall: dict[str, float], placements: dict
                         manifest_hash=prep.ctx.manifest_hash, code=prep.ctx.code_version, wall=wall,
                         actors={n: p.to_json() for n, p in placements.items()})
     card["timing"]["peak_rows_held"] = run.writer.peak_rows
-    write_json(card, run.layout.card)
+    write_dataset_card(card, run.layout)
     return BuildResult(out=run.layout.out, layout=run.layout, card=card, shards=shards, summary=summary(card, run.layout))
 
 
