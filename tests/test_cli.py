@@ -32,7 +32,7 @@ def test_typo_in_manifest(capsys, write_manifest):
 def test_missing_root(capsys, write_manifest):
     path = write_manifest({"name": "x", "sources": [{"name": "a", "kind": "nifti", "root": "gone"}]})
     code, err = run(capsys, "index", str(path))
-    assert code == 2 and "source 'a': root folder not found" in one_line(err)
+    assert code == 2 and "m.yaml: sources[0].root: folder not found" in one_line(err)
 
 
 def test_empty_folder(capsys, write_manifest, tmp_path):

@@ -14,7 +14,7 @@ same bytes.
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import yaml
 
 from curation.rows import ROW_SCHEMA
 from curation.store.hf import hf_yaml_features
-from curation.store.layout import SHARD_GLOB, Layout
+from curation.store.layout import SHARD_GLOB, Layout, write_atomic
 
 SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
          (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
@@ -44,18 +44,20 @@ def front_matter(card: dict[str, Any], schema: pa.Schema = ROW_SCHEMA) -> dict[s
     splits = sorted({Path(f).parent.name for f in card["counts"]["shards"]["files"]})
     by_split = card["counts"]["rows"]["by_split"]
     manifest = card.get("manifest", {})
-    return {
+    meta: dict[str, Any] = {
         "pretty_name": card["name"],
         "license": manifest.get("license", "other"),
         "language": ["en"],
         "task_categories": ["image-text-to-text", "visual-question-answering"],
         "tags": ["medical", "radiology", "tool-use", "vila-m3", "m3-curate"],
         "size_categories": [size_category(card["counts"]["rows"]["total"])],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"data/{s}/{SHARD_GLOB}"} for s in splits]}],
-        "dataset_info": {"features": hf_yaml_features(schema),
-                         "splits": [{"name": s, "num_examples": by_split.get(s, 0)} for s in splits]},
     }
+    if splits:  # a build that wrote no row has no data files to configure
+        meta["configs"] = [{"config_name": "default",
+                            "data_files": [{"split": s, "path": f"data/{s}/{SHARD_GLOB}"} for s in splits]}]
+    meta["dataset_info"] = {"features": hf_yaml_features(schema),
+                            "splits": [{"name": s, "num_examples": by_split.get(s, 0)} for s in splits]}
+    return meta
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -132,10 +134,5 @@ def dataset_readme(card: dict[str, Any], schema: pa.Schema = ROW_SCHEMA) -> str:
 def write_dataset_card(card: dict[str, Any], layout: Layout) -> None:
     """README.md, then dataset_card.json: the JSON card is written last, as the mark of a
     finished build."""
-    from curation.store.card import write_json
-
-    layout.readme.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.readme.with_name(f".{layout.readme.name}.tmp")
-    tmp.write_text(dataset_readme(card), encoding="utf-8")
-    os.replace(tmp, layout.readme)
-    write_json(card, layout.card)
+    write_atomic(layout.readme, dataset_readme(card))
+    write_atomic(layout.card, json.dumps(card, indent=1) + "\n")
