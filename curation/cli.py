@@ -52,10 +52,10 @@ def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True) -> A
 
 
 def _index(args: argparse.Namespace) -> None:
+    spec = _checked(args, rows=False)
     from curation.ingest.index import build_index, write_index
     from curation.store.layout import Layout
 
-    spec = _checked(args, rows=False)
     index = build_index(spec)
     layout = Layout.of(spec, args.out)
     layout.mark_internal()
@@ -65,12 +65,13 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from curation.ingest.convert import convert
     from curation.preflight import writable_folder
 
     spec = _checked(args, rows=False, outputs=False)
     out = Path(args.out)
     writable_folder(out, "--out")
+    from curation.ingest.convert import convert
+
     result = convert(spec, out, compress=not args.uncompressed)
     print(f"wrote {len(result.written)} NIfTI files and index.parquet to {out}")
     for entry in result.failed:

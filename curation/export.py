@@ -35,6 +35,8 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,6 +132,18 @@ def inside(out: Path, name: str) -> Path:
     return path
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OS error inside names `path`: a full disk raises from `write`, whose error names no
+    file, and the command line reports the file it names."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 class _JsonList:
     """A JSON list written one element at a time, renamed into place when closed."""
 
@@ -140,16 +154,21 @@ class _JsonList:
         self.count = 0
 
     def add(self, record: dict[str, Any]) -> None:
-        self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
+        with _naming(self.tmp):
+            self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
         self.count += 1
 
     def close(self) -> None:
-        self.f.write("\n]\n")
-        self.f.close()
+        with _naming(self.tmp):
+            self.f.write("\n]\n")
+            self.f.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # the failure being handled (a full disk) can fail the close too
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -175,7 +194,9 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
                     names = []
                     for k, image in enumerate(row["images"]):
                         name = f"{row_id}-{k}.png"
-                        inside(images, name).write_bytes(image["bytes"])
+                        target = inside(images, name)
+                        with _naming(target):
+                            target.write_bytes(image["bytes"])
                         names.append(f"images/{name}")
                     if split not in writers:
                         writers[split] = _JsonList(inside(out, f"{split}.json"))
