@@ -128,22 +128,20 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _common() -> argparse.ArgumentParser:
-    """-q / -v, accepted before or after the subcommand (SUPPRESS: a subcommand that is not
-    given them leaves what the main parser read)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="print only warnings, errors and the result (no progress, default: off)")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="print debug messages too (default: off)")
-    return common
+def _verbosity(p: argparse.ArgumentParser, default: object) -> argparse.ArgumentParser:
+    """-q / -v. The main parser has them with their defaults, each subcommand again with
+    SUPPRESS (a subcommand not given them leaves what the main parser read), so they work
+    before or after the subcommand."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="print only warnings, errors and the result (no progress, default: off)")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="print debug messages too (default: off)")
+    return p
 
 
 def parser() -> argparse.ArgumentParser:
-    common = _common()
-    p = argparse.ArgumentParser(prog="m3-curate", description="Build expert-augmented instruction data for medical VLMs.",
-                                formatter_class=_Formatter, parents=[common])
-    p.set_defaults(quiet=False, verbose=False)
+    common = _verbosity(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    p = _verbosity(argparse.ArgumentParser(prog="m3-curate", description="Build expert-augmented instruction data for medical VLMs.",
+                                           formatter_class=_Formatter), False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, line: str) -> argparse.ArgumentParser:
