@@ -18,6 +18,7 @@ reader takes; every output folder or file writable.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ BUNDLE_RUNNERS = ("vista3d", "brats", "monai_bundle")
 BUNDLE_FILES = (("configs/metadata.json",), ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml"),
                 ("models/model.pt",))
 PROBE_FILES = 100_000  # a source walk stops here and leaves the verdict to the index
+_PASSED: set[str] = set()  # checks that passed in this process (the CLI checks, then `build` again)
 
 
 class _Where:
@@ -49,6 +51,9 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
     `rows`: the command makes rows (build, render, preview), so tasks are checked: at least one,
     templates found and fit, each task's source holding something to read. `out`: the command's
     `--out` (else the manifest's `output.dir`), checked writable when `outputs`."""
+    memo = json.dumps([spec.model_dump(mode="json"), str(manifest), str(out), rows, outputs], sort_keys=True)
+    if memo in _PASSED:
+        return
     where = _Where(manifest)
     check_sources(spec, where)
     check_prompts(spec, where)
@@ -62,6 +67,7 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
             writable_folder(Path(spec.output.cache), f"{where.prefix}output.cache")
     if rows:
         check_tasks(spec, where)
+    _PASSED.add(memo)
 
 
 def check_sources(spec: BuildSpec, where: _Where) -> None:

@@ -122,6 +122,16 @@ def _turns(messages: list[dict[str, Any]]) -> tuple[list[tuple[str, list[Any]]],
     return turns, k
 
 
+def _tokenized(conversation: list[dict[str, str]], images: list[bytes]) -> Loaded:
+    """The prompt tokenized as the trainers do; one image token per image, or an error."""
+    prompt, kept = _legacy_prompt(conversation)
+    ids = tokenizer_image_token(prompt)
+    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
+        raise LoaderError(f"{ids.count(IMAGE_TOKEN_INDEX)} image tokens for {len(images)} images")
+    turns, _ = _turns(kept)
+    return Loaded(turns=turns, images=images, input_ids=ids)
+
+
 def vila_pinned(record: dict[str, Any], folder: str) -> Loaded:
     if "image" in record:
         files = record["image"] if isinstance(record["image"], list) else [record["image"]]
@@ -133,12 +143,7 @@ def vila_pinned(record: dict[str, Any], folder: str) -> Loaded:
     conversation = copy.deepcopy(record["conversations"])
     if images:
         conversation = preprocess_multimodal(conversation)
-    prompt, kept = _legacy_prompt(conversation)
-    ids = tokenizer_image_token(prompt)
-    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
-        raise LoaderError(f"{ids.count(IMAGE_TOKEN_INDEX)} image tokens for {len(images)} images")
-    turns, _ = _turns(kept)
-    return Loaded(turns=turns, images=images, input_ids=ids)
+    return _tokenized(conversation, images)
 
 
 def vila_next(record: dict[str, Any], folder: str) -> Loaded:
@@ -189,12 +194,7 @@ def llava_next(record: dict[str, Any], folder: str) -> Loaded:
         for sentence in conversation:
             if sentence["value"].count(IMAGE) == 1 and not sentence["value"].startswith(IMAGE):
                 sentence["value"] = (IMAGE + "\n" + sentence["value"].replace(IMAGE, "").strip()).strip()
-    prompt, kept = _legacy_prompt(conversation)
-    ids = tokenizer_image_token(prompt)
-    if ids.count(IMAGE_TOKEN_INDEX) != len(images):
-        raise LoaderError(f"{ids.count(IMAGE_TOKEN_INDEX)} image tokens for {len(images)} images")
-    turns, _ = _turns(kept)
-    return Loaded(turns=turns, images=images, input_ids=ids)
+    return _tokenized(conversation, images)
 
 
 LOADERS = {"vila_pinned": vila_pinned, "vila_next": vila_next, "llava_next": llava_next}
