@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
@@ -152,9 +153,9 @@ def _source_has_input(spec: BuildSpec, name: str, where: _Where, key: str) -> No
     raise where.error(key, f"source {name!r} ({s.kind}) yields no items: {what} under sources[{index}].root {s.root}")
 
 
-def _taker(s: object):  # type: ignore[no-untyped-def]
+def _taker(s: Any) -> Callable[[str], bool]:
     """Whether the reader of source `s` would consider a file (by its relative path)."""
-    kind = getattr(s, "kind")
+    kind = s.kind
     if kind == "nifti":
         from curation.ingest.nifti import NIFTI_SUFFIXES
 
@@ -166,7 +167,7 @@ def _taker(s: object):  # type: ignore[no-untyped-def]
     if kind == "nifti_group":
         from curation.ingest.nifti import pattern_regex
 
-        regex, first = pattern_regex(getattr(s, "pattern")), getattr(s, "channels")[0]
+        regex, first = pattern_regex(s.pattern), s.channels[0]
         return lambda rel: (m := regex.fullmatch(rel)) is not None and m.group("channel") == first
     if kind == "dicom":
         from curation.ingest.dicom import NOT_DICOM_SUFFIXES
