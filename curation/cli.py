@@ -1,22 +1,36 @@
 """`m3-curate` (also `python -m curation`): one subcommand per stage.
 
-A `CurationError` (bad manifest, missing folder, unreadable input) is printed as one line and
-exits with status 2; any other exception is a bug and keeps its traceback.
+A `CurationError` (bad manifest, missing folder, unreadable input) and an operating-system
+failure to write (a full disk, a quota, a read-only or forbidden output folder) are printed as
+one line naming the file, the key or the path, with exit status 2; any other exception is a bug
+and keeps its traceback. Every command checks its manifest and its output folder before doing
+any work (`curation.preflight`), so a mistake shows in about a second, before Ray or a model
+starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from curation.errors import CurationError
+
+# Failures of the environment to take a write: reported as one line, not as a traceback.
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                  errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
 
 
 def _demo_archive(args: argparse.Namespace) -> None:
     from curation.demo import write_demo_archive
+    from curation.preflight import writable_folder
 
+    writable_folder(args.dir, "DIR")
     s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed)
     print(
         f"demo archive written to {args.dir}: {s['ct']['patients']} CT patients ({s['ct']['files']} DICOM files), "
@@ -24,12 +38,24 @@ def _demo_archive(args: argparse.Namespace) -> None:
     )
 
 
-def _index(args: argparse.Namespace) -> None:
-    from curation.ingest.index import build_index, write_index
+def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True) -> Any:
+    """The command's manifest, loaded and checked (`curation.preflight`) before any work."""
     from curation.manifest import load_manifest
+    from curation.preflight import preflight
     from curation.store.layout import Layout
 
     spec = load_manifest(args.manifest)
+    if outputs:
+        args.output_path = Layout.of(spec, getattr(args, "out", None)).out
+    preflight(spec, args.manifest, out=getattr(args, "out", None), rows=rows, outputs=outputs)
+    return spec
+
+
+def _index(args: argparse.Namespace) -> None:
+    spec = _checked(args, rows=False)
+    from curation.ingest.index import build_index, write_index
+    from curation.store.layout import Layout
+
     index = build_index(spec)
     layout = Layout.of(spec, args.out)
     layout.mark_internal()
@@ -39,131 +65,209 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from curation.ingest.convert import convert
-    from curation.manifest import load_manifest
+    from curation.preflight import writable_folder
 
-    spec = load_manifest(args.manifest)
+    spec = _checked(args, rows=False, outputs=False)
     out = Path(args.out)
+    writable_folder(out, "--out")
+    from curation.ingest.convert import convert
+
     result = convert(spec, out, compress=not args.uncompressed)
     print(f"wrote {len(result.written)} NIfTI files and index.parquet to {out}")
     for entry in result.failed:
         print(f"  set aside: {entry.uri}: {entry.reason}")
 
 
-def _delegate(target: str):
+def _delegate(target: str, check: Callable[[argparse.Namespace], None] | None = None) -> Callable[[argparse.Namespace], Any]:
     """Run `module:function(args)`, importing the module only when its command runs (Ray,
-    transformers and torch are heavy; `m3-curate index` should not pay for them)."""
+    transformers and torch are heavy; `m3-curate index` should not pay for them). `check` runs
+    first: the command's mistakes show before the heavy imports."""
 
-    def run(args: argparse.Namespace) -> None:
+    def run(args: argparse.Namespace) -> Any:
         import importlib
 
+        if check is not None:
+            check(args)
         module, _, function = target.partition(":")
-        getattr(importlib.import_module(module), function)(args)
+        return getattr(importlib.import_module(module), function)(args)
 
     return run
 
 
+def _check_rows(args: argparse.Namespace) -> None:
+    _checked(args, rows=True)
+
+
+def _check_preview(args: argparse.Namespace) -> None:
+    from curation.preflight import writable_file
+
+    _checked(args, rows=False)  # the tasks are checked by preview itself: --template needs none
+    writable_file(args.html, "--html")
+
+
+def _check_out(key: str = "out", what: str = "--out", file: bool = False) -> Callable[[argparse.Namespace], None]:
+    def check(args: argparse.Namespace) -> None:
+        from curation.preflight import writable_file, writable_folder
+
+        path = getattr(args, key)
+        if path is not None:
+            args.output_path = Path(path)
+            (writable_file if file else writable_folder)(path, what)
+
+    return check
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and shown and "%(default)" not in text and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _verbosity(p: argparse.ArgumentParser, default: object) -> argparse.ArgumentParser:
+    """-q / -v. The main parser has them with their defaults, each subcommand again with
+    SUPPRESS (a subcommand not given them leaves what the main parser read), so they work
+    before or after the subcommand."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="print only warnings, errors and the result (no progress, default: off)")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="print debug messages too (default: off)")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m3-curate", description="Build expert-augmented instruction data for medical VLMs.")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    common = _verbosity(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    p = _verbosity(argparse.ArgumentParser(prog="m3-curate", description="Build expert-augmented instruction data for medical VLMs.",
+                                           formatter_class=_Formatter), False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("demo-archive", help="write a synthetic archive with ground truth")
-    s.add_argument("dir")
-    s.add_argument("--cases", type=int, default=4, help="patients per modality (default 4)")
-    s.add_argument("--seed", type=int, default=0)
+    def command(name: str, line: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=line, description=line, formatter_class=_Formatter, parents=[common])
+
+    s = command("demo-archive", "write a synthetic archive with ground truth (CT DICOM, brain MRI NIfTI, chest X-rays)")
+    s.add_argument("dir", help="the folder to write")
+    s.add_argument("--cases", type=int, default=4, help="patients per modality")
+    s.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
     s.set_defaults(run=_demo_archive)
 
-    s = sub.add_parser("index", help="discover items: index.parquet + ledger.parquet")
-    s.add_argument("manifest")
+    s = command("index", "discover items: internal/index.parquet and internal/ledger.parquet")
+    s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.set_defaults(run=_index)
 
-    s = sub.add_parser("convert", help="write every indexed item as NIfTI (RAS, CT in HU)")
-    s.add_argument("manifest")
-    s.add_argument("--out", required=True)
-    s.add_argument("--uncompressed", action="store_true", help="write .nii instead of .nii.gz")
+    s = command("convert", "write every indexed item as NIfTI (RAS, CT in HU): what the experts see")
+    s.add_argument("manifest", help="the build's manifest (YAML)")
+    s.add_argument("--out", required=True, help="folder for <item_id>.nii.gz, index.parquet and ledger.parquet")
+    s.add_argument("--uncompressed", action="store_true", help="write .nii instead of .nii.gz (default: compressed)")
     s.set_defaults(run=_convert)
 
-    s = sub.add_parser("build", help="the whole pipeline on Ray: index, experts, render, shards")
-    s.add_argument("manifest")
+    s = command("build", "the whole pipeline on Ray: index, experts, render, shards, dataset card")
+    s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
-    s.add_argument("--limit", type=int, help="use only the first N items (for a quick try)")
-    s.set_defaults(run=_delegate("curation.build.pipeline:build_command"))
+    s.add_argument("--limit", type=int, help="use only the first N items, for a quick try (default: all)")
+    s.set_defaults(run=_delegate("curation.build.pipeline:build_command", _check_rows))
 
-    s = sub.add_parser("render", help="rebuild shards from cached findings only (no expert runs)")
-    s.add_argument("manifest")
-    s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
-    s.set_defaults(run=_delegate("curation.build.pipeline:render_command"))
+    s = command("render", "rebuild every shard from cached findings only (no expert runs, no Ray)")
+    s.add_argument("manifest", help="the build's manifest (YAML)")
+    s.add_argument("--out", help="output folder of the build whose cache to use (default: the manifest's output.dir)")
+    s.set_defaults(run=_delegate("curation.build.pipeline:render_command", _check_rows))
 
-    s = sub.add_parser("preview", help="a static HTML gallery of rendered samples, for template tuning")
-    s.add_argument("manifest")
+    s = command("preview", "an HTML gallery of rendered samples for template tuning; --watch serves it live")
+    s.add_argument("manifest", help="the build's manifest (YAML)")
     which = s.add_mutually_exclusive_group()
-    which.add_argument("--task", help="a task of the manifest, by its template path")
-    which.add_argument("--template", help="a template file no task names yet, tried on the manifest's items")
-    s.add_argument("-n", type=int, default=8, help="number of samples (default 8)")
+    which.add_argument("--task", help="one task of the manifest, by its template path (default: every task)")
+    which.add_argument("--template", help="a template file no task names yet, tried on the manifest's items (default: none)")
+    s.add_argument("-n", type=int, default=8, help="samples per task")
     s.add_argument("--html", required=True, help="the page to write")
     s.add_argument("--out", help="output folder whose cache to use (default: the manifest's output.dir)")
-    s.set_defaults(run=_delegate("curation.preview:preview_command"))
+    s.add_argument("--watch", action="store_true",
+                   help="serve the page on 127.0.0.1, re-render when a template or phrasing file changes (default: write once)")
+    s.add_argument("--port", type=int, default=0, help="port for --watch (0: any free port)")
+    s.set_defaults(run=_delegate("curation.preview:preview_command", _check_preview))
 
-    s = sub.add_parser("export", help="export shards for other trainers")
+    s = command("export", "export shards for other trainers (LLaVA/VILA JSON plus image files)")
     s.add_argument("format", choices=["llava"], help="llava: VILA/LLaVA JSON plus image files")
-    s.add_argument("shards", help="a build's output folder or its shards/ folder")
-    s.add_argument("out")
-    s.set_defaults(run=_delegate("curation.export:export_command"))
+    s.add_argument("shards", help="a build's output folder, its dataset/ folder or dataset/data/")
+    s.add_argument("out", help="folder for <split>.json and images/")
+    s.add_argument("--layout", choices=["vila", "llava-next"], default="vila",
+                   help="vila: `image` for one picture, `images` for several (what VILA-M3's pinned VILA reads); "
+                        "llava-next: `image` always a list (LLaVA-NeXT, VILA's LLaVANextDataset)")
+    s.set_defaults(run=_delegate("curation.export:export_command", _check_out("out", "OUT")))
 
-    s = sub.add_parser("finetune", help="stage-4 fine-tuning on shards")
-    s.add_argument("--data", required=True, help="a build's output folder or its shards/ folder")
+    s = command("finetune", "stage-4 fine-tuning on shards")
+    s.add_argument("--data", required=True, help="a build's output folder, its dataset/ folder or dataset/data/")
     s.add_argument("--model", required=True, help="a local image-text-to-text model folder, or 'tiny'")
-    s.add_argument("--out", required=True)
-    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--out", required=True, help="folder for checkpoints and the trained model")
+    s.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
     s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-5, VILA-M3's for full tuning; 2e-4 with --lora; 1e-3 for --model tiny)")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--max-steps", type=int, default=-1)
-    s.add_argument("--warmup-ratio", type=float, default=0.03)
-    s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--batch-size", type=int, default=1, help="rows per device step")
+    s.add_argument("--grad-accum", type=int, default=1, help="steps accumulated per optimizer step")
+    s.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (-1: run the epochs)")
+    s.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up the learning rate")
+    s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights (default: all weights)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (default: start afresh)")
     s.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: train in this process)")
-    s.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (alpha is 2r; default 16)")
+    s.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU)")
+    s.add_argument("--seed", type=int, default=0, help="seed of shuffling and initialisation")
+    s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (alpha is 2r)")
     s.add_argument("--max-length", type=int, help="set aside rows longer than this many tokens (default: the model's context)")
-    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (default 500), and after each epoch")
-    s.add_argument("--log-steps", type=int, default=10)
-    s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling (default 256)")
-    s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches (default 0)")
+    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps, and after each epoch")
+    s.add_argument("--log-steps", type=int, default=10, help="log the loss every N optimizer steps")
+    s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches")
     s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU (default: the idle CPUs this process may use)")
     s.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
-    s.set_defaults(run=_delegate("curation.finetune:finetune_command"))
+    s.set_defaults(run=_delegate("curation.finetune:finetune_command", _check_out()))
 
-    s = sub.add_parser("eval", help="held-out metrics as JSON")
+    s = command("eval", "held-out metrics of a fine-tuned model as JSON")
     s.add_argument("--model", required=True, help="a model folder (finetune's --out)")
-    s.add_argument("--data", required=True, help="a build's output folder or its shards/ folder")
-    s.add_argument("--split", default="test")
-    s.add_argument("--out", help="write the JSON here as well as to stdout")
-    s.add_argument("--limit", type=int, help="evaluate at most N rows")
-    s.add_argument("--max-new-tokens", type=int, default=48)
-    s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded (default 8)")
+    s.add_argument("--data", required=True, help="a build's output folder, its dataset/ folder or dataset/data/")
+    s.add_argument("--split", default="test", help="the split to evaluate")
+    s.add_argument("--out", help="write the JSON here as well as to stdout (default: stdout only)")
+    s.add_argument("--limit", type=int, help="evaluate at most N rows (default: all)")
+    s.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer at most")
+    s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded")
     s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU (default: the idle CPUs this process may use)")
-    s.set_defaults(run=_delegate("curation.finetune.evaluate:eval_command"))
+    s.set_defaults(run=_delegate("curation.finetune.evaluate:eval_command", _check_out(file=True)))
     return p
+
+
+def write_failure(e: OSError, args: argparse.Namespace) -> str | None:
+    """One line for an OS-level write failure (full disk, quota, read-only or forbidden output),
+    naming the path: the file when the error carries it (Python's own I/O), else the command's
+    output (pyarrow's errors carry none). None for any other OSError: a bug keeps its traceback."""
+    if e.errno not in WRITE_FAILURES:
+        return None
+    reason = os.strerror(e.errno)
+    if e.filename is not None:
+        return f"{e.filename}: {reason}"
+    where = getattr(args, "output_path", None)
+    return f"{where}: {reason} (while writing there)" if where is not None else f"a write failed: {reason}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        args.run(args)
+        code = args.run(args)
     except CurationError as e:
         print(f"m3-curate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        line = write_failure(e, args)
+        if line is None:
+            raise
+        print(f"m3-curate: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("m3-curate: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0

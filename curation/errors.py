@@ -1,8 +1,15 @@
-"""Exceptions a user can act on.
+"""Exceptions a user can act on, and the one way a pydantic validation error becomes a message.
 
 The command line prints a `CurationError` as one line (no traceback) and exits with status 2;
 anything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class CurationError(Exception):
@@ -16,3 +23,36 @@ class ItemError(CurationError):
         super().__init__(f"{where}: {reason}")
         self.where = where
         self.reason = reason
+
+
+def validation_message(err: ValidationError, *, prefix: str = "", unknown: str = "unknown key (check its spelling)",
+                       empty: str = "", show_input: bool = True) -> str:
+    """Every problem of a pydantic `ValidationError` as `key: what is wrong`, joined by "; ".
+
+    The manifest, template declarations and runner options all report through this, so a typo
+    reads the same everywhere: keys as written in YAML (`sources[0].dicom.rooot`), `prefix`
+    before each key (`options.`), `unknown` for a key that is not declared, `empty` as the key
+    of a problem with the whole mapping, and the offending value when `show_input` (not for
+    mappings, which would flood the line).
+
+    >>> from pydantic import BaseModel, ConfigDict
+    >>> class M(BaseModel):
+    ...     model_config = ConfigDict(extra="forbid")
+    ...     n: int
+    >>> try:
+    ...     M.model_validate({"n": "x", "m": 1})
+    ... except Exception as e:
+    ...     print(validation_message(e))
+    n: Input should be a valid integer, unable to parse string as an integer (got 'x'); m: unknown key (check its spelling)
+    """
+    parts = []
+    for e in err.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = unknown
+        elif show_input and "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        key = f"{prefix}{loc}" if loc else empty
+        parts.append(f"{key}: {msg}" if key else msg)
+    return "; ".join(parts)

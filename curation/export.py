@@ -1,4 +1,5 @@
-"""`m3-curate export llava SHARDS OUT`: shards as VILA/LLaVA training JSON plus image files.
+"""`m3-curate export llava SHARDS OUT [--layout vila|llava-next]`: shards as VILA/LLaVA training
+JSON plus image files.
 
 Writes `OUT/<split>.json` (a JSON list, one record per row) and `OUT/images/<id>-<k>.png`:
 
@@ -8,11 +9,24 @@ Writes `OUT/<split>.json` (a JSON list, one record per row) and `OUT/images/<id>
                    {"from": "gpt", "value": "…"}]}
 ```
 
-`image` when the row has one image, `images` (a list, in order) when it has several, neither
-when it has none; one `<image>` per image part, where the part stands in the turn. User turns
-are `human`, assistant turns `gpt`; a system turn, which LLaVA's format does not have, opens
-the first human turn. Shards are read a batch at a time and the JSON is streamed, so memory
-stays flat however many rows there are.
+One `<image>` per image part, where the part stands in its turn, so a result overlay stays in
+the turn after the call that made it. User turns are `human`, assistant turns `gpt`; a system
+turn, which LLaVA's format does not have, opens the first human turn. Two layouts, for two
+families of loaders:
+
+- `vila` (default): `image` (a string) when the row has one image, `images` (a list, in order)
+  when it has several, neither when it has none: what `LazySupervisedDataset` of the VILA
+  commit VILA-M3 pins reads (NVlabs/VILA 355fda9).
+- `llava-next`: `image` always a list, as LLaVA-NeXT's `LazySupervisedDataset` and VILA's newer
+  `LLaVANextDataset` read it (they iterate `image`; a string would be read letter by letter).
+
+Loaders that move every image to the first turn (VILA's newer `LLaVADataset`) put the overlay
+before the call that made it: use neither layout with them for expert-call data.
+
+Every file written stays inside OUT whatever the shards hold: a row's `id` and `split` become
+file names only when they are plain names (letters, digits, `_`, `-`, `.`; no `..`), and each
+path is checked to resolve inside OUT. Shards are read a batch at a time and the JSON is
+streamed, so memory stays flat however many rows there are.
 """
 
 from __future__ import annotations
@@ -20,6 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +47,8 @@ from curation.store.layout import shard_files
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
+LAYOUTS = ("vila", "llava-next")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def turn_text(content: list[dict[str, Any]]) -> str:
@@ -72,9 +91,13 @@ def conversations(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
-def llava_record(row: dict[str, Any], image_paths: list[str]) -> dict[str, Any]:
+def llava_record(row: dict[str, Any], image_paths: list[str], layout: str = "vila") -> dict[str, Any]:
+    """One row as a LLaVA record in `layout` (see the module docstring)."""
     record: dict[str, Any] = {"id": row["id"]}
-    if len(image_paths) == 1:
+    if layout == "llava-next":
+        if image_paths:
+            record["image"] = list(image_paths)
+    elif len(image_paths) == 1:
         record["image"] = image_paths[0]
     elif image_paths:
         record["images"] = image_paths
@@ -83,6 +106,42 @@ def llava_record(row: dict[str, Any], image_paths: list[str]) -> dict[str, Any]:
     if tokens != len(image_paths):
         raise CurationError(f"row {row['id']}: {tokens} {IMAGE_TOKEN} placeholders for {len(image_paths)} images")
     return record
+
+
+def safe_name(value: Any, what: str, where: str) -> str:
+    """`value` if it can be a file name inside the output folder, else an error naming it.
+
+    >>> safe_name("3fa2c1e9d0b47a11", "id", "x.parquet")
+    '3fa2c1e9d0b47a11'
+    >>> safe_name("../../etc/cron.d/x", "id", "x.parquet")
+    Traceback (most recent call last):
+    ...
+    curation.errors.CurationError: x.parquet: id '../../etc/cron.d/x' cannot be a file name (letters, digits, '_', '-', '.'; not '..'): not a shard m3-curate wrote?
+    """
+    if not isinstance(value, str) or SAFE_NAME.fullmatch(value) is None or ".." in value:
+        raise CurationError(f"{where}: {what} {value!r} cannot be a file name (letters, digits, '_', '-', '.'; not '..'): "
+                            "not a shard m3-curate wrote?")
+    return value
+
+
+def inside(out: Path, name: str) -> Path:
+    """`out / name`, refused unless it resolves inside `out` (links included)."""
+    path = out / name
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise CurationError(f"{path}: would be written outside {out}; refused")
+    return path
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OS error inside names `path`: a full disk raises from `write`, whose error names no
+    file, and the command line reports the file it names."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 class _JsonList:
@@ -95,38 +154,53 @@ class _JsonList:
         self.count = 0
 
     def add(self, record: dict[str, Any]) -> None:
-        self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
+        with _naming(self.tmp):
+            self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
         self.count += 1
 
     def close(self) -> None:
-        self.f.write("\n]\n")
-        self.f.close()
+        with _naming(self.tmp):
+            self.f.write("\n]\n")
+            self.f.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # the failure being handled (a full disk) can fail the close too
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
-def export_llava(shards: Path, out: Path, *, batch_rows: int = 256) -> dict[str, int]:
+def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: int = 256) -> dict[str, int]:
     """Write `OUT/<split>.json` and `OUT/images/`; returns rows per split."""
+    if layout not in LAYOUTS:
+        raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     files = shard_files(Path(shards))
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    images = inside(out, "images")
+    images.mkdir(exist_ok=True)
     writers: dict[str, _JsonList] = {}
+    seen: set[str] = set()
     try:
         for path in files:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["id", "split", "images", "messages"]):
                 for row in batch.to_pylist():
+                    row_id = safe_name(row["id"], "id", str(path))
+                    split = safe_name(row["split"], "split", f"{path}: row {row_id}")
+                    if row_id in seen:
+                        raise CurationError(f"{path}: id {row_id!r} appears twice; its images would overwrite each other")
+                    seen.add(row_id)
                     names = []
                     for k, image in enumerate(row["images"]):
-                        name = f"{row['id']}-{k}.png"
-                        (images / name).write_bytes(image["bytes"])
+                        name = f"{row_id}-{k}.png"
+                        target = inside(images, name)
+                        with _naming(target):
+                            target.write_bytes(image["bytes"])
                         names.append(f"images/{name}")
-                    split = row["split"]
                     if split not in writers:
-                        writers[split] = _JsonList(out / f"{split}.json")
-                    writers[split].add(llava_record(row, names))
+                        writers[split] = _JsonList(inside(out, f"{split}.json"))
+                    writers[split].add(llava_record(row, names, layout))
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -138,7 +212,8 @@ def export_llava(shards: Path, out: Path, *, batch_rows: int = 256) -> dict[str,
 
 def export_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    counts = export_llava(Path(args.shards), out)
+    layout = getattr(args, "layout", "vila")
+    counts = export_llava(Path(args.shards), out, layout=layout)
     total = sum(counts.values())
-    print(f"exported {total} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) to {out}: "
+    print(f"exported {total} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) to {out} in the {layout} layout: "
           f"{', '.join(f'{s}.json' for s in counts)} and images/")

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curation.errors import CurationError
+from curation.errors import CurationError, validation_message
 
 
 class _Spec(BaseModel):
@@ -145,6 +145,10 @@ class BuildSpec(_Spec):
     name: str
     seed: int = 0
     key: str | None = None  # secret for pseudonymous keys; M3_CURATE_KEY overrides
+    # The dataset card's licence: a Hugging Face licence id (cc-by-4.0, apache-2.0, …) or "other";
+    # the build cannot know the terms of the archive, so it never guesses them.
+    license: str = Field("other", pattern=r"^[a-z0-9][a-z0-9.+-]*$")
+    description: str = ""  # the card's opening paragraph: what the archive is, who may use it
     sources: list[SourceSpec] = Field(min_length=1)
     experts: list[ExpertSpec] = []
     tasks: list[TaskSpec] = []
@@ -172,19 +176,6 @@ class BuildSpec(_Spec):
             if s.name == name:
                 return s
         raise CurationError(f"no source named {name!r} in manifest {self.name!r}")
-
-
-def _format_errors(path: Path, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{path}: " + "; ".join(parts)
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -233,7 +224,7 @@ def load_manifest(path: str | Path) -> BuildSpec:
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as e:
-        raise CurationError(_format_errors(path, e)) from None
+        raise CurationError(f"{path}: {validation_message(e)}") from None
 
 
 def manifest_hash(spec: BuildSpec) -> str:

@@ -64,17 +64,44 @@ class Section:
     note: str = ""
 
 
-def preview_command(args: argparse.Namespace) -> None:
+@dataclass(slots=True)
+class Page:
+    """One rendering of the preview: the HTML and what it counts."""
+
+    html: str
+    conversations: int
+    tasks: int
+    failed: int  # samples that failed, plus tasks with no sample at all
+
+    def summary(self, path: Path, seconds: float) -> str:
+        return f"{path}: {self.conversations} conversation(s) from {self.tasks} task(s), {self.failed} error(s), in {seconds:.1f} s"
+
+
+def make_page(args: argparse.Namespace, *, live: bool = False, version: int = 0) -> Page:
+    """Load the manifest and render the page the command's arguments ask for (`live`: for the
+    `--watch` server, at `version`)."""
     spec = load_manifest(args.manifest)
     out = Path(args.out) if args.out else spec.output.dir
-    started = time.perf_counter()
     sections = preview(spec, out=out, task=args.task, template=args.template, n=args.n)
-    page = Path(args.html)
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(render_page(spec, sections, Renderer(spec).model_card), encoding="utf-8")
     made = sum(1 for s in sections for x in s.samples if x.conversation is not None)
-    failed = sum(1 for s in sections for x in s.samples if x.error)
-    print(f"{page}: {made} conversation(s) from {len(sections)} task(s), {failed} error(s), in {time.perf_counter() - started:.1f} s")
+    failed = sum(1 for s in sections for x in s.samples if x.error) + sum(1 for s in sections if s.note)
+    html = render_page(spec, sections, Renderer(spec).model_card, live=live, version=version)
+    return Page(html=html, conversations=made, tasks=len(sections), failed=failed)
+
+
+def preview_command(args: argparse.Namespace) -> int:
+    """Write the page once (exit status 1 when any sample failed), or serve it live (`--watch`)."""
+    if getattr(args, "watch", False):
+        from curation.preview_watch import watch
+
+        return watch(args)
+    started = time.perf_counter()
+    page = make_page(args)
+    path = Path(args.html)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page.html, encoding="utf-8")
+    print(page.summary(path, time.perf_counter() - started))
+    return 1 if page.failed else 0
 
 
 def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: str | None = None, n: int = 8) -> list[Section]:
@@ -235,16 +262,20 @@ def _device() -> str:
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 24px 48px; color: #222; background: #fafafa; }
 h1 { font-size: 20px; } h2 { font-size: 17px; margin-top: 36px; border-bottom: 1px solid #bbb; }
-#status { font-weight: 600; }
-.sample { display: grid; grid-template-columns: 330px 1fr; gap: 16px; background: #fff; border: 1px solid #ccc;
+#status { font-weight: 600; } #failed { font-weight: 600; color: #a00; }
+.sample { display: grid; grid-template-columns: minmax(330px, 46%) 1fr; gap: 16px; background: #fff; border: 1px solid #ccc;
           border-radius: 6px; padding: 12px; margin: 12px 0; }
-.pictures figure { margin: 0 0 8px; } .pictures img { width: 320px; image-rendering: pixelated; border: 1px solid #999; display: block; }
+.sample.failed { border: 2px solid #a00; }
+.pictures { display: flex; flex-wrap: wrap; gap: 8px; align-content: flex-start; }
+.pictures .small { flex-basis: 100%; }
+.pictures figure { margin: 0; width: 160px; } .pictures figure.only { width: 320px; }
+.pictures img { width: 100%; image-rendering: pixelated; border: 1px solid #999; display: block; }
 figcaption, .small { font-size: 12px; color: #555; }
 .turn { margin: 6px 0; padding: 6px 10px; border-radius: 6px; white-space: pre-wrap; word-break: break-word; }
 .user { background: #eee; } .assistant { background: #f7f7f7; border: 1px solid #ddd; }
 .role { font-weight: 700; font-size: 12px; text-transform: uppercase; color: #444; }
 .slot { display: inline-block; padding: 0 4px; border: 1px solid #777; border-radius: 3px; font-size: 12px; }
-.error { border: 2px solid #333; padding: 8px; font-weight: 600; white-space: pre-wrap; }
+.error { border: 2px solid #a00; padding: 8px; font-weight: 600; white-space: pre-wrap; }
 pre { background: #f0f0f0; padding: 8px; overflow-x: auto; font-size: 12px; }
 details { margin: 6px 0; } summary { cursor: pointer; color: #333; }
 """
@@ -256,6 +287,19 @@ window.addEventListener("load", function () {
   document.body.setAttribute("data-images-loaded", String(loaded));
   document.getElementById("status").textContent = loaded + " of " + images.length + " images loaded";
 });
+"""
+
+# --watch: the page asks the server for the page's version and reloads when it changes.
+LIVE_SCRIPT = """
+(function () {
+  var mine = document.documentElement.getAttribute("data-version");
+  function poll() {
+    fetch("/version", {cache: "no-store"}).then(function (r) { return r.text(); }).then(function (v) {
+      if (v !== mine) { location.reload(); } else { setTimeout(poll, 400); }
+    }).catch(function () { setTimeout(poll, 1000); });
+  }
+  setTimeout(poll, 400);
+})();
 """
 
 
@@ -271,6 +315,43 @@ def _numbered(source: str) -> str:
     return "\n".join(f"{n:4d}  {line}" for n, line in enumerate(source.splitlines(), start=1))
 
 
+def caption(kind: str, name: str, slice_: int | None) -> str:
+    """What a picture is, for the page: the sequence's name or the picture's kind, and its slice.
+
+    >>> caption("overlay", "VISTA3D result on axial slice 45", 45), caption("sequence", "T1c", 43)
+    ('overlay, slice 45', 'T1c, slice 43')
+    >>> caption("key_slice", "the chest X-ray", None)
+    'the chest X-ray'
+    """
+    label = name if kind == "sequence" else kind.replace("_", " ")
+    return f"{label}, slice {slice_}" if slice_ is not None else (name or label)
+
+
+def captions(s: Sample) -> list[str]:
+    """A caption per picture of the conversation, found by matching its bytes with the findings'
+    pictures (so whatever the template chose, the caption says what it is)."""
+    known = {i.png: caption(i.kind, i.caption, i.slice) for i in (s.findings.images if s.findings else [])}
+    images = s.conversation.images if s.conversation else []
+    return [known.get(png, "the item's picture" if len(images) == 1 else f"image {n + 1}") for n, png in enumerate(images)]
+
+
+def _turns_html(s: Sample, labels: list[str], card: str) -> str:
+    turns, slot = [], 0
+    for m in s.conversation.messages:  # type: ignore[union-attr]
+        body = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                body.append(f"<span class='slot'>{slot + 1}: {_e(labels[slot] if slot < len(labels) else 'image')}</span>")
+                slot += 1
+            elif card and slot == 0 and part["text"].startswith(card):
+                rest = part["text"][len(card):].lstrip("\n")
+                body.append(f"<details><summary>model card</summary>{_e(card)}</details>{_e(rest)}")
+            else:
+                body.append(_e(part["text"]))
+        turns.append(f"<div class='turn {_e(m['role'])}'><div class='role'>{_e(m['role'])}</div>{''.join(body)}</div>")
+    return "".join(turns)
+
+
 def _sample_html(s: Sample, k: int, card: str) -> str:
     head = (f"<div class='small'>sample {k + 1} · item {_e(s.item.item_id)} ({_e(s.item.modality)}, {_e(s.item.kind)}) · "
             f"variant {s.variant} · args {_e(repr(s.args))}"
@@ -282,33 +363,23 @@ def _sample_html(s: Sample, k: int, card: str) -> str:
         d.pop("timing", None)
         findings = f"<details><summary>findings</summary><pre>{_e(json.dumps(d, indent=1))}</pre></details>"
     if s.conversation is None:
-        return f"<div class='sample'><div>{head}</div><div><div class='error'>{_e(s.error)}</div>{findings}</div></div>"
-    c = s.conversation
+        return (f"<div class='sample failed'><div>{head}</div><div><div class='error'>failed: {_e(s.error)}</div>"
+                f"{findings}</div></div>")
+    labels = captions(s)
+    only = " class='only'" if len(labels) == 1 else ""
     pictures = "".join(
-        f"<figure><img alt='image {n + 1}' src='{_data_uri(png)}'><figcaption>image {n + 1}</figcaption></figure>"
-        for n, png in enumerate(c.images)
+        f"<figure{only}><img alt='{_e(label)}' src='{_data_uri(png)}'><figcaption>{n + 1}: {_e(label)}</figcaption></figure>"
+        for n, (png, label) in enumerate(zip(s.conversation.images, labels))
     )
-    turns, slot = [], 0
-    for m in c.messages:
-        body = []
-        for part in m["content"]:
-            if part["type"] == "image":
-                slot += 1
-                body.append(f"<span class='slot'>image {slot}</span>")
-            elif card and slot == 0 and part["text"].startswith(card):
-                rest = part["text"][len(card):].lstrip("\n")
-                body.append(f"<details><summary>model card</summary>{_e(card)}</details>{_e(rest)}")
-            else:
-                body.append(_e(part["text"]))
-        turns.append(f"<div class='turn {_e(m['role'])}'><div class='role'>{_e(m['role'])}</div>{''.join(body)}</div>")
-    meta = f"<details><summary>meta</summary><pre>{_e(json.dumps(c.meta, indent=1))}</pre></details>"
+    meta = f"<details><summary>meta</summary><pre>{_e(json.dumps(s.conversation.meta, indent=1))}</pre></details>"
     return (f"<div class='sample'><div class='pictures'>{head}{pictures}</div>"
-            f"<div>{''.join(turns)}{meta}{findings}</div></div>")
+            f"<div>{_turns_html(s, labels, card)}{meta}{findings}</div></div>")
 
 
-def render_page(spec: BuildSpec, sections: list[Section], card: str = "") -> str:
+def render_page(spec: BuildSpec, sections: list[Section], card: str = "", *, live: bool = False, version: int = 0) -> str:
     """The whole page as one HTML string (self-contained); `card`, the model card, is folded
-    away where a conversation starts with it."""
+    away where a conversation starts with it. `live`: the page reloads itself when the
+    `--watch` server has a newer version."""
     body = []
     for sec in sections:
         t = sec.task
@@ -319,9 +390,14 @@ def render_page(spec: BuildSpec, sections: list[Section], card: str = "") -> str
         body.append(f"<details><summary>template source</summary><pre>{_e(_numbered(sec.source_text))}</pre></details>")
         body.extend(_sample_html(s, k, card.rstrip()) for k, s in enumerate(sec.samples))
     total = sum(len(s.conversation.images) for sec in sections for s in sec.samples if s.conversation)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>m3-curate preview: {_e(spec.name)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head>"
-        f"<body data-images='{total}'><h1>m3-curate preview · {_e(spec.name)}</h1>"
-        f"<div id='status'>{total} images (loading…)</div>{''.join(body)}</body></html>"
-    )
+    failed = sum(1 for sec in sections for s in sec.samples if s.error) + sum(1 for sec in sections if sec.note)
+    banner = f"<div id='failed'>{failed} sample(s) failed: see the red boxes</div>" if failed else ""
+    return page_html(f"m3-curate preview · {_e(spec.name)}",
+                     f"<div id='status'>{total} images (loading…)</div>{banner}{''.join(body)}",
+                     attrs=f"data-images='{total}' data-failed='{failed}'", live=live, version=version)
+
+
+def page_html(title: str, body: str, *, attrs: str = "", live: bool = False, version: int = 0) -> str:
+    script = SCRIPT + (LIVE_SCRIPT if live else "")
+    return (f"<!doctype html><html data-version='{version}'><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{STYLE}</style><script>{script}</script></head><body {attrs}><h1>{title}</h1>{body}</body></html>")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from curation.errors import CurationError
+from curation.errors import CurationError, validation_message
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertRunner
 from expert_runners.bundle import Bundle, TransformStep, warn_ignored
@@ -59,13 +59,8 @@ def parse_options(spec: ExpertSpec, model: type[InferenceOptions]) -> Any:
     try:
         return model.model_validate(spec.options)
     except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            parts.append(f"options.{key}: {msg}")
-        valid = ", ".join(model.model_fields)
-        raise CurationError(f"expert {spec.name!r} (runner {spec.runner}): {'; '.join(parts)} (valid options: {valid})") from None
+        message = validation_message(e, prefix="options.", unknown="unknown option", show_input=False)
+        raise CurationError(f"expert {spec.name!r} (runner {spec.runner}): {message} (valid options: {', '.join(model.model_fields)})") from None
 
 
 def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> Any:

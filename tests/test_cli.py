@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from curation.cli import main
 
 
@@ -32,7 +34,7 @@ def test_typo_in_manifest(capsys, write_manifest):
 def test_missing_root(capsys, write_manifest):
     path = write_manifest({"name": "x", "sources": [{"name": "a", "kind": "nifti", "root": "gone"}]})
     code, err = run(capsys, "index", str(path))
-    assert code == 2 and "source 'a': root folder not found" in one_line(err)
+    assert code == 2 and "m.yaml: sources[0].root: folder not found" in one_line(err)
 
 
 def test_empty_folder(capsys, write_manifest, tmp_path):
@@ -61,3 +63,69 @@ def test_index_writes_tables(capsys, write_manifest, tmp_path: Path):
     assert main(["-q", "index", str(path), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "internal" / "index.parquet").is_file() and (tmp_path / "o" / "internal" / "ledger.parquet").is_file()
     assert "1 items from 1 files" in capsys.readouterr().out
+
+
+def subcommands():
+    import argparse
+
+    from curation.cli import parser
+
+    p = parser()
+    action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return p, action.choices
+
+
+def test_every_command_has_a_description_and_every_option_help_and_its_default():
+    _, commands = subcommands()
+    assert {"demo-archive", "index", "convert", "build", "render", "preview", "export", "finetune", "eval"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description and "\n" not in sub.description, name
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.help == "==SUPPRESS==" or "-h" in action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.option_strings and not action.required:
+                shown = sub.formatter_class(name)._get_help_string(action)
+                assert "default" in shown, f"{name} {action.option_strings}: the help does not say the default"
+        assert "(default: " in text or name in ("demo-archive",)
+
+
+@pytest.mark.parametrize("argv", [["-q", "index"], ["index", "-q"], ["-v", "index"], ["index", "-v"]])
+def test_quiet_and_verbose_go_before_or_after_the_command(argv, capsys, tmp_path):
+    code = main([*argv, str(tmp_path / "nope.yaml")])
+    assert code == 2 and "manifest not found" in capsys.readouterr().err
+    from curation.cli import parser
+
+    args = parser().parse_args([*argv, "m.yaml"])
+    assert args.quiet == ("-q" in argv) and args.verbose == ("-v" in argv)
+
+
+def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(tmp_path, write_manifest):
+    """pyarrow's write errors carry no file name: the line names the command's output folder.
+    The limit on file size stands in for a full disk: a real OS-level failure of `write`."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "v").mkdir()
+    for k in range(40):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v" / f"case_{k:03d}_with_a_long_name.nii.gz")
+    path = write_manifest({"name": "x", "sources": [{"name": "v", "kind": "nifti", "root": "v"}]})
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "curation", "-q", "index", str(path), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, preexec_fn=small_files, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2, result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(f"m3-curate: error: {tmp_path / 'o'}") and "File too large" in line

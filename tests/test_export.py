@@ -68,3 +68,120 @@ def test_command_line(tmp_path, capsys):
     assert "exported 12 conversations" in capsys.readouterr().out
     assert main(["export", "llava", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# --- the records as VILA's and LLaVA-NeXT's loaders read them (tests/vila_loaders.py) ---------
+
+
+def image_turns(messages):
+    """Per image, in order: the index of the turn that holds it (the system turn, if any, joins
+    the first user turn, as the export writes it)."""
+    out, turn = [], -1
+    for m in messages:
+        if m["role"] != "system":
+            turn += 1
+        out += [max(turn, 0)] * sum(p["type"] == "image" for p in m["content"])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["vila", "llava-next"])
+def test_every_record_loads_in_the_loaders_its_layout_is_for_with_images_in_place(tmp_path, layout):
+    """Token counts, image loading and turn alternation as VILA's loaders do them (at the commit
+    VILA-M3 pins, and the newer LLaVANextDataset) and LLaVA-NeXT's; every image is consumed in
+    the row's order and sits in the row's turn (an overlay stays after the call that made it)."""
+    from vila_loaders import LAYOUT_LOADERS, LOADERS
+
+    shards = write_shards(tmp_path / "build", conversations=40)
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((shards / "dataset" / "data").glob("*/*.parquet"))])
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    out = tmp_path / layout
+    counts = export_llava(shards, out, layout=layout)
+    multi = 0
+    for split in counts:
+        for record in json.loads((out / f"{split}.json").read_text()):
+            row = by_id[record["id"]]
+            want_bytes = [i["bytes"] for i in row["images"]]
+            multi += len(want_bytes) > 1
+            if layout == "llava-next":
+                assert "images" not in record and (not want_bytes or isinstance(record["image"], list))
+            for name in LAYOUT_LOADERS[layout]:
+                loaded = LOADERS[name](record, str(out))
+                assert loaded.images == want_bytes, name
+                where = [t for t, (_, parts) in enumerate(loaded.turns) for p in parts if isinstance(p, int)]
+                order = [p for _, parts in loaded.turns for p in parts if isinstance(p, int)]
+                assert order == list(range(len(want_bytes))), name
+                assert where == image_turns(row["messages"]), name
+                assert [r for r, _ in loaded.turns] == ["human", "gpt"] * (len(loaded.turns) // 2), name
+    assert multi > 0
+
+
+def test_the_vila_layout_is_not_for_llava_next_loaders(tmp_path):
+    """Why there are two layouts: LLaVA-NeXT reads no `images` key (a several-image record would
+    train as text), and VILA's LLaVANextDataset iterates `image` (a string, letter by letter)."""
+    from vila_loaders import LoaderError, llava_next, vila_next
+
+    shards = write_shards(tmp_path / "build", conversations=30)
+    counts = export_llava(shards, tmp_path / "vila", layout="vila")
+    records = [r for s in counts for r in json.loads((tmp_path / "vila" / f"{s}.json").read_text())]
+    several = next(r for r in records if "images" in r)
+    with pytest.raises(LoaderError, match="image tokens for 0 images"):
+        llava_next(several, str(tmp_path / "vila"))
+    one = next(r for r in records if "image" in r)
+    with pytest.raises((LoaderError, OSError)):
+        vila_next(one, str(tmp_path / "vila"))
+
+
+def test_loaders_that_move_images_to_the_first_turn_break_trigger_then_result(tmp_path):
+    """The README's warning, shown: VILA's newer LLaVADataset puts the result overlay of a
+    trigger conversation in the first turn, before the assistant's call that made it."""
+    from vila_loaders import vila_llava_dataset
+
+    shards = write_shards(tmp_path / "build", conversations=30)
+    counts = export_llava(shards, tmp_path / "x", layout="llava-next")
+    records = [r for s in counts for r in json.loads((tmp_path / "x" / f"{s}.json").read_text())]
+    trigger = next(r for r in records if len(r["conversations"]) >= 4 and "<image>" in r["conversations"][2]["value"])
+    loaded = vila_llava_dataset(trigger, str(tmp_path / "x"))
+    assert all(isinstance(p, int) for p in loaded.turns[0][1][:len(loaded.images)])  # every image in turn 0
+    assert "<" in trigger["conversations"][1]["value"]  # the call comes after them
+
+
+# --- whatever the shards hold, every file stays inside OUT ------------------------------------
+
+
+@pytest.mark.parametrize("column, value", [
+    ("id", "../../escaped"), ("id", "/tmp/absolute"), ("split", "../up"), ("split", "/etc"), ("id", "a/b"), ("split", ".."),
+    ("id", ""), ("split", "..\\win"),
+], ids=["id-dotdot", "id-absolute", "split-dotdot", "split-absolute", "id-slash", "split-is-dotdot", "id-empty", "split-backslash"])
+def test_crafted_ids_and_splits_never_write_outside_the_output_folder(tmp_path, column, value):
+    shards = write_shards(tmp_path / "build", conversations=6)
+    part = sorted((shards / "dataset" / "data").glob("*/*.parquet"))[0]
+    rows = pq.read_table(part).to_pylist()
+    rows[0][column] = value
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), part)
+    out = tmp_path / "sandbox" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    assert main(["-q", "export", "llava", str(shards), str(out)]) == 2
+    written = {p for p in tmp_path.rglob("*") if not p.is_dir()} - before
+    assert all(p.is_relative_to(out) for p in written), sorted(map(str, written))
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "sandbox" / "up.json").exists()
+
+
+def test_a_duplicate_id_is_refused(tmp_path):
+    shards = write_shards(tmp_path / "build", conversations=6)
+    part = sorted((shards / "dataset" / "data").glob("*/*.parquet"))[0]
+    rows = pq.read_table(part).to_pylist()
+    rows.append(dict(rows[0]))
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), part)
+    with pytest.raises(CurationError, match="appears twice"):
+        export_llava(shards, tmp_path / "out")
+
+
+def test_a_link_in_the_output_folder_does_not_lead_writes_outside(tmp_path):
+    shards = write_shards(tmp_path / "build", conversations=6)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "images").symlink_to(elsewhere)
+    with pytest.raises(CurationError, match="outside"):
+        export_llava(shards, out)
+    assert not any(elsewhere.iterdir())

@@ -78,3 +78,41 @@ def test_manifest_hash_changes_with_content(write_manifest):
     b = load_manifest(write_manifest(data, "b.yaml"))
     assert manifest_hash(a) == manifest_hash(load_manifest(write_manifest(base(), "a2.yaml")))
     assert manifest_hash(a) != manifest_hash(b)
+
+
+def readme_manifest() -> str:
+    """The YAML example of README's "The manifest" section."""
+    section = (REPO / "README.md").read_text().split("## The manifest", 1)[1]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_manifest_runs_against_the_demo_archive(tmp_path):
+    """As the README says: placed in manifests/ beside the demo archive, it loads, passes every
+    check a build makes before Ray starts, and indexes the archive's items."""
+    from curation.demo import write_demo_archive
+    from curation.ingest.index import build_index
+    from curation.preflight import preflight
+
+    demo = REPO / "data" / "demo"
+    if not (demo / "ground_truth.json").is_file():
+        demo = tmp_path / "data" / "demo"
+        write_demo_archive(demo, cases=1, seed=0)
+    else:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "demo").symlink_to(demo)
+    (tmp_path / "expert_runners").symlink_to(REPO / "expert_runners")
+    (tmp_path / "manifests").mkdir()
+    path = tmp_path / "manifests" / "readme.yaml"
+    path.write_text(readme_manifest())
+    spec = load_manifest(path)
+    preflight(spec, path, rows=True)
+    index = build_index(spec)
+    assert {i.source for i in index.items} == {s.name for s in spec.sources}
+    assert spec.output.dir == (tmp_path / "out" / "my-build").resolve() and spec.license == "other"
+
+
+def test_a_licence_is_a_hub_licence_id(write_manifest):
+    data = base()
+    data["license"] = "CC BY 4.0"
+    with pytest.raises(CurationError, match="license: String should match pattern"):
+        load_manifest(write_manifest(data))

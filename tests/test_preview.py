@@ -7,6 +7,7 @@ import argparse
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,78 @@ def test_page_opens_in_headless_chromium_with_its_images(manifest: Path, tmp_pat
     saturated = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum())
     assert saturated > 2000, f"only {saturated} coloured pixels in the screenshot: the overlay images did not load"
     shutil.copy(shot, tmp_path / "kept.png")
+
+
+def test_pictures_sit_side_by_side_with_captions_that_say_what_they_are(manifest: Path, tmp_path: Path) -> None:
+    page = tmp_path / "p.html"
+    run(manifest, page, task="vista3d/segment_and_answer.j2", n=1)
+    text = page.read_text()
+    assert re.search(r"<figcaption>1: key slice, slice \d+</figcaption>", text)
+    assert re.search(r"<figcaption>2: overlay, slice \d+</figcaption>", text)
+    assert re.search(r"<span class='slot'>2: overlay, slice \d+</span>", text)  # where the picture stands in the turn
+    assert ".pictures { display: flex" in text
+
+
+def test_a_failed_sample_fails_the_command(manifest: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.j2"
+    bad.write_text("{#- declare\nkind: bad\nsources: [image2d]\nneeds: [classes]\ncalls_expert: false\nimages: 0\n-#}\n"
+                   '{% turn "user" %}{{ model_card }}{{ findings.nope }}{% endturn %}{% turn "assistant" %}x{% endturn %}\n')
+    page = tmp_path / "p.html"
+    assert main(["preview", str(manifest), "--template", str(bad), "-n", "2", "--html", str(page), "-q"]) == 1
+    assert "2 error(s)" in capsys.readouterr().out
+    text = page.read_text()
+    assert text.count("class='sample failed'") == 2 and "data-failed='2'" in text and "2 sample(s) failed" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+def test_watch_serves_the_page_and_a_saved_template_edit_shows_in_the_browser(manifest: Path, tmp_path: Path) -> None:
+    """A person's loop: the page open in a browser, a template edited and saved, the new text on
+    the page without touching the browser; a template that breaks shows as the page, and the
+    fix brings the samples back."""
+    import os
+    import signal
+    import sys
+
+    from chromium import Chromium
+
+    draft = tmp_path / "drafts" / "watch_draft.j2"
+    draft.parent.mkdir()
+    original = (BUILTIN_PROMPTS / "qa" / "plain.j2").read_text()
+    draft.write_text(original.replace("{{ first.question }}", "Draft wording one. {{ first.question }}", 1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "curation", "preview", str(manifest), "--template", str(draft), "-n", "1",
+                               "--html", str(tmp_path / "live.html"), "--watch", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    browser = None
+    try:
+        url = None
+        for line in server.stdout:  # type: ignore[union-attr]
+            if line.startswith("serving "):
+                url = line.split()[1]
+                break
+        assert url and url.startswith("http://127.0.0.1:"), "the server did not start"
+        browser = Chromium(url, tmp_path / "profile")
+        body = "document.body ? document.body.innerText : ''"
+        assert "Draft wording one." in browser.wait_for(f"({body}).includes('Draft wording one.') && ({body})")
+
+        time.sleep(0.05)
+        draft.write_text(original.replace("{{ first.question }}", "Draft wording two, saved. {{ first.question }}", 1))
+        text = browser.wait_for(f"({body}).includes('Draft wording two, saved.') && ({body})")
+        assert text and "Draft wording one." not in text
+
+        draft.write_text(original.replace("{% endturn %}", "{% endturn", 1))  # does not compile
+        assert "watch_draft.j2" in browser.wait_for(f"document.body.getAttribute('data-failed') === '1' && ({body})")
+        draft.write_text(original.replace("{{ first.question }}", "Draft wording three. {{ first.question }}", 1))
+        assert browser.wait_for(f"({body}).includes('Draft wording three.')")
+        assert browser.evaluate("document.body.getAttribute('data-failed')") == "0"
+    finally:
+        if browser is not None:
+            browser.close()
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 130

@@ -187,7 +187,7 @@ def test_calls_must_match_the_declaration(spec: BuildSpec, tmp_path: Path) -> No
     ("hello", "no declaration; start the file with a comment"),
     ("{#- declare\nkind: x\n-#}", "declaration: images: Field required"),
     ("{#- declare\nkind: x\nimages: 1\nmodalty: [CT]\n-#}", "modalty: unknown key (check its spelling)"),
-    ("{#- declare\nkind: x\nimages: 1\nneeds: [pixels]\n-#}", "needs.0: Input should be 'structures', 'classes'"),
+    ("{#- declare\nkind: x\nimages: 1\nneeds: [pixels]\n-#}", "needs[0]: Input should be 'structures', 'classes'"),
     ("{#- declare\nkind: X y\nimages: 1\n-#}", "kind: String should match pattern"),
     ("{#- declare\nkind: [x\n-#}", "the declaration is not valid YAML"),
 ])

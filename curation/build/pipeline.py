@@ -29,13 +29,15 @@ from typing import Any
 import pyarrow as pa
 
 from curation.store.cache import FindingsCache, content_hash
-from curation.store.card import Tally, build_ledger, code_version, dataset_card, write_json
+from curation.store.card import Tally, build_ledger, code_version, dataset_card
+from curation.store.readme import write_dataset_card
 from curation.store.layout import Layout
 from curation.build.cluster import Placement, pipeline_dataset, place_experts, ray_session
 from curation.errors import CurationError
 from curation.ingest.index import build_index, write_table
 from curation.items import LedgerEntry, StudyItem, items_table
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
+from curation.preflight import preflight
 from curation.build.plan import ExpertInfo, ItemPlan, Plan, make_plan, runner_spec, spec_json
 from curation.build.progress import Progress, summary
 from curation.store.shards import ShardWriter
@@ -74,6 +76,7 @@ def expert_infos_from_runners(spec: BuildSpec) -> tuple[dict[str, ExpertInfo], d
     from expert_runners.base import make_runner
 
     infos, runners = {}, {}
+    log.info("checking %d expert(s) on the driver (options, weights, fingerprints): imports their model code", len(spec.experts))
     for e in spec.experts:
         runner = make_runner(runner_spec(e), image_max_side=spec.output.image_max_side)
         runners[e.name] = runner
@@ -164,7 +167,7 @@ def _finish(run: _Run, prep: _Prepared, wall: dict[str, float], placements: dict
                         manifest_hash=prep.ctx.manifest_hash, code=prep.ctx.code_version, wall=wall,
                         actors={n: p.to_json() for n, p in placements.items()})
     card["timing"]["peak_rows_held"] = run.writer.peak_rows
-    write_json(card, run.layout.card)
+    write_dataset_card(card, run.layout)
     return BuildResult(out=run.layout.out, layout=run.layout, card=card, shards=shards, summary=summary(card, run.layout))
 
 
@@ -207,11 +210,14 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
     indexes and plans, so its start-up overlaps the index."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
+    preflight(spec, manifest, out=out, rows=True)
     layout = Layout.of(spec, out)
     wants_ray = bool(spec.tasks) and (limit is None or limit > 0)
     placements: dict[str, Placement] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
         preparing = pool.submit(_prepare, spec, layout, limit=limit, from_cache=False)
+        if wants_ray:
+            log.info("starting Ray (%s) while the archive is indexed", address or os.environ.get("RAY_ADDRESS") or "a local Ray for this build")
         with (ray_session(address) if wants_ray else nullcontext("no Ray (nothing to run)")) as where:
             ray_ready = time.perf_counter() - t0
             prep = preparing.result()
@@ -224,6 +230,9 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
                 log.info("building %d items on %s; expert pools: %s", len(prep.plan.working), where,
                          ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
                                    for n, p in placements.items()) or "none")
+                pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks]
+                if pools:
+                    log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
                 t = time.perf_counter()
                 ds = pipeline_dataset(prep.plan, prep.ctx, placements)
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -239,6 +248,7 @@ def render(manifest: str | Path, *, out: str | Path | None = None, progress: boo
 
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
+    preflight(spec, manifest, out=out, rows=True)
     layout = Layout.of(spec, out)
     prep = _prepare(spec, layout, limit=None, from_cache=True)
     wall = dict(prep.wall)

@@ -45,7 +45,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from curation.errors import CurationError
+from curation.errors import CurationError, validation_message
 from curation.render.prompt_data import check_phrasing
 
 log = logging.getLogger(__name__)
@@ -110,12 +110,7 @@ def read_declaration(source: str, name: str) -> TemplateDeclaration:
     try:
         return TemplateDeclaration.model_validate(data)
     except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "declaration"
-            msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            parts.append(f"{key}: {msg}")
-        raise CurationError(f"template {name}: declaration: {'; '.join(parts)}") from None
+        raise CurationError(f"template {name}: declaration: {validation_message(e, empty='declaration', show_input=False)}") from None
 
 
 class PromptLoader(FileSystemLoader):

@@ -24,6 +24,7 @@ from curation.items import LEDGER_SCHEMA, LedgerEntry
 from curation.manifest import BuildSpec
 from curation.build.plan import ItemPlan, Plan, task_name
 from curation.rows import SCHEMA_VERSION
+from curation.store.public import Redactor, public_counts, public_manifest
 from curation.build.stages import Report
 
 BUILD_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("rows", pa.int64()))
@@ -138,7 +139,7 @@ def dataset_card(
                      **{f"by_{k}": dict(sorted(v.items())) for k, v in tally.rows.items()}},
             "shards": {"total": len(shards), "rows_per_shard": spec.output.rows_per_shard,
                        "files": [p.relative_to(out).as_posix() for p in shards]},
-            "set_aside": dict(tally.set_aside.most_common()),
+            "set_aside": public_counts(tally.set_aside, Redactor.of(spec, ledger["uri"].to_pylist())),
         },
         "experts": {
             name: {"runner": info.runner, "fingerprint": info.fingerprint, "runs": tally.runs.get(name, 0),
@@ -157,7 +158,7 @@ def dataset_card(
             "template_hashes": dict(sorted(tally.templates.items())),
             "tasks": [task_name(t) for t in spec.tasks],
         },
-        "manifest": spec.model_dump(mode="json"),
+        "manifest": public_manifest(spec),
     }
 
 

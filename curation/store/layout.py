@@ -17,6 +17,7 @@ and `eval` agree on them (`output.cache`, when the manifest sets it, wins over `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,14 @@ class Layout:
         note = self.internal / "README.md"
         if not note.is_file() or note.read_text() != INTERNAL_NOTE:
             note.write_text(INTERNAL_NOTE)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside the final name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def shards_root(path: str | Path) -> Path:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.rows import ROW_SCHEMA
+from curation.store.hf import schema_with_hf_metadata
 
 PART = "part-{:05d}.parquet"
 ROW_GROUP = 128
@@ -66,7 +67,7 @@ class _Open:
             return
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, ROW_SCHEMA, compression="zstd")
+            self.writer = pq.ParquetWriter(self.tmp, schema_with_hf_metadata(ROW_SCHEMA), compression="zstd")
         self.writer.write_table(table.slice(0, cut).drop_columns(["_shard", "_pos"]).cast(ROW_SCHEMA), row_group_size=ROW_GROUP)
         self.rows += cut
         self.ready = [table.slice(cut)] if cut < table.num_rows else []
