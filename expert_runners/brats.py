@@ -35,21 +35,23 @@ t1gd, t1-ce, t1post; T1: t1, t1n, t1w; T2: t2, t2w; FLAIR: flair, t2f, t2-flair,
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from curation.errors import CurationError, ItemError
+from curation.findings import Findings, Structure
 from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
-from curation.findings import Findings, Structure
 from expert_runners.measure import measure_structures
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
-from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import BundleRunner, InferenceOptions, invert, parse_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 SEQUENCES = ("T1c", "T1", "T2", "FLAIR")  # the bundle's input channel order
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -105,6 +107,8 @@ class BratsRunner(BundleRunner):
     runner: ClassVar[str] = "brats"
     modalities: ClassVar[tuple[str, ...]] = ("MR",)
     kinds: ClassVar[tuple[str, ...]] = ("nifti_group",)
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "sequence"})
+    DOWNSAMPLE: ClassVar[int] = DOWNSAMPLE
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -152,37 +156,25 @@ class BratsRunner(BundleRunner):
                 image_max_side=self.image_max_side,
             )
 
+    def provides(self) -> frozenset[str] | None:
+        found = super().provides()
+        return None if found is None else (found if self.options.sequence_images else found - {"sequence"})
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        return sorted([*NAMES.values(), *(name for name, _ in DERIVED.values())])
+
     def segment(self, array: np.ndarray, affine: np.ndarray, timing: dict[str, float] | None = None) -> np.ndarray:
         """The BRATS label map (0/1/2/4, uint8) on the grid of `array` (x, y, z, 4: T1c, T1,
         T2, FLAIR)."""
-        timing = {} if timing is None else timing
-        opts, bundle = self.options, self.bundle
-        if self.net is None:
-            with phase(timing, "load"):
-                self.setup(self.device)
-        assert self.net is not None
-        with phase(timing, "preprocess"):
-            pre = build_preprocessing(bundle.preprocessing)
-            data = pre({KEY: to_meta_tensor(array, affine)})
-            image = data[KEY]
-        with phase(timing, "inference"):
-            logits = sliding_window(
-                self.net,
-                image,
-                roi=window_size(tuple(image.shape[1:]), opts.patch_size or bundle.patch_size, multiple=DOWNSAMPLE, minimum=2 * DOWNSAMPLE),
-                sw_batch_size=opts.sw_batch_size or bundle.sw_batch_size,
-                overlap=bundle.overlap if opts.overlap is None else opts.overlap,
-                device=self.device,
-                amp=bundle.amp if opts.amp is None else opts.amp,
-            )
-        with phase(timing, "postprocess"):
-            # as the bundle: sigmoid, back to the input grid (linear), threshold, 4/1/2
-            probs = invert(pre, data, torch.sigmoid(logits[0]), nearest=False).numpy()
-            on = probs > opts.threshold
-            label_map = brats_labels(on[0], on[1], on[2])
-        if label_map.shape != array.shape[:3]:
-            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {array.shape[:3]}")
-        return label_map
+        return self.segment_array(array, affine, timing)
+
+    def postprocess(self, logits: torch.Tensor, pre: Any, data: dict[str, Any], **_: Any) -> np.ndarray:
+        """As the bundle: sigmoid, back to the input grid (linear), threshold, 4/1/2."""
+        import torch
+
+        probs = invert(pre, data, torch.sigmoid(logits[0]), nearest=False).numpy()
+        on = probs > self.options.threshold
+        return brats_labels(on[0], on[1], on[2])
 
 
 def brats_findings(

@@ -216,6 +216,7 @@ class CtTissueRunner(ExpertRunner):
     runner: ClassVar[str] = "ct_tissue"
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay"})
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -224,6 +225,12 @@ class CtTissueRunner(ExpertRunner):
         if self.window not in CT_WINDOWS:
             raise CurationError(f"expert {spec.name!r}: option 'window' must be one of {sorted(CT_WINDOWS)}, got {self.window!r}")
         self.thresholds = TissueThresholds.from_options(options, f"expert {spec.name!r}")
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        try:
+            return sorted(selected(arg))
+        except ValueError:
+            return None
 
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
         wanted = selected(args)

@@ -167,6 +167,9 @@ class LabelsRunner(ExpertRunner):
 
     runner: ClassVar[str] = "labels"
     modalities: ClassVar[tuple[str, ...]] = ()
+    # sequence: on multi-sequence groups; classes: on 2D items with a labels table
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "classes", "sequence"})
+    GROUND_TRUTH: ClassVar[bool] = True
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -192,6 +195,20 @@ class LabelsRunner(ExpertRunner):
         self.window_option = options.get("window", "default")
         if self.window_option not in ("default", None) and self.window_option not in CT_WINDOWS:
             raise CurationError(f"{where}: option 'window' must be one of {sorted(CT_WINDOWS)} or null, got {self.window_option!r}")
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        """The names the argument covers when the options name the labels (a preset or
+        `names`); None when the label map's ids are unnamed."""
+        if not self.names:
+            return None
+        key = " ".join(arg.strip().lower().split())
+        if key in ("", "everything"):
+            return sorted(set(self.names.values()))
+        if key in self.groups:
+            return sorted({self.names[i] for i in self.groups[key] if i in self.names})
+        by_name = {n.lower(): n for n in self.names.values()}
+        parts = [p.strip() for p in key.split(",") if p.strip()]
+        return sorted({self.names[int(p)] if p.isdigit() and int(p) in self.names else by_name.get(p, p) for p in parts})
 
     def window(self, modality: str) -> str | None:
         if self.window_option == "default":

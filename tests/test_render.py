@@ -13,6 +13,7 @@ import pytest
 from render_factory import TASKS, Demo, build_demo
 
 from curation.errors import CurationError
+from curation.expert_info import ExpertInfo
 from curation.manifest import BuildSpec, TaskSpec
 from curation.render.renderer import Renderer, TemplateError, TemplateSkip, findings_view
 from curation.rows import Conversation
@@ -28,7 +29,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 
 @pytest.fixture(scope="module")
 def renderer(demo: Demo) -> Renderer:
-    return Renderer(demo.spec)
+    return Renderer(demo.spec, experts=demo.experts)
 
 
 def render_all(renderer: Renderer, demo: Demo, task: TaskSpec, variants: int = VARIANTS):
@@ -54,7 +55,7 @@ def test_every_template_is_exercised(demo: Demo) -> None:
 
 
 def test_tasks_pass_check(renderer: Renderer) -> None:
-    renderer.check({})
+    renderer.check()
 
 
 def test_model_card_lists_the_experts_in_vila_m3_form(renderer: Renderer) -> None:
@@ -417,7 +418,7 @@ def test_error_inside_an_imported_macro_names_both(demo: Demo, tmp_path: Path) -
     [
         ({"template": "brats/four_sequences.j2", "source": "ct", "expert": "VISTA3D"}, "written for nifti_group sources; source 'ct' is dicom"),
         ({"template": "cxr/expert_hint_vqa.j2", "source": "cxr"}, "needs an expert (classes, key_slice); add `expert:` to the task"),
-        ({"template": "qa/plain.j2", "source": "vqa", "expert": "CXR"}, "uses no expert, but the task names 'CXR'"),
+        ({"template": "qa/plain.j2", "source": "vqa"}, "needs an expert (key_slice); add `expert:` to the task"),
         ({"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": ["organs"]},
          "argument(s) ['organs'] not among those it is written for"),
         ({"template": "findings/volume.j2", "source": "ct", "expert": "XR"},
@@ -428,8 +429,10 @@ def test_error_inside_an_imported_macro_names_both(demo: Demo, tmp_path: Path) -
 def test_check_names_task_and_template(demo: Demo, task: dict, message: str) -> None:
     data = demo.spec.model_dump()
     spec = BuildSpec.model_validate({**data, "experts": data["experts"] + [{"name": "XR", "runner": "cxr_ensemble"}], "tasks": [task]})
+    xr = ExpertInfo(name="XR", runner="cxr_ensemble", fingerprint="f", spec={}, modalities=("CR", "DX"), kinds=("image2d",),
+                    provides=("classes", "key_slice"))
     with pytest.raises(CurationError) as e:
-        Renderer(spec).check({})
+        Renderer(spec, experts={**demo.experts, "XR": xr}).check()
     assert str(e.value).startswith(f"tasks[0] (template {task['template']}): ")
     assert message in str(e.value)
 
@@ -439,13 +442,13 @@ def test_check_with_runners_knows_what_they_give(demo: Demo) -> None:
 
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
         {"template": "brats/what_is_this.j2", "source": "brain", "expert": "CT_TISSUE"}]})
-    runners = {"CT_TISSUE": make_runner(spec.experts[1])}
+    infos = {"CT_TISSUE": make_runner(spec.experts[1]).describe()}
     with pytest.raises(CurationError, match="needs sequence from its expert; expert 'CT_TISSUE' \\(runner ct_tissue\\) gives"):
-        Renderer(spec).check(runners)
+        Renderer(spec, experts=infos).check()
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
         {"template": "findings/volume.j2", "source": "brain", "expert": "CT_TISSUE"}]})
     with pytest.raises(CurationError, match="expert 'CT_TISSUE' takes dicom/nifti items; source 'brain' gives nifti_group items"):
-        Renderer(spec).check({"CT_TISSUE": make_runner(spec.experts[1])})
+        Renderer(spec, experts={"CT_TISSUE": make_runner(spec.experts[1]).describe()}).check()
 
 
 def test_experts_without_a_card_stay_off_it_and_cannot_be_called(demo: Demo) -> None:
@@ -454,12 +457,12 @@ def test_experts_without_a_card_stay_off_it_and_cannot_be_called(demo: Demo) -> 
     ok = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
         {"template": "findings/volume.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
     r = Renderer(ok)
-    r.check({})
+    r.check()
     assert "CTLabels" not in r.model_card and "<VISTA3D(args)>" in r.model_card
     bad = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
         {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
     with pytest.raises(CurationError, match="calls expert 'CTLabels', which is not on the model card"):
-        Renderer(bad).check({})
+        Renderer(bad).check()
 
 
 def test_the_question_decides_the_call(renderer: Renderer, demo: Demo) -> None:

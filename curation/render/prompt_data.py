@@ -1,5 +1,4 @@
-"""The data templates draw on besides findings: phrasing banks, model cards, and what each
-expert can report.
+"""The data templates draw on besides findings: phrasing banks and model cards.
 
 - Phrasing banks are YAML files under `<prompts>/phrasings/`: a key maps to a list of
   alternatives (nested mappings make dotted keys: `vista3d_target.organs`), each a string with
@@ -7,9 +6,9 @@ expert can report.
   is refused when the file is read).
 - The model card is `<prompts>/model_card.j2` filled from `<prompts>/model_cards.yaml`, one card
   per manifest expert, by its name, else by its runner.
-- `provides` and `vocabulary` say what a runner's findings hold and which structure names an
-  argument covers, so that `check()` can refuse a task before it runs and a template can ask
-  about a structure that is truly absent.
+
+What an expert's findings hold and which names it reports come from the build as plain
+`curation.expert_info.ExpertInfo`: render knows nothing of runners.
 """
 
 from __future__ import annotations
@@ -126,52 +125,3 @@ def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str,
             continue
         out.append({"name": e.name, **card})
     return out
-
-
-# --- what an expert can report -------------------------------------------------------------
-
-# What each built-in runner's findings hold (None for runners we do not know: not checked).
-PROVIDES: dict[str, frozenset[str]] = {
-    "vista3d": frozenset({"structures", "key_slice", "overlay"}),
-    "monai_bundle": frozenset({"structures", "key_slice", "overlay"}),
-    "ct_tissue": frozenset({"structures", "key_slice", "overlay"}),
-    "brats": frozenset({"structures", "key_slice", "overlay", "sequence"}),
-    "cxr_ensemble": frozenset({"classes", "key_slice"}),
-    "labels": frozenset({"structures", "key_slice", "overlay", "classes", "sequence"}),  # sequence: on multi-sequence groups
-}
-
-
-def provides(spec: ExpertSpec) -> frozenset[str] | None:
-    found = PROVIDES.get(spec.runner)
-    if found is not None and spec.runner == "brats" and spec.options.get("sequence_images") is False:
-        found = found - {"sequence"}
-    return found
-
-
-def vocabulary(spec: ExpertSpec, args: str) -> list[str]:
-    """Structure names the expert reports when present, for this argument: a name in this list
-    but absent from the findings is truly absent. Empty when unknown."""
-    from expert_runners import labels as labels_runner
-
-    preset = spec.options.get("preset")
-    arg = args.strip().lower()
-    if spec.runner == "vista3d" or (spec.runner == "labels" and preset == "vista3d"):
-        names = labels_runner.preset_names("vista3d")
-        groups = labels_runner.vista3d_groups()
-        if arg in ("", "everything"):
-            if spec.runner == "vista3d":  # VISTA3D's "everything" leaves tumours and lesions out
-                return sorted({names[i] for i in labels_runner.DEFAULT_EVERYTHING if i in names})
-            return sorted(set(names.values()))
-        if arg in groups:
-            return sorted({names[i] for i in groups[arg] if i in names})
-        return sorted({p.strip() for p in arg.split(",") if p.strip() and not p.strip().isdigit()})
-    if spec.runner == "brats" or (spec.runner == "labels" and preset == "brats"):
-        return sorted(labels_runner.BRATS_NAMES.values())
-    if spec.runner == "ct_tissue":
-        from expert_runners.ct_tissue import selected
-
-        try:
-            return sorted(selected(args))
-        except ValueError:
-            return []
-    return []

@@ -29,9 +29,10 @@ from jinja2 import Template, TemplateNotFound, TemplateSyntaxError
 from jinja2.exceptions import SecurityError, UndefinedError
 
 from curation.errors import CurationError, ItemError
-from curation.items import StudyItem
+from curation.expert_info import ExpertInfo
+from curation.items import ITEM_KIND, StudyItem
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render.prompt_data import expert_cards, load_cards, load_phrasings, provides, vocabulary
+from curation.render.prompt_data import expert_cards, load_cards, load_phrasings
 from curation.rows import Conversation
 from curation.render.templates import (
     BUILTIN_PROMPTS,
@@ -47,8 +48,6 @@ from curation.render.turns import Fault, Markers, RenderState, Skip
 from curation.findings import Findings
 
 log = logging.getLogger(__name__)
-
-ITEM_KIND = {"dicom": "dicom", "nifti": "nifti", "nifti_group": "nifti_group", "image2d": "image2d", "qa": "image2d"}
 
 
 class TemplateError(ItemError):
@@ -151,11 +150,15 @@ class Renderer:
 
     Construct on the driver (cheap: nothing is read until first use), `check()` before a build,
     then `render()` anywhere: a Renderer pickles without its Jinja environment and rebuilds it
-    lazily, so it can be shipped to Ray workers.
+    lazily, so it can be shipped to Ray workers. `experts` describes the manifest's experts
+    (the build's `ExpertInfo`s: what their findings hold, which names they report); an expert
+    without one is rendered alike, but what it gives cannot be checked and it has no
+    vocabulary.
     """
 
-    def __init__(self, spec: BuildSpec, *, prompt_dirs: Sequence[Path] = ()):
+    def __init__(self, spec: BuildSpec, *, experts: dict[str, ExpertInfo] | None = None, prompt_dirs: Sequence[Path] = ()):
         self.spec = spec
+        self.experts: dict[str, ExpertInfo] = dict(experts or {})
         self._extra = tuple(Path(p).resolve() for p in prompt_dirs)
         for folder in (*self._extra, *spec.prompts):
             if not Path(folder).is_dir():
@@ -172,8 +175,6 @@ class Renderer:
         self._carded: set[str] = set()
         self._markers = Markers("0")
         self._experts = {e.name: e for e in self.spec.experts}
-        self._vocab: dict[tuple[str, str], list[str]] = {}
-        self._readers: dict[str, Any] | None = None
         # one-entry memos (variants of an item share its findings), each swapped as one tuple
         self._last_view: tuple[Findings | None, dict[str, Any], dict[str, list[Any]]] = (None, {}, {})
         self._last_item: tuple[StudyItem | None, dict[str, Any] | None] = (None, None)
@@ -182,10 +183,11 @@ class Renderer:
         self._source_kinds = {s.name: s.kind for s in self.spec.sources}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "_extra": self._extra}
+        return {"spec": self.spec, "experts": self.experts, "_extra": self._extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.spec = state["spec"]
+        self.experts = state["experts"]
         self._extra = state["_extra"]
         self._reset()
 
@@ -304,25 +306,21 @@ class Renderer:
         """Hash of the template, the templates it uses, the phrasings and the model card."""
         return self.compiled(template).hash
 
-    def check(self, runners: dict[str, Any] | None = None) -> None:
+    def check(self) -> None:
         """Every task's template exists, compiles and fits the task: its source kind and
         modality, its expert (present when needed, able to give what the template needs,
-        accepting the source's items) and its arguments. Raises one `CurationError` naming the
-        task and the template."""
-        if runners is None:
-            from expert_runners.base import make_runner
-
-            runners = {e.name: make_runner(e, image_max_side=self.spec.output.image_max_side) for e in self.spec.experts}
+        accepting the source's items, as far as its `ExpertInfo` says) and its arguments.
+        Raises one `CurationError` naming the task and the template."""
         problems = []
         for i, task in enumerate(self.spec.tasks):
             try:
-                self._check_task(task, runners)
+                self._check_task(task)
             except CurationError as e:
                 problems.append(f"tasks[{i}] (template {task.template}): {e}")
         if problems:
             raise CurationError("; ".join(problems))
 
-    def _check_task(self, task: TaskSpec, runners: dict[str, Any]) -> None:
+    def _check_task(self, task: TaskSpec) -> None:
         d = self.compiled(task.template).declaration
         source = self.spec.source(task.source)
         if d.sources and source.kind not in d.sources:
@@ -344,17 +342,16 @@ class Renderer:
                 "`experts:` in prompts/model_cards.yaml, or use a template that answers from its findings without calling it"
             )
         spec = self._experts[task.expert]
-        runner = runners.get(task.expert)
-        got = provides(spec)
-        if got is not None and not set(d.needs) <= got:
-            missing = sorted(set(d.needs) - got)
-            raise CurationError(f"needs {', '.join(missing)} from its expert; expert {task.expert!r} (runner {spec.runner}) gives {', '.join(sorted(got))}")
-        if runner is not None:
+        info = self.experts.get(task.expert)
+        if info is not None and info.gives(d.needs) is False:
+            missing = sorted(set(d.needs) - set(info.provides or ()))
+            raise CurationError(f"needs {', '.join(missing)} from its expert; expert {task.expert!r} (runner {spec.runner}) gives {', '.join(info.provides or ())}")
+        if info is not None:
             item_kind = ITEM_KIND[source.kind]
-            kinds = getattr(runner, "kinds", ())
+            kinds = info.kinds
             if kinds and item_kind not in kinds:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(kinds)} items; source {source.name!r} gives {item_kind} items")
-            accepted = set(getattr(runner, "modalities", ()) or ())
+            accepted = set(info.modalities)
             if accepted and modalities is not None and not accepted & modalities:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(sorted(accepted))}; source {source.name!r} gives {'/'.join(sorted(modalities))}")
         if d.args is not None:
@@ -402,12 +399,12 @@ class Renderer:
     def _context(self, state: RenderState, task: TaskSpec, item: StudyItem, findings: Findings | None, variant: int) -> dict[str, Any]:
         """What the template sees beside the compiled template's `parent`: the data and the
         helpers bound to this rendering (the context's `vars`, where `{% set %}` writes too)."""
-        expert = None if task.expert is None else self._expert_view(task.expert, state.args, state.call)
+        expert = None if task.expert is None else self._expert_view(task.expert, state.arg, state.call)
         return {
             "item": self._item_view(item),
             "findings": self._view(findings),
             "expert": expert,
-            "vocabulary": self.vocabulary(task.expert, state.args) if task.expert else [],
+            "vocabulary": self.vocabulary(task.expert, state.arg) if task.expert else [],
             "variant": variant,
             "image": state.image,
             "meta": state.set_meta,
@@ -421,7 +418,7 @@ class Renderer:
 
     def _finish(self, state: RenderState, task: TaskSpec) -> None:
         """Whole-conversation rules, checked after the template ran."""
-        d = state.c.declaration
+        d = state.compiled.declaration
         last = state.lines[-1] if state.lines else None
         if not state.messages:
             raise Fault("the template wrote no turns")
@@ -470,22 +467,10 @@ class Renderer:
             self._last_view = (findings, view, images)
         return view, images
 
-    def vocabulary(self, expert: str, args: str) -> list[str]:
-        key = (expert, args)
-        if key not in self._vocab:
-            self._vocab[key] = vocabulary(self._experts[expert], args)
-        return self._vocab[key]
-
-    def item_picture(self, item: StudyItem) -> bytes:
-        """The item's own picture (2D items), read from its file."""
-        from curation.imaging import encode_png
-        from curation.ingest import readers_for
-        from expert_runners.picture2d import picture_2d
-
-        if self._readers is None:
-            self._readers = readers_for(self.spec)
-        volume = self._readers[item.source].load(item)
-        return encode_png(picture_2d(volume.array), self.spec.output.image_max_side)
+    def vocabulary(self, expert: str, arg: str) -> list[str]:
+        """Names the expert reports for `arg` when present (its `ExpertInfo`; empty: unknown)."""
+        info = self.experts.get(expert)
+        return [] if info is None else info.vocabulary(arg)
 
     def locate(self, tb: Any, default: str) -> tuple[str, int | None, str]:
         """(template, line, chain) of the innermost template frame of a traceback."""

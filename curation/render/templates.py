@@ -46,17 +46,16 @@ from jinja2.utils import Namespace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from curation.errors import CurationError
+from curation.expert_info import NEEDS
+from curation.items import SourceKind
 from curation.render.prompt_data import check_phrasing
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
-SOURCE_KINDS = ("dicom", "nifti", "nifti_group", "image2d", "qa")
-NEEDS = ("structures", "classes", "key_slice", "overlay", "sequence")
 MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (a sandbox limit)
 
-Need = Literal["structures", "classes", "key_slice", "overlay", "sequence"]
-SourceKind = Literal["dicom", "nifti", "nifti_group", "image2d", "qa"]
+Need = Literal[NEEDS]  # type: ignore[valid-type]  # the one list, in curation.expert_info
 
 
 class TemplateDeclaration(BaseModel):

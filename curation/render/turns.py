@@ -70,33 +70,33 @@ def _json_safe(value: Any, key: str) -> Any:
 class RenderState:
     """The state of one rendering: the RNG, the turns so far, the images, the meta."""
 
-    __slots__ = ("args", "c", "call", "findings", "images", "item", "lines", "m", "messages", "meta", "open", "pending",
-                 "phrasings", "r", "rng")
+    __slots__ = ("arg", "call", "compiled", "findings", "images", "item", "lines", "markers", "messages", "meta", "open",
+                 "pending", "phrasings", "renderer", "rng")
 
     def __init__(self, renderer: Renderer, compiled: _Compiled, task: TaskSpec, item: StudyItem,
                  findings: Findings | None, variant: int, seed: int):
-        self.r = renderer
-        self.c = compiled
+        self.renderer = renderer
+        self.compiled = compiled
         self.item = item
         self.findings = findings
-        self.args = task.args[variant % len(task.args)]
-        self.call = "" if task.expert is None else f"<{task.expert}({self.args})>"
+        self.arg = task.args[variant % len(task.args)]
+        self.call = "" if task.expert is None else f"<{task.expert}({self.arg})>"
         self.rng = random.Random(seed)
-        self.m: Markers = renderer._markers
+        self.markers: Markers = renderer._markers
         self.phrasings: dict[str, tuple[str, ...]] = renderer._phrasings
         self.messages: list[dict[str, Any]] = []
         self.images: list[bytes] = []
         self.pending: list[bytes] = []  # pictures of the open turn, by slot number
         self.lines: list[int] = []
         self.open: str | None = None
-        self.meta: dict[str, Any] = {"kind": compiled.declaration.kind, "template": task.template, "args": self.args, "variant": variant}
+        self.meta: dict[str, Any] = {"kind": compiled.declaration.kind, "template": task.template, "args": self.arg, "variant": variant}
 
     def finish_output(self, chunks: Iterator[str]) -> None:
         """Run the template; what it writes outside turns must be blank."""
         stray = "".join(chunks).strip()
         if stray:
             raise Fault(f"text outside any turn: {stray[:60]!r} (write all text inside {{% turn %}} blocks)",
-                        self.r.source_line(self.c.source, stray))
+                        self.renderer.source_line(self.compiled.source, stray))
 
     # --- turns -----------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class RenderState:
             self.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
             return ""
         pieces = text.split("\x00")
-        if pieces[1::2] == self.m.tokens[: len(pending)]:  # the usual case: every slot once, in order
+        if pieces[1::2] == self.markers.tokens[: len(pending)]:  # the usual case: every slot once, in order
             parts: list[dict[str, Any]] = [{"type": "text", "text": piece} if i % 2 == 0 else {"type": "image", "text": None}
                                            for i, piece in enumerate(pieces) if piece]
             self.images += pending
@@ -135,7 +135,7 @@ class RenderState:
                 if piece:
                     parts.append({"type": "text", "text": piece})
                 continue
-            n = self.m.slot.get(piece)
+            n = self.markers.slot.get(piece)
             if n is None or n >= len(pending):
                 raise Fault("the turn's text holds a NUL character that is not an image slot (from the data or the template)", line)
             if n in used:
@@ -156,7 +156,7 @@ class RenderState:
         if n >= MAX_IMAGES:
             raise Fault(f"more than {MAX_IMAGES} images in one turn")
         pending.append(self._image_bytes(kind, which))
-        return self.m.image[n]
+        return self.markers.image[n]
 
     def _image_bytes(self, kind: str, which: int | str) -> bytes:
         f = self.findings
@@ -166,12 +166,12 @@ class RenderState:
             for img in f.images if f is not None else ():
                 if img.kind == "key_slice":
                     return img.png
-            return self.r.item_picture(self.item)
+            raise Fault("image('item') needs the item's picture from an expert: give the task one (the `picture` runner makes only that)")
         if kind not in ("key_slice", "overlay", "sequence"):
             raise Fault(f"image kind {kind!r}: use key_slice, overlay, sequence or item")
         if f is None:
             raise Fault(f"image({kind!r}) needs findings, and this task has no expert")
-        found = self.r._memo(f)[1].get(kind, [])
+        found = self.renderer._memo(f)[1].get(kind, [])
         if isinstance(which, str):
             for img in found:
                 if img.caption.lower() == which.lower():
@@ -233,7 +233,7 @@ class RenderState:
             raise Fault(f"phrasing {key!r} ({text!r}) needs {e.args[0]!r}: pass it as phrase({key!r}, {e.args[0]}=…)") from None
 
     def structure(self, name: str) -> dict[str, Any] | None:
-        view = self.r._view(self.findings)
+        view = self.renderer._view(self.findings)
         if view is None:
             raise Fault("structure() needs findings, and this task has no expert")
         return view["by_name"].get(name)  # type: ignore[no-any-return]
