@@ -107,6 +107,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder whose cache to use (default: the manifest's output.dir)")
     s.set_defaults(run=_delegate("curation.preview:preview_command"))
 
+    s = sub.add_parser("audit", help="check every row of a build against its meta, pictures and findings (grounding)")
+    s.add_argument("out", help="a build's output folder (or its dataset/ or dataset/data/ folder)")
+    s.set_defaults(run=_delegate("curation.audit:audit_command"))
+
     s = sub.add_parser("export", help="export shards for other trainers")
     s.add_argument("format", choices=["llava"], help="llava: VILA/LLaVA JSON plus image files")
     s.add_argument("shards", help="a build's output folder or its shards/ folder")

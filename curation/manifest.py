@@ -95,7 +95,8 @@ class ExpertSpec(_Spec):
 
     `min_size_ml` is the smallest connected part of a segmented structure that is reported:
     smaller parts (a 0.1 mL "tumour" speck) are dropped from the label map before anything is
-    measured or drawn, in the expert's output and in the ground truth alike (0 keeps all).
+    measured or drawn, in the expert's output and in the ground truth alike (0 keeps all; 2D
+    masks have no volume and keep all).
     The default, 0.5 mL, is a sphere of 10 mm: the usual size below which a lesion is not
     measured (RECIST)."""
 

@@ -46,7 +46,8 @@ from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
-from expert_runners.measure import measure_structures
+from expert_runners.labels import truth_map
+from expert_runners.measure import drop_small_parts, measure_structures
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
 from expert_runners.volumetric import BundleRunner, InferenceOptions, invert, parse_options
 
@@ -129,7 +130,7 @@ class BratsRunner(BundleRunner):
             self.bundle.preprocessing = [TransformStep("NormalizeIntensityd", {"nonzero": True, "channel_wise": True})]
         self.net: torch.nn.Module | None = None
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         volume, item, opts = inp.volume, inp.item, self.options
         names = list(volume.channels or item.channels)
         if volume.array.ndim != 4 or volume.array.shape[-1] != len(names):
@@ -146,7 +147,7 @@ class BratsRunner(BundleRunner):
         with phase(timing, "postprocess"):
             return brats_findings(
                 expert=self.name,
-                args=args.strip(),
+                arg=arg.strip(),
                 modality=item.modality,
                 array=array,
                 affine=volume.affine,
@@ -154,6 +155,8 @@ class BratsRunner(BundleRunner):
                 display_channel=opts.display_channel,
                 sequence_images=opts.sequence_images,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
+                truth_map=truth_map(inp, array.shape[:3]),
             )
 
     def provides(self) -> frozenset[str] | None:
@@ -180,7 +183,7 @@ class BratsRunner(BundleRunner):
 def brats_findings(
     *,
     expert: str,
-    args: str,
+    arg: str,
     modality: str,
     array: np.ndarray,
     affine: np.ndarray,
@@ -188,14 +191,21 @@ def brats_findings(
     display_channel: str = "FLAIR",
     sequence_images: bool = True,
     image_max_side: int = 512,
+    min_size_ml: float = 0.0,
+    truth_map: np.ndarray | None = None,
 ) -> Findings:
     """Findings of a BRATS label map (1/2/4) over the sequences `array` (x, y, z, 4) in
     T1c, T1, T2, FLAIR order: sub-regions in their fixed colours, the derived tumour core and
-    whole tumour, the overlay on `display_channel`, and (optionally) one picture per sequence."""
+    whole tumour, the overlay on `display_channel`, and (optionally) one picture per sequence
+    at the main slice. `truth_map`, the reference on the same grid (BraTS ids), is measured the
+    same way. Parts under `min_size_ml` are dropped first, so the derived regions agree with
+    their parts."""
+    label_map = drop_small_parts(label_map, affine, min_size_ml)
+    truth_map = None if truth_map is None else drop_small_parts(truth_map, affine, min_size_ml)
     findings = segmentation_findings(
         expert=expert,
         runner=BratsRunner.runner,
-        args=args,
+        arg=arg,
         modality=modality,
         image=array[..., SEQUENCES.index(display_channel)],
         label_map=label_map,
@@ -204,12 +214,32 @@ def brats_findings(
         window=None,
         colours=COLOURS,
         image_max_side=image_max_side,
+        truth_map=truth_map,
     )
     findings.structures.extend(derived_structures(label_map, affine))
+    if findings.truth is not None and truth_map is not None:
+        findings.truth.structures.extend(derived_structures(truth_map, affine))
+    for img in findings.images:
+        img.labels = with_derived(img.labels)
+        img.truth = None if img.truth is None else with_derived(img.truth)
     if sequence_images:
-        z = findings.images[0].slice
-        findings.images.extend(sequence_pictures(array, affine, z if z is not None else array.shape[2] // 2, image_max_side, SEQUENCES))
+        main = findings.images[0]
+        z = main.slice if main.slice is not None else array.shape[2] // 2
+        findings.images.extend(sequence_pictures(array, affine, z, image_max_side, SEQUENCES, like=main))
     return findings
+
+
+def with_derived(names: list[str]) -> list[str]:
+    """The sub-regions on a slice, followed by the derived regions they make up there.
+
+    >>> with_derived(["peritumoral edema"]), with_derived(["necrotic tumor core"])
+    (['peritumoral edema', 'whole tumor'], ['necrotic tumor core', 'tumor core', 'whole tumor'])
+    """
+    out = list(names)
+    for name, parts in DERIVED.values():
+        if any(NAMES[p] in names for p in parts):
+            out.append(name)
+    return out
 
 
 def derived_structures(label_map: np.ndarray, affine: np.ndarray) -> list[Structure]:

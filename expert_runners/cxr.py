@@ -369,7 +369,7 @@ class CxrEnsembleRunner(ExpertRunner):
         self.device = device
         self.loaded = [load_member(m, device, self.name) for m in self.members]
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         import torch
 
         with phase(timing, "load"):
@@ -401,6 +401,6 @@ class CxrEnsembleRunner(ExpertRunner):
             classes = ensemble(votes, self.threshold)
             png = encode_png(picture_2d(gray), self.image_max_side)
         return Findings(
-            expert=self.name, runner=self.runner, args=args, modality=inp.item.modality, classes=classes,
+            expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality, classes=classes,
             images=[Image(kind="key_slice", png=png, caption="the chest X-ray")],
         )

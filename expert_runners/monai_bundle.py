@@ -97,7 +97,7 @@ class MonaiBundleRunner(BundleRunner):
             raise CurationError(f"expert {spec.name!r}: options.window {opts.window!r} is not one of {sorted(CT_WINDOWS)} or null")
         self.net: torch.nn.Module | None = None
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         volume, item, bundle = inp.volume, inp.item, self.bundle
         array = volume.array
         channels = 1 if array.ndim == 3 else array.shape[-1] if array.ndim == 4 else None
@@ -111,7 +111,7 @@ class MonaiBundleRunner(BundleRunner):
             return segmentation_findings(
                 expert=self.name,
                 runner=self.runner,
-                args=args.strip(),
+                arg=arg.strip(),
                 modality=item.modality,
                 image=array if array.ndim == 3 else array[..., 0],
                 label_map=label_map,
@@ -119,6 +119,7 @@ class MonaiBundleRunner(BundleRunner):
                 names=self.names,
                 window=self.window,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
             )
 
     def vocabulary(self, arg: str) -> list[str] | None:

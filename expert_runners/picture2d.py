@@ -69,5 +69,5 @@ class PictureRunner(ExpertRunner):
                 gray = ct_window(volume) if inp.item.modality == "CT" else percentile_normalise(volume)
                 picture, caption = axial(gray, np.asarray(inp.volume.affine), z), f"axial slice {z}"
             png = encode_png(picture, self.image_max_side)
-        return Findings(expert=self.name, runner=self.runner, args=arg, modality=inp.item.modality,
+        return Findings(expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality,
                         images=[Image(kind="key_slice", png=png, slice=z, caption=caption)])

@@ -56,7 +56,7 @@ from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import read_bundle
-from expert_runners.labels import DEFAULT_EVERYTHING
+from expert_runners.labels import DEFAULT_EVERYTHING, truth_map
 from expert_runners.segmentation import segmentation_findings
 from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, invert, parse_options, sliding_window, window_size
 
@@ -155,8 +155,11 @@ class Vista3DRunner(BundleRunner):
             _, prompt = self.prompt(arg)
         except ValueError:
             return None
-        ids = [i for p in prompt for i in self.subclass.get(str(p), [p])]
-        return sorted({self.names[i] for i in [*prompt, *ids] if i in self.names})
+        return sorted({self.names[i] for i in self.label_ids(prompt) if i in self.names})
+
+    def label_ids(self, prompt: list[int]) -> set[int]:
+        """The label ids a class prompt can give: the prompt and its subclass expansions."""
+        return {*prompt, *(i for p in prompt for i in self.subclass.get(str(p), []))}
 
     def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         arg, prompt = self.prompt(arg)
@@ -166,7 +169,7 @@ class Vista3DRunner(BundleRunner):
             return segmentation_findings(
                 expert=self.name,
                 runner=self.runner,
-                args=arg,
+                arg=arg,
                 modality=inp.item.modality,
                 image=volume.array,
                 label_map=label_map,
@@ -174,6 +177,8 @@ class Vista3DRunner(BundleRunner):
                 names=self.names,
                 window=self.options.window,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
+                truth_map=truth_map(inp, keep=sorted(self.label_ids(prompt))),
             )
 
     def segment(self, volume: Volume, prompt: list[int], timing: dict[str, float] | None = None) -> np.ndarray:

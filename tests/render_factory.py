@@ -34,7 +34,7 @@ TUMOUR_GROUPS = ["hepatic tumor", "hepatoma"]
 
 TASKS: list[dict[str, Any]] = [
     {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "hepatic tumor"]},
-    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["everything"]},
+    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["lung, fat"]},  # not "everything": VISTA3D's question
     {"template": "vista3d/segment_request.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "skeleton", "lung tumor"]},
     {"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": TUMOUR_GROUPS},
     {"template": "brats/four_sequences.j2", "source": "brain", "expert": "BRATS"},
@@ -139,8 +139,9 @@ def build_demo(root: Path) -> Demo:
         volume, labels = reader.load(item), reader.load_labels(item)
         for expert, args in sorted(wanted.get(item.source, ())):
             if expert == "BRATS":
-                f = brats_findings(expert="BRATS", args=args, modality=item.modality, array=np.asarray(volume.array),
-                                   affine=np.asarray(volume.affine), label_map=np.asarray(labels.array).astype(np.int32))
+                f = brats_findings(expert="BRATS", arg=args, modality=item.modality, array=np.asarray(volume.array),
+                                   affine=np.asarray(volume.affine), label_map=np.asarray(labels.array).astype(np.int32),
+                                   truth_map=np.asarray(labels.array).astype(np.int32))  # a perfect expert: the truth itself
             else:
                 f = runners[expert].run(ExpertInput(item=item, volume=volume, labels=labels), args)
             findings[(item.item_id, expert, args)] = f

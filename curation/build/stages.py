@@ -293,6 +293,7 @@ def make_row(ctx: BuildContext, plan: ItemPlan, unit: Unit, conv: Conversation, 
         "images": [{"bytes": png, "path": f"{rid}-{k}.png"} for k, png in enumerate(conv.images)],
         "messages": messages,
         "findings": findings_json(findings),
+        "meta": json.dumps(conv.meta, sort_keys=True),
         "provenance": {
             "expert_fingerprint": ctx.fingerprints.get(task.expert) if task.expert else None,
             "template_hash": conv.template_hash, "manifest_hash": ctx.manifest_hash, "code_version": ctx.code_version,

@@ -113,15 +113,23 @@ def load_cards(roots: list[Path]) -> dict[str, dict[str, dict[str, str]]]:
     return merged
 
 
-def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]]) -> list[dict[str, str]]:
-    """The cards of the manifest's experts, in manifest order: by the expert's name, else by its
-    runner. An expert with neither (ground truth standing in for findings, say) is not on the
-    model card: conversations may use its findings but never call it."""
+def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]],
+                 called: set[str] | None = None) -> list[dict[str, str]]:
+    """The cards of the manifest's experts that some task calls (all of them when `called` is
+    None), by the expert's name, else by its runner, in the order the cards file lists them
+    (VILA-M3's order: BRATS, VISTA3D, CXR, then ours), manifest order among equals. An expert
+    with no card (ground truth standing in for findings, say) is not on the model card:
+    conversations may use its findings but never call it; nor is one no task calls, so the
+    card offers only what the data teaches the model to use."""
+    order = {("experts", name): i for i, name in enumerate(cards["experts"])}
+    order |= {("runners", name): len(order) + i for i, name in enumerate(cards["runners"])}
     out = []
-    for e in experts:
-        card = cards["experts"].get(e.name) or cards["runners"].get(e.runner)
-        if card is None:
+    for position, e in enumerate(experts):
+        found = ("experts", e.name) if e.name in cards["experts"] else ("runners", e.runner) if e.runner in cards["runners"] else None
+        if found is None:
             log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", e.name, e.runner)
             continue
-        out.append({"name": e.name, **card})
-    return out
+        if called is not None and e.name not in called:
+            continue
+        out.append((order[found], position, {"name": e.name, **cards[found[0]][found[1]]}))
+    return [card for _, _, card in sorted(out, key=lambda x: x[:2])]

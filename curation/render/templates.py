@@ -20,13 +20,14 @@ A template starts with a declaration in a Jinja comment, read without rendering:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import operator
 import os
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
@@ -48,12 +49,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from curation.errors import CurationError
 from curation.expert_info import NEEDS
 from curation.items import SourceKind
+from curation.render.budget import (
+    MAX_ITEMS,
+    MAX_TEXT,
+    Budget,
+    BudgetExceeded,
+    OutputBuffer,
+    check_arguments,
+    check_format,
+    check_join,
+    check_replace,
+    counted,
+)
 from curation.render.prompt_data import check_phrasing
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
-MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (a sandbox limit)
+MAX_SEQUENCE = MAX_ITEMS  # longest string or list a template may build with * (a sandbox limit)
 
 Need = Literal[NEEDS]  # type: ignore[valid-type]  # the one list, in curation.expert_info
 
@@ -143,22 +156,71 @@ MUTATORS: dict[type, frozenset[str]] = {
 }
 
 
+# Methods of built-in values a template has no use for and that build values far larger than
+# their inputs (a translation table of long strings, tabs expanded to a wide stop).
+BLOCKED_METHODS = frozenset({"translate", "maketrans", "expandtabs"})
+
+
+def current_budget() -> Budget | None:
+    """The budget of the conversation being rendered in this thread (None while compiling)."""
+    state = CURRENT_STATE.get(None)
+    return None if state is None else state.budget  # type: ignore[no-any-return]
+
+
 class PromptSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, stricter: reaching an unsafe attribute fails at once (not
-    when the value is used), and `*`/`**` cannot build huge values.
+    when the value is used), and no call, operator, filter, loop or output may go past the
+    rendering's budget (`curation.render.budget`).
 
     Two fast paths keep it quick without loosening it: `x.key` on a plain dict that has `key`
     returns the value directly (no attribute lookup: a mapping's key wins over a method of the
     same name), and attributes of types known to be read-only skip the generic checks.
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     trusted_owners: tuple[type, ...] = ()  # helpers bound to these (the renderer's) are called directly
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if type(getattr(obj, "__self__", None)) in self.trusted_owners:
+        owner = getattr(obj, "__self__", None)
+        if type(owner) in self.trusted_owners:
             return obj(*args, **kwargs)
-        return super().call(context, obj, *args, **kwargs)
+        budget = current_budget()
+        if budget is None:
+            return super().call(context, obj, *args, **kwargs)
+        budget.step()
+        name = str(getattr(obj, "__name__", "a call")).removeprefix("safe_")
+        check_arguments(args, kwargs, name)
+        if isinstance(owner, (str, bytes)):
+            if name == "replace" and len(args) >= 2:
+                check_replace(owner, *args[:3])
+            elif name in ("format", "format_map"):
+                check_format(owner, name)
+            elif name == "join" and args:
+                args = (list(args[0]), *args[1:])
+                check_join(args[0], owner, "join")
+        return budget.value(super().call(context, obj, *args, **kwargs), name)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Jinja's parse, with every loop's items passed through the `_steps` filter: one step
+        of the budget each."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == "_steps"):
+                loop.iter = nodes.Filter(loop.iter, "_steps", [], [], None, None).set_lineno(loop.lineno)
+        return tree
+
+    def output_buffer(self) -> OutputBuffer:
+        """The buffer of a turn, a macro or a `{% set %}` block: it counts what is written."""
+        return OutputBuffer(current_budget())
+
+    def joined(self, parts: tuple[Any, ...]) -> str:
+        """`a ~ b ~ c`: checked against the cap before it is built."""
+        texts = [str(p) for p in parts]
+        budget = current_budget()
+        if budget is not None:
+            check_join(texts, "", "'~'")
+            budget.step()
+        return "".join(texts)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute in obj:
@@ -166,7 +228,7 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        if attr.startswith("_"):
+        if attr.startswith("_") or attr in BLOCKED_METHODS:
             return False
         kind = type(obj)
         if kind in READ_ONLY_TYPES:
@@ -183,16 +245,32 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        budget = current_budget()
         if op == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
                     raise SecurityError(f"'*' would build a value of {len(seq) * times} items; the limit is {MAX_SEQUENCE}")
-            return operator.mul(left, right)
-        if op == "**":
+            result = operator.mul(left, right)
+        elif op == "**":
             if isinstance(right, (int, float)) and abs(right) > 100:
                 raise SecurityError(f"exponent {right} is too large for a template (limit 100)")
-            return operator.pow(left, right)
-        return super().call_binop(context, op, left, right)
+            if isinstance(left, int) and left.bit_length() > 4096:
+                raise SecurityError(f"a power of a {left.bit_length()}-bit number is too large for a template")
+            result = operator.pow(left, right)
+        elif op == "+":
+            if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
+                size = len(left) + len(right)
+                limit = MAX_TEXT if isinstance(left, (str, bytes)) else MAX_ITEMS
+                if size > limit:
+                    raise BudgetExceeded(f"'+' would build a value of {size:,} items; the limit is {limit:,}")
+            result = operator.add(left, right)
+        elif op == "%" and isinstance(left, str):
+            check_format(left, "'%' formatting")
+            check_arguments([right], {}, "'%' formatting")
+            result = super().call_binop(context, op, left, right)
+        else:
+            result = super().call_binop(context, op, left, right)
+        return result if budget is None else budget.value(result, f"'{op}'")
 
 
 class PromptCodeGenerator(CodeGenerator):
@@ -211,6 +289,19 @@ class PromptCodeGenerator(CodeGenerator):
     Exactly what the sandbox's fast paths pass straight through skips it; everything else goes
     through the sandbox as before.
     """
+
+    def buffer(self, frame: Frame) -> None:
+        """Output buffers count what is written to them (`PromptSandbox.output_buffer`)."""
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        """`a ~ b` through `PromptSandbox.joined`, which checks the size first."""
+        self.write("environment.joined((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
     @optimizeconst
     def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
@@ -280,6 +371,47 @@ def _turn_end(context: Any, text: str, line: int) -> str:
     return CURRENT_STATE.get().turn_end(text, line)  # type: ignore[no-any-return]
 
 
+@pass_context
+def _steps(context: Any, values: Any) -> Any:
+    """A loop's items, each one step of the budget (the code generator puts it on every loop)."""
+    return counted(values, current_budget())
+
+
+def _guarded(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    """Filter `f`, made to respect the budget: its arguments checked before (no huge widths or
+    counts; `replace`, `join`, `format`, `indent`, `wordwrap` sized in advance) and its result
+    after."""
+
+    @functools.wraps(f)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        budget = current_budget()
+        if budget is None:
+            return f(*args, **kwargs)
+        budget.step()
+        check_arguments(args, kwargs, f"filter {name}")
+        values = [a for a in args if not isinstance(a, (Context, EvalContext))]
+        if name == "replace" and len(values) >= 3:
+            check_replace(*values[:4])
+        elif name in ("join", "join_and") and values:
+            parts = list(values[0])
+            check_join([str(p) for p in parts], values[1] if len(values) > 1 else kwargs.get("d", ""), f"filter {name}")
+            args = tuple(parts if a is values[0] else a for a in args)
+        elif name in ("format", "format_each") and values:
+            check_format(values[0] if name == "format" else (values[1] if len(values) > 1 else kwargs.get("pattern")), f"filter {name}")
+        elif name in ("indent", "wordwrap") and values and isinstance(values[0], str):
+            text = values[0]
+            extra = values[1] if len(values) > 1 else kwargs.get("width", 4)
+            width = len(extra) if isinstance(extra, str) else (int(extra) if isinstance(extra, int) else 4)
+            lines = text.count("\n") + 1 if name == "indent" else len(text) // max(width, 1) + 1
+            wrap = len(str(kwargs.get("wrapstring") or (values[3] if len(values) > 3 else "\n")))
+            size = len(text) + lines * (width if name == "indent" else wrap)
+            if size > MAX_TEXT:
+                raise BudgetExceeded(f"filter {name} would build a text of {size:,} characters; the limit is {MAX_TEXT:,}")
+        return budget.value(f(*args, **kwargs), f"filter {name}")
+
+    return run
+
+
 # --- filters -------------------------------------------------------------------------------
 
 
@@ -290,16 +422,6 @@ def label_text(name: str) -> str:
     'pleural thickening'
     """
     return str(name).lower().replace("_", " ")
-
-
-def legend_text(legend: dict[str, str]) -> str:
-    """`red: liver, blue: spleen` from an overlay legend (colour → structure name)."""
-    return ", ".join(f"{colour}: {name}" for colour, name in legend.items())
-
-
-def predictions_text(classes: Iterable[dict[str, Any]]) -> str:
-    """VILA-M3's expert result lines, one per class: `atelectasis: no`."""
-    return "\n".join(f"{label_text(c['name'])}: {'yes' if c['present'] else 'no'}" for c in classes)
 
 
 def ml_text(volume: float) -> str:
@@ -389,17 +511,14 @@ def format_each(values: Iterable[dict[str, Any]], pattern: str) -> list[str]:
 
 FILTERS = {
     "label": label_text,
-    "legend": legend_text,
-    "predictions": predictions_text,
     "ml": ml_text,
     "join_and": join_and,
     "plural": plural,
     "without": without,
     "largest": largest,
     "format_each": format_each,
-    "_turn_begin": _turn_begin,
-    "_turn_end": _turn_end,
 }
+TURN_FILTERS = {"_turn_begin": _turn_begin, "_turn_end": _turn_end, "_steps": _steps}
 
 
 class PromptContext(Context):
@@ -435,6 +554,8 @@ def make_environment(roots: list[Path]) -> PromptSandbox:
     env.globals.pop("lipsum", None)  # random text from the global RNG: not reproducible
     env.filters.pop("random", None)  # same; templates use pick()
     env.filters.update(FILTERS)
+    env.filters = {name: _guarded(name, f) for name, f in env.filters.items()}
+    env.filters.update(TURN_FILTERS)
     return env
 
 
