@@ -4,6 +4,10 @@ that needs all rows: rows that show the same image with the same question (and t
 card and inline results, or none) must agree on whether and which expert they call, or the
 call is decided by something other than what is asked.
 
+Beyond the build's check, audit looks at the pixels: every colour a legend names must be drawn on
+the overlay it describes (decoded from the row's PNG), so a legend is checked against what is
+on screen, not only against what the findings say.
+
 It prints one table per task (rows, grounded, ungrounded by reason) and, when the build's
 dataset card is there, what the build set aside for grounding, by task and reason. Exit status
 1 when any row is ungrounded: usable in CI.
@@ -21,9 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import io
+
+import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from curation.findings import png_digest
+from curation.imaging import COLOURS
 from curation.render import grounding
 from curation.rows import grounding_category
 from curation.store.layout import shard_files, shards_root
@@ -56,7 +65,30 @@ def _row_problems(row: dict[str, Any]) -> tuple[list[grounding.Problem], dict[st
     digests = [png_digest(image["bytes"]) for image in row["images"]]
     if not meta:
         return [grounding.Problem("images do not match their slots", "the row has no meta")], meta
-    return grounding.problems(row["messages"], digests, meta, findings), meta
+    return grounding.problems(row["messages"], digests, meta, findings) + _legend_pixels(row, meta), meta
+
+
+def drawn_in(png: bytes, colour: str, alpha: float = 0.5) -> bool:
+    """Whether a PNG holds a pixel of `colour` blended over grey as `curation.imaging.overlay`
+    draws it (pixel = (1 - alpha) · grey + alpha · colour, for some grey)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    grey = (rgb - alpha * np.array(dict(COLOURS)[colour], np.float32)) / (1 - alpha)
+    fits = (np.ptp(grey, axis=-1) <= 3.0) & (grey.min(axis=-1) >= -2.0) & (grey.max(axis=-1) <= 257.0)
+    return bool(fits.any())
+
+
+def _legend_pixels(row: dict[str, Any], meta: dict[str, Any]) -> list[grounding.Problem]:
+    """Every colour a legend names is drawn on the picture it names (decoded)."""
+    out = []
+    for entry in meta.get("legends") or []:
+        image = entry.get("image")
+        if not isinstance(image, int) or not 0 <= image < len(row["images"]):
+            continue  # the check above reports it
+        for colour, names in entry.get("entries", []):
+            if colour in dict(COLOURS) and not drawn_in(row["images"][image]["bytes"], colour):
+                out.append(grounding.Problem("legend not on picture", f"image {image} has no {colour} pixel, yet turn "
+                                                                      f"{entry.get('turn')} says {colour}: {names}", entry.get("turn")))
+    return out
 
 
 def _prompt_key(row: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, ...]:
@@ -70,31 +102,33 @@ def _prompt_key(row: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, ...]:
 def audit(out: str | Path) -> Audit:
     """Check every row of a build's shards (see the module docstring)."""
     result = Audit()
-    bad: dict[str, set[str]] = defaultdict(set)  # row id → categories
-    task_of: dict[str, str] = {}
-    calls: dict[tuple[Any, ...], dict[tuple[str, ...], list[str]]] = defaultdict(lambda: defaultdict(list))
+    bad: dict[int, set[str]] = defaultdict(set)  # row number → categories
+    rows: list[tuple[str, str]] = []  # (task, id) by row number
+    calls: dict[tuple[Any, ...], dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
     for path in shard_files(out):
         for row in pq.read_table(path, columns=COLUMNS).to_pylist():
-            task_of[row["id"]] = row["task"]
+            n = len(rows)
+            rows.append((row["task"], row["id"]))
             found, meta = _row_problems(row)
             for p in found:
-                bad[row["id"]].add(p.category)
+                bad[n].add(p.category)
                 result.examples.setdefault(p.category, f"{row['task']} row {row['id']}: {p.detail}")
             if meta.get("question") is not None:
                 made = tuple(c for c in meta.get("calls") or [] if c)
-                calls[_prompt_key(row, meta)][made].append(row["id"])
+                calls[_prompt_key(row, meta)][made].append(n)
     for groups in calls.values():
         if len(groups) > 1:
-            for made, ids in groups.items():
-                for rid in ids:
-                    bad[rid].add(CALL_CLASH)
-                    result.examples.setdefault(CALL_CLASH, f"{task_of[rid]} row {rid} calls {list(made) or 'nothing'}; rows with "
+            for made, numbers in groups.items():
+                for n in numbers:
+                    bad[n].add(CALL_CLASH)
+                    task, rid = rows[n]
+                    result.examples.setdefault(CALL_CLASH, f"{task} row {rid} calls {list(made) or 'nothing'}; rows with "
                                                            f"the same image and question call {[list(m) for m in groups if m != made]}")
-    for rid, task in task_of.items():
+    for n, (task, _) in enumerate(rows):
         t = result.tasks[task]
         t.rows += 1
-        if rid in bad:
-            t.ungrounded.update(bad[rid])
+        if n in bad:
+            t.ungrounded.update(bad[n])
         else:
             t.grounded += 1
     _set_aside_from_card(Path(out), result)

@@ -61,14 +61,20 @@ class Budget:
 
     def value(self, value: Any, what: str) -> Any:
         """`value` if its size is within the caps (charging steps for its length), else raise."""
-        if isinstance(value, str):
+        if isinstance(value, (str, bytes)):
             if len(value) > MAX_TEXT:
                 raise BudgetExceeded(f"{what} built a text of {len(value):,} characters; the limit is {MAX_TEXT:,}")
             self.step(1 + len(value) // CHARS_PER_STEP)
         elif isinstance(value, (list, tuple, dict, set)):
             if len(value) > MAX_ITEMS:
                 raise BudgetExceeded(f"{what} built a collection of {len(value):,} items; the limit is {MAX_ITEMS:,}")
+            if isinstance(value, (list, tuple)):
+                size = sum(len(v) for v in value if isinstance(v, (str, bytes)))
+                if size > MAX_TEXT:
+                    raise BudgetExceeded(f"{what} built texts of {size:,} characters; the limit is {MAX_TEXT:,}")
             self.step(1 + len(value) // CHARS_PER_STEP)
+        elif type(value) is int and value.bit_length() > 65536:
+            raise BudgetExceeded(f"{what} built a {value.bit_length():,}-bit number; the limit is 65,536 bits")
         else:
             self.step()
         return value

@@ -43,7 +43,7 @@ from jinja2.ext import Extension
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
+from jinja2.utils import Namespace, _PassArg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from curation.errors import CurationError
@@ -208,6 +208,24 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
             if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == "_steps"):
                 loop.iter = nodes.Filter(loop.iter, "_steps", [], [], None, None).set_lineno(loop.lineno)
         return tree
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """`"…".format(…)` and `format_map`: Jinja's sandboxed formatter, after a check that the
+        pattern asks for no huge field and before a check of what it built."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        pattern, name = value.__self__, value.__name__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            budget = current_budget()
+            if budget is not None:
+                check_format(pattern, name)
+                check_arguments(args, kwargs, name)
+            result = wrapped(*args, **kwargs)
+            return result if budget is None else budget.value(result, name)  # type: ignore[no-any-return]
+
+        return checked
 
     def output_buffer(self) -> OutputBuffer:
         """The buffer of a turn, a macro or a `{% set %}` block: it counts what is written."""
@@ -380,36 +398,49 @@ def _steps(context: Any, values: Any) -> Any:
 def _guarded(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
     """Filter `f`, made to respect the budget: its arguments checked before (no huge widths or
     counts; `replace`, `join`, `format`, `indent`, `wordwrap` sized in advance) and its result
-    after."""
+    after. The guard takes the context, which also keeps Jinja from running the filter while it
+    compiles a template (constant folding would run it with no budget at all)."""
+    passes = _PassArg.from_obj(f)
 
+    @pass_context
     @functools.wraps(f)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(context: Context, *args: Any, **kwargs: Any) -> Any:
         budget = current_budget()
-        if budget is None:
-            return f(*args, **kwargs)
-        budget.step()
-        check_arguments(args, kwargs, f"filter {name}")
-        values = [a for a in args if not isinstance(a, (Context, EvalContext))]
-        if name == "replace" and len(values) >= 3:
-            check_replace(*values[:4])
-        elif name in ("join", "join_and") and values:
-            parts = list(values[0])
-            check_join([str(p) for p in parts], values[1] if len(values) > 1 else kwargs.get("d", ""), f"filter {name}")
-            args = tuple(parts if a is values[0] else a for a in args)
-        elif name in ("format", "format_each") and values:
-            check_format(values[0] if name == "format" else (values[1] if len(values) > 1 else kwargs.get("pattern")), f"filter {name}")
-        elif name in ("indent", "wordwrap") and values and isinstance(values[0], str):
-            text = values[0]
-            extra = values[1] if len(values) > 1 else kwargs.get("width", 4)
-            width = len(extra) if isinstance(extra, str) else (int(extra) if isinstance(extra, int) else 4)
-            lines = text.count("\n") + 1 if name == "indent" else len(text) // max(width, 1) + 1
-            wrap = len(str(kwargs.get("wrapstring") or (values[3] if len(values) > 3 else "\n")))
-            size = len(text) + lines * (width if name == "indent" else wrap)
-            if size > MAX_TEXT:
-                raise BudgetExceeded(f"filter {name} would build a text of {size:,} characters; the limit is {MAX_TEXT:,}")
-        return budget.value(f(*args, **kwargs), f"filter {name}")
+        if budget is not None:
+            budget.step()
+            check_arguments(args, kwargs, f"filter {name}")
+            args = _sized(name, args, kwargs)
+        first = {_PassArg.context: (context,), _PassArg.eval_context: (context.eval_ctx,),
+                 _PassArg.environment: (context.environment,)}.get(passes, ())  # type: ignore[arg-type]
+        result = f(*first, *args, **kwargs)
+        return result if budget is None else budget.value(result, f"filter {name}")
 
     return run
+
+
+def _sized(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A filter's arguments after the checks that size its result in advance (a `join`'s
+    iterable made a list, so it can be measured and then joined)."""
+    if name == "replace" and len(args) >= 3:
+        check_replace(*args[:4])
+    elif name in ("join", "join_and") and args:
+        parts = list(args[0])
+        check_join([str(p) for p in parts], args[1] if len(args) > 1 else kwargs.get("d", ""), f"filter {name}")
+        args = (parts, *args[1:])
+    elif name == "format" and args:
+        check_format(args[0], "filter format")
+    elif name == "format_each":
+        check_format(args[1] if len(args) > 1 else kwargs.get("pattern"), "filter format_each")
+    elif name in ("indent", "wordwrap") and args and isinstance(args[0], str):
+        text = args[0]
+        extra = args[1] if len(args) > 1 else kwargs.get("width", 4)
+        width = len(extra) if isinstance(extra, str) else (int(extra) if isinstance(extra, int) else 4)
+        lines = text.count("\n") + 1 if name == "indent" else len(text) // max(width, 1) + 1
+        wrap = len(str(kwargs.get("wrapstring") or (args[3] if len(args) > 3 else "\n")))
+        size = len(text) + lines * (width if name == "indent" else wrap)
+        if size > MAX_TEXT:
+            raise BudgetExceeded(f"filter {name} would build a text of {size:,} characters; the limit is {MAX_TEXT:,}")
+    return args
 
 
 # --- filters -------------------------------------------------------------------------------
