@@ -54,7 +54,9 @@ class ExpertInfo:
     - `vocabularies`: per argument, the structure names it reports when they are present, so a
       name listed here but missing from the findings is truly absent (empty when unknown);
     - `ground_truth`: its findings are the reference itself (the `labels` runner), so answers
-      taken from them are answers from the truth.
+      taken from them are answers from the truth;
+    - `family`: the built-in runner it is (a plug-in subclass of `ct_tissue` is `ct_tissue`),
+      whose model card it gets when it has none of its own.
     """
 
     name: str
@@ -67,6 +69,7 @@ class ExpertInfo:
     provides: tuple[str, ...] | None = None
     vocabularies: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ground_truth: bool = False
+    family: str = ""
 
     def accepts(self, item: StudyItem) -> str | None:
         """None if the expert takes the item, else why not."""

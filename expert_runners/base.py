@@ -127,7 +127,7 @@ class ExpertRunner(ABC):
             spec=self.spec.without_placement().model_dump(mode="json"), modalities=tuple(self.modalities),
             kinds=tuple(self.kinds), weights=bool(self.weight_files()),
             provides=None if provides is None else tuple(sorted(provides)), vocabularies=vocabularies,
-            ground_truth=self.GROUND_TRUTH,
+            ground_truth=self.GROUND_TRUTH, family=family(type(self)),
         )
 
     def setup(self, device: str = "cpu") -> None:
@@ -152,6 +152,11 @@ class ExpertRunner(ABC):
             raise ItemError(inp.item.item_id, f"expert {self.name} failed: {type(e).__name__}: {e}".replace("\n", " ")) from e
         findings.timing = {k: round(v, 4) for k, v in timing.items()}
         return findings
+
+
+def family(cls: type) -> str:
+    """The built-in runner a runner class is, or derives from ("" for one of its own)."""
+    return next((c.__dict__["runner"] for c in cls.__mro__ if c.__dict__.get("runner") in BUILTIN), "")
 
 
 @contextmanager

@@ -91,3 +91,14 @@ def test_picture_runner_gives_the_item_picture() -> None:
     for f, size in ((flat, (10, 20)), (ct, (16, 16))):
         assert isinstance(f, Findings) and [i.kind for i in f.images] == ["key_slice"] and not f.structures
         assert PILImage.open(io.BytesIO(f.images[0].png)).size[::-1] == size  # (rows, columns)
+
+
+def test_a_plug_in_subclass_keeps_its_built_in_family() -> None:
+    from expert_runners.base import family
+    from expert_runners.ct_tissue import CtTissueRunner
+
+    class Mine(CtTissueRunner):
+        runner = "mypkg.tissue:Mine"
+
+    assert family(Mine) == "ct_tissue" and family(CtTissueRunner) == "ct_tissue"
+    assert Mine(ExpertSpec(name="T", runner="mypkg.tissue:Mine")).describe().family == "ct_tissue"  # it gets ct_tissue's card

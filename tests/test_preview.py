@@ -75,7 +75,7 @@ def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path,
     assert text.count("class='sample'") == 8
     assert text.count("findings from build cache") == 2 and text.count("findings from expert run") == 6  # qa/plain: the picture expert
     images = int(re.search(r"data-images='(\d+)'", text)[1])
-    assert images == text.count("<img ") == 2 * 2 + 2 * 1 + 2 * 1 + 2 * 1
+    assert images == text.count("<img ") == 2 * 2 + 2 * 2 + 2 * 1 + 2 * 1  # volume: the slice, then the result
     assert "<summary>model card</summary>" in text and "<summary>template source</summary>" in text
     assert "<summary>findings</summary>" in text and "&quot;question_kind&quot;" in text
     run(manifest, page)

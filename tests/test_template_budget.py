@@ -46,7 +46,18 @@ ATTACKS = {
                            '{% turn "user" %}{{ f(40) }}{% endturn %}', "steps"),
 }
 
-SCRIPT = textwrap.dedent('''
+# The child's own peak: VmHWM of its address space (ru_maxrss would count the parent's pages,
+# which a forked child holds until it execs).
+PEAK = textwrap.dedent('''
+    import re, resource
+    def peak_mb():
+        try:
+            return int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+        except (OSError, AttributeError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+''')
+
+SCRIPT = PEAK + textwrap.dedent('''
     import json, resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway fails here, not on the machine
     from pathlib import Path
@@ -65,7 +76,7 @@ SCRIPT = textwrap.dedent('''
         result = {"error": None}
     except TemplateError as e:
         result = {"error": str(e), "line": e.line}
-    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mb"] = peak_mb()
     print(json.dumps(result))
 ''')
 
@@ -104,8 +115,8 @@ def test_a_hostile_template_through_preview_is_a_failing_sample(render_demo, tmp
         '{% turn "user" %}{{ image("key_slice") }}{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}'
         '{% endturn %}{% turn "assistant" %}ok{% endturn %}')
     page = tmp_path / "p.html"
-    preview = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); from curation.cli import main; "
-               "code = main(sys.argv[1:]); print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)")
+    preview = PEAK + ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\nfrom curation.cli import main\n"
+                      "code = main(sys.argv[1:])\nprint('peak_mb', peak_mb())\nsys.exit(code)\n")
     done = run_bounded([sys.executable, "-c", preview, "-q", "preview", str(manifest), "--template", str(folder / "hang.j2"),
                         "-n", "1", "--html", str(page), "--out", str(tmp_path / "out")], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

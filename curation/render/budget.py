@@ -145,12 +145,11 @@ class OutputBuffer(list):  # type: ignore[type-arg]
 
     def append(self, text: Any) -> None:
         if self.budget is not None:
-            self.budget.write(str(text))
+            self.budget.write(text if type(text) is str else str(text))
         super().append(text)
 
     def extend(self, texts: Iterable[Any]) -> None:
         texts = tuple(texts)
         if self.budget is not None:
-            for t in texts:
-                self.budget.write(str(t))
+            self.budget.write("".join(t if type(t) is str else str(t) for t in texts))
         super().extend(texts)

@@ -66,9 +66,11 @@ def text_of(message: dict[str, Any]) -> str:
     return "".join(p.get("text") or "" for p in message["content"] if p["type"] == "text")
 
 
-def problems(messages: list[dict[str, Any]], digests: list[str], meta: dict[str, Any], findings: dict[str, Any] | None) -> list[Problem]:
-    """Everything in this conversation that is not grounded (empty: it may be written)."""
-    texts = [text_of(m) for m in messages]
+def problems(messages: list[dict[str, Any]], digests: list[str], meta: dict[str, Any], findings: dict[str, Any] | None,
+             texts: list[str] | None = None) -> list[Problem]:
+    """Everything in this conversation that is not grounded (empty: it may be written).
+    `texts`: each message's text, when the caller has them already."""
+    texts = [text_of(m) for m in messages] if texts is None else texts
     found: list[Problem] = []
     found += _images(messages, digests, meta, findings)
     found += _calls(messages, texts, meta)
@@ -242,18 +244,17 @@ def _numbers(messages: list[dict[str, Any]], texts: list[str], meta: dict[str, A
     count without a unit inside a fact shown in a picture (a reference answer such as a VQA
     record's "2"); a measurement (a number with a unit) always needs the turn that gives it."""
     out = []
-    seen = {(f.get("turn"), f.get("text")) for f in meta.get("facts") or [] if f.get("shown") and not f.get("given")}
     for turn, text in enumerate(texts):
-        if messages[turn]["role"] != "assistant":
+        if messages[turn]["role"] != "assistant" or not any(ch.isdigit() for ch in text):
             continue
+        stripped = CALL.sub(" ", text) if "<" in text else text
         earlier = "\n".join(texts[:turn])
-        shown_texts = [t for k, t in seen if k == turn and t]
-        stripped = CALL.sub(" ", text)
         for m in NUMBER.finditer(stripped):
             number = m.group()
-            if re.search(rf"(?<![\w.]){re.escape(number)}(?![\d])", earlier):
+            if number in earlier and re.search(rf"(?<![\w.]){re.escape(number)}(?![\d]|\.\d)", earlier):
                 continue
-            if not UNIT.match(stripped, m.end()) and any(number in t for t in shown_texts):
+            shown = [f.get("text") or "" for f in meta.get("facts") or [] if f.get("turn") == turn and f.get("shown") and not f.get("given")]
+            if not UNIT.match(stripped, m.end()) and any(number in t for t in shown):
                 continue
             out.append(Problem("number not given", f"turn {turn} states {number}, which no earlier turn gives", turn))
     return out

@@ -15,7 +15,8 @@ Every statement a helper makes is recorded (`meta.images`, `meta.legends`, `meta
 the grounding check (`curation.render.grounding`), which sets aside what is not grounded.
 
 `TemplateHelpers` is the only object whose methods the sandbox calls without its per-call
-checks; it holds the rendering's state under a private name and has nothing but the helpers.
+checks; it has nothing but the helpers, and finds the rendering they work on in
+`CURRENT_STATE` (so one set of bound helpers serves every rendering, in any thread).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from curation.findings import Findings, Truth
 from curation.items import StudyItem
 from curation.render.grounding import drawn_entries
-from curation.render.templates import join_and, label_text, ml_text
+from curation.render.templates import CURRENT_STATE, join_and, label_text, ml_text
 from curation.render.turns import Fault, RenderState, Skip
 
 PICTURE_KINDS = ("key_slice", "overlay", "sequence", "item")
@@ -117,12 +118,13 @@ def item_view(item: StudyItem, source_kind: str) -> dict[str, Any]:
 
 
 class TemplateHelpers:
-    """The functions a template calls, bound to one rendering (see the module docstring)."""
+    """The functions a template calls (see the module docstring)."""
 
-    __slots__ = ("_s",)
+    __slots__ = ()
 
-    def __init__(self, state: RenderState):
-        self._s = state
+    @property
+    def _s(self) -> RenderState:
+        return CURRENT_STATE.get()  # type: ignore[no-any-return]
 
     # pictures
 
@@ -344,9 +346,9 @@ class TemplateHelpers:
         raise Skip(str(reason))
 
 
-def helpers(state: RenderState) -> dict[str, Any]:
-    """The helper functions of one rendering, by the names templates call them."""
-    h = TemplateHelpers(state)
+def helpers() -> dict[str, Any]:
+    """The helper functions, by the names templates call them."""
+    h = TemplateHelpers()
     return {name: getattr(h, name) for name in (
         "picture", "image", "legend", "colour_list", "report", "predictions", "fact", "answer", "reference", "meta",
         "pick", "shuffled", "sample", "chance", "phrase", "has_phrase", "structure", "skip")}

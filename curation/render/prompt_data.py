@@ -114,9 +114,10 @@ def load_cards(roots: list[Path]) -> dict[str, dict[str, dict[str, str]]]:
 
 
 def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]],
-                 called: set[str] | None = None) -> list[dict[str, str]]:
+                 called: set[str] | None = None, families: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The cards of the manifest's experts that some task calls (all of them when `called` is
-    None), by the expert's name, else by its runner, in the order the cards file lists them
+    None), by the expert's name, else by its runner, else by the built-in runner it derives from
+    (`families`: expert name → `ExpertInfo.family`), in the order the cards file lists them
     (VILA-M3's order: BRATS, VISTA3D, CXR, then ours), manifest order among equals. An expert
     with no card (ground truth standing in for findings, say) is not on the model card:
     conversations may use its findings but never call it; nor is one no task calls, so the
@@ -125,7 +126,9 @@ def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str,
     order |= {("runners", name): len(order) + i for i, name in enumerate(cards["runners"])}
     out = []
     for position, e in enumerate(experts):
-        found = ("experts", e.name) if e.name in cards["experts"] else ("runners", e.runner) if e.runner in cards["runners"] else None
+        family = (families or {}).get(e.name, "")
+        found = (("experts", e.name) if e.name in cards["experts"] else ("runners", e.runner) if e.runner in cards["runners"]
+                 else ("runners", family) if family in cards["runners"] else None)
         if found is None:
             log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", e.name, e.runner)
             continue

@@ -138,6 +138,7 @@ class Renderer:
         self._card_text = ""
         self._carded: set[str] = set()
         self._shared = Shared(Markers("0"), {})
+        self._helpers = helpers()
         self._experts = {e.name: e for e in self.spec.experts}
         # one-entry memos (variants of an item share its findings), each swapped as one tuple:
         # (findings, item, findings view, truth view, findings as JSON for the grounding check)
@@ -184,7 +185,8 @@ class Renderer:
         return self._card
 
     def _render_card(self) -> str:
-        cards = expert_cards(list(self.spec.experts), load_cards(self.roots), called=self._called_experts())
+        families = {name: info.family for name, info in self.experts.items() if info.family}
+        cards = expert_cards(list(self.spec.experts), load_cards(self.roots), called=self._called_experts(), families=families)
         self._carded = {c["name"] for c in cards}
         if not cards:
             return ""
@@ -398,7 +400,7 @@ class Renderer:
             "expert": expert,
             "vocabulary": self.vocabulary(task.expert, sub.arg) if task.expert else [],
             "variant": variant,
-            **helpers(state),
+            **self._helpers,
         }
 
     def _expert_view(self, name: str, arg: str, call: str) -> dict[str, str]:

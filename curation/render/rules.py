@@ -31,7 +31,7 @@ def finish(state: RenderState, declaration: TemplateDeclaration, *, card: str, c
     texts = [text_of(m) for m in state.messages]
     shape(state, declaration, card, callable_prefixes, texts)
     assemble_meta(state, declaration, card, texts)
-    found = grounding.problems(state.messages, [p["digest"] for p in state.meta["images"]], state.meta, findings)
+    found = grounding.problems(state.messages, [p["digest"] for p in state.meta["images"]], state.meta, findings, texts)
     if found:
         problem = found[0]
         turn = problem.turn if problem.turn is not None else len(state.messages) - 1
