@@ -81,10 +81,13 @@ class Budget:
 
     def write(self, text: str) -> None:
         """Output written to a buffer (a turn's body, a macro's, a `{% set %}` block's)."""
-        self.output += len(text)
+        n = len(text)
+        self.output += n
+        self.steps += 1 + n // CHARS_PER_STEP
         if self.output > MAX_OUTPUT:
             raise BudgetExceeded(f"the template wrote more than {MAX_OUTPUT:,} characters of output")
-        self.step(1 + len(text) // CHARS_PER_STEP)
+        if self.steps > MAX_STEPS:
+            self.step(0)  # raises, with the message
 
 
 def check_arguments(args: Iterable[Any], kwargs: dict[str, Any], what: str) -> None:

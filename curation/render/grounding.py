@@ -47,6 +47,7 @@ CATEGORIES = (
 COLOUR_NAMES = tuple(name for name, _ in COLOURS)
 CALL = re.compile(r"<([A-Za-z][A-Za-z0-9_]*)\(([^()<>]*)\)>")
 NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+DIGIT = re.compile(r"\d")
 UNIT = re.compile(r"\s*(?:mL|ml|cc|mm|cm|%|HU)\b")
 LEGEND = re.compile(r"\b(" + "|".join(COLOUR_NAMES) + r"):")
 YES_NO = ("yes", "no")
@@ -245,7 +246,7 @@ def _numbers(messages: list[dict[str, Any]], texts: list[str], meta: dict[str, A
     record's "2"); a measurement (a number with a unit) always needs the turn that gives it."""
     out = []
     for turn, text in enumerate(texts):
-        if messages[turn]["role"] != "assistant" or not any(ch.isdigit() for ch in text):
+        if messages[turn]["role"] != "assistant" or not DIGIT.search(text):
             continue
         stripped = CALL.sub(" ", text) if "<" in text else text
         earlier = "\n".join(texts[:turn])

@@ -94,10 +94,12 @@ def truth_view(f: Findings | None, item: StudyItem) -> dict[str, Any] | None:
         return None
     truth = truth or Truth()
     classes = _class_views(truth.classes)
-    if table is not None and not classes:
+    from_item = table is not None and not classes
+    if from_item:
         classes = [{"name": k, "label": label_text(k), "probability": float(v), "present": bool(v), "threshold": 0.5}
                    for k, v in table.items()]
-    return {**_selections(_structure_views(truth.structures), classes), "source": "truth"}
+    # `table`: the item's own labels the classes came from (recorded in meta when answered from)
+    return {**_selections(_structure_views(truth.structures), classes), "source": "truth", "table": table if from_item else None}
 
 
 def item_view(item: StudyItem, source_kind: str) -> dict[str, Any]:
@@ -239,7 +241,7 @@ class TemplateHelpers:
         """VILA-M3's expert result lines, one per class: `atelectasis: no` (in a user turn)."""
         s = self._s
         s.results.add(s.in_turn("user", "predictions()"))
-        return "\n".join(f"{label_text(c['name'])}: {'yes' if c['present'] else 'no'}" for c in classes)
+        return "\n".join(f"{c['label']}: {'yes' if c['present'] else 'no'}" for c in classes)
 
     # statements
 
@@ -276,9 +278,8 @@ class TemplateHelpers:
         sub = s.subject
         if sub.truth is not None:
             s.meta.setdefault("answer_from", "truth")
-            table = item_truth(sub.item)
-            if table is not None and not (sub.findings and sub.findings.truth and sub.findings.truth.classes):
-                s.meta["truth"] = {"classes": table}
+            if sub.truth.get("table") is not None:
+                s.meta["truth"] = {"classes": sub.truth["table"]}
             return sub.truth
         if sub.task.answer_from == "expert" and sub.view is not None:
             s.meta.setdefault("answer_from", "expert")

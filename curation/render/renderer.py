@@ -87,7 +87,7 @@ class _Compiled:
     declaration: TemplateDeclaration
     hash: str
     source: str
-    parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the static helpers
+    parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the helpers
 
 
 def conversation_seed(seed: int, item_id: str, template: str, variant: int) -> int:
@@ -255,7 +255,7 @@ class Renderer:
         for dep in deps:
             h.update(dep.encode() + b"\0" + env.loader.get_source(env, dep)[0].encode() + b"\0")  # type: ignore[union-attr]
         h.update(self._phrasings_digest.encode() + self._card.encode())
-        parent = {**template.globals, "model_card": self._card}
+        parent = {**template.globals, "model_card": self._card, **self._helpers}
         found = _Compiled(name=name, template=template, declaration=declaration, hash=h.hexdigest()[:16], source=source,
                           parent=parent)
         self._compiled[name] = found
@@ -400,7 +400,6 @@ class Renderer:
             "expert": expert,
             "vocabulary": self.vocabulary(task.expert, sub.arg) if task.expert else [],
             "variant": variant,
-            **self._helpers,
         }
 
     def _expert_view(self, name: str, arg: str, call: str) -> dict[str, str]:

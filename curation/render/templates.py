@@ -159,6 +159,7 @@ MUTATORS: dict[type, frozenset[str]] = {
 # Methods of built-in values a template has no use for and that build values far larger than
 # their inputs (a translation table of long strings, tabs expanded to a wide stop).
 BLOCKED_METHODS = frozenset({"translate", "maketrans", "expandtabs"})
+READ_ONLY_DICT_METHODS = frozenset({"get", "keys", "values", "items"})
 
 
 def current_budget() -> Budget | None:
@@ -182,9 +183,13 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         owner = getattr(obj, "__self__", None)
-        if type(owner) in self.trusted_owners:
+        kind = type(owner)
+        if kind in self.trusted_owners:
             return obj(*args, **kwargs)
         budget = current_budget()
+        if kind is dict and budget is not None and getattr(obj, "__name__", "") in READ_ONLY_DICT_METHODS:
+            budget.step()  # a lookup: builds nothing
+            return obj(*args, **kwargs)
         if budget is None:
             return super().call(context, obj, *args, **kwargs)
         budget.step()
@@ -446,6 +451,7 @@ def _sized(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[An
 # --- filters -------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def label_text(name: str) -> str:
     """A class name as text: lower case, `_` as a space (VILA-M3's CXR convention).
 
