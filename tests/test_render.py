@@ -546,3 +546,17 @@ def test_the_question_decides_the_call(renderer: Renderer, demo: Demo) -> None:
                 calls[texts(c, "user")[0]].add(made)
     clashes = {question: sorted(seen) for question, seen in calls.items() if len(seen) > 1}
     assert not clashes, clashes
+
+
+def test_a_labels_table_gives_the_same_rows_in_any_key_order(renderer: Renderer, demo: Demo) -> None:
+    """An item's labels come in the table's column order from the index and in name order back
+    from the plan's JSON: the rows must not depend on it (a build and `m3-curate render` agree)."""
+    from dataclasses import replace
+
+    task = TaskSpec(template="cxr/trigger_and_answer.j2", source="cxr", expert="CXR")
+    for item in demo.items_of("cxr")[:4]:
+        reordered = replace(item, attrs={**item.attrs, "labels": dict(reversed(list(item.attrs["labels"].items())))})
+        for v in range(3):
+            a = renderer.render(task, item, demo.get(task, item, v), variant=v)
+            b = renderer.render(task, reordered, demo.get(task, item, v), variant=v)
+            assert (a.messages, a.meta) == (b.messages, b.meta)

@@ -80,9 +80,10 @@ def findings_view(f: Findings) -> dict[str, Any]:
 
 
 def item_truth(item: StudyItem) -> dict[str, int] | None:
-    """The item's own ground truth, when its source gives one per item (a 2D labels table)."""
+    """The item's own ground truth, when its source gives one per item (a 2D labels table), in
+    name order: the same whether the item came from the index or back from the plan's JSON."""
     labels = item.attrs.get("labels")
-    return {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) and labels else None
+    return {str(k): int(labels[k]) for k in sorted(labels)} if isinstance(labels, dict) and labels else None
 
 
 def truth_view(f: Findings | None, item: StudyItem) -> dict[str, Any] | None:
