@@ -21,7 +21,8 @@ from curation.manifest import BuildSpec, TaskSpec
 from curation.render import grounding
 from curation.render.helpers import findings_view
 from curation.render.renderer import Renderer, TemplateError, TemplateSkip
-from curation.render.templates import BUILTIN_PROMPTS, label_text, ml_text
+from curation.render.filters import label_text, ml_text
+from curation.render.templates import BUILTIN_PROMPTS
 from curation.rows import ANSWER_FROM, META_KEYS, QUESTION_KINDS, Conversation
 
 VARIANTS = 6
@@ -562,3 +563,17 @@ def test_a_labels_table_gives_the_same_rows_in_any_key_order(renderer: Renderer,
             b = renderer.render(task, reordered, predicted, variant=v)
             assert a.meta["answer_from"] == "truth" and a.meta["truth"]["classes"] == {k: int(v) for k, v in item.attrs["labels"].items()}
             assert (a.messages, a.meta) == (b.messages, b.meta)
+
+
+def test_every_phrasing_follows_the_agent_protocol(renderer: Renderer) -> None:
+    """VILA-M3's agent takes an answer carrying a call as final only when it says "segmented":
+    every alternative of a final answer with a call says it, and no trigger (which waits for
+    the result) does."""
+    banks = renderer._shared.phrasings if renderer.model_card else {}
+    finals = [k for k in banks if k.endswith("_segment_answer")]
+    triggers = [k for k in banks if k.endswith("_trigger") or k.startswith("measure_trigger.")]
+    assert finals and len(triggers) >= 4
+    for key in finals:
+        assert all("segmented" in text and "{call}" in text for text in banks[key]), key
+    for key in triggers:
+        assert all("segmented" not in text and "{call}" in text for text in banks[key]), key

@@ -22,7 +22,7 @@ True
 >>> check_format("%1000000000s", "demo")
 Traceback (most recent call last):
 ...
-curation.render.budget.BudgetExceeded: demo asks for a field of 1000000000 characters; the limit is 1000000
+curation.render.budget.BudgetExceeded: demo asks for a field of 1000000000 characters; the limit is 1,000,000
 """
 
 from __future__ import annotations

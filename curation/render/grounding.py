@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curation.imaging import COLOURS
-from curation.render.templates import label_text, ml_text
+from curation.render.filters import label_text, ml_text
 
 CATEGORIES = (
     "images do not match their slots",

@@ -26,7 +26,8 @@ from typing import Any
 from curation.findings import Findings, Truth
 from curation.items import StudyItem
 from curation.render.grounding import drawn_entries
-from curation.render.templates import CURRENT_STATE, join_and, label_text, ml_text
+from curation.render.filters import join_and, label_text, ml_text
+from curation.render.templates import CURRENT_STATE
 from curation.render.turns import Fault, RenderState, Skip
 
 PICTURE_KINDS = ("key_slice", "overlay", "sequence", "item")
