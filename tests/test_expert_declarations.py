@@ -80,7 +80,19 @@ def test_device_rule() -> None:
 
 
 def test_source_kinds_in_one_place() -> None:
+    """`curation.items` lists the source kinds; the readers, the manifest and the templates'
+    declarations agree with it."""
+    from typing import get_args
+
+    from curation.ingest import READERS
+    from curation.manifest import SourceSpec
+    from curation.render.templates import TemplateDeclaration
+
     assert set(ITEM_KIND) == set(SOURCE_KINDS) and set(ITEM_KIND.values()) == set(ITEM_KINDS) and ITEM_KIND["qa"] == "image2d"
+    assert set(READERS) == set(SOURCE_KINDS)
+    union = get_args(get_args(SourceSpec)[0])
+    assert {get_args(cls.model_fields["kind"].annotation)[0] for cls in union} == set(SOURCE_KINDS)
+    assert set(get_args(get_args(TemplateDeclaration.model_fields["sources"].annotation)[0])) == set(SOURCE_KINDS)
 
 
 def test_picture_runner_gives_the_item_picture() -> None:
