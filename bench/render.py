@@ -153,7 +153,7 @@ def baseline_cxr(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, varian
     ph, card = r._phrasings, r.model_card
     arg = task.args[variant % len(task.args)]
     rng = random.Random(conversation_seed(r.spec.seed, it.item_id, task.template, variant))
-    table = {k: int(v) for k, v in it.attrs["labels"].items()}
+    table = {k: int(it.attrs["labels"][k]) for k in sorted(it.attrs["labels"])}  # name order, as the renderer
     present = [k for k, v in table.items() if v]
     absent = [k for k, v in table.items() if not v]
     name = rng.choice(present) if present and (not absent or rng.random() < 0.5) else rng.choice(absent)
