@@ -147,3 +147,25 @@ def test_the_check_on_a_written_row_sees_tampering(demo: Demo) -> None:
     lying = {**c.meta, "answer": "no" if c.meta["answer"] == "yes" else "yes"}
     lying_messages = json.loads(json.dumps(flipped))
     assert "answer contradicts its source" in [p.category for p in grounding.problems(lying_messages, digests, lying, findings)]
+
+
+def test_answers_from_the_expert_only_where_the_task_says_so(demo: Demo) -> None:
+    """An item without ground truth: skipped by default; answered from the expert's prediction
+    (and so recorded) when the task says `answer_from: expert`."""
+    from dataclasses import replace
+
+    from curation.render.renderer import TemplateSkip
+
+    item = demo.items_of("cxr")[0]
+    unlabelled = replace(item, attrs={k: v for k, v in item.attrs.items() if k != "labels"})
+    task = TaskSpec(template="cxr/expert_hint_vqa.j2", source="cxr", expert="CXR")
+    predicted = replace(demo.get(task, item, 0), truth=None)  # as cxr_ensemble's findings
+    renderer = Renderer(demo.spec, experts=demo.experts)
+    with pytest.raises(TemplateSkip, match="no ground truth for this item"):
+        renderer.render(task, unlabelled, predicted, variant=0)
+    allowed = task.model_copy(update={"answer_from": "expert"})
+    c = renderer.render(allowed, unlabelled, predicted, variant=0)
+    assert c.meta["answer_from"] == "expert" and "truth" not in c.meta
+    hinted = {k.name: k.present for k in predicted.classes}
+    assert c.meta["answer"] == ("yes" if hinted[c.meta["label"]] else "no")
+    assert grounding.problems(c.messages, [png_digest(p) for p in c.images], c.meta, json.loads(json.dumps(predicted.to_dict()))) == []
