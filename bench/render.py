@@ -5,9 +5,10 @@
 For two templates (VILA-M3's CT trigger → result → answer, and CXR with inline expert hints)
 it renders `n` conversations (variants 0…n−1 of one item, so every phrasing choice is
 exercised) through `curation.render.Renderer` — sandbox, turn assembly, checks and all — and
-through a hand-written Python function that makes the same `Conversation` with the same seeded
-RNG draws, f-strings and the same phrasing banks. Both outputs are compared first (they must be
-equal). Timings alternate between the two in `rounds` rounds within one run, and the best
+through a hand-written Python function that makes the same `Conversation` (messages, images
+and the full `meta`: pictures, legends, facts) with the same seeded RNG draws, f-strings and
+phrasing banks, and runs the same grounding check on it. Both outputs are compared first (they
+must be equal). Timings alternate between the two in `rounds` rounds within one run, and the best
 round of each is reported, so a busy machine slows both alike. Printed: conversations/s for
 each and the ratio renderer/baseline (goal ≥ 0.5).
 """
@@ -29,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curation.imaging import encode_png
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
+from curation.findings import ClassResult, Findings, Image, Structure
+from curation.render import grounding
 from curation.render.renderer import Renderer, conversation_seed, expert_call
 from curation.rows import Conversation
-from curation.findings import ClassResult, Findings, Image, Structure
 
 CT_STRUCTURES = [  # name, volume (mL), side, colour: the demo CT phantom's ground truth
     ("liver", 1505.75, "right", "red"), ("spleen", 145.22, "left", "blue"), ("right kidney", 98.41, "right", "yellow"),
@@ -40,7 +42,8 @@ CT_STRUCTURES = [  # name, volume (mL), side, colour: the demo CT phantom's grou
     ("vertebrae L3", 67.68, "midline", "pink"), ("vertebrae L2", 59.66, "midline", "brown"),
     ("vertebrae L1", 60.16, "midline", "lime"), ("vertebrae T12", 59.66, "midline", "teal"),
 ]
-CXR_PRESENT = {"Consolidation", "Mass"}
+CXR_PRESENT = {"Consolidation", "Mass"}  # the expert's prediction
+CXR_TRUTH = {"Consolidation", "Effusion"}  # the labels table: the hint disagrees on two labels
 CXR_LABELS = ("Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis", "Effusion",
               "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia", "Lung Lesion", "Fracture",
               "Lung Opacity", "Enlarged Cardiomediastinum")
@@ -54,9 +57,11 @@ def ct_findings() -> Findings:
     structures = [Structure(label=i + 1, name=n, voxels=int(v * 20), volume_ml=v, bbox=[0, 0, 0, 1, 1, 1], key_slice=20,
                             centroid_ras=[0.0, 0.0, 0.0], side=side, components=1, component_volumes_ml=[v], colour=c)
                   for i, (n, v, side, c) in enumerate(CT_STRUCTURES)]
-    return Findings(expert="VISTA3D", runner="labels", args="everything", modality="CT", structures=structures,
+    on_slice = [s.name for s in structures[:7]]  # what the main slice shows
+    return Findings(expert="VISTA3D", runner="labels", arg="everything", modality="CT", structures=structures,
                     legend={s.colour: s.name for s in structures if s.colour},
-                    images=[Image("key_slice", picture(1), 20, "axial slice 20"), Image("overlay", picture(2), 20, "overlay")])
+                    images=[Image("key_slice", picture(1), 20, "axial slice 20", labels=on_slice),
+                            Image("overlay", picture(2), 20, "overlay", labels=on_slice)])
 
 
 def cxr_findings() -> Findings:
@@ -64,9 +69,9 @@ def cxr_findings() -> Findings:
     return Findings(expert="CXR", runner="labels", modality="CR", classes=classes, images=[Image("key_slice", picture(3), None, "the image")])
 
 
-def item(item_id: str, source: str, kind: str, modality: str) -> StudyItem:
+def item(item_id: str, source: str, kind: str, modality: str, labels: dict[str, int] | None = None) -> StudyItem:
     return StudyItem(item_id=item_id, patient_key="p", study_key="s", source=source, kind=kind, modality=modality,  # type: ignore[arg-type]
-                     shape=[128, 128, 48], spacing=[3.0, 3.0, 5.0], n_files=48, uris=["x"])
+                     shape=[128, 128, 48], spacing=[3.0, 3.0, 5.0], n_files=48, uris=["x"], attrs={"labels": labels} if labels else {})
 
 
 # --- the plain-Python baseline: the same conversations, written by hand ---------------------
@@ -76,69 +81,103 @@ def _join_and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def baseline_ct(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant: int) -> Conversation:
+def _picture_meta(img: Image, index: int, turn: int) -> dict[str, Any]:
+    return {"kind": img.kind, "slice": img.slice, "of": None, "labels": list(img.labels), "truth": img.truth, "digest": img.digest,
+            "turn": turn, "index": index}
+
+
+def _checked(c: Conversation, as_json: dict[str, Any]) -> Conversation:
+    """The grounding check the renderer runs on every conversation, run here too."""
+    found = grounding.problems(c.messages, [p["digest"] for p in c.meta["images"]], c.meta, as_json)
+    if found:
+        raise SystemExit(f"the baseline's conversation is not grounded: {found}")
+    return c
+
+
+def baseline_ct(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant: int, as_json: dict[str, Any]) -> Conversation:
     """vista3d/segment_and_answer.j2 in plain Python."""
     ph, card = r._phrasings, r.model_card
-    args = task.args[variant % len(task.args)]
+    arg = task.args[variant % len(task.args)]
     rng = random.Random(conversation_seed(r.spec.seed, it.item_id, task.template, variant))
-    group = args or "everything"
+    group = arg or "everything"
     key = f"vista3d_target.{group}"
     target = rng.choice(ph[key if key in ph else "vista3d_target.any"]).format(group=group)
     key = f"vista3d_describe_question.{group}"
     question = rng.choice(ph[key if key in ph else "vista3d_describe_question.any"]).format(target=target)
-    shown = [s for s in f.structures if s.colour]
-    largest = max(shown, key=lambda s: s.volume_ml) if shown else None
-    call = expert_call(task.expert or "", args)
-    meta: dict[str, Any] = {"kind": "expert_trigger", "template": task.template, "args": args, "variant": variant,
-                            "question_kind": "describe", "group": group, "question": question, "largest": largest.name if largest else None}
+    scan, result = f.images
+    biggest = max(f.structures, key=lambda s: s.volume_ml) if f.structures else None
+    call = expert_call(task.expert or "", arg)
     trigger = rng.choice(ph["vista3d_trigger"]).format(call=call)
-    if f.legend:
-        legend = ", ".join(f"{c}: {n}" for c, n in f.legend.items())
-        result = f". The colors in this image describe {legend}. Use this result to respond to this prompt:\n{question}"
+    colours = {s.name: s.colour for s in f.structures}
+    drawn = [(n, colours[n]) for n in result.labels if colours.get(n)]
+    entries = [[c, n] for n, c in drawn]  # one structure per colour here
+    report = "Measured volumes: " + ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in f.structures) + "."
+    if drawn:
+        said = f"The colors in this image describe {', '.join(f'{c}: {n}' for c, n in entries)}."
     else:
-        result = f". Nothing was segmented. Use this result to respond to this prompt:\n{question}"
-    if largest is not None:
-        listing = _join_and([f"the {s.name} ({s.colour})" for s in shown])
-        answer = (rng.choice(ph["vista3d_describe_answer"]).format(listing=listing) + " "
-                  + rng.choice(ph["vista3d_largest"]).format(name=largest.name, volume=f"{largest.volume_ml:.1f} mL"))
+        said = rng.choice(ph["result_nothing_drawn"])
+    result_text = f". {said} {report} Use this result to respond to this prompt:\n{question}"
+    facts: list[dict[str, Any]] = []
+    if biggest is not None:
+        parts = [f"the {n} ({c})" for n, c in drawn]
+        facts = [{"turn": 3, "text": p, "shown": {"image": 1, "label": n, "colour": c, "absent": False}, "given": None}
+                 for p, (n, c) in zip(parts, drawn)]
+        listing = rng.choice(ph["vista3d_describe_answer"]).format(listing=_join_and(parts)) + " " if drawn else ""
+        volume = f"{biggest.volume_ml:.1f} mL"
+        largest = rng.choice(ph["vista3d_largest"]).format(name=biggest.name, volume=volume)
+        facts.append({"turn": 3, "text": largest, "shown": None, "given": {"turn": 2, "text": volume}})
+        answer = listing + largest
     else:
         answer = rng.choice(ph["vista3d_nothing"]).format(target=target)
-    meta["call"] = call
-    images = {i.kind: i.png for i in f.images}
     messages = [
         {"role": "user", "content": [{"type": "text", "text": card}, {"type": "image", "text": None},
                                      {"type": "text", "text": f"This is a CT image.\n{question}"}]},
         {"role": "assistant", "content": [{"type": "text", "text": trigger}]},
         {"role": "user", "content": [{"type": "text", "text": "The results are "}, {"type": "image", "text": None},
-                                     {"type": "text", "text": result}]},
+                                     {"type": "text", "text": result_text}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]
-    return Conversation(messages=messages, images=[images["key_slice"], images["overlay"]], template=task.template,
-                        template_hash=r.template_hash(task.template), variant=variant, expert=task.expert, meta=meta)
+    meta: dict[str, Any] = {
+        "kind": "expert_trigger", "template": task.template, "args": arg, "variant": variant, "question_kind": "describe",
+        "group": group, "question": question, "largest": biggest.name if biggest else None, "answer": None, "answer_from": None,
+        "answer_turn": None, "call": call, "calls": [call, None], "images": [_picture_meta(scan, 0, 0), _picture_meta(result, 1, 2)],
+        "legends": [{"turn": 2, "image": 1, "entries": entries}] if drawn else [], "facts": facts,
+        "prompt": {"card": True, "results": False},
+    }
+    return _checked(Conversation(messages=messages, images=[scan.png, result.png], template=task.template,
+                                 template_hash=r.template_hash(task.template), variant=variant, expert=task.expert, meta=meta), as_json)
 
 
-def baseline_cxr(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant: int) -> Conversation:
+def baseline_cxr(r: Renderer, task: TaskSpec, it: StudyItem, f: Findings, variant: int, as_json: dict[str, Any]) -> Conversation:
     """cxr/expert_hint_vqa.j2 in plain Python."""
     ph, card = r._phrasings, r.model_card
-    args = task.args[variant % len(task.args)]
+    arg = task.args[variant % len(task.args)]
     rng = random.Random(conversation_seed(r.spec.seed, it.item_id, task.template, variant))
-    present = [c for c in f.classes if c.present]
-    absent = [c for c in f.classes if not c.present]
-    c = rng.choice(present) if present and (not absent or rng.random() < 0.5) else rng.choice(absent)
-    label = c.name.lower().replace("_", " ")
+    table = {k: int(it.attrs["labels"][k]) for k in sorted(it.attrs["labels"])}  # name order, as the renderer
+    present = [k for k, v in table.items() if v]
+    absent = [k for k, v in table.items() if not v]
+    name = rng.choice(present) if present and (not absent or rng.random() < 0.5) else rng.choice(absent)
+    yes = bool(table[name])
+    label = name.lower().replace("_", " ")
+    hint = next(c for c in f.classes if c.name.lower().replace("_", " ") == label)
     question = rng.choice(ph["cxr_yes_no_question"]).format(label=label)
-    meta = {"kind": "cxr_hint_yes_no", "template": task.template, "args": args, "variant": variant, "question_kind": "yes_no",
-            "question": question, "label": c.name, "answer": "yes" if c.present else "no"}
     predictions = "\n".join(f"{k.name.lower().replace('_', ' ')}: {'yes' if k.present else 'no'}" for k in f.classes)
-    answer = rng.choice(ph["cxr_yes" if c.present else "cxr_no"]).format(label=label)
+    answer = rng.choice(ph["cxr_yes" if yes else "cxr_no"]).format(label=label)
+    photo = f.images[0]
     messages = [
         {"role": "user", "content": [{"type": "text", "text": card}, {"type": "image", "text": None}, {"type": "text", "text": (
             f" This is a CXR image.\n{question} When answering the question, please analyze the image and incorporate the "
             f"additional results generated by an expert classification model:\n{predictions}")}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]
-    return Conversation(messages=messages, images=[f.images[0].png], template=task.template,
-                        template_hash=r.template_hash(task.template), variant=variant, expert=None, meta=meta)
+    meta = {"kind": "cxr_hint_yes_no", "template": task.template, "args": arg, "variant": variant, "question_kind": "yes_no",
+            "question": question, "label": name, "answer": "yes" if yes else "no", "hint_agrees": hint.present == yes,
+            "answer_from": "truth", "truth": {"classes": table}, "answer_turn": 1, "calls": [None],
+            "images": [_picture_meta(photo, 0, 0)], "legends": [],
+            "facts": [{"turn": 1, "text": answer, "shown": {"image": 0, "label": name, "colour": None, "absent": not yes}, "given": None}],
+            "prompt": {"card": True, "results": True}}
+    return _checked(Conversation(messages=messages, images=[photo.png], template=task.template,
+                                 template_hash=r.template_hash(task.template), variant=variant, expert=None, meta=meta), as_json)
 
 
 def best_rate(fn: Callable[[int], Any], n: int) -> float:
@@ -159,22 +198,24 @@ def main(argv: list[str] | None = None) -> None:
         experts=[{"name": "VISTA3D", "runner": "labels", "options": {"preset": "vista3d"}}, {"name": "CXR", "runner": "labels"}],
     )
     r = Renderer(spec)
+    truth = {n: int(n in CXR_TRUTH) for n in CXR_LABELS}
     cases = [
         ("vista3d/segment_and_answer.j2", TaskSpec(template="vista3d/segment_and_answer.j2", source="ct", expert="VISTA3D",
                                                    args=["everything", "organs", "hepatic tumor", "skeleton"]), item("ct-1", "ct", "dicom", "CT"), ct_findings(), baseline_ct),
         ("cxr/expert_hint_vqa.j2", TaskSpec(template="cxr/expert_hint_vqa.j2", source="cxr", expert="CXR"),
-         item("cxr-1", "cxr", "image2d", "CR"), cxr_findings(), baseline_cxr),
+         item("cxr-1", "cxr", "image2d", "CR", truth), cxr_findings(), baseline_cxr),
     ]
     print(f"{'template':32s} {'renderer conv/s':>16s} {'baseline conv/s':>16s} {'ratio':>6s}")
     for name, task, it, f, baseline in cases:
+        as_json = f.to_dict()  # the renderer keeps it for the findings it last saw, as here
         for v in range(500):  # same output first
-            got, want = r.render(task, it, f, variant=v), baseline(r, task, it, f, v)
+            got, want = r.render(task, it, f, variant=v), baseline(r, task, it, f, v, as_json)
             if (got.messages, got.images, got.meta, got.expert, got.template_hash) != (want.messages, want.images, want.meta, want.expert, want.template_hash):
                 raise SystemExit(f"{name}: the baseline differs from the renderer at variant {v}:\n{got.messages}\n{want.messages}\n{got.meta}\n{want.meta}")
         renderer_best = baseline_best = 0.0
         for _ in range(a.rounds):
             renderer_best = max(renderer_best, best_rate(lambda v, t=task, i=it, g=f: r.render(t, i, g, variant=v), a.n))
-            baseline_best = max(baseline_best, best_rate(lambda v, b=baseline, t=task, i=it, g=f: b(r, t, i, g, v), a.n))
+            baseline_best = max(baseline_best, best_rate(lambda v, b=baseline, t=task, i=it, g=f, j=as_json: b(r, t, i, g, v, j), a.n))
         print(f"{name:32s} {renderer_best:16.0f} {baseline_best:16.0f} {renderer_best / baseline_best:6.2f}")
 
 

@@ -189,6 +189,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0, help="port for --watch (0: any free port)")
     s.set_defaults(run=_delegate("curation.preview:preview_command", _check_preview))
 
+    s = command("audit", "check every row of a build against its meta, pictures and findings (grounding); exit 1 if any fails")
+    s.add_argument("out", help="a build's output folder, its dataset/ folder or dataset/data/")
+    s.set_defaults(run=_delegate("curation.audit:audit_command"))
+
     s = command("export", "export shards for other trainers (LLaVA/VILA JSON plus image files)")
     s.add_argument("format", choices=["llava"], help="llava: VILA/LLaVA JSON plus image files")
     s.add_argument("shards", help="a build's output folder, its dataset/ folder or dataset/data/")

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 
+# The kinds of source a manifest can name, and the kind of item each gives (a `qa` record is a
+# 2D image with its question and answer). The one list: readers, templates and experts use it.
+SourceKind = Literal["dicom", "nifti", "nifti_group", "image2d", "qa"]
 ItemKind = Literal["dicom", "nifti", "nifti_group", "image2d"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
+ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
+ITEM_KIND: dict[str, str] = {**{k: k for k in ITEM_KINDS}, "qa": "image2d"}
 Status = Literal["indexed", "skipped", "quarantined"]
 
 

@@ -91,17 +91,30 @@ class ExpertSpec(_Spec):
     GPU share, else 1), `batch_size` (items per actor call), `gpus` (per actor; default 1
     on a cluster with GPUs for runners with weights, else 0) and `memory_gb` (host memory each
     actor reserves in Ray's scheduler; default none) only place the work: they are not part
-    of the expert's fingerprint, so changing them keeps the cache."""
+    of the expert's fingerprint, so changing them keeps the cache.
+
+    `min_size_ml` is the smallest connected part of a segmented structure that is reported:
+    smaller parts (a 0.1 mL "tumour" speck) are dropped from the label map before anything is
+    measured or drawn, in the expert's output and in the ground truth alike (0 keeps all; 2D
+    masks have no volume and keep all).
+    The default, 0.5 mL, is a sphere of 10 mm: the usual size below which a lesion is not
+    measured (RECIST)."""
 
     name: str
     runner: str
     bundle: Path | None = None
     models: list[Any] = []
     options: dict[str, Any] = {}
+    min_size_ml: float = Field(0.5, ge=0)
     actors: int | None = Field(None, ge=1)
     batch_size: int = Field(1, ge=1)
     gpus: float | None = Field(None, ge=0)
     memory_gb: float | None = Field(None, gt=0)
+
+    def without_placement(self) -> "ExpertSpec":
+        """The spec with the placement keys at their defaults: what a runner is built from and
+        what its fingerprint covers, so pool sizes never change a fingerprint."""
+        return self.model_copy(update={k: type(self).model_fields[k].default for k in SCHEDULING_KEYS})
 
 
 class TaskSpec(_Spec):
@@ -115,6 +128,9 @@ class TaskSpec(_Spec):
     expert: str | None = None
     args: list[str] = [""]
     weight: float = Field(1.0, gt=0)
+    # Where closed answers come from when the item has no ground truth: `truth` (default) sets
+    # such items aside; `expert` answers from the expert's prediction (counted in the card).
+    answer_from: Literal["truth", "expert"] = "truth"
 
     @field_validator("args", mode="before")
     @classmethod

@@ -33,8 +33,8 @@ from curation.ingest.index import scan_source
 from curation.ingest import SourceReader, readers_for
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec, load_manifest
-from curation.build.plan import ExpertInfo, spec_json
-from curation.render.prompt_data import provides
+from curation.build.plan import spec_json
+from curation.expert_info import ExpertInfo
 from curation.render.renderer import Renderer, TemplateError
 from curation.rows import Conversation
 from curation.findings import Findings
@@ -125,6 +125,7 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
         expert = None
         if t.expert:
             expert = experts.setdefault(t.expert, _Expert(spec, t.expert, build_cache))
+            renderer.experts.setdefault(t.expert, expert.describe(t.args))
         chosen = [i for i in items[t.source] if expert is None or expert.accepts(i) is None][:n]
         if not chosen:
             section.note = f"source {t.source!r} has no item that expert {t.expert} accepts"
@@ -157,7 +158,7 @@ def _tasks(spec: BuildSpec, task: str | None, template: str | None) -> tuple[Ren
                 raise CurationError(f"--task {task!r}: no task of manifest {spec.name!r} uses it (tasks: {[t.template for t in spec.tasks]})")
         if not tasks:
             raise CurationError(f"manifest {spec.name!r} has no tasks: name a template with --template FILE")
-        renderer.check({})
+        renderer.check()
         return renderer, tasks
     path = Path(template).resolve()
     if not path.is_file():
@@ -184,7 +185,9 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
             return TaskSpec(template=name, source=source.name, weight=1.0)
         used = [t.expert for t in spec.tasks if t.source == source.name and t.expert]
         for expert in sorted(spec.experts, key=lambda e: (e.name not in used, used.index(e.name) if e.name in used else 0)):
-            got = provides(expert)
+            from expert_runners.base import runner_class
+
+            got = runner_class(expert.runner).PROVIDES
             if got is not None and not set(d.needs) <= got:
                 continue
             args = next((t.args for t in spec.tasks if t.source == source.name and t.expert == expert.name
@@ -193,7 +196,7 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
             task = TaskSpec(template=name, source=source.name, expert=expert.name, args=args, weight=len(args))
             try:
                 check = BuildSpec.model_validate({**spec.model_dump(), "tasks": [task.model_dump()]})
-                Renderer(check, prompt_dirs=renderer._extra).check({})
+                Renderer(check, prompt_dirs=renderer._extra).check()
             except CurationError:
                 continue
             return task
@@ -228,6 +231,10 @@ class _Expert:
     def accepts(self, item: StudyItem) -> str | None:
         return (self.info or self.runner).accepts(item)  # type: ignore[no-any-return]
 
+    def describe(self, args: list[str]) -> ExpertInfo:
+        """What the renderer needs to know of it: the build's record when there is one."""
+        return self.info if self.info is not None else self.runner.describe(args)  # type: ignore[no-any-return]
+
 
 def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, args: str, build_cache: FindingsCache,
               own_cache: FindingsCache) -> tuple[Findings, str]:
@@ -237,24 +244,16 @@ def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, args: str,
         found = cache.get(content, fingerprint, args)
         if found is not None:
             return found, label
+    from expert_runners.base import ExpertInput, pick_device
+
     runner = expert.runner
     if not expert.ready:
-        runner.setup(_device())
+        runner.setup(pick_device())
         expert.ready = True
-    from expert_runners.base import ExpertInput
 
     findings = runner.run(ExpertInput(item=item, volume=reader.load(item), labels=reader.load_labels(item)), args)
     own_cache.put(content, fingerprint, findings, args)
     return findings, "expert run"
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "cpu"
 
 
 # --- the page ----------------------------------------------------------------------------------

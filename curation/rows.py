@@ -4,6 +4,39 @@
 and provenance and writes `ROW_SCHEMA` Parquet. Messages follow the multimodal chat format of
 transformers/TRL: `{"role": "user", "content": [{"type": "image", "text": None},
 {"type": "text", "text": "…"}]}`, one `image` part per entry of `images`, in order.
+
+The `meta` column (JSON) says what the conversation asks and where every answer comes from;
+evaluation and the grounding check read it instead of guessing from text. Every row's meta has
+the keys of `META_KEYS` (the README's "Rows" section shows an example):
+
+- `kind`, `template`, `variant`, `args`: the template declaration's kind, the template, the
+  variant and the expert argument of this row (`call`: the task's call, when it makes one);
+- `question_kind` (one of `QUESTION_KINDS`), `question` (the user question the scored answer
+  answers, or null);
+- `answer`: the expected answer in normal form (`yes`/`no`; the option letter for multiple
+  choice, with `options` and `label`; a structure name for `larger`; `left`/`right`; a volume
+  as written; the record's answer for qa), or null when there is no closed answer;
+- `answer_from`: `truth` (a label table, a qa record, a label map), `expert` (the expert's
+  prediction: only where the task says `answer_from: expert`) or `findings` (read off the
+  expert's result given in an earlier turn: a measurement), or null when nothing is answered;
+- `answer_turn`: index into `messages` of the assistant turn that holds the answer, or null;
+- `calls`: one entry per assistant turn, in order: the exact call that turn makes
+  (`<VISTA3D(hepatic tumor)>`) or null;
+- `facts`: every fact an answer states: `{"turn", "text", "shown": {"image", "label", "colour",
+  "absent"} or null, "given": {"turn"} or null}` — shown in a picture (index into the row's
+  `images`) before that turn, or given by the text of an earlier turn;
+- `images`: per image of the row, the picture it is: `{"kind", "slice", "of", "labels",
+  "truth", "digest", "turn"}` (`labels`: structures on it in the expert's label map, the
+  ones drawn on an overlay; `truth`: those in the reference, or null);
+- `legends`: each colour legend a user turn states: `{"turn", "image", "entries": [[colour,
+  names], …]}`;
+- `prompt`: `{"card": the model card opens the first user turn, "results": the first user
+  turn already gives the expert's results (inline hints)}` — with the image and the question,
+  what decides whether the row calls an expert.
+
+Optional keys: `options`, `label`, `structure`, `structures`, `hint_agrees` (the expert's hint
+or result agrees with the truth), `truth` (the item-level truth an answer was taken from, e.g.
+a labels table row), `count`, `follow_up`, `group`.
 """
 
 from __future__ import annotations
@@ -14,7 +47,13 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+QUESTION_KINDS = ("presence", "yes_no", "multiple_choice", "findings_list", "size", "volume", "larger", "side", "count",
+                  "describe", "expert_selection", "modality", "closed", "open")
+ANSWER_FROM = ("truth", "expert", "findings")
+META_KEYS = ("kind", "template", "variant", "args", "question_kind", "question", "answer", "answer_from", "answer_turn",
+             "calls", "facts", "images", "legends", "prompt")
 
 PART = pa.struct([("type", pa.string()), ("text", pa.string())])
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(PART))])
@@ -42,6 +81,7 @@ ROW_SCHEMA = pa.schema(
         ("images", pa.list_(IMAGE)),
         ("messages", pa.list_(MESSAGE)),
         ("findings", pa.string()),
+        ("meta", pa.string()),
         ("provenance", PROVENANCE),
     ]
 )
@@ -57,7 +97,7 @@ class Conversation:
     template_hash: str
     variant: int = 0
     expert: str | None = None  # the expert this conversation calls, if any
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the question kind, for evaluation
+    meta: dict[str, Any] = field(default_factory=dict)  # the `meta` column (see the module docstring)
 
     def image_parts(self) -> int:
         return sum(1 for m in self.messages for p in m["content"] if p["type"] == "image")
@@ -66,3 +106,39 @@ class Conversation:
 def row_id(item_id: str, task: str, variant: int) -> str:
     """Stable: the same item, task and variant give the same id on every build."""
     return hashlib.sha256(f"{item_id}\x1f{task}\x1f{variant}".encode()).hexdigest()[:20]
+
+
+def meta_counts(metas: list[str | None]) -> dict[str, Any]:
+    """What the dataset card counts of rows' `meta` (JSON strings): rows per `answer_from`, and
+    rows whose expert hint or result disagrees with the truth they are answered from.
+
+    >>> meta_counts(['{"answer_from": "truth", "hint_agrees": false}', '{"answer_from": "findings"}', None])
+    {'answer_from': {'findings': 1, 'truth': 1}, 'hint_disagrees': 1}
+    """
+    import json
+
+    sources: dict[str, int] = {}
+    disagree = 0
+    for text in metas:
+        if not text:
+            continue
+        meta = json.loads(text)
+        source = meta.get("answer_from")
+        if source:
+            sources[source] = sources.get(source, 0) + 1
+        disagree += meta.get("hint_agrees") is False
+    return {"answer_from": dict(sorted(sources.items())), "hint_disagrees": disagree}
+
+
+def grounding_category(reason: str) -> str | None:
+    """The grounding check's category in a set-aside reason (`…: ungrounded (legend not on
+    picture): …`), or None for other reasons.
+
+    >>> grounding_category("template t.j2, line 9: ungrounded (number not given): '2' in turn 3")
+    'number not given'
+    """
+    start = reason.find("ungrounded (")
+    if start < 0:
+        return None
+    end = reason.find(")", start)
+    return reason[start + len("ungrounded ("):end] if end > 0 else None

@@ -21,15 +21,12 @@ from typing import Any, ClassVar, Iterator
 
 from curation import __version__
 from curation.errors import CurationError, ItemError
-from curation.items import StudyItem, Volume
-from curation.manifest import SCHEDULING_KEYS, ExpertSpec
+from curation.expert_info import ExpertInfo, refusal
 from curation.findings import Findings
+from curation.items import ITEM_KINDS, StudyItem, Volume
+from curation.manifest import ExpertSpec
 
 ENTRY_POINT_GROUP = "m3_curate.runners"
-
-# Manifest keys that only place the work (and the expert's display name): never part of what
-# an expert computes, so changing them keeps the cache.
-PLACEMENT_KEYS = {"name", *SCHEDULING_KEYS}
 
 # Built-in runners by manifest name; imported only when used (torch and MONAI are heavy).
 BUILTIN: dict[str, str] = {
@@ -39,6 +36,7 @@ BUILTIN: dict[str, str] = {
     "cxr_ensemble": "expert_runners.cxr:CxrEnsembleRunner",
     "ct_tissue": "expert_runners.ct_tissue:CtTissueRunner",
     "labels": "expert_runners.labels:LabelsRunner",
+    "picture": "expert_runners.picture2d:PictureRunner",
 }
 
 
@@ -53,13 +51,33 @@ class ExpertInput:
 
 
 class ExpertRunner(ABC):
-    runner: ClassVar[str]  # the manifest's `runner:` value
-    modalities: ClassVar[tuple[str, ...]]  # accepted DICOM modalities; empty = any
-    kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti", "nifti_group", "image2d")
+    """One expert family. Lifecycle, in the manner of a Ray Data callable class:
+
+    - `__init__(spec)` on the driver: validate the manifest entry and store it (cheap; no
+      weights loaded). A module defining a runner imports no torch at module level, so the
+      driver, `render` and `preview` can read the declarations below without it.
+    - `fingerprint()` and `describe()` on the driver: the cache key, and the plain
+      `ExpertInfo` the plan and the renderer use instead of the runner.
+    - `setup(device)` once per worker: load weights.
+    - `run(inp, arg)` per item and argument: `Findings`, or an `ItemError` naming the item.
+
+    Declarations (class attributes a subclass sets; `provides()` and `vocabulary()` may
+    refine them per instance): `runner` (the manifest's `runner:` value), `modalities` (DICOM
+    modalities taken; empty: any), `kinds` (item kinds taken), `PROVIDES` (what the findings
+    hold, from `curation.expert_info.NEEDS`; None: not declared, not checked), `GROUND_TRUTH`
+    (the findings are the reference annotations themselves).
+    """
+
+    runner: ClassVar[str]
+    modalities: ClassVar[tuple[str, ...]]
+    kinds: ClassVar[tuple[str, ...]] = ITEM_KINDS
+    PROVIDES: ClassVar[frozenset[str] | None] = None
+    GROUND_TRUTH: ClassVar[bool] = False
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         self.spec = spec
         self.image_max_side = image_max_side
+        self.min_size_ml = spec.min_size_ml
         self.device = "cpu"
 
     @property
@@ -71,7 +89,8 @@ class ExpertRunner(ABC):
         """Weights + configuration + code version: findings cached under another fingerprint
         are never reused."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.runner, __version__, self.spec.model_dump(mode="json", exclude=PLACEMENT_KEYS)], sort_keys=True).encode())
+        computed = self.spec.without_placement().model_dump(mode="json", exclude={"name"})
+        h.update(json.dumps([self.runner, __version__, computed], sort_keys=True).encode())
         for path in self.weight_files():
             h.update(path.name.encode())
             h.update(file_digest(path).encode())
@@ -83,34 +102,61 @@ class ExpertRunner(ABC):
 
     def accepts(self, item: StudyItem) -> str | None:
         """None if this runner can run on the item, else the reason it cannot."""
-        if self.modalities and item.modality not in self.modalities:
-            return f"{self.name} takes {'/'.join(self.modalities)}, not {item.modality}"
-        if item.kind not in self.kinds:
-            return f"{self.name} takes {'/'.join(self.kinds)} items, not {item.kind}"
+        return refusal(self.name, self.modalities, self.kinds, item)
+
+    def provides(self) -> frozenset[str] | None:
+        """What this expert's findings hold (`curation.expert_info.NEEDS`); None: undeclared."""
+        return self.PROVIDES
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        """Structure names this expert reports for `arg` when they are present (so a name here
+        that is missing from its findings is truly absent); None when it cannot say."""
         return None
+
+    def describe(self, args: list[str] | tuple[str, ...] = ()) -> ExpertInfo:
+        """The plain description the plan and the renderer use instead of the runner, with the
+        vocabulary of each argument in `args` (those the manifest's tasks use)."""
+        provides = self.provides()
+        vocabularies = {}
+        for arg in args:
+            names = self.vocabulary(arg)
+            if names is not None:
+                vocabularies[" ".join(arg.strip().lower().split())] = tuple(sorted(set(names)))
+        return ExpertInfo(
+            name=self.name, runner=self.spec.runner, fingerprint=self.fingerprint(),
+            spec=self.spec.without_placement().model_dump(mode="json"), modalities=tuple(self.modalities),
+            kinds=tuple(self.kinds), weights=bool(self.weight_files()),
+            provides=None if provides is None else tuple(sorted(provides)), vocabularies=vocabularies,
+            ground_truth=self.GROUND_TRUTH, family=family(type(self)),
+        )
 
     def setup(self, device: str = "cpu") -> None:
         """Load weights once per worker. Weight-free runners need nothing."""
         self.device = device
 
     @abstractmethod
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         """The runner's own work; fill `timing` with seconds per phase via `phase()`."""
 
-    def run(self, inp: ExpertInput, args: str = "") -> Findings:
+    def run(self, inp: ExpertInput, arg: str = "") -> Findings:
         """Run on one item; any failure becomes an `ItemError` naming the item and the expert."""
         reason = self.accepts(inp.item)
         if reason:
             raise ItemError(inp.item.item_id, reason)
         timing: dict[str, float] = {}
         try:
-            findings = self.predict(inp, args, timing)
+            findings = self.predict(inp, arg, timing)
         except ItemError:
             raise
         except Exception as e:
             raise ItemError(inp.item.item_id, f"expert {self.name} failed: {type(e).__name__}: {e}".replace("\n", " ")) from e
         findings.timing = {k: round(v, 4) for k, v in timing.items()}
         return findings
+
+
+def family(cls: type) -> str:
+    """The built-in runner a runner class is, or derives from ("" for one of its own)."""
+    return next((c.__dict__["runner"] for c in cls.__mro__ if c.__dict__.get("runner") in BUILTIN), "")
 
 
 @contextmanager
@@ -169,3 +215,13 @@ def _checked(name: str, cls: Any) -> type[ExpertRunner]:
 
 def make_runner(spec: ExpertSpec, *, image_max_side: int = 512) -> ExpertRunner:
     return runner_class(spec.runner)(spec, image_max_side=image_max_side)
+
+
+def pick_device(gpus: float | None = None) -> str:
+    """`cuda` when the worker was given a GPU share (or, with `gpus` None, whenever one is
+    visible) and torch sees one; `cpu` otherwise."""
+    if gpus is not None and gpus <= 0:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

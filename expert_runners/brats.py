@@ -35,21 +35,24 @@ t1gd, t1-ce, t1post; T1: t1, t1n, t1w; T2: t2, t2w; FLAIR: flair, t2f, t2-flair,
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from curation.errors import CurationError, ItemError
+from curation.findings import Findings, Structure
 from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
-from curation.findings import Findings, Structure
-from expert_runners.measure import measure_structures
+from expert_runners.labels import truth_map
+from expert_runners.measure import drop_small_parts, measure_structures
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
-from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import BundleRunner, InferenceOptions, invert, parse_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 SEQUENCES = ("T1c", "T1", "T2", "FLAIR")  # the bundle's input channel order
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -105,6 +108,8 @@ class BratsRunner(BundleRunner):
     runner: ClassVar[str] = "brats"
     modalities: ClassVar[tuple[str, ...]] = ("MR",)
     kinds: ClassVar[tuple[str, ...]] = ("nifti_group",)
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "sequence"})
+    DOWNSAMPLE: ClassVar[int] = DOWNSAMPLE
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -125,7 +130,7 @@ class BratsRunner(BundleRunner):
             self.bundle.preprocessing = [TransformStep("NormalizeIntensityd", {"nonzero": True, "channel_wise": True})]
         self.net: torch.nn.Module | None = None
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         volume, item, opts = inp.volume, inp.item, self.options
         names = list(volume.channels or item.channels)
         if volume.array.ndim != 4 or volume.array.shape[-1] != len(names):
@@ -142,7 +147,7 @@ class BratsRunner(BundleRunner):
         with phase(timing, "postprocess"):
             return brats_findings(
                 expert=self.name,
-                args=args.strip(),
+                arg=arg.strip(),
                 modality=item.modality,
                 array=array,
                 affine=volume.affine,
@@ -150,45 +155,35 @@ class BratsRunner(BundleRunner):
                 display_channel=opts.display_channel,
                 sequence_images=opts.sequence_images,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
+                truth_map=truth_map(inp, array.shape[:3]),
             )
+
+    def provides(self) -> frozenset[str] | None:
+        found = super().provides()
+        return None if found is None else (found if self.options.sequence_images else found - {"sequence"})
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        return sorted([*NAMES.values(), *(name for name, _ in DERIVED.values())])
 
     def segment(self, array: np.ndarray, affine: np.ndarray, timing: dict[str, float] | None = None) -> np.ndarray:
         """The BRATS label map (0/1/2/4, uint8) on the grid of `array` (x, y, z, 4: T1c, T1,
         T2, FLAIR)."""
-        timing = {} if timing is None else timing
-        opts, bundle = self.options, self.bundle
-        if self.net is None:
-            with phase(timing, "load"):
-                self.setup(self.device)
-        assert self.net is not None
-        with phase(timing, "preprocess"):
-            pre = build_preprocessing(bundle.preprocessing)
-            data = pre({KEY: to_meta_tensor(array, affine)})
-            image = data[KEY]
-        with phase(timing, "inference"):
-            logits = sliding_window(
-                self.net,
-                image,
-                roi=window_size(tuple(image.shape[1:]), opts.patch_size or bundle.patch_size, multiple=DOWNSAMPLE, minimum=2 * DOWNSAMPLE),
-                sw_batch_size=opts.sw_batch_size or bundle.sw_batch_size,
-                overlap=bundle.overlap if opts.overlap is None else opts.overlap,
-                device=self.device,
-                amp=bundle.amp if opts.amp is None else opts.amp,
-            )
-        with phase(timing, "postprocess"):
-            # as the bundle: sigmoid, back to the input grid (linear), threshold, 4/1/2
-            probs = invert(pre, data, torch.sigmoid(logits[0]), nearest=False).numpy()
-            on = probs > opts.threshold
-            label_map = brats_labels(on[0], on[1], on[2])
-        if label_map.shape != array.shape[:3]:
-            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {array.shape[:3]}")
-        return label_map
+        return self.segment_array(array, affine, timing)
+
+    def postprocess(self, logits: torch.Tensor, pre: Any, data: dict[str, Any], **_: Any) -> np.ndarray:
+        """As the bundle: sigmoid, back to the input grid (linear), threshold, 4/1/2."""
+        import torch
+
+        probs = invert(pre, data, torch.sigmoid(logits[0]), nearest=False).numpy()
+        on = probs > self.options.threshold
+        return brats_labels(on[0], on[1], on[2])
 
 
 def brats_findings(
     *,
     expert: str,
-    args: str,
+    arg: str,
     modality: str,
     array: np.ndarray,
     affine: np.ndarray,
@@ -196,14 +191,21 @@ def brats_findings(
     display_channel: str = "FLAIR",
     sequence_images: bool = True,
     image_max_side: int = 512,
+    min_size_ml: float = 0.0,
+    truth_map: np.ndarray | None = None,
 ) -> Findings:
     """Findings of a BRATS label map (1/2/4) over the sequences `array` (x, y, z, 4) in
     T1c, T1, T2, FLAIR order: sub-regions in their fixed colours, the derived tumour core and
-    whole tumour, the overlay on `display_channel`, and (optionally) one picture per sequence."""
+    whole tumour, the overlay on `display_channel`, and (optionally) one picture per sequence
+    at the main slice. `truth_map`, the reference on the same grid (BraTS ids), is measured the
+    same way. Parts under `min_size_ml` are dropped first, so the derived regions agree with
+    their parts."""
+    label_map = drop_small_parts(label_map, affine, min_size_ml)
+    truth_map = None if truth_map is None else drop_small_parts(truth_map, affine, min_size_ml)
     findings = segmentation_findings(
         expert=expert,
         runner=BratsRunner.runner,
-        args=args,
+        arg=arg,
         modality=modality,
         image=array[..., SEQUENCES.index(display_channel)],
         label_map=label_map,
@@ -212,12 +214,32 @@ def brats_findings(
         window=None,
         colours=COLOURS,
         image_max_side=image_max_side,
+        truth_map=truth_map,
     )
     findings.structures.extend(derived_structures(label_map, affine))
+    if findings.truth is not None and truth_map is not None:
+        findings.truth.structures.extend(derived_structures(truth_map, affine))
+    for img in findings.images:
+        img.labels = with_derived(img.labels)
+        img.truth = None if img.truth is None else with_derived(img.truth)
     if sequence_images:
-        z = findings.images[0].slice
-        findings.images.extend(sequence_pictures(array, affine, z if z is not None else array.shape[2] // 2, image_max_side, SEQUENCES))
+        main = findings.images[0]
+        z = main.slice if main.slice is not None else array.shape[2] // 2
+        findings.images.extend(sequence_pictures(array, affine, z, image_max_side, SEQUENCES, like=main))
     return findings
+
+
+def with_derived(names: list[str]) -> list[str]:
+    """The sub-regions on a slice, followed by the derived regions they make up there.
+
+    >>> with_derived(["peritumoral edema"]), with_derived(["necrotic tumor core"])
+    (['peritumoral edema', 'whole tumor'], ['necrotic tumor core', 'tumor core', 'whole tumor'])
+    """
+    out = list(names)
+    for name, parts in DERIVED.values():
+        if any(NAMES[p] in names for p in parts):
+            out.append(name)
+    return out
 
 
 def derived_structures(label_map: np.ndarray, affine: np.ndarray) -> list[Structure]:

@@ -34,11 +34,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from curation.errors import CurationError
+
+if TYPE_CHECKING:  # pragma: no cover - imported where used: reading a bundle's configs needs no torch
+    import torch
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
@@ -104,6 +105,8 @@ class Bundle:
         The network is built on the meta device and the weights assigned to it, so no time is
         spent on a random initialisation that the weights overwrite at once (VISTA3D: 7 s).
         """
+        import torch
+
         parser = _parser(self.config_file, self.root)
         if "network_def" not in parser:
             raise CurationError(f"{self.config_file}: no `network_def`; a runnable bundle defines its network under that key")
@@ -172,6 +175,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from `model.pt` in any of the layouts MONAI bundles use: a bare state dict, or a
     checkpoint dict holding it under `model` (MONAI's CheckpointSaver), `state_dict`,
     `model_state_dict` or `network`; a DataParallel `module.` prefix is removed."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

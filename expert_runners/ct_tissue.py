@@ -196,9 +196,9 @@ def tissue_labels(hu: np.ndarray, affine: np.ndarray, t: TissueThresholds = Tiss
     return labels, body
 
 
-def selected(args: str) -> set[str]:
+def selected(arg: str) -> set[str]:
     """Structure names an argument asks for: all for "" or "everything", else a comma list."""
-    names = {n.strip().lower() for n in args.split(",") if n.strip()}
+    names = {n.strip().lower() for n in arg.split(",") if n.strip()}
     every = set(TISSUE_NAMES.values()) | {BODY_NAME}
     if not names or names == {"everything"}:
         return every
@@ -206,7 +206,7 @@ def selected(args: str) -> set[str]:
     names = {aliases.get(n, n) for n in names}
     unknown = names - every
     if unknown:
-        raise ValueError(f"unknown structure(s) {sorted(unknown)} in argument {args!r}; choose from everything, {', '.join(sorted(every))}")
+        raise ValueError(f"unknown structure(s) {sorted(unknown)} in argument {arg!r}; choose from everything, {', '.join(sorted(every))}")
     return names
 
 
@@ -216,6 +216,7 @@ class CtTissueRunner(ExpertRunner):
     runner: ClassVar[str] = "ct_tissue"
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay"})
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -225,8 +226,14 @@ class CtTissueRunner(ExpertRunner):
             raise CurationError(f"expert {spec.name!r}: option 'window' must be one of {sorted(CT_WINDOWS)}, got {self.window!r}")
         self.thresholds = TissueThresholds.from_options(options, f"expert {spec.name!r}")
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        wanted = selected(args)
+    def vocabulary(self, arg: str) -> list[str] | None:
+        try:
+            return sorted(selected(arg))
+        except ValueError:
+            return None
+
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
+        wanted = selected(arg)
         with phase(timing, "load"):
             array = np.asarray(inp.volume.array)
         with phase(timing, "preprocess"):
@@ -241,9 +248,9 @@ class CtTissueRunner(ExpertRunner):
                 labels = np.where(np.isin(labels, keep), labels, 0).astype(np.uint8)
         with phase(timing, "postprocess"):
             findings = segmentation_findings(
-                expert=self.name, runner=self.runner, args=args, modality=inp.item.modality, image=hu,
+                expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality, image=hu,
                 label_map=labels, affine=affine, names=TISSUE_NAMES, window=self.window,
-                image_max_side=self.image_max_side,
+                image_max_side=self.image_max_side, min_size_ml=self.min_size_ml,
             )
             if BODY_NAME in wanted and body.any():
                 body_lps, affine_lps = reorient(body.astype(np.uint8) * BODY, affine, "LPS")

@@ -63,11 +63,9 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from curation.errors import CurationError
 from curation.imaging import encode_png
@@ -75,6 +73,9 @@ from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
 from curation.findings import ClassResult, Findings, Image
 from expert_runners.picture2d import grayscale, picture_2d
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported where it is used
+    import torch
 
 CXR_LABELS: tuple[str, ...] = (
     "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
@@ -150,6 +151,9 @@ def model_input(unit: np.ndarray, *, size: int, normalise: str = "unit", crop: s
     """A (1, 1, size, size) float32 tensor from a [0, 1] (x, y) image: rows × columns as the
     picture is seen, optionally centre-cropped to a square, resized, optionally mapped to
     TorchXRayVision's [−1024, 1024]."""
+    import torch
+    import torch.nn.functional as F
+
     img = torch.from_numpy(np.ascontiguousarray(unit.T, dtype=np.float32))
     if crop == "center":
         rows, cols = img.shape
@@ -272,6 +276,8 @@ def parse_members(spec: ExpertSpec, defaults: dict[str, str]) -> list[Member]:
 # ----------------------------------------------------------------------------- loading
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -282,6 +288,8 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_member(member: Member, device: str, expert: str) -> Loaded:
     """Load one member onto `device`; a file that does not load is a CurationError naming it."""
+    import torch
+
     try:
         if member.kind == "torchscript":
             with warnings.catch_warnings():  # torch ≥ 2.10 deprecates TorchScript; its files still load
@@ -338,6 +346,7 @@ class CxrEnsembleRunner(ExpertRunner):
     runner: ClassVar[str] = "cxr_ensemble"
     modalities: ClassVar[tuple[str, ...]] = ("CR", "DX")
     kinds: ClassVar[tuple[str, ...]] = ("image2d",)
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"classes", "key_slice"})
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -360,7 +369,9 @@ class CxrEnsembleRunner(ExpertRunner):
         self.device = device
         self.loaded = [load_member(m, device, self.name) for m in self.members]
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
+        import torch
+
         with phase(timing, "load"):
             if not self.loaded:
                 self.setup(self.device)
@@ -390,6 +401,6 @@ class CxrEnsembleRunner(ExpertRunner):
             classes = ensemble(votes, self.threshold)
             png = encode_png(picture_2d(gray), self.image_max_side)
         return Findings(
-            expert=self.name, runner=self.runner, args=args, modality=inp.item.modality, classes=classes,
+            expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality, classes=classes,
             images=[Image(kind="key_slice", png=png, caption="the chest X-ray")],
         )

@@ -45,7 +45,7 @@ from curation.imaging import COLOURS, CT_WINDOWS, encode_png, reorient
 from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
-from curation.findings import ClassResult, Findings, Image
+from curation.findings import ClassResult, Findings, Image, Truth
 from expert_runners.picture2d import grayscale, picture_2d
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
 
@@ -158,6 +158,17 @@ def labels_on_grid(labels: Volume, shape: tuple[int, ...], affine: np.ndarray) -
         "resample the labels onto the image grid"
     )
 
+def truth_map(inp: ExpertInput, shape: tuple[int, ...] | None = None, *, keep: list[int] | None = None) -> np.ndarray | None:
+    """The item's ground-truth label map on the image's grid (int32; only the ids in `keep`
+    when given), or None when the item has none. Segmentation experts measure it beside their
+    own output, as the reference their findings are compared with."""
+    if inp.labels is None:
+        return None
+    shape = tuple(shape or np.asarray(inp.volume.array).shape[:3])
+    labels = integer_labels(labels_on_grid(inp.labels, shape, np.asarray(inp.volume.affine, dtype=np.float64)))
+    return labels if keep is None else np.where(np.isin(labels, keep), labels, 0)
+
+
 # Usual file-name spellings of the BRATS sequences → the captions templates ask for.
 SEQUENCE_CAPTIONS = {"t1c": "T1c", "t1ce": "T1c", "t1gd": "T1c", "t1": "T1", "t1n": "T1", "t2": "T2", "t2w": "T2", "flair": "FLAIR", "t2f": "FLAIR"}
 
@@ -167,6 +178,9 @@ class LabelsRunner(ExpertRunner):
 
     runner: ClassVar[str] = "labels"
     modalities: ClassVar[tuple[str, ...]] = ()
+    # sequence: on multi-sequence groups; classes: on 2D items with a labels table
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "classes", "sequence"})
+    GROUND_TRUTH: ClassVar[bool] = True
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -193,12 +207,26 @@ class LabelsRunner(ExpertRunner):
         if self.window_option not in ("default", None) and self.window_option not in CT_WINDOWS:
             raise CurationError(f"{where}: option 'window' must be one of {sorted(CT_WINDOWS)} or null, got {self.window_option!r}")
 
+    def vocabulary(self, arg: str) -> list[str] | None:
+        """The names the argument covers when the options name the labels (a preset or
+        `names`); None when the label map's ids are unnamed."""
+        if not self.names:
+            return None
+        key = " ".join(arg.strip().lower().split())
+        if key in ("", "everything"):
+            return sorted(set(self.names.values()))
+        if key in self.groups:
+            return sorted({self.names[i] for i in self.groups[key] if i in self.names})
+        by_name = {n.lower(): n for n in self.names.values()}
+        parts = [p.strip() for p in key.split(",") if p.strip()]
+        return sorted({self.names[int(p)] if p.isdigit() and int(p) in self.names else by_name.get(p, p) for p in parts})
+
     def window(self, modality: str) -> str | None:
         if self.window_option == "default":
             return "soft_tissue" if modality == "CT" else None
         return self.window_option  # type: ignore[no-any-return]
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         item = inp.item
         table = item.attrs.get("labels") if item.kind == "image2d" else None
         if inp.labels is None and not table:
@@ -212,26 +240,27 @@ class LabelsRunner(ExpertRunner):
             image = np.asarray(inp.volume.array)
             label_array = None if inp.labels is None else np.asarray(inp.labels.array)
         if item.kind == "image2d" or inp.labels is None:
-            return self._image_2d(inp, image, label_array, table or {}, args, timing)
+            return self._image_2d(inp, image, label_array, table or {}, arg, timing)
         with phase(timing, "preprocess"):
             group = image if image.ndim == 4 else None
             image = self._display_channel(image, inp.volume.channels)
             affine = np.asarray(inp.volume.affine, dtype=np.float64)
             labels = integer_labels(labels_on_grid(inp.labels, image.shape, affine))
             present = [int(v) for v in np.unique(labels) if v != 0]
-            keep = select_labels(args, present, self.names, self.groups)
+            keep = select_labels(arg, present, self.names, self.groups)
             if len(keep) < len(present):
                 labels = np.where(np.isin(labels, keep), labels, 0)
         with phase(timing, "postprocess"):
             findings = segmentation_findings(
-                expert=self.name, runner=self.runner, args=args, modality=item.modality, image=image,
+                expert=self.name, runner=self.runner, arg=arg, modality=item.modality, image=image,
                 label_map=labels, affine=affine, names=self.names, window=self.window(item.modality),
-                colours=self._colours(keep), image_max_side=self.image_max_side,
+                colours=self._colours(keep), image_max_side=self.image_max_side, min_size_ml=self.min_size_ml,
             )
             if group is not None:  # a multi-sequence case shows every sequence, as BRATS does
                 captions = [SEQUENCE_CAPTIONS.get(c.lower(), c) for c in inp.volume.channels or item.channels]
-                findings.images += sequence_pictures(group, affine, findings.images[0].slice or 0, self.image_max_side, captions)
-            return findings
+                findings.images += sequence_pictures(group, affine, findings.images[0].slice or 0, self.image_max_side, captions,
+                                                     like=findings.images[0])
+            return as_truth(findings)
 
     def _colours(self, labels: list[int]) -> dict[int, str] | None:
         """Fixed colours where the options (or the BRATS preset) give them; None lets the
@@ -257,11 +286,11 @@ class LabelsRunner(ExpertRunner):
         return image[..., choice]
 
     def _image_2d(self, inp: ExpertInput, image: np.ndarray, label_array: np.ndarray | None,
-                  table: dict[str, Any], args: str, timing: dict[str, float]) -> Findings:
+                  table: dict[str, Any], arg: str, timing: dict[str, float]) -> Findings:
         item = inp.item
         with phase(timing, "preprocess"):
             gray = grayscale(image)
-            wanted = {a.strip().lower() for a in args.split(",") if a.strip()} - {"everything"}
+            wanted = {a.strip().lower() for a in arg.split(",") if a.strip()} - {"everything"}
         with phase(timing, "postprocess"):
             if label_array is not None:
                 # A 2D mask: one axial "slice" on an LPS-pointing affine, so pictures keep the
@@ -273,17 +302,17 @@ class LabelsRunner(ExpertRunner):
                 labels = integer_labels(label_array.reshape(gray.shape + (1,)))
                 present = [int(v) for v in np.unique(labels) if v != 0]
                 # With a labels table the argument picks classes; without, structures.
-                keep = present if table else select_labels(args, present, self.names, self.groups)
+                keep = present if table else select_labels(arg, present, self.names, self.groups)
                 labels = np.where(np.isin(labels, keep), labels, 0)
                 findings = segmentation_findings(
-                    expert=self.name, runner=self.runner, args=args, modality=item.modality, image=gray[..., None],
+                    expert=self.name, runner=self.runner, arg=arg, modality=item.modality, image=gray[..., None],
                     label_map=labels, affine=flat, names=self.names, window=self.window(item.modality),
-                    colours=self._colours(keep), image_max_side=self.image_max_side,
+                    colours=self._colours(keep), image_max_side=self.image_max_side,  # a 2D mask has no volume: no min size
                 )
             else:
                 picture = picture_2d(gray)
                 findings = Findings(
-                    expert=self.name, runner=self.runner, args=args, modality=item.modality,
+                    expert=self.name, runner=self.runner, arg=arg, modality=item.modality,
                     images=[Image(kind="key_slice", png=encode_png(picture, self.image_max_side), caption="the image")],
                 )
             for name, value in table.items():
@@ -291,4 +320,14 @@ class LabelsRunner(ExpertRunner):
                     continue
                 present_flag = bool(int(value))
                 findings.classes.append(ClassResult(name=name, probability=1.0 if present_flag else 0.0, present=present_flag, threshold=0.5))
-        return findings
+        return as_truth(findings)
+
+
+def as_truth(findings: Findings) -> Findings:
+    """Ground truth is its own reference: `truth` repeats the structures and classes, and each
+    picture's `truth` its `labels`, so templates and the grounding check read every expert's
+    findings alike."""
+    findings.truth = Truth(structures=list(findings.structures), classes=list(findings.classes))
+    for img in findings.images:
+        img.truth = list(img.labels)
+    return findings

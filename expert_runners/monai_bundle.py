@@ -42,21 +42,23 @@ experts:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from curation.errors import CurationError, ItemError
+from curation.findings import Findings
 from curation.imaging import CT_WINDOWS
 from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import read_bundle
-from curation.findings import Findings
 from expert_runners.segmentation import segmentation_findings
-from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import BundleRunner, InferenceOptions, invert, parse_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 class MonaiBundleOptions(InferenceOptions):
     activation: Literal["softmax", "sigmoid"] | None = None
@@ -95,7 +97,7 @@ class MonaiBundleRunner(BundleRunner):
             raise CurationError(f"expert {spec.name!r}: options.window {opts.window!r} is not one of {sorted(CT_WINDOWS)} or null")
         self.net: torch.nn.Module | None = None
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
         volume, item, bundle = inp.volume, inp.item, self.bundle
         array = volume.array
         channels = 1 if array.ndim == 3 else array.shape[-1] if array.ndim == 4 else None
@@ -109,7 +111,7 @@ class MonaiBundleRunner(BundleRunner):
             return segmentation_findings(
                 expert=self.name,
                 runner=self.runner,
-                args=args.strip(),
+                arg=arg.strip(),
                 modality=item.modality,
                 image=array if array.ndim == 3 else array[..., 0],
                 label_map=label_map,
@@ -117,40 +119,28 @@ class MonaiBundleRunner(BundleRunner):
                 names=self.names,
                 window=self.window,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
             )
+
+    def vocabulary(self, arg: str) -> list[str] | None:
+        return sorted(self.names.values())
 
     def segment(self, volume: Volume, timing: dict[str, float] | None = None) -> np.ndarray:
         """The label map (int16) on the volume's own grid."""
-        timing = {} if timing is None else timing
-        opts, bundle, array = self.options, self.bundle, volume.array
-        if self.net is None:
-            with phase(timing, "load"):
-                self.setup(self.device)
-        assert self.net is not None
-        with phase(timing, "preprocess"):
-            pre = build_preprocessing(bundle.preprocessing)
-            data = pre({KEY: to_meta_tensor(array, volume.affine)})
-            image = data[KEY]
-        with phase(timing, "inference"):
-            logits = sliding_window(
-                self.net,
-                image,
-                roi=window_size(tuple(image.shape[1:]), opts.patch_size or bundle.patch_size),
-                sw_batch_size=opts.sw_batch_size or bundle.sw_batch_size,
-                overlap=bundle.overlap if opts.overlap is None else opts.overlap,
-                device=self.device,
-                amp=bundle.amp if opts.amp is None else opts.amp,
-            )[0]
-        with phase(timing, "postprocess"):
-            if self.activation == "sigmoid":
-                on = (torch.sigmoid(logits) > opts.threshold).numpy()
-                labels = np.zeros(on.shape[1:], np.int16)
-                for k in range(on.shape[0]):
-                    labels[on[k]] = k + 1
-            else:
-                labels = logits.argmax(0).numpy().astype(np.int16)
-            back = invert(pre, data, torch.from_numpy(labels[None]).float(), nearest=True)
-            label_map = np.rint(back[0].numpy()).astype(np.int16)
-        if label_map.shape != array.shape[:3]:
-            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {array.shape[:3]}")
-        return label_map
+        return self.segment_array(volume.array, volume.affine, timing)
+
+    def postprocess(self, logits: torch.Tensor, pre: Any, data: dict[str, Any], **_: Any) -> np.ndarray:
+        """Sigmoid (channel k → label k + 1, a later channel winning) or argmax, then back to
+        the item's grid (nearest neighbour)."""
+        import torch
+
+        logits = logits[0]
+        if self.activation == "sigmoid":
+            on = (torch.sigmoid(logits) > self.options.threshold).numpy()
+            labels = np.zeros(on.shape[1:], np.int16)
+            for k in range(on.shape[0]):
+                labels[on[k]] = k + 1
+        else:
+            labels = logits.argmax(0).numpy().astype(np.int16)
+        back = invert(pre, data, torch.from_numpy(labels[None]).float(), nearest=True)
+        return np.rint(back[0].numpy()).astype(np.int16)

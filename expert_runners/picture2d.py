@@ -7,7 +7,13 @@ percentiles, so a 12-bit radiograph with a few saturated pixels still uses the f
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
+
+from curation.findings import Findings, Image
+from curation.imaging import axial, ct_window, encode_png, percentile_normalise
+from expert_runners.base import ExpertInput, ExpertRunner, phase
 
 
 def grayscale(array: np.ndarray) -> np.ndarray:
@@ -37,3 +43,31 @@ def picture_2d(array: np.ndarray) -> np.ndarray:
             hi = lo + 1.0
         a = np.clip(np.rint((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a.T)
+
+
+class PictureRunner(ExpertRunner):
+    """`picture`: the item's own picture and nothing else (no weights, no call). A template
+    that shows an item without asking any expert (a VQA record's image) names it as its expert,
+    so that pictures reach the renderer already made, as every other expert's do.
+
+    2D items are shown as stored (`picture_2d`); volumes as their middle axial slice (CT in the
+    soft-tissue window, anything else percentile-normalised; a sequence group's first one).
+    """
+
+    runner: ClassVar[str] = "picture"
+    modalities: ClassVar[tuple[str, ...]] = ()
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"key_slice"})
+
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
+        with phase(timing, "postprocess"):
+            array = np.asarray(inp.volume.array)
+            if inp.item.kind == "image2d":
+                picture, z, caption = picture_2d(array), None, "the image"
+            else:
+                volume = array if array.ndim == 3 else array[..., 0]
+                z = volume.shape[2] // 2  # the middle slice (axial: LPS keeps the slice axis)
+                gray = ct_window(volume) if inp.item.modality == "CT" else percentile_normalise(volume)
+                picture, caption = axial(gray, np.asarray(inp.volume.affine), z), f"axial slice {z}"
+            png = encode_png(picture, self.image_max_side)
+        return Findings(expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality,
+                        images=[Image(kind="key_slice", png=png, slice=z, caption=caption)])

@@ -45,21 +45,23 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from curation.errors import CurationError
+from curation.findings import Findings
 from curation.imaging import CT_WINDOWS
 from curation.items import Volume
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import read_bundle
-from curation.findings import Findings
-from expert_runners.labels import DEFAULT_EVERYTHING
+from expert_runners.labels import DEFAULT_EVERYTHING, truth_map
 from expert_runners.segmentation import segmentation_findings
-from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, build_preprocessing, invert, parse_options, sliding_window, to_meta_tensor, window_size
+from expert_runners.volumetric import KEY, BundleRunner, InferenceOptions, invert, parse_options, sliding_window, window_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 # The published bundle's values, used when a bundle's config lacks them (`everything`: in
 # expert_runners.labels, which templates' vocabulary reads without importing torch).
@@ -94,6 +96,7 @@ class Vista3DRunner(BundleRunner):
     runner: ClassVar[str] = "vista3d"
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
+    DOWNSAMPLE: ClassVar[int] = DOWNSAMPLE
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -133,27 +136,40 @@ class Vista3DRunner(BundleRunner):
         """The arguments the VLM may write in `<VISTA3D(arg)>`."""
         return ["everything", *self.groups]
 
-    def prompt(self, args: str) -> tuple[str, list[int]]:
+    def prompt(self, arg: str) -> tuple[str, list[int]]:
         """(normalised argument, class prompt before subclass expansion); ValueError if unknown.
 
         "" means everything, as in VILA-M3.
         """
-        arg = " ".join(args.strip().lower().split()) or "everything"
+        arg = " ".join(arg.strip().lower().split()) or "everything"
         if arg == "everything":
             return arg, list(self.everything)
         if arg not in self.groups:
-            raise ValueError(f"unknown {self.name} argument {args!r}; use one of: {', '.join(self.arguments())}")
+            raise ValueError(f"unknown {self.name} argument {arg!r}; use one of: {', '.join(self.arguments())}")
         return arg, list(self.groups[arg])
 
-    def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        arg, prompt = self.prompt(args)
+    def vocabulary(self, arg: str) -> list[str] | None:
+        """The names of the argument's classes (subclass keys expanded, as the network reports
+        them), among those the bundle names."""
+        try:
+            _, prompt = self.prompt(arg)
+        except ValueError:
+            return None
+        return sorted({self.names[i] for i in self.label_ids(prompt) if i in self.names})
+
+    def label_ids(self, prompt: list[int]) -> set[int]:
+        """The label ids a class prompt can give: the prompt and its subclass expansions."""
+        return {*prompt, *(i for p in prompt for i in self.subclass.get(str(p), []))}
+
+    def predict(self, inp: ExpertInput, arg: str, timing: dict[str, float]) -> Findings:
+        arg, prompt = self.prompt(arg)
         volume = inp.volume
         label_map = self.segment(volume, prompt, timing)
         with phase(timing, "postprocess"):
             return segmentation_findings(
                 expert=self.name,
                 runner=self.runner,
-                args=arg,
+                arg=arg,
                 modality=inp.item.modality,
                 image=volume.array,
                 label_map=label_map,
@@ -161,21 +177,18 @@ class Vista3DRunner(BundleRunner):
                 names=self.names,
                 window=self.options.window,
                 image_max_side=self.image_max_side,
+                min_size_ml=self.min_size_ml,
+                truth_map=truth_map(inp, keep=sorted(self.label_ids(prompt))),
             )
 
     def segment(self, volume: Volume, prompt: list[int], timing: dict[str, float] | None = None) -> np.ndarray:
         """VISTA3D label ids (int16) on the volume's own grid for a class prompt (before
         subclass expansion, as `prompt()` gives it)."""
-        from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd
+        from monai.apps.vista3d.transforms import VistaPreTransformd
 
         timing = {} if timing is None else timing
         if volume.array.ndim != 3:
             raise ValueError(f"{self.name} takes one 3D volume, got an array of shape {volume.array.shape}")
-        if self.net is None:
-            with phase(timing, "load"):
-                self.setup(self.device)
-        assert self.net is not None
-        opts, bundle = self.options, self.bundle
         vista_pre = VistaPreTransformd(keys=KEY, subclass=self.subclass, labels_dict={str(k): v for k, v in self.names.items()})
         # subclasses expanded, repeats dropped
         classes = list(dict.fromkeys(int(c) for c in vista_pre({"label_prompt": list(prompt)})["label_prompt"]))
@@ -183,47 +196,50 @@ class Vista3DRunner(BundleRunner):
             # a plain network's output does not depend on the prompt: the build asks for several
             # groups of one item in a row (everything, organs, hepatic tumor), so run it once
             _, pre, data, argmax = self._last_argmax
-            return self._plain_labels(volume, pre, data, argmax, prompt, classes, timing)
-        with phase(timing, "preprocess"):
-            pre = build_preprocessing(bundle.preprocessing, special={"VistaPreTransformd": vista_pre})
-            data = pre({KEY: to_meta_tensor(volume.array, volume.affine), "label_prompt": list(prompt)})
-            image = data[KEY]
-        window = {
-            "sw_batch_size": opts.sw_batch_size or bundle.sw_batch_size,
-            "overlap": bundle.overlap if opts.overlap is None else opts.overlap,
-            "device": self.device,
-            "amp": bundle.amp if opts.amp is None else opts.amp,
-        }
-        patch = opts.patch_size or bundle.patch_size
-        with phase(timing, "inference"):
-            if self.prompted:
-                # [B, 1]: the same logits as [B] without InstanceNorm1d's "size at dim=0" warning
-                class_vector = torch.tensor(classes, dtype=torch.long, device=self.device)[:, None]
-                roi = window_size(tuple(image.shape[1:]), patch, multiple=DOWNSAMPLE, minimum=2 * DOWNSAMPLE)
-                logits = sliding_window(self.net, image, roi=roi, with_coord=True, transpose=True, class_vector=class_vector, **window)
-            else:
-                logits = sliding_window(self.net, image, roi=window_size(tuple(image.shape[1:]), patch), **window)
+            with phase(timing, "postprocess"):
+                return self._plain_labels(pre, data, argmax, prompt, classes)
+        return self.segment_array(volume.array, volume.affine, timing, volume=volume, vista_pre=vista_pre, prompt=prompt, classes=classes)
+
+    def preprocess_inputs(self, *, vista_pre: Any, prompt: list[int], **_: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"VistaPreTransformd": vista_pre}, {"label_prompt": list(prompt)}
+
+    def infer(self, image: torch.Tensor, *, classes: list[int], **_: Any) -> torch.Tensor:
+        assert self.net is not None
+        patch = self.options.patch_size or self.bundle.patch_size
+        if not self.prompted:  # an ordinary network over the whole label set
+            return sliding_window(self.net, image, roi=window_size(tuple(image.shape[1:]), patch), **self.sliding_settings())
+        import torch
+
+        # [B, 1]: the same logits as [B] without InstanceNorm1d's "size at dim=0" warning
+        class_vector = torch.tensor(classes, dtype=torch.long, device=self.device)[:, None]
+        return sliding_window(self.net, image, roi=self.roi(tuple(image.shape[1:])), with_coord=True, transpose=True,
+                              class_vector=class_vector, **self.sliding_settings())
+
+    def postprocess(self, logits: torch.Tensor, pre: Any, data: dict[str, Any], *, volume: Volume, prompt: list[int],
+                    classes: list[int], **_: Any) -> np.ndarray:
+        import torch
+
         if not self.prompted:  # channel k is label k
             argmax = logits[0].argmax(0, keepdim=True)
             self._last_argmax = (volume, pre, data, argmax)
-            return self._plain_labels(volume, pre, data, argmax, prompt, classes, timing)
-        with phase(timing, "postprocess"):
-            with torch.no_grad():
-                pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
-            return self._on_item_grid(volume, pre, data, pred)
+            return self._plain_labels(pre, data, argmax, prompt, classes)
+        from monai.apps.vista3d.transforms import VistaPostTransformd
 
-    def _plain_labels(self, volume: Volume, pre: Any, data: dict[str, Any], argmax: torch.Tensor, prompt: list[int],
-                      classes: list[int], timing: dict[str, float]) -> np.ndarray:
+        with torch.no_grad():
+            pred = VistaPostTransformd(keys="pred")({"pred": logits[0], "label_prompt": torch.tensor(classes)})["pred"]
+        return self._on_item_grid(pre, data, pred)
+
+    def _plain_labels(self, pre: Any, data: dict[str, Any], argmax: torch.Tensor, prompt: list[int], classes: list[int]) -> np.ndarray:
         """A plain network's argmax with only the labels asked for kept, on the item's grid."""
-        with phase(timing, "postprocess"):
-            pred = argmax.clone()
-            pred[~torch.isin(pred, torch.tensor(sorted(set(prompt) | set(classes))))] = 0
-            return self._on_item_grid(volume, pre, data, pred.float())
+        import torch
+
+        pred = argmax.clone()
+        pred[~torch.isin(pred, torch.tensor(sorted(set(prompt) | set(classes))))] = 0
+        return self._on_item_grid(pre, data, pred.float())
 
     @staticmethod
-    def _on_item_grid(volume: Volume, pre: Any, data: dict[str, Any], pred: torch.Tensor) -> np.ndarray:
+    def _on_item_grid(pre: Any, data: dict[str, Any], pred: torch.Tensor) -> np.ndarray:
+        import torch
+
         pred = invert(pre, data, pred, nearest=True)
-        label_map = np.rint(torch.nan_to_num(pred[0], nan=0.0).numpy()).astype(np.int16)
-        if label_map.shape != volume.array.shape:
-            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {volume.array.shape}")
-        return label_map
+        return np.rint(torch.nan_to_num(pred[0], nan=0.0).numpy()).astype(np.int16)

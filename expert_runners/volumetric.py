@@ -11,18 +11,21 @@ neighbour, so the result has exactly the item's shape and affine.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from curation.errors import CurationError, validation_message
 from curation.manifest import ExpertSpec
-from expert_runners.base import ExpertRunner
+from expert_runners.base import ExpertRunner, phase
 from expert_runners.bundle import Bundle, TransformStep, warn_ignored
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported where it is used (runners import without it)
+    import torch
 
 KEY = "image"
 
@@ -65,6 +68,7 @@ def parse_options(spec: ExpertSpec, model: type[InferenceOptions]) -> Any:
 
 def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> Any:
     """(x, y, z) or (x, y, z, c) numpy → channel-first float32 MetaTensor with the RAS affine."""
+    import torch
     from monai.data import MetaTensor
 
     data = np.asarray(array, dtype=np.float32)
@@ -97,6 +101,7 @@ def build_preprocessing(steps: list[TransformStep], special: dict[str, Callable[
 def invert(pre: Any, data: dict[str, Any], pred: torch.Tensor, *, nearest: bool) -> torch.Tensor:
     """`pred` (channel-first, on the preprocessed grid) back on the input's grid through the
     record of `pre` kept on `data["image"]`."""
+    import torch
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
@@ -127,6 +132,8 @@ def window_size(shape: tuple[int, ...], patch: list[int] | None, *, multiple: in
 
 def autocast(device: str, amp: bool) -> ContextManager[Any]:
     """Mixed precision on CUDA when asked; nothing on CPU."""
+    import torch
+
     if amp and device.startswith("cuda"):
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return nullcontext()
@@ -146,6 +153,7 @@ def sliding_window(
     """`monai.inferers.sliding_window_inference` on a channel-first image; float32 logits
     `[1, C, x, y, z]` on the CPU. Runs under `torch.no_grad()` (not inference mode: MONAI's
     VISTA3D post-transform edits tensors in place)."""
+    import torch
     from monai.inferers import sliding_window_inference
 
     with torch.no_grad(), autocast(device, amp):
@@ -155,11 +163,34 @@ def sliding_window(
     return out.float().cpu()
 
 
-class BundleRunner(ExpertRunner):
-    """A runner over a local MONAI bundle: its files are the fingerprint, and its network is
-    built once per worker in `setup`. Subclasses set `self.bundle` in `__init__`."""
+def preprocess(steps: list[TransformStep], array: np.ndarray, affine: np.ndarray, *,
+               special: dict[str, Callable[..., Any]] | None = None, extra: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the bundle's preprocessing as a `Compose`, its output) for one item: the input as a
+    MetaTensor under key `image`, plus any `extra` keys the transforms read (VISTA3D's
+    `label_prompt`). The output's `image` records what was done, for `invert`."""
+    pre = build_preprocessing(steps, special)
+    return pre, pre({KEY: to_meta_tensor(array, affine), **(extra or {})})
 
+
+class BundleRunner(ExpertRunner):
+    """A runner over a local MONAI bundle: its files are the fingerprint, its network is built
+    once per worker in `setup`, and every item goes through one skeleton, `segment_array`:
+
+        load (once) → preprocess (the bundle's transforms) → infer (sliding window)
+                    → postprocess (the runner's own: activation, labels, back to the item's grid)
+
+    each step timed under its name. A subclass validates its options in `__init__` (setting
+    `self.bundle` and `self.options`), and fills the hooks: `postprocess` (required),
+    `infer` (default: `sliding_window` with the bundle's window) and `preprocess_inputs`
+    (default: none). `DOWNSAMPLE` is how often the network halves the grid: windows are rounded
+    up to a multiple of it, and are at least twice it (the bottom of the network needs more
+    than one voxel).
+    """
+
+    PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay"})
+    DOWNSAMPLE: ClassVar[int] = 1
     bundle: Bundle
+    options: InferenceOptions
     net: torch.nn.Module | None = None
 
     def weight_files(self) -> list[Path]:
@@ -169,3 +200,50 @@ class BundleRunner(ExpertRunner):
         self.device = device
         self.net = self.bundle.build_network(device)
         warn_ignored(self.bundle, self.name)
+
+    def sliding_settings(self) -> dict[str, Any]:
+        """Sliding-window settings: the manifest's options over the bundle's values."""
+        opts, bundle = self.options, self.bundle
+        return {
+            "sw_batch_size": opts.sw_batch_size or bundle.sw_batch_size,
+            "overlap": bundle.overlap if opts.overlap is None else opts.overlap,
+            "device": self.device,
+            "amp": bundle.amp if opts.amp is None else opts.amp,
+        }
+
+    def roi(self, shape: tuple[int, ...]) -> list[int]:
+        """The window for a preprocessed image of spatial `shape`."""
+        minimum = 2 * self.DOWNSAMPLE if self.DOWNSAMPLE > 1 else 1
+        return window_size(shape, self.options.patch_size or self.bundle.patch_size, multiple=self.DOWNSAMPLE, minimum=minimum)
+
+    def segment_array(self, array: np.ndarray, affine: np.ndarray, timing: dict[str, float] | None = None,
+                      **context: Any) -> np.ndarray:
+        """The label map on the grid of `array` ((x, y, z) or (x, y, z, c)), through the skeleton
+        above; `context` is passed to the hooks (VISTA3D: the class prompt)."""
+        timing = {} if timing is None else timing
+        if self.net is None:
+            with phase(timing, "load"):
+                self.setup(self.device)
+        with phase(timing, "preprocess"):
+            special, extra = self.preprocess_inputs(**context)
+            pre, data = preprocess(self.bundle.preprocessing, array, affine, special=special, extra=extra)
+        with phase(timing, "inference"):
+            logits = self.infer(data[KEY], **context)
+        with phase(timing, "postprocess"):
+            label_map = self.postprocess(logits, pre, data, **context)
+        if label_map.shape != array.shape[:3]:
+            raise RuntimeError(f"label map {label_map.shape} did not come back to the item's grid {array.shape[:3]}")
+        return label_map
+
+    def preprocess_inputs(self, **context: Any) -> tuple[dict[str, Callable[..., Any]] | None, dict[str, Any] | None]:
+        """(transforms for the bundle's marker steps, extra input keys) for one item."""
+        return None, None
+
+    def infer(self, image: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Logits `[1, C, x, y, z]` of the preprocessed image (channel-first)."""
+        assert self.net is not None
+        return sliding_window(self.net, image, roi=self.roi(tuple(image.shape[1:])), **self.sliding_settings())
+
+    @abstractmethod
+    def postprocess(self, logits: torch.Tensor, pre: Any, data: dict[str, Any], **context: Any) -> np.ndarray:
+        """The label map on the item's grid from the logits (`invert` through `pre`/`data`)."""

@@ -19,3 +19,12 @@ def write_manifest(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def render_demo(tmp_path_factory: pytest.TempPathFactory):
+    """The render tests' demo (`render_factory.build_demo`): an archive, a manifest with one task
+    per template and findings for every item, built once per session."""
+    from render_factory import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("render-demo"))

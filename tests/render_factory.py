@@ -26,6 +26,7 @@ from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec
 from expert_runners.base import ExpertInput, make_runner
 from expert_runners.brats import brats_findings
+from curation.expert_info import ExpertInfo
 from curation.findings import Findings
 
 CASES = 2
@@ -33,7 +34,7 @@ TUMOUR_GROUPS = ["hepatic tumor", "hepatoma"]
 
 TASKS: list[dict[str, Any]] = [
     {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "hepatic tumor"]},
-    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["everything"]},
+    {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["lung, fat"]},  # not "everything": VISTA3D's question
     {"template": "vista3d/segment_request.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs", "skeleton", "lung tumor"]},
     {"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": TUMOUR_GROUPS},
     {"template": "brats/four_sequences.j2", "source": "brain", "expert": "BRATS"},
@@ -49,7 +50,7 @@ TASKS: list[dict[str, Any]] = [
     {"template": "findings/presence.j2", "source": "brain", "expert": "BRATS"},
     {"template": "qa/expert_trigger.j2", "source": "vqa", "expert": "CXR"},
     {"template": "qa/expert_hint.j2", "source": "vqa", "expert": "CXR"},
-    {"template": "qa/plain.j2", "source": "vqa"},
+    {"template": "qa/plain.j2", "source": "vqa", "expert": "PICTURE"},
 ]
 
 
@@ -94,6 +95,7 @@ def make_spec(archive: Path, out: Path, *, tasks: list[dict[str, Any]] | None = 
             {"name": "CT_TISSUE", "runner": "ct_tissue"},
             {"name": "BRATS", "runner": "brats", "bundle": str(out / "no-bundle")},
             {"name": "CXR", "runner": "labels"},
+            {"name": "PICTURE", "runner": "picture"},
         ],
         "tasks": TASKS if tasks is None else tasks,
         "output": {"dir": str(out)},
@@ -105,6 +107,7 @@ class Demo:
     spec: BuildSpec
     items: list[StudyItem]
     findings: dict[tuple[str, str, str], Findings]  # (item id, expert, args) → findings
+    experts: dict[str, ExpertInfo]  # what the build would hand the renderer
 
     def items_of(self, source: str) -> list[StudyItem]:
         return [i for i in self.items if i.source == source]
@@ -136,8 +139,9 @@ def build_demo(root: Path) -> Demo:
         volume, labels = reader.load(item), reader.load_labels(item)
         for expert, args in sorted(wanted.get(item.source, ())):
             if expert == "BRATS":
-                f = brats_findings(expert="BRATS", args=args, modality=item.modality, array=np.asarray(volume.array),
-                                   affine=np.asarray(volume.affine), label_map=np.asarray(labels.array).astype(np.int32))
+                f = brats_findings(expert="BRATS", arg=args, modality=item.modality, array=np.asarray(volume.array),
+                                   affine=np.asarray(volume.affine), label_map=np.asarray(labels.array).astype(np.int32),
+                                   truth_map=np.asarray(labels.array).astype(np.int32))  # a perfect expert: the truth itself
             else:
                 f = runners[expert].run(ExpertInput(item=item, volume=volume, labels=labels), args)
             findings[(item.item_id, expert, args)] = f
@@ -145,5 +149,10 @@ def build_demo(root: Path) -> Demo:
         if item.source == "vqa":  # the same picture as the cxr item of the same file
             twin = by_uri[item.uris[0]]
             for expert, args in wanted.get("vqa", ()):
+                if (twin.item_id, expert, args) not in findings:
+                    reader = readers[twin.source]
+                    inp = ExpertInput(item=twin, volume=reader.load(twin), labels=None)
+                    findings[(twin.item_id, expert, args)] = runners[expert].run(inp, args)
                 findings[(item.item_id, expert, args)] = findings[(twin.item_id, expert, args)]
-    return Demo(spec=spec, items=items, findings=findings)
+    infos = {name: runner.describe([a for t in spec.tasks if t.expert == name for a in t.args]) for name, runner in runners.items()}
+    return Demo(spec=spec, items=items, findings=findings, experts=infos)

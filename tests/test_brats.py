@@ -72,7 +72,7 @@ def test_colours_and_derived_regions_as_vila_m3_describes():
     label_map[20:28, 20:28, 20:28] = 2  # oedema around
     label_map[22:26, 22:26, 22:26] = 1  # necrotic core
     label_map[22:26, 22:26, 24:26] = 4  # enhancing rim
-    f = brats_findings(expert="BRATS", args="", modality="MR", array=volume.array, affine=volume.affine, label_map=label_map)
+    f = brats_findings(expert="BRATS", arg="", modality="MR", array=volume.array, affine=volume.affine, label_map=label_map)
     # "yellow and red: tumor core, only yellow: enhancing tumor, all colors: whole tumor"
     assert f.legend == {"red": "necrotic tumor core", "green": "peritumoral edema", "yellow": "enhancing tumor"}
     by_name = {s.name: s for s in f.structures}

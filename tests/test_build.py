@@ -17,7 +17,7 @@ from build_helpers import demo_manifest
 
 from curation.demo import write_demo_archive
 from curation.ingest.index import list_files
-from curation.rows import ROW_SCHEMA
+from curation.rows import ROW_SCHEMA, SCHEMA_VERSION
 
 pytestmark = pytest.mark.ray
 
@@ -183,7 +183,7 @@ def test_card_counts_add_up_and_match_shards(built):
     prov = card["provenance"]
     assert set(prov["expert_fingerprints"]) == {"CT_TISSUE", "VISTA3D", "BRATS", "CXR", "BROKEN"}
     assert "custom/volume_note.j2" in prov["template_hashes"] and prov["code_version"] and prov["manifest_hash"]
-    assert card["schema_version"] == 1 and card["manifest"]["name"] == "tiny"
+    assert card["schema_version"] == SCHEMA_VERSION and card["manifest"]["name"] == "tiny"
     assert {"index", "pipeline", "total"} <= set(card["timing"]["wall_s"]) and card["timing"]["stage_s"]["load"] > 0
 
 

@@ -65,8 +65,17 @@ def test_ct_bundle_finds_the_liver():
     findings = runner.run(ExpertInput(item, volume), "hepatic tumor")
     names = {s.name for s in findings.structures}
     assert "liver" in names and names <= {"liver", "hepatic tumor"}
-    assert len(findings.images) == 2
+    slices = {findings.images[0].slice} | {s.key_slice for s in findings.structures}
+    assert len(findings.images) == 2 * len(slices)  # the main slice and each structure's own, plain and overlaid
     assert "inference" not in findings.timing  # the same volume: the network's output is reused
+    # the phantom's own labels are the reference, limited to what the argument covers
+    reference = Volume(array=labels.astype(np.int16), affine=volume.affine)
+    everything = runner.run(ExpertInput(item, volume, reference), "everything")
+    truth = {s.name for s in everything.truth.structures}
+    assert "liver" in truth and "hepatic tumor" not in truth  # VISTA3D's "everything" leaves tumours out
+    tumour = runner.run(ExpertInput(item, volume, reference), "hepatic tumor")
+    assert {s.name for s in tumour.truth.structures} <= {"liver", "hepatic tumor"}
+    assert all(i.truth is not None for i in tumour.images)
 
 
 def test_brats_bundle_segments_a_tumour():
@@ -80,7 +89,7 @@ def test_brats_bundle_segments_a_tumour():
     assert whole is not None
     truth_ml = float((p.seg > 0).sum()) * 8 / 1000  # 2 mm voxels
     assert whole.volume_ml == pytest.approx(truth_ml, rel=0.3)
-    assert [i.caption for i in findings.images[2:]] == ["T1c", "T1", "T2", "FLAIR"]
+    assert [i.caption for i in findings.images if i.kind == "sequence"] == ["T1c", "T1", "T2", "FLAIR"]
 
 
 def test_cxr_bundle_answers_all_labels():

@@ -2,11 +2,13 @@ import json
 
 import numpy as np
 
-from curation.findings import ClassResult, Findings
-from expert_runners.measure import measure_structures
+from curation.findings import ClassResult, Findings, png_digest
+from expert_runners.brats import brats_findings
+from expert_runners.measure import drop_small_parts, measure_structures
 from expert_runners.segmentation import segmentation_findings
 
 AFFINE = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS-ordered voxels, 2×2×3 mm → 12 µL… 0.012 mL per voxel
+NAMES = {1: "liver", 26: "hepatic tumor"}
 
 
 def label_map() -> np.ndarray:
@@ -17,8 +19,14 @@ def label_map() -> np.ndarray:
     return labels
 
 
+def findings(labels: np.ndarray, **kw) -> Findings:
+    image = np.full(labels.shape, 40.0, np.float32)
+    return segmentation_findings(expert="VISTA3D", runner="test", arg="hepatic tumor", modality="CT", image=image,
+                                 label_map=labels, affine=AFFINE, names=NAMES, **kw)
+
+
 def test_measurements():
-    structures = {s.name: s for s in measure_structures(label_map(), AFFINE, {1: "liver", 26: "hepatic tumor"})}
+    structures = {s.name: s for s in measure_structures(label_map(), AFFINE, NAMES)}
     liver, tumour = structures["liver"], structures["hepatic tumor"]
     assert liver.voxels == 8 * 10 * 6 and liver.volume_ml == round(480 * 0.012, 2)
     assert liver.bbox == [2, 5, 2, 10, 15, 8]
@@ -30,14 +38,82 @@ def test_measurements():
 
 
 def test_segmentation_findings_round_trip_through_json():
-    image = np.full(label_map().shape, 40.0, np.float32)
-    f = segmentation_findings(expert="VISTA3D", runner="test", args="hepatic tumor", modality="CT", image=image,
-                              label_map=label_map(), affine=AFFINE, names={1: "liver", 26: "hepatic tumor"})
+    f = findings(label_map())
     assert f.legend == {"red": "liver", "blue": "hepatic tumor"}
-    assert [i.kind for i in f.images] == ["key_slice", "overlay"] and all(i.png.startswith(b"\x89PNG") for i in f.images)
-    text = json.dumps(f.to_dict())
-    assert "png" not in text
+    assert [i.kind for i in f.images[:2]] == ["key_slice", "overlay"] and all(i.png.startswith(b"\x89PNG") for i in f.images)
+    d = f.to_dict()
+    text = json.dumps(d)
+    assert "png_base64" not in text and all(i["digest"] == png_digest(img.png) for i, img in zip(d["images"], f.images))
     back = Findings.from_dict(json.loads(json.dumps(f.to_dict(with_png=True))))
     assert back == f
     f.classes.append(ClassResult("Effusion", 0.7, True))
     assert Findings.from_dict(f.to_dict(with_png=True)).classes[0].present
+
+
+def test_every_structure_has_its_own_slice_and_each_picture_knows_what_it_shows():
+    labels = label_map()
+    f = findings(labels)
+    slices = [i.slice for i in f.images if i.kind == "overlay"]
+    main = 3  # the first of the slices with the largest labelled area (liver and tumour)
+    assert slices == [main, *sorted({s.key_slice for s in f.structures} - {main})]
+    for img in f.images:
+        on = set(np.unique(labels[:, :, img.slice]).tolist())
+        assert img.labels == [NAMES[k] for k in sorted(on - {0})], img  # in drawing order
+        assert img.truth is None  # no reference given
+    liver_only = next(i for i in f.images if i.kind == "overlay" and i.slice == f.structure("liver").key_slice)
+    assert liver_only.slice == 2 and liver_only.labels == ["liver"]  # its own slice shows it alone
+    labels[2:10, 5:15, 7] = 0  # no liver on slice 7: a tumour alone there, with its own slice
+    labels[10:30, 20:29, 9] = 26
+    f = findings(labels)
+    alone = next(i for i in f.images if i.kind == "overlay" and i.slice == f.structure("hepatic tumor").key_slice)
+    assert alone.slice == 9 and alone.labels == ["hepatic tumor"]
+
+
+def test_specks_are_not_findings():
+    labels = label_map()
+    labels[30, 28, 11] = 26  # one voxel, 0.012 mL: a speck far from the tumours
+    kept = drop_small_parts(labels, AFFINE, 0.1)
+    assert kept[30, 28, 11] == 0 and (kept == 26).sum() == 50 and (kept == 1).sum() == 480
+    f = findings(labels, min_size_ml=0.1)
+    tumour = f.structure("hepatic tumor")
+    assert tumour.components == 2 and tumour.voxels == 50
+    assert all(i.slice != 11 for i in f.images)  # the speck's slice is no one's key slice
+    only_speck = np.zeros_like(labels)
+    only_speck[3, 3, 3] = 26
+    assert findings(only_speck, min_size_ml=0.1).structures == []
+
+
+def test_reference_is_measured_alike_and_chooses_the_main_slice():
+    predicted = label_map()
+    truth = label_map()
+    truth[22:25, 20:23, 8:10] = 0  # the second tumour is a false positive of the expert …
+    truth[10:30, 16:30, 10] = 26  # … which missed this large one on slice 10
+    f = findings(predicted, truth_map=truth)
+    assert f.truth is not None and [s.name for s in f.truth.structures] == ["liver", "hepatic tumor"]
+    assert all(s.colour is None for s in f.truth.structures)
+    assert f.images[0].slice == 10 != findings(predicted).images[0].slice  # the reference's largest area, not the expert's
+    assert f.images[1].labels == [] and f.images[1].truth == ["hepatic tumor"]  # the expert drew nothing there
+    by_slice = {i.slice: i for i in f.images if i.kind == "key_slice"}
+    for s in f.truth.structures:
+        assert s.name in by_slice[s.key_slice].truth
+    missed = by_slice[f.truth.structures[1].key_slice]
+    assert "hepatic tumor" in missed.truth
+
+
+def test_brats_derived_regions_on_pictures_and_reference():
+    labels = np.zeros((20, 20, 10), np.uint8)
+    labels[5:15, 5:15, 2:8] = 2
+    labels[8:12, 8:12, 3:7] = 1
+    labels[9:11, 9:11, 4:6] = 4
+    array = np.random.default_rng(0).random((20, 20, 10, 4)).astype(np.float32) * 100
+    f = brats_findings(expert="BRATS", arg="", modality="MR", array=array, affine=np.diag([2.0, 2.0, 2.0, 1.0]),
+                       label_map=labels, truth_map=labels)
+    names = [s.name for s in f.structures]
+    assert names == ["necrotic tumor core", "peritumoral edema", "enhancing tumor", "tumor core", "whole tumor"]
+    assert [s.name for s in f.truth.structures] == names
+    main = f.images[0]
+    assert main.slice == 2 and main.labels == main.truth == ["peritumoral edema", "whole tumor"]  # edema alone there
+    at_core = next(i for i in f.images if i.kind == "overlay" and i.slice == f.structure("enhancing tumor").key_slice)
+    assert at_core.labels == names and at_core.truth == names
+    assert [i.caption for i in f.images if i.kind == "sequence"] == ["T1c", "T1", "T2", "FLAIR"]
+    assert all(i.slice == main.slice and i.labels == main.labels for i in f.images if i.kind == "sequence")

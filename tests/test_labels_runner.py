@@ -63,7 +63,11 @@ def test_ct_ground_truth_measured_with_vista3d_names(ct):
     d = json.loads(json.dumps(findings.to_dict()))
     assert d["legend"]["red"].startswith("liver") and d["runner"] == "labels"
     assert {"load", "preprocess", "postprocess"} <= set(findings.timing)
-    assert [i.kind for i in findings.images] == ["key_slice", "overlay"]
+    assert [i.kind for i in findings.images[:2]] == ["key_slice", "overlay"]
+    assert {s.key_slice for s in findings.structures} <= {i.slice for i in findings.images if i.kind == "overlay"}
+    # ground truth is its own reference
+    assert findings.truth is not None and findings.truth.structures == findings.structures
+    assert all(i.truth == i.labels for i in findings.images)
 
 
 def test_argument_selects_labels(ct):

@@ -29,21 +29,12 @@ RULES: dict[str, tuple[str, ...]] = {
     "curation.store": ("curation.build", "expert_runners", "curation.render", "curation.ingest", "torch", "ray"),
 }
 SHARED = ("curation.manifest", "curation.items", "curation.findings", "curation.imaging", "curation.keys", "curation.errors",
-          "curation.rows")
+          "curation.rows", "curation.expert_info")
 RULES.update({m: ("curation.ingest", "curation.render", "curation.build", "curation.store", "curation.finetune",
                   "expert_runners", "torch", "ray") for m in SHARED})
 
 # Edges that break a rule today, each with the work that removes it. Empty this list; never grow it.
 KNOWN: set[tuple[str, str]] = {
-    # Render builds runners in check() and reads items' files for 2D pictures; prompt_data asks the
-    # built-in runners for vocabularies. Goes when runners declare what they provide and the build
-    # hands Render plain expert descriptions and ready pictures.
-    ("curation.render.prompt_data", "expert_runners"),
-    ("curation.render.renderer", "expert_runners"),
-    ("curation.render.renderer", "curation.ingest"),
-    ("curation.render.templates", "expert_runners"),
-    ("curation.render.turns", "expert_runners"),
-    ("curation.render.turns", "curation.ingest"),
     # The card takes the build's Plan and Report; goes when they reach it as plain data.
     ("curation.store.card", "curation.build"),
     ("curation.store.card", "curation.ingest"),

@@ -30,7 +30,7 @@ TASKS = [
     {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything", "organs"]},
     {"template": "findings/volume.j2", "source": "ct", "expert": "CT_TISSUE", "args": ["everything"]},
     {"template": "cxr/expert_hint_vqa.j2", "source": "cxr", "expert": "CXR"},
-    {"template": "qa/plain.j2", "source": "vqa"},
+    {"template": "qa/plain.j2", "source": "vqa", "expert": "PICTURE"},
 ]
 
 
@@ -74,14 +74,14 @@ def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path,
     for t in TASKS:
         assert f"<h2>{t['template']}</h2>" in text
     assert text.count("class='sample'") == 8
-    assert text.count("findings from build cache") == 2 and text.count("findings from expert run") == 4
+    assert text.count("findings from build cache") == 2 and text.count("findings from expert run") == 6  # qa/plain: the picture expert
     images = int(re.search(r"data-images='(\d+)'", text)[1])
-    assert images == text.count("<img ") == 2 * 2 + 2 * 1 + 2 * 1 + 2 * 1
+    assert images == text.count("<img ") == 2 * 2 + 2 * 2 + 2 * 1 + 2 * 1  # volume: the slice, then the result
     assert "<summary>model card</summary>" in text and "<summary>template source</summary>" in text
     assert "<summary>findings</summary>" in text and "&quot;question_kind&quot;" in text
     run(manifest, page)
     again = page.read_text()
-    assert again.count("findings from preview cache") == 4 and "findings from expert run" not in again
+    assert again.count("findings from preview cache") == 6 and "findings from expert run" not in again
     assert not (tmp_path / "out" / "internal" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
 
 

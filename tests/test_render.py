@@ -1,5 +1,7 @@
-"""Every template renders demo findings into valid `messages`, and every fact an answer states
-is recomputed here from the Findings; same seed → same rows; enough variety across seeds."""
+"""Every template renders demo findings into valid `messages` whose `meta` follows the contract,
+every fact an answer states is recomputed here from the Findings and the truth, and every
+conversation passes the grounding check as `m3-curate audit` runs it (from the row's own data);
+same seed → same rows; enough variety across seeds."""
 
 from __future__ import annotations
 
@@ -10,25 +12,30 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from render_factory import TASKS, Demo, build_demo
+from render_factory import TASKS, Demo
 
 from curation.errors import CurationError
+from curation.expert_info import ExpertInfo
+from curation.findings import png_digest
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render.renderer import Renderer, TemplateError, TemplateSkip, findings_view
-from curation.rows import Conversation
-from curation.render.templates import BUILTIN_PROMPTS, ml_text, predictions_text
+from curation.render import grounding
+from curation.render.helpers import findings_view
+from curation.render.renderer import Renderer, TemplateError, TemplateSkip
+from curation.render.filters import label_text, ml_text
+from curation.render.templates import BUILTIN_PROMPTS
+from curation.rows import ANSWER_FROM, META_KEYS, QUESTION_KINDS, Conversation
 
 VARIANTS = 6
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    return build_demo(tmp_path_factory.mktemp("render"))
+def demo(render_demo: Demo) -> Demo:
+    return render_demo
 
 
 @pytest.fixture(scope="module")
 def renderer(demo: Demo) -> Renderer:
-    return Renderer(demo.spec)
+    return Renderer(demo.spec, experts=demo.experts)
 
 
 def render_all(renderer: Renderer, demo: Demo, task: TaskSpec, variants: int = VARIANTS):
@@ -54,15 +61,33 @@ def test_every_template_is_exercised(demo: Demo) -> None:
 
 
 def test_tasks_pass_check(renderer: Renderer) -> None:
-    renderer.check({})
+    renderer.check()
 
 
-def test_model_card_lists_the_experts_in_vila_m3_form(renderer: Renderer) -> None:
+def test_model_card_lists_the_called_experts_in_vila_m3_order(renderer: Renderer) -> None:
     card = renderer.model_card
-    assert card.startswith("Here is a list of available expert models:\n<VISTA3D(args)> Modality: CT, Task: segmentation")
-    assert "<BRATS(args)> Modality: MRI" in card and "<CXR(args)> Modality: chest x-ray (CXR)" in card
-    assert "<CT_TISSUE(args)> Modality: CT" in card  # found by its runner, ct_tissue
+    assert card.startswith("Here is a list of available expert models:\n<BRATS(args)> Modality: MRI")
+    order = [card.index(f"<{name}(args)>") for name in ("BRATS", "VISTA3D", "CXR", "CT_TISSUE")]
+    assert order == sorted(order)  # VILA-M3's order (BRATS, VISTA3D, CXR), then ours (CT_TISSUE, by its runner's card)
+    assert "PICTURE" not in card  # no card, and no task calls it
     assert card.endswith("Give the model <NAME(args)> when selecting a suitable expert model.\n")
+
+
+def check_meta(c: Conversation, d, task: TaskSpec, v: int, where: str) -> None:
+    """The meta contract (see curation.rows)."""
+    meta = c.meta
+    assert set(META_KEYS) <= set(meta), (where, set(META_KEYS) - set(meta))
+    json.dumps(meta)
+    assert meta["kind"] == d.kind and meta["template"] == task.template and meta["variant"] == v
+    assert meta["question_kind"] in QUESTION_KINDS and meta["answer_from"] in (*ANSWER_FROM, None), where
+    assistant = [t for t, m in enumerate(c.messages) if m["role"] == "assistant"]
+    assert len(meta["calls"]) == len(assistant), where
+    if meta["answer"] is not None:
+        assert meta["answer_turn"] in assistant and meta["answer_from"] is not None, where
+    assert [p["digest"] for p in meta["images"]] == [png_digest(png) for png in c.images], where
+    for fact in meta["facts"]:
+        assert fact["turn"] in assistant and (fact["shown"] or fact["given"]), (where, fact)
+    assert meta["prompt"]["card"] == d.model_card, where
 
 
 @pytest.mark.parametrize("index", range(len(TASKS)), ids=[f"{t['template']}@{t['source']}:{t.get('expert')}" for t in TASKS])
@@ -82,60 +107,89 @@ def test_renders_valid_messages_and_true_facts(renderer: Renderer, demo: Demo, i
         assert all(p["text"].strip() for m in c.messages for p in m["content"] if p["type"] == "text"), where
         assert not any(p["type"] == "image" for m in c.messages if m["role"] == "assistant" for p in m["content"]), where
         first = c.messages[0]["content"][0]
-        assert first["type"] == "text" and first["text"].startswith(renderer.model_card.rstrip()), where
-        assert c.meta["kind"] == d.kind and c.meta["template"] == task.template and c.meta["variant"] == v
-        json.dumps(c.meta)
+        assert (first["type"] == "text" and first["text"].startswith(renderer.model_card.rstrip())) == d.model_card, where
+        check_meta(c, d, task, v, where)
         assert c.template_hash == renderer.template_hash(task.template)
         call = f"<{task.expert}({task.args[v % len(task.args)]})>" if task.expert else None
         if d.calls_expert:
-            assert c.expert == task.expert and c.meta["call"] == call and any(call in t for t in texts(c, "assistant")), where
+            assert c.expert == task.expert and c.meta["call"] == call and call in c.meta["calls"], where
         else:
-            assert c.expert is None and not any(re.search(r"<[A-Z_0-9]+\(", t) for t in texts(c, "assistant")), where
+            assert c.expert is None and c.meta["calls"] == [None] * len(c.meta["calls"]), where
+            assert not any(re.search(r"<[A-Z_0-9]+\(", t) for t in texts(c, "assistant")), where
         FACTS[d.kind](c, f, item, where)
         assert "\x00" not in json.dumps(c.messages)
+        # the same check `m3-curate audit` runs on a written row: its own bytes, meta and findings JSON
+        found = grounding.problems(c.messages, [png_digest(png) for png in c.images], json.loads(json.dumps(c.meta)),
+                                   json.loads(json.dumps(f.to_dict())) if f is not None else None)
+        assert found == [], (where, found)
 
 
-# --- the facts each kind states, recomputed from Findings ------------------------------------
+# --- the facts each kind states, recomputed from Findings and the truth ----------------------
 
 
 def last_answer(c: Conversation) -> str:
     return texts(c, "assistant")[-1]
 
 
-def legend_stated(c: Conversation, f, where: str) -> None:
+def picture_of(c: Conversation, f, slot: int):
+    """The findings picture that row image `slot` is (checked by its bytes)."""
+    img = f.images[c.meta["images"][slot]["index"]]
+    assert img.png == c.images[slot]
+    return img
+
+
+def legend_stated(c: Conversation, f, where: str) -> list[str]:
+    """The result turn names exactly the colours drawn on its overlay, in drawing order; the
+    names drawn."""
     result = texts(c, "user")[1]
-    for colour, name in f.legend.items():
-        assert f"{colour}: {name}" in result, where
+    overlay = picture_of(c, f, len(c.images) - 1)
+    colours = {s.name: s.colour for s in f.structures}
+    drawn = [n for n in overlay.labels if colours.get(n)]
+    for name in drawn:
+        assert f"{colours[name]}: " in result and name in result, where
+    named = grounding.LEGEND.findall(result)
+    assert set(named) == {colours[n] for n in drawn}, (where, named, drawn)
+    return drawn
+
+
+def truth_names(f) -> set[str]:
+    return {s.name for s in f.truth.structures}
 
 
 def fact_expert_trigger(c, f, item, where):
-    legend_stated(c, f, where)
+    drawn = legend_stated(c, f, where)
     answer = last_answer(c)
-    shown = [s for s in f.structures if s.colour]
-    for s in shown:
-        assert f"the {s.name} ({s.colour})" in answer, where
-    if shown:
-        biggest = max(shown, key=lambda s: s.volume_ml)
+    colours = {s.name: s.colour for s in f.structures}
+    for name in drawn:
+        assert f"the {name} ({colours[name]})" in answer, where
+    if f.structures:
+        biggest = max(f.structures, key=lambda s: s.volume_ml)
         assert c.meta["largest"] == biggest.name and biggest.name in answer and ml_text(biggest.volume_ml) in answer, where
+        assert f"{biggest.name} {ml_text(biggest.volume_ml)}" in texts(c, "user")[1], where  # given by the result turn
     else:
         assert "none of" in answer.lower(), where
 
 
 def fact_direct_request(c, f, item, where):
-    assert c.meta["question_kind"] == "expert_selection"
-    assert c.meta["call"] in last_answer(c)
+    assert c.meta["question_kind"] == "expert_selection" and c.meta["answer"] is None
+    assert c.meta["call"] in last_answer(c) and "segmented" in last_answer(c), where
 
 
 def fact_tumor_count(c, f, item, where):
     tumour = "hepatic tumor"  # hepatic tumor and hepatoma both name VISTA3D label 26
+    truly = tumour in truth_names(f)
     found = f.structure(tumour)
-    assert c.meta["answer"] == ("yes" if found else "no"), where
+    assert c.meta["answer"] == ("yes" if truly else "no") and c.meta["answer_from"] == "truth", where
     legend_stated(c, f, where)
+    scan = picture_of(c, f, 0)
+    if truly:  # the question's picture is the slice through the tumour
+        assert scan.slice == next(s for s in f.truth.structures if s.name == tumour).key_slice and tumour in scan.truth, where
     answers = texts(c, "assistant")
     assert answers[1].lower().startswith(c.meta["answer"]), where
-    if found:
+    if truly and found:
         assert len(c.messages) == 6 and c.meta["count"] == found.components, where
         assert re.search(rf"\b{found.components}\b", answers[2]), where
+        assert f"({found.components} lesion" in texts(c, "user")[1], where  # the count is given first
         assert texts(c, "user")[2] == c.meta["follow_up"], where
     else:
         assert len(c.messages) == 4, where
@@ -144,32 +198,39 @@ def fact_tumor_count(c, f, item, where):
 def fact_brats(c, f, item, where):
     whole, core = f.structure("whole tumor"), f.structure("tumor core")
     answer = last_answer(c)
-    assert "yellow and red: tumor core, only yellow: enhancing tumor, all colors: whole tumor" in texts(c, "user")[1]
-    assert {f.legend.get("yellow"), f.legend.get("red")} <= {"enhancing tumor", "necrotic tumor core", None}
+    drawn = legend_stated(c, f, where)
+    if len(drawn) == 3:
+        assert "yellow and red: tumor core, only yellow: enhancing tumor, all colors: whole tumor" in texts(c, "user")[1], where
     if c.meta["question_kind"] == "size":
         assert whole is not None and c.meta["answer"] == ml_text(whole.volume_ml) and ml_text(whole.volume_ml) in answer, where
+        assert c.meta["answer_from"] == "findings", where
     else:
-        assert c.meta["answer"] == ("yes" if whole else "no") and answer.lower().startswith(c.meta["answer"]), where
-        if whole:
-            assert ml_text(whole.volume_ml) in answer and ml_text(core.volume_ml if core else 0) in answer, where
+        truly = "whole tumor" in truth_names(f)
+        assert c.meta["answer"] == ("yes" if truly else "no") and answer.lower().startswith(c.meta["answer"]), where
+        assert c.meta["answer_from"] == "truth", where
+        if truly:
+            assert "whole tumor" in picture_of(c, f, 3).truth, where  # the FLAIR slice shows it
 
 
 def fact_modality(c, f, item, where):
     assert item.modality == "MR" and "brain MRI" in last_answer(c), where
 
 
-def label_of(name: str) -> str:
-    return name.lower().replace("_", " ")
+def item_labels(item) -> dict[str, bool]:
+    return {label_text(k): bool(int(v)) for k, v in item.attrs["labels"].items()}
 
 
 def predictions_stated(c, f, where, turn):
-    assert predictions_text([{"name": k.name, "present": k.present} for k in f.classes]) in texts(c, "user")[turn], where
+    lines = "\n".join(f"{label_text(k.name)}: {'yes' if k.present else 'no'}" for k in f.classes)
+    assert lines in texts(c, "user")[turn], where
 
 
 def fact_yes_no(c, f, item, where):
-    k = next(k for k in f.classes if k.name == c.meta["label"])
-    assert c.meta["answer"] == ("yes" if k.present else "no"), where
+    truth = item_labels(item)[label_text(c.meta["label"])]
+    assert c.meta["answer"] == ("yes" if truth else "no") and c.meta["answer_from"] == "truth", where
     assert last_answer(c).lower().startswith(c.meta["answer"]), where
+    hint = next(k for k in f.classes if label_text(k.name) == label_text(c.meta["label"]))
+    assert c.meta["hint_agrees"] == (hint.present == truth), where
 
 
 def fact_cxr_trigger(c, f, item, where):
@@ -177,8 +238,8 @@ def fact_cxr_trigger(c, f, item, where):
     if c.meta["question_kind"] == "yes_no":
         fact_yes_no(c, f, item, where)
     else:
-        present = [label_of(k.name) for k in f.classes if k.present]
-        assert c.meta["answer"] == present, where
+        present = [k for k, v in item_labels(item).items() if v]
+        assert sorted(c.meta["answer"]) == sorted(present), where
         for label in present:
             assert label in last_answer(c), where
         if not present:
@@ -192,7 +253,7 @@ def fact_cxr_hint_yes_no(c, f, item, where):
 
 def fact_cxr_choice(c, f, item, where):
     predictions_stated(c, f, where, 0)
-    present = {label_of(k.name) for k in f.classes if k.present}
+    present = {k for k, v in item_labels(item).items() if v}
     options, letter = c.meta["options"], c.meta["answer"]
     truth = options["ABCD".index(letter)]
     assert truth == c.meta["label"] and (truth in present or (truth == "no finding" and not present)), where
@@ -204,37 +265,43 @@ def fact_cxr_choice(c, f, item, where):
 
 def fact_presence(c, f, item, where):
     name = c.meta["structure"]
-    present = f.structure(name) is not None
-    assert c.meta["answer"] == ("yes" if present else "no"), where
+    present = name in truth_names(f)
+    assert c.meta["answer"] == ("yes" if present else "no") and c.meta["answer_from"] == "truth", where
     assert last_answer(c).lower().startswith(c.meta["answer"]), where
+    scan = picture_of(c, f, 0)
+    assert (name in scan.truth) == present, where  # asked over the slice through it, when it is there
 
 
 def fact_larger(c, f, item, where):
     a, b = (f.structure(n) for n in c.meta["structures"])
     bigger, smaller = (a, b) if a.volume_ml > b.volume_ml else (b, a)
-    assert c.meta["answer"] == bigger.name, where
-    answer = last_answer(c)
-    assert bigger.name in answer and ml_text(bigger.volume_ml) in answer and ml_text(smaller.volume_ml) in answer, where
+    assert c.meta["answer"] == bigger.name and c.meta["answer_from"] == "findings", where
+    answer, result = last_answer(c), texts(c, "user")[1]
+    for s in (bigger, smaller):
+        assert ml_text(s.volume_ml) in answer and f"{s.name} {ml_text(s.volume_ml)}" in result, where
 
 
 def fact_volume(c, f, item, where):
     s = f.structure(c.meta["structure"])
     assert c.meta["answer"] == ml_text(s.volume_ml) and ml_text(s.volume_ml) in last_answer(c), where
+    assert f"{s.name} {ml_text(s.volume_ml)}" in texts(c, "user")[1], where  # the result turn gives it
 
 
 def fact_side(c, f, item, where):
-    s = f.structure(c.meta["structure"])
+    s = next(t for t in f.truth.structures if t.name == c.meta["structure"])
     assert s.side in ("left", "right") and c.meta["answer"] == s.side and s.side in last_answer(c), where
     assert "left" not in s.name.split() and "right" not in s.name.split(), where
+    assert s.name in picture_of(c, f, 0).truth, where
 
 
 def fact_qa(c, f, item, where):
     qa = item.attrs["qa"]
     assert c.meta["answer"] == qa[0]["answer"] and c.meta["question"] == qa[0]["question"], where
+    assert c.meta["answer_from"] == "truth", where
     answers = texts(c, "assistant")
     assert answers[-len(qa):] == [q["answer"] for q in qa], where
     assert qa[0]["question"] in texts(c, "user")[0], where
-    if f is not None:
+    if c.meta["kind"] != "qa_plain":
         predictions_stated(c, f, where, 1 if c.meta["kind"] == "qa_expert_trigger" else 0)
 
 
@@ -264,7 +331,8 @@ def test_vila_m3_phrasings_appear(renderer: Renderer, demo: Demo) -> None:
     c = renderer.render(ct, item, demo.get(ct, item, 0), variant=0)
     assert c.messages[0]["content"][2]["text"].startswith("This is a CT image.\n")
     assert c.messages[2]["content"][0]["text"] == "The results are "
-    assert c.messages[2]["content"][2]["text"].startswith(". The colors in this image describe red: liver")
+    assert c.messages[2]["content"][2]["text"].startswith(". The colors in this image describe ")
+    assert "Measured volumes: liver " in c.messages[2]["content"][2]["text"]
     assert "Use this result to respond to this prompt:\n" in c.messages[2]["content"][2]["text"]
     hint = TaskSpec(template="cxr/expert_hint_vqa.j2", source="cxr", expert="CXR")
     item = demo.items_of("cxr")[0]
@@ -291,8 +359,8 @@ def test_images_follow_the_slots(renderer: Renderer, demo: Demo) -> None:
 
 
 def test_same_seed_same_rows_other_seed_other_text(demo: Demo) -> None:
-    a, b = Renderer(demo.spec), Renderer(demo.spec)
-    other = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": demo.spec.seed + 1}))
+    a, b = Renderer(demo.spec, experts=demo.experts), Renderer(demo.spec, experts=demo.experts)
+    other = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": demo.spec.seed + 1}), experts=demo.experts)
     differ = 0
     for task in demo.spec.tasks:
         for item in demo.items_of(task.source)[:2]:
@@ -323,7 +391,7 @@ def normalised_question(c: Conversation) -> str:
 def test_at_least_five_question_phrasings_per_kind(demo: Demo) -> None:
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     for seed in range(4):
-        r = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": seed}))
+        r = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": seed}), experts=demo.experts)
         for task in demo.spec.tasks:
             if task.source == "vqa":  # the questions of a qa source are the dataset's own
                 continue
@@ -417,19 +485,21 @@ def test_error_inside_an_imported_macro_names_both(demo: Demo, tmp_path: Path) -
     [
         ({"template": "brats/four_sequences.j2", "source": "ct", "expert": "VISTA3D"}, "written for nifti_group sources; source 'ct' is dicom"),
         ({"template": "cxr/expert_hint_vqa.j2", "source": "cxr"}, "needs an expert (classes, key_slice); add `expert:` to the task"),
-        ({"template": "qa/plain.j2", "source": "vqa", "expert": "CXR"}, "uses no expert, but the task names 'CXR'"),
+        ({"template": "qa/plain.j2", "source": "vqa"}, "needs an expert (key_slice); add `expert:` to the task"),
         ({"template": "vista3d/tumor_presence.j2", "source": "ct", "expert": "VISTA3D", "args": ["organs"]},
          "argument(s) ['organs'] not among those it is written for"),
         ({"template": "findings/volume.j2", "source": "ct", "expert": "XR"},
-         "needs structures from its expert; expert 'XR' (runner cxr_ensemble) gives classes, key_slice"),
+         "needs overlay, structures from its expert; expert 'XR' (runner cxr_ensemble) gives classes, key_slice"),
         ({"template": "vista3d/nope.j2", "source": "ct", "expert": "VISTA3D"}, "template vista3d/nope.j2 not found"),
     ],
 )
 def test_check_names_task_and_template(demo: Demo, task: dict, message: str) -> None:
     data = demo.spec.model_dump()
     spec = BuildSpec.model_validate({**data, "experts": data["experts"] + [{"name": "XR", "runner": "cxr_ensemble"}], "tasks": [task]})
+    xr = ExpertInfo(name="XR", runner="cxr_ensemble", fingerprint="f", spec={}, modalities=("CR", "DX"), kinds=("image2d",),
+                    provides=("classes", "key_slice"))
     with pytest.raises(CurationError) as e:
-        Renderer(spec).check({})
+        Renderer(spec, experts={**demo.experts, "XR": xr}).check()
     assert str(e.value).startswith(f"tasks[0] (template {task['template']}): ")
     assert message in str(e.value)
 
@@ -439,40 +509,71 @@ def test_check_with_runners_knows_what_they_give(demo: Demo) -> None:
 
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
         {"template": "brats/what_is_this.j2", "source": "brain", "expert": "CT_TISSUE"}]})
-    runners = {"CT_TISSUE": make_runner(spec.experts[1])}
+    infos = {"CT_TISSUE": make_runner(spec.experts[1]).describe()}
     with pytest.raises(CurationError, match="needs sequence from its expert; expert 'CT_TISSUE' \\(runner ct_tissue\\) gives"):
-        Renderer(spec).check(runners)
+        Renderer(spec, experts=infos).check()
     spec = BuildSpec.model_validate({**demo.spec.model_dump(), "tasks": [
-        {"template": "findings/volume.j2", "source": "brain", "expert": "CT_TISSUE"}]})
+        {"template": "findings/presence.j2", "source": "brain", "expert": "CT_TISSUE"}]})
     with pytest.raises(CurationError, match="expert 'CT_TISSUE' takes dicom/nifti items; source 'brain' gives nifti_group items"):
-        Renderer(spec).check({"CT_TISSUE": make_runner(spec.experts[1])})
+        Renderer(spec, experts={"CT_TISSUE": make_runner(spec.experts[1]).describe()}).check()
 
 
 def test_experts_without_a_card_stay_off_it_and_cannot_be_called(demo: Demo) -> None:
     data = demo.spec.model_dump()
     experts = data["experts"] + [{"name": "CTLabels", "runner": "labels", "options": {"preset": "vista3d"}}]
     ok = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
-        {"template": "findings/volume.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
+        {"template": "findings/presence.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]},
+        {"template": "vista3d/segment_request.j2", "source": "ct", "expert": "VISTA3D", "args": ["everything"]}]})
     r = Renderer(ok)
-    r.check({})
+    r.check()
     assert "CTLabels" not in r.model_card and "<VISTA3D(args)>" in r.model_card
+    assert "<BRATS(args)>" not in r.model_card and "<CXR(args)>" not in r.model_card  # carded, but no task calls them
     bad = BuildSpec.model_validate({**data, "experts": experts, "tasks": [
         {"template": "vista3d/segment_and_answer.j2", "source": "ct", "expert": "CTLabels", "args": ["everything"]}]})
     with pytest.raises(CurationError, match="calls expert 'CTLabels', which is not on the model card"):
-        Renderer(bad).check({})
+        Renderer(bad).check()
 
 
 def test_the_question_decides_the_call(renderer: Renderer, demo: Demo) -> None:
-    """For one expert, the first user turn (image aside) must decide what the assistant calls:
-    a template whose question reads the same for `VISTA3D(everything)` and `VISTA3D(hepatic
-    tumor)` teaches a fine-tuned model to guess the argument. Calls compare as `m3-curate eval`
-    scores them (hepatoma is hepatic tumor)."""
-    from curation.finetune.evaluate import parse_calls
-
-    calls: dict[tuple[str | None, str], set[str]] = defaultdict(set)
+    """The first user turn's text alone (image aside) decides whether the assistant calls an
+    expert and which call: a template whose question reads the same for a call and no call, or
+    for `VISTA3D(everything)` and `VISTA3D(hepatic tumor)`, teaches a fine-tuned model to guess.
+    Calls compare as `m3-curate eval` scores them (hepatoma is hepatic tumor)."""
+    calls: dict[str, set[tuple[str, ...]]] = defaultdict(set)
     for task in demo.spec.tasks:
         for _, _, _, c in render_all(renderer, demo, task):
             if isinstance(c, Conversation):
-                calls[(task.expert, texts(c, "user")[0])].add(str(parse_calls(c.meta.get("call", ""))))
+                made = tuple(call.replace("(hepatoma)", "(hepatic tumor)") for call in c.meta["calls"] if call)
+                calls[texts(c, "user")[0]].add(made)
     clashes = {question: sorted(seen) for question, seen in calls.items() if len(seen) > 1}
     assert not clashes, clashes
+
+
+def test_a_labels_table_gives_the_same_rows_in_any_key_order(renderer: Renderer, demo: Demo) -> None:
+    """An item's labels come in the table's column order from the index and in name order back
+    from the plan's JSON: the rows must not depend on it (a build and `m3-curate render` agree)."""
+    from dataclasses import replace
+
+    task = TaskSpec(template="cxr/trigger_and_answer.j2", source="cxr", expert="CXR")
+    for item in demo.items_of("cxr")[:4]:
+        reordered = replace(item, attrs={**item.attrs, "labels": dict(reversed(list(item.attrs["labels"].items())))})
+        for v in range(3):
+            predicted = replace(demo.get(task, item, v), truth=None)  # as cxr_ensemble's: the truth is the item's table
+            a = renderer.render(task, item, predicted, variant=v)
+            b = renderer.render(task, reordered, predicted, variant=v)
+            assert a.meta["answer_from"] == "truth" and a.meta["truth"]["classes"] == {k: int(v) for k, v in item.attrs["labels"].items()}
+            assert (a.messages, a.meta) == (b.messages, b.meta)
+
+
+def test_every_phrasing_follows_the_agent_protocol(renderer: Renderer) -> None:
+    """VILA-M3's agent takes an answer carrying a call as final only when it says "segmented":
+    every alternative of a final answer with a call says it, and no trigger (which waits for
+    the result) does."""
+    banks = renderer._shared.phrasings if renderer.model_card else {}
+    finals = [k for k in banks if k.endswith("_segment_answer")]
+    triggers = [k for k in banks if k.endswith("_trigger") or k.startswith("measure_trigger.")]
+    assert finals and len(triggers) >= 4
+    for key in finals:
+        assert all("segmented" in text and "{call}" in text for text in banks[key]), key
+    for key in triggers:
+        assert all("segmented" not in text and "{call}" in text for text in banks[key]), key

@@ -21,7 +21,7 @@ OK = '{% turn "assistant" %}ok{% endturn %}'
 ITEM = StudyItem(item_id="item-7", patient_key="p", study_key="s", source="ct", kind="dicom", modality="CT",
                  shape=[4, 4, 4], spacing=[1.0, 1.0, 1.0], n_files=4, uris=["a.dcm"])
 FINDINGS = Findings(
-    expert="VISTA3D", runner="labels", args="", modality="CT",
+    expert="VISTA3D", runner="labels", arg="", modality="CT",
     structures=[Structure(1, "liver", 10, 1.5, [0, 0, 0, 1, 1, 1], 0, [0.0, 0.0, 0.0], "right", 1, [1.5], "red")],
     legend={"red": "liver"},
     images=[Image("key_slice", b"\x89PNG\r\n\x1a\nkey", 0, "k"), Image("overlay", b"\x89PNG\r\n\x1a\nover", 0, "o")],
@@ -56,7 +56,7 @@ ESCAPES = {
     "open": ('{% turn "user" %}{{ open("/etc/passwd").read() }}{% endturn %}' + OK, "'open' is undefined"),
     "import builtin": ('{% turn "user" %}{{ __import__("os") }}{% endturn %}' + OK, "'__import__' is undefined"),
     "huge": ('{% turn "user" %}{{ "x" * 1000000000 }}{% endturn %}' + OK, "'*' would build a value of 1000000000 items"),
-    "range": ('{% turn "user" %}{{ range(10**9) | list | length }}{% endturn %}' + OK, "Range too big"),
+    "range": ('{% turn "user" %}{{ range(10**9) | list | length }}{% endturn %}' + OK, "range was given 1,000,000,000"),
     "undefined": ('{% turn "user" %}{{ nothing_here }}{% endturn %}' + OK, "'nothing_here' is undefined"),
 }
 
@@ -119,7 +119,7 @@ TURN_ERRORS = {
                         "images go in user turns"),
     "image dropped": ('{% turn "user" %}{% set x = image("overlay") %}a{% endturn %}' + OK, 6, "its slot is not in the turn's text"),
     "image twice": ('{% turn "user" %}{% set x = image("overlay") %}{{ x }}{{ x }}{% endturn %}' + OK, 6, "written twice"),
-    "unknown image": ('{% turn "user" %}{{ image("sequence", 2) }}{% endturn %}' + OK, 6, "no sequence image 2 in the findings of VISTA3D"),
+    "unknown image": ('{% turn "user" %}{{ image("sequence", 2) }}{% endturn %}' + OK, 6, "no sequence picture in the findings of VISTA3D"),
     "count": ('{% turn "user" %}{{ image("overlay") }}{% endturn %}' + OK, 6, "the declaration says images: 0, but this conversation has 1"),
     "meta reserved": ('{{ meta(kind="x") }}{% turn "user" %}a{% endturn %}' + OK, 6, "meta key 'kind' is set by the renderer"),
     "phrase": ('{% turn "user" %}{{ phrase("no_such_key") }}{% endturn %}' + OK, 6, "no phrasing 'no_such_key'"),

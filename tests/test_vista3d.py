@@ -78,7 +78,7 @@ def test_hepatic_tumor_findings(runner, ct):
     findings = runner.run(ExpertInput(item, volume), "hepatic tumor")
     d = findings.to_dict()
     json.dumps(d)  # plain data
-    assert d["expert"] == "VISTA3D" and d["runner"] == "vista3d" and d["args"] == "hepatic tumor" and d["modality"] == "CT"
+    assert d["expert"] == "VISTA3D" and d["runner"] == "vista3d" and d["arg"] == "hepatic tumor" and d["modality"] == "CT"
     assert {s["label"] for s in d["structures"]} <= {1, 26}
     assert all(s["name"] == {1: "liver", 26: "hepatic tumor"}[s["label"]] for s in d["structures"])
     assert set(d["legend"]) == {s["colour"] for s in d["structures"]}

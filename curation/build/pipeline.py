@@ -38,7 +38,8 @@ from curation.ingest.index import build_index, write_table
 from curation.items import LedgerEntry, StudyItem, items_table
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
 from curation.preflight import preflight
-from curation.build.plan import ExpertInfo, ItemPlan, Plan, make_plan, runner_spec, spec_json
+from curation.build.plan import ItemPlan, Plan, make_plan, runner_spec, spec_json
+from curation.expert_info import ExpertInfo
 from curation.build.progress import Progress, summary
 from curation.store.shards import ShardWriter
 from curation.build.stages import (
@@ -70,21 +71,19 @@ def build_hash(spec: BuildSpec) -> str:
     return manifest_hash(spec.model_copy(update={"output": type(spec.output)()}))
 
 
-def expert_infos_from_runners(spec: BuildSpec) -> tuple[dict[str, ExpertInfo], dict[str, Any]]:
+def expert_infos_from_runners(spec: BuildSpec) -> dict[str, ExpertInfo]:
     """Construct every runner on the driver (validating its options before any worker
-    starts) and take its fingerprint."""
+    starts) and take its description: fingerprint, the items it takes, what it reports for
+    the arguments the tasks give it."""
     from expert_runners.base import make_runner
 
-    infos, runners = {}, {}
+    infos = {}
     log.info("checking %d expert(s) on the driver (options, weights, fingerprints): imports their model code", len(spec.experts))
     for e in spec.experts:
         runner = make_runner(runner_spec(e), image_max_side=spec.output.image_max_side)
-        runners[e.name] = runner
-        infos[e.name] = ExpertInfo(
-            name=e.name, runner=e.runner, fingerprint=runner.fingerprint(), spec=spec_json(e),
-            modalities=tuple(runner.modalities), kinds=tuple(runner.kinds), weights=bool(runner.weight_files()),
-        )
-    return infos, runners
+        args = [a for t in spec.tasks if t.expert == e.name for a in t.args]
+        infos[e.name] = runner.describe(list(dict.fromkeys(args)))
+    return infos
 
 
 def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, ExpertInfo]:
@@ -113,10 +112,10 @@ def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[lis
     return items, index.ledger, limited
 
 
-def check_templates(renderer: Any, runners: dict[str, Any]) -> None:
+def check_templates(renderer: Any) -> None:
     check = getattr(renderer, "check", None)
     if check is not None:
-        check(runners)
+        check()
 
 # -- the driver ----------------------------------------------------------------------------------
 
@@ -192,14 +191,14 @@ def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, from_cache: 
     t = time.perf_counter()
     if from_cache:
         infos = expert_infos_from_cache(spec, cache)
-        check_templates(load_renderer(RENDERER, spec), {})  # {}: check without constructing an expert
     else:
-        infos, runners = expert_infos_from_runners(spec)
-        check_templates(load_renderer(RENDERER, spec), runners)
+        infos = expert_infos_from_runners(spec)
+    check_templates(load_renderer(RENDERER, spec, infos))
+    if not from_cache:
         cache.register([{"spec": i.spec, "fingerprint": i.fingerprint, "info": i.to_json()} for i in infos.values()])
     plan = make_plan(spec, items, infos)
     ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={n: i.fingerprint for n, i in infos.items()},
-                       manifest_hash=build_hash(spec), code_version=code_version())
+                       manifest_hash=build_hash(spec), code_version=code_version(), experts=infos)
     wall["plan"] = time.perf_counter() - t
     return _Prepared(spec=spec, layout=layout, plan=plan, ledger=ledger, limited=limited, ctx=ctx, wall=wall)
 

@@ -23,46 +23,15 @@ from typing import Any
 from curation.errors import CurationError
 from curation.items import StudyItem
 from curation.keys import Keyer, resolve_secret
-from curation.manifest import SCHEDULING_KEYS, BuildSpec, ExpertSpec, TaskSpec
+from curation.expert_info import ExpertInfo
+from curation.manifest import BuildSpec, ExpertSpec, TaskSpec
 from curation.build.mixture import expert_arg, variants
 from curation.build.split import SPLITS, split_of
 
 
-@dataclass(slots=True, frozen=True)
-class ExpertInfo:
-    """What the plan and `m3-curate render` need to know of an expert, without the runner:
-    its fingerprint (the cache key) and which items it takes."""
-
-    name: str
-    runner: str
-    fingerprint: str
-    spec: dict[str, Any]  # the ExpertSpec as JSON, scheduling keys removed
-    modalities: tuple[str, ...] = ()
-    kinds: tuple[str, ...] = ()
-    weights: bool = False  # has weight files: gets a GPU where the cluster has them
-
-    def accepts(self, item: StudyItem) -> str | None:
-        """None if the expert takes the item, else why not (as `ExpertRunner.accepts`)."""
-        if self.modalities and item.modality not in self.modalities:
-            return f"{self.name} takes {'/'.join(self.modalities)}, not {item.modality}"
-        if self.kinds and item.kind not in self.kinds:
-            return f"{self.name} takes {'/'.join(self.kinds)} items, not {item.kind}"
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modalities"], d["kinds"] = list(self.modalities), list(self.kinds)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ExpertInfo:
-        return cls(**{**d, "modalities": tuple(d.get("modalities", ())), "kinds": tuple(d.get("kinds", ()))})
-
-
 def runner_spec(spec: ExpertSpec) -> ExpertSpec:
-    """The spec a runner is built from: scheduling keys at their defaults, so that pool sizes
-    never change a fingerprint."""
-    return spec.model_copy(update={k: ExpertSpec.model_fields[k].default for k in SCHEDULING_KEYS})
+    """The spec a runner is built from (`ExpertSpec.without_placement`)."""
+    return spec.without_placement()
 
 
 def spec_json(spec: ExpertSpec) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class BuildContext:
     manifest_hash: str
     code_version: str
     renderer: str = RENDERER
+    experts: dict[str, Any] = field(default_factory=dict)  # name → ExpertInfo, for the renderer
     # Per-process memos (readers, renderer, weight-free experts) are kept for one build: a
     # worker that serves the next build — the same recipe into another folder, with another
     # cache or image size — builds its own.
@@ -113,14 +114,15 @@ def reader(ctx: BuildContext, source: str) -> SourceReader:
     return per_build(ctx, ("readers",), lambda: readers_for(ctx.spec))[source]  # type: ignore[no-any-return]
 
 
-def load_renderer(path: str, spec: BuildSpec) -> Any:
-    """The renderer class at `module:Class`, constructed with the manifest."""
+def load_renderer(path: str, spec: BuildSpec, experts: dict[str, Any] | None = None) -> Any:
+    """The renderer class at `module:Class`, constructed with the manifest and the experts'
+    descriptions (`ExpertInfo`)."""
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)(spec)
+    return getattr(importlib.import_module(module), name)(spec, experts=experts or {})
 
 
 def renderer(ctx: BuildContext) -> Any:
-    return per_build(ctx, ("renderer", ctx.renderer), lambda: load_renderer(ctx.renderer, ctx.spec))
+    return per_build(ctx, ("renderer", ctx.renderer), lambda: load_renderer(ctx.renderer, ctx.spec, ctx.experts))
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class ExpertStage:
     item that still lacks its findings and writes them to the cache."""
 
     def __init__(self, ctx: BuildContext, expert: str, *, gpus: float, last: bool):
-        from expert_runners.base import make_runner
+        from expert_runners.base import make_runner, pick_device
 
         started = time.perf_counter()
         spec = next(e for e in ctx.spec.experts if e.name == expert)
@@ -205,7 +207,7 @@ class ExpertStage:
         self.fingerprint = ctx.fingerprints[expert]
         self.cache = ctx.cache()
         self.runner = make_runner(runner_spec(spec), image_max_side=ctx.spec.output.image_max_side)
-        self.runner.setup(_device(gpus))
+        self.runner.setup(pick_device(gpus))
         self.setup_seconds: float | None = time.perf_counter() - started  # reported with the first item
 
     def run_item(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -265,15 +267,6 @@ def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) ->
     return stage(batch)  # type: ignore[no-any-return]
 
 
-def _device(gpus: float) -> str:
-    if gpus > 0:
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
-
-
 # -- render --------------------------------------------------------------------------------------
 
 
@@ -300,6 +293,7 @@ def make_row(ctx: BuildContext, plan: ItemPlan, unit: Unit, conv: Conversation, 
         "images": [{"bytes": png, "path": f"{rid}-{k}.png"} for k, png in enumerate(conv.images)],
         "messages": messages,
         "findings": findings_json(findings),
+        "meta": json.dumps(conv.meta, sort_keys=True),
         "provenance": {
             "expert_fingerprint": ctx.fingerprints.get(task.expert) if task.expert else None,
             "template_hash": conv.template_hash, "manifest_hash": ctx.manifest_hash, "code_version": ctx.code_version,

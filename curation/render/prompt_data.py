@@ -1,5 +1,4 @@
-"""The data templates draw on besides findings: phrasing banks, model cards, and what each
-expert can report.
+"""The data templates draw on besides findings: phrasing banks and model cards.
 
 - Phrasing banks are YAML files under `<prompts>/phrasings/`: a key maps to a list of
   alternatives (nested mappings make dotted keys: `vista3d_target.organs`), each a string with
@@ -7,9 +6,9 @@ expert can report.
   is refused when the file is read).
 - The model card is `<prompts>/model_card.j2` filled from `<prompts>/model_cards.yaml`, one card
   per manifest expert, by its name, else by its runner.
-- `provides` and `vocabulary` say what a runner's findings hold and which structure names an
-  argument covers, so that `check()` can refuse a task before it runs and a template can ask
-  about a structure that is truly absent.
+
+What an expert's findings hold and which names it reports come from the build as plain
+`curation.expert_info.ExpertInfo`: render knows nothing of runners.
 """
 
 from __future__ import annotations
@@ -114,64 +113,26 @@ def load_cards(roots: list[Path]) -> dict[str, dict[str, dict[str, str]]]:
     return merged
 
 
-def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]]) -> list[dict[str, str]]:
-    """The cards of the manifest's experts, in manifest order: by the expert's name, else by its
-    runner. An expert with neither (ground truth standing in for findings, say) is not on the
-    model card: conversations may use its findings but never call it."""
+def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]],
+                 called: set[str] | None = None, families: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The cards of the manifest's experts that some task calls (all of them when `called` is
+    None), by the expert's name, else by its runner, else by the built-in runner it derives from
+    (`families`: expert name → `ExpertInfo.family`), in the order the cards file lists them
+    (VILA-M3's order: BRATS, VISTA3D, CXR, then ours), manifest order among equals. An expert
+    with no card (ground truth standing in for findings, say) is not on the model card:
+    conversations may use its findings but never call it; nor is one no task calls, so the
+    card offers only what the data teaches the model to use."""
+    order = {("experts", name): i for i, name in enumerate(cards["experts"])}
+    order |= {("runners", name): len(order) + i for i, name in enumerate(cards["runners"])}
     out = []
-    for e in experts:
-        card = cards["experts"].get(e.name) or cards["runners"].get(e.runner)
-        if card is None:
+    for position, e in enumerate(experts):
+        family = (families or {}).get(e.name, "")
+        found = (("experts", e.name) if e.name in cards["experts"] else ("runners", e.runner) if e.runner in cards["runners"]
+                 else ("runners", family) if family in cards["runners"] else None)
+        if found is None:
             log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", e.name, e.runner)
             continue
-        out.append({"name": e.name, **card})
-    return out
-
-
-# --- what an expert can report -------------------------------------------------------------
-
-# What each built-in runner's findings hold (None for runners we do not know: not checked).
-PROVIDES: dict[str, frozenset[str]] = {
-    "vista3d": frozenset({"structures", "key_slice", "overlay"}),
-    "monai_bundle": frozenset({"structures", "key_slice", "overlay"}),
-    "ct_tissue": frozenset({"structures", "key_slice", "overlay"}),
-    "brats": frozenset({"structures", "key_slice", "overlay", "sequence"}),
-    "cxr_ensemble": frozenset({"classes", "key_slice"}),
-    "labels": frozenset({"structures", "key_slice", "overlay", "classes", "sequence"}),  # sequence: on multi-sequence groups
-}
-
-
-def provides(spec: ExpertSpec) -> frozenset[str] | None:
-    found = PROVIDES.get(spec.runner)
-    if found is not None and spec.runner == "brats" and spec.options.get("sequence_images") is False:
-        found = found - {"sequence"}
-    return found
-
-
-def vocabulary(spec: ExpertSpec, args: str) -> list[str]:
-    """Structure names the expert reports when present, for this argument: a name in this list
-    but absent from the findings is truly absent. Empty when unknown."""
-    from expert_runners import labels as labels_runner
-
-    preset = spec.options.get("preset")
-    arg = args.strip().lower()
-    if spec.runner == "vista3d" or (spec.runner == "labels" and preset == "vista3d"):
-        names = labels_runner.preset_names("vista3d")
-        groups = labels_runner.vista3d_groups()
-        if arg in ("", "everything"):
-            if spec.runner == "vista3d":  # VISTA3D's "everything" leaves tumours and lesions out
-                return sorted({names[i] for i in labels_runner.DEFAULT_EVERYTHING if i in names})
-            return sorted(set(names.values()))
-        if arg in groups:
-            return sorted({names[i] for i in groups[arg] if i in names})
-        return sorted({p.strip() for p in arg.split(",") if p.strip() and not p.strip().isdigit()})
-    if spec.runner == "brats" or (spec.runner == "labels" and preset == "brats"):
-        return sorted(labels_runner.BRATS_NAMES.values())
-    if spec.runner == "ct_tissue":
-        from expert_runners.ct_tissue import selected
-
-        try:
-            return sorted(selected(args))
-        except ValueError:
-            return []
-    return []
+        if called is not None and e.name not in called:
+            continue
+        out.append((order[found], position, {"name": e.name, **cards[found[0]][found[1]]}))
+    return [card for _, _, card in sorted(out, key=lambda x: x[:2])]

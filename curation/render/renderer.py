@@ -29,10 +29,14 @@ from jinja2 import Template, TemplateNotFound, TemplateSyntaxError
 from jinja2.exceptions import SecurityError, UndefinedError
 
 from curation.errors import CurationError, ItemError
-from curation.items import StudyItem
+from curation.expert_info import ExpertInfo
+from curation.findings import Findings
+from curation.items import ITEM_KIND, StudyItem
 from curation.manifest import BuildSpec, TaskSpec
-from curation.render.prompt_data import expert_cards, load_cards, load_phrasings, provides, vocabulary
-from curation.rows import Conversation
+from curation.render.budget import BudgetExceeded
+from curation.render.helpers import TemplateHelpers, findings_view, helpers, item_view, truth_view
+from curation.render.prompt_data import expert_cards, load_cards, load_phrasings
+from curation.render.rules import Ungrounded, finish
 from curation.render.templates import (
     BUILTIN_PROMPTS,
     CURRENT_STATE,
@@ -43,12 +47,10 @@ from curation.render.templates import (
     read_declaration,
     referenced_templates,
 )
-from curation.render.turns import Fault, Markers, RenderState, Skip
-from curation.findings import Findings
+from curation.render.turns import Fault, Markers, RenderState, Shared, Skip, Subject
+from curation.rows import Conversation
 
 log = logging.getLogger(__name__)
-
-ITEM_KIND = {"dicom": "dicom", "nifti": "nifti", "nifti_group": "nifti_group", "image2d": "image2d", "qa": "image2d"}
 
 
 class TemplateError(ItemError):
@@ -68,6 +70,16 @@ class TemplateSkip(TemplateError):
     on one side for a left-or-right question. A ledger reason, not a failure of the template."""
 
 
+class GroundingError(TemplateError):
+    """The conversation states something it neither shows nor gives, or an answer its source
+    contradicts (`curation.render.grounding`): it is set aside, never written. `category` is
+    the check's category (`grounding.CATEGORIES`)."""
+
+    def __init__(self, template: str, line: int | None, item: str, reason: str, category: str):
+        super().__init__(template, line, item, reason)
+        self.category = category
+
+
 @dataclass(slots=True, frozen=True)
 class _Compiled:
     name: str
@@ -75,7 +87,7 @@ class _Compiled:
     declaration: TemplateDeclaration
     hash: str
     source: str
-    parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the static helpers
+    parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the helpers
 
 
 def conversation_seed(seed: int, item_id: str, template: str, variant: int) -> int:
@@ -97,65 +109,20 @@ def expert_call(name: str, args: str) -> str:
     return f"<{name}({args})>"
 
 
-def findings_view(f: Findings) -> dict[str, Any]:
-    """Findings as the plain dicts templates see, with a few ready-made selections. No PNG
-    bytes and no timing (timing differs between runs and must never reach text)."""
-    structures = [
-        {"label": s.label, "name": s.name, "voxels": s.voxels, "volume_ml": s.volume_ml, "bbox": list(s.bbox),
-         "key_slice": s.key_slice, "centroid_ras": list(s.centroid_ras), "side": s.side, "components": s.components,
-         "component_volumes_ml": list(s.component_volumes_ml), "colour": s.colour}
-        for s in f.structures
-    ]
-    classes = [{"name": c.name, "probability": c.probability, "present": c.present, "threshold": c.threshold} for c in f.classes]
-    return {
-        "expert": f.expert,
-        "runner": f.runner,
-        "args": f.args,
-        "modality": f.modality,
-        "structures": structures,
-        "names": [s["name"] for s in structures],
-        "by_name": {s["name"]: s for s in structures},
-        "by_volume": sorted(structures, key=lambda s: -s["volume_ml"]),
-        "coloured": [s for s in structures if s["colour"]],
-        "classes": classes,
-        "present": [c for c in classes if c["present"]],
-        "absent": [c for c in classes if not c["present"]],
-        "legend": dict(f.legend),
-        "images": [{"kind": i.kind, "slice": i.slice, "caption": i.caption} for i in f.images],
-    }
-
-
-def images_by_kind(f: Findings) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for img in f.images:
-        out.setdefault(img.kind, []).append(img)
-    return out
-
-
-def item_view(item: StudyItem, source_kind: str) -> dict[str, Any]:
-    """The item's public facts: never its ids, uris or header values."""
-    return {
-        "modality": item.modality,
-        "kind": item.kind,
-        "source_kind": source_kind,
-        "shape": list(item.shape),
-        "spacing": list(item.spacing),
-        "channels": list(item.channels),
-        "n_files": item.n_files,
-        "qa": [dict(q) for q in item.attrs.get("qa", [])],
-    }
-
-
 class Renderer:
     """Templates of a manifest, rendered into `Conversation`s.
 
     Construct on the driver (cheap: nothing is read until first use), `check()` before a build,
     then `render()` anywhere: a Renderer pickles without its Jinja environment and rebuilds it
-    lazily, so it can be shipped to Ray workers.
+    lazily, so it can be shipped to Ray workers. `experts` describes the manifest's experts
+    (the build's `ExpertInfo`s: what their findings hold, which names they report); an expert
+    without one is rendered alike, but what it gives cannot be checked and it has no
+    vocabulary.
     """
 
-    def __init__(self, spec: BuildSpec, *, prompt_dirs: Sequence[Path] = ()):
+    def __init__(self, spec: BuildSpec, *, experts: dict[str, ExpertInfo] | None = None, prompt_dirs: Sequence[Path] = ()):
         self.spec = spec
+        self.experts: dict[str, ExpertInfo] = dict(experts or {})
         self._extra = tuple(Path(p).resolve() for p in prompt_dirs)
         for folder in (*self._extra, *spec.prompts):
             if not Path(folder).is_dir():
@@ -170,22 +137,23 @@ class Renderer:
         self._card = ""
         self._card_text = ""
         self._carded: set[str] = set()
-        self._markers = Markers("0")
+        self._shared = Shared(Markers("0"), {})
+        self._helpers = helpers()
         self._experts = {e.name: e for e in self.spec.experts}
-        self._vocab: dict[tuple[str, str], list[str]] = {}
-        self._readers: dict[str, Any] | None = None
-        # one-entry memos (variants of an item share its findings), each swapped as one tuple
-        self._last_view: tuple[Findings | None, dict[str, Any], dict[str, list[Any]]] = (None, {}, {})
+        # one-entry memos (variants of an item share its findings), each swapped as one tuple:
+        # (findings, item, findings view, truth view, findings as JSON for the grounding check)
+        self._last_view: tuple[Any, ...] = (None, None, None, None, None)
         self._last_item: tuple[StudyItem | None, dict[str, Any] | None] = (None, None)
         self._experts_seen: dict[tuple[str, str], dict[str, str]] = {}
         self._calls_any = tuple(f"<{e.name}(" for e in self.spec.experts)
         self._source_kinds = {s.name: s.kind for s in self.spec.sources}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "_extra": self._extra}
+        return {"spec": self.spec, "experts": self.experts, "_extra": self._extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.spec = state["spec"]
+        self.experts = state["experts"]
         self._extra = state["_extra"]
         self._reset()
 
@@ -202,10 +170,10 @@ class Renderer:
     def env(self) -> PromptSandbox:
         if self._env is None:
             roots = self.roots
-            self._markers = Markers(f"{secrets.randbelow(10**16):016d}")
             self._env = make_environment(roots)
-            self._env.trusted_owners = (RenderState, Renderer)
+            self._env.trusted_owners = (TemplateHelpers,)
             self._phrasings, self._phrasings_digest = load_phrasings(roots)
+            self._shared = Shared(Markers(f"{secrets.randbelow(10**16):016d}"), self._phrasings)
             self._card = self._render_card()
             self._card_text = self._card.rstrip()
         return self._env
@@ -217,7 +185,8 @@ class Renderer:
         return self._card
 
     def _render_card(self) -> str:
-        cards = expert_cards(list(self.spec.experts), load_cards(self.roots))
+        families = {name: info.family for name, info in self.experts.items() if info.family}
+        cards = expert_cards(list(self.spec.experts), load_cards(self.roots), called=self._called_experts(), families=families)
         self._carded = {c["name"] for c in cards}
         if not cards:
             return ""
@@ -228,6 +197,25 @@ class Renderer:
         except Exception as e:
             raise CurationError(f"model_card.j2: {type(e).__name__}: {e}") from e
         return text.strip() + "\n"
+
+    def _called_experts(self) -> set[str] | None:
+        """The experts some task's template calls (the model card lists only those); None for a
+        manifest without tasks (a template tried alone: every expert with a card is listed). A
+        template that cannot be read counts as calling its expert: `check()` reports it."""
+        if not self.spec.tasks:
+            return None
+        env = self._env
+        called = set()
+        for task in self.spec.tasks:
+            if task.expert is None:
+                continue
+            try:
+                calls = read_declaration(env.loader.get_source(env, task.template)[0], task.template).calls_expert  # type: ignore[union-attr]
+            except (CurationError, TemplateNotFound):
+                calls = True
+            if calls:
+                called.add(task.expert)
+        return called
 
     # --- templates ---------------------------------------------------------------------------
 
@@ -267,7 +255,7 @@ class Renderer:
         for dep in deps:
             h.update(dep.encode() + b"\0" + env.loader.get_source(env, dep)[0].encode() + b"\0")  # type: ignore[union-attr]
         h.update(self._phrasings_digest.encode() + self._card.encode())
-        parent = {**template.globals, "model_card": self._card, "has_phrase": self._has_phrase, "skip": _skip}
+        parent = {**template.globals, "model_card": self._card, **self._helpers}
         found = _Compiled(name=name, template=template, declaration=declaration, hash=h.hexdigest()[:16], source=source,
                           parent=parent)
         self._compiled[name] = found
@@ -304,25 +292,21 @@ class Renderer:
         """Hash of the template, the templates it uses, the phrasings and the model card."""
         return self.compiled(template).hash
 
-    def check(self, runners: dict[str, Any] | None = None) -> None:
+    def check(self) -> None:
         """Every task's template exists, compiles and fits the task: its source kind and
         modality, its expert (present when needed, able to give what the template needs,
-        accepting the source's items) and its arguments. Raises one `CurationError` naming the
-        task and the template."""
-        if runners is None:
-            from expert_runners.base import make_runner
-
-            runners = {e.name: make_runner(e, image_max_side=self.spec.output.image_max_side) for e in self.spec.experts}
+        accepting the source's items, as far as its `ExpertInfo` says) and its arguments.
+        Raises one `CurationError` naming the task and the template."""
         problems = []
         for i, task in enumerate(self.spec.tasks):
             try:
-                self._check_task(task, runners)
+                self._check_task(task)
             except CurationError as e:
                 problems.append(f"tasks[{i}] (template {task.template}): {e}")
         if problems:
             raise CurationError("; ".join(problems))
 
-    def _check_task(self, task: TaskSpec, runners: dict[str, Any]) -> None:
+    def _check_task(self, task: TaskSpec) -> None:
         d = self.compiled(task.template).declaration
         source = self.spec.source(task.source)
         if d.sources and source.kind not in d.sources:
@@ -344,17 +328,16 @@ class Renderer:
                 "`experts:` in prompts/model_cards.yaml, or use a template that answers from its findings without calling it"
             )
         spec = self._experts[task.expert]
-        runner = runners.get(task.expert)
-        got = provides(spec)
-        if got is not None and not set(d.needs) <= got:
-            missing = sorted(set(d.needs) - got)
-            raise CurationError(f"needs {', '.join(missing)} from its expert; expert {task.expert!r} (runner {spec.runner}) gives {', '.join(sorted(got))}")
-        if runner is not None:
+        info = self.experts.get(task.expert)
+        if info is not None and info.gives(d.needs) is False:
+            missing = sorted(set(d.needs) - set(info.provides or ()))
+            raise CurationError(f"needs {', '.join(missing)} from its expert; expert {task.expert!r} (runner {spec.runner}) gives {', '.join(info.provides or ())}")
+        if info is not None:
             item_kind = ITEM_KIND[source.kind]
-            kinds = getattr(runner, "kinds", ())
+            kinds = info.kinds
             if kinds and item_kind not in kinds:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(kinds)} items; source {source.name!r} gives {item_kind} items")
-            accepted = set(getattr(runner, "modalities", ()) or ())
+            accepted = set(info.modalities)
             if accepted and modalities is not None and not accepted & modalities:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(sorted(accepted))}; source {source.name!r} gives {'/'.join(sorted(modalities))}")
         if d.args is not None:
@@ -368,17 +351,23 @@ class Renderer:
     def render(self, task: TaskSpec, item: StudyItem, findings: Findings | None, *, variant: int) -> Conversation:
         """One conversation. Deterministic given (manifest seed, item, template, variant);
         `findings` must have been computed with `task.args[variant % len(task.args)]`.
-        Raises `TemplateError` (or `TemplateSkip`) naming the item, template and line."""
+        Raises `TemplateError` (or `TemplateSkip`, or `GroundingError` for a conversation the
+        grounding check refuses) naming the item, template and line."""
         c = self.compiled(task.template)
-        state = RenderState(self, c, task, item, findings, variant, conversation_seed(self.spec.seed, item.item_id, task.template, variant))
+        view, truth, as_json = self._views(findings, item)
+        subject = Subject(task=task, arg=task.args[variant % len(task.args)], item=item, findings=findings, view=view, truth=truth)
+        state = RenderState(self._shared, c.name, c.source, c.declaration.kind, subject, variant,
+                            conversation_seed(self.spec.seed, item.item_id, task.template, variant))
         token = CURRENT_STATE.set(state)
         try:
-            context = PromptContext(self._env, c.parent, c.name, c.template.blocks, self._context(state, task, item, findings, variant))
+            context = PromptContext(self._env, c.parent, c.name, c.template.blocks, self._context(state, task, item, variant))
             state.finish_output(c.template.root_render_func(context))
-            self._finish(state, task)
+            finish(state, c.declaration, card=self._card_text, callable_prefixes=self._calls_any, findings=as_json)
         except Skip as e:
             name, line, chain = self.locate(e.__traceback__, c.name)
             raise TemplateSkip(name, line, item.item_id, f"skipped{chain}: {e}") from None
+        except Ungrounded as e:
+            raise GroundingError(c.name, e.line, item.item_id, str(e), e.problem.category) from None
         except TemplateError:
             raise
         except Exception as e:
@@ -399,58 +388,26 @@ class Renderer:
             meta=state.meta,
         )
 
-    def _context(self, state: RenderState, task: TaskSpec, item: StudyItem, findings: Findings | None, variant: int) -> dict[str, Any]:
+    def _context(self, state: RenderState, task: TaskSpec, item: StudyItem, variant: int) -> dict[str, Any]:
         """What the template sees beside the compiled template's `parent`: the data and the
         helpers bound to this rendering (the context's `vars`, where `{% set %}` writes too)."""
-        expert = None if task.expert is None else self._expert_view(task.expert, state.args, state.call)
+        sub = state.subject
+        expert = None if task.expert is None else self._expert_view(task.expert, sub.arg, state.call)
         return {
             "item": self._item_view(item),
-            "findings": self._view(findings),
+            "findings": sub.view,
+            "truth": sub.truth,
             "expert": expert,
-            "vocabulary": self.vocabulary(task.expert, state.args) if task.expert else [],
+            "vocabulary": self.vocabulary(task.expert, sub.arg) if task.expert else [],
             "variant": variant,
-            "image": state.image,
-            "meta": state.set_meta,
-            "pick": state.pick,
-            "shuffled": state.shuffled,
-            "sample": state.sample,
-            "chance": state.chance,
-            "phrase": state.phrase,
-            "structure": state.structure,
         }
 
-    def _finish(self, state: RenderState, task: TaskSpec) -> None:
-        """Whole-conversation rules, checked after the template ran."""
-        d = state.c.declaration
-        last = state.lines[-1] if state.lines else None
-        if not state.messages:
-            raise Fault("the template wrote no turns")
-        if state.messages[-1]["role"] != "assistant":
-            raise Fault("the conversation ends with a user turn; it must end with the assistant's answer", last)
-        if len(state.images) != d.images:
-            raise Fault(f"the declaration says images: {d.images}, but this conversation has {len(state.images)} image slot(s)", last)
-        if d.model_card and self._card:
-            first = state.messages[0]["content"][0]
-            if first["type"] != "text" or not first["text"].startswith(self._card_text):
-                raise Fault("the model card must open the first user turn ({{ model_card }} first), or declare model_card: false", state.lines[0])
-        answers = "\x00".join([m["content"][0]["text"] for m in state.messages[1::2]])  # assistant turns hold one text part
-        if d.calls_expert and task.expert is not None:
-            call = state.call
-            if call not in answers:
-                raise Fault(f"declares calls_expert but no assistant turn contains {call} (write {{{{ expert.call }}}})", last)
-            state.meta["call"] = call
-        elif "<" in answers and any(call in answers for call in self._calls_any):
-            raise Fault("an assistant turn calls an expert, but the declaration says calls_expert: false", last)
-
-    def _expert_view(self, name: str, args: str, call: str) -> dict[str, str]:
-        key = (name, args)
+    def _expert_view(self, name: str, arg: str, call: str) -> dict[str, str]:
+        key = (name, arg)
         view = self._experts_seen.get(key)
         if view is None:
-            view = self._experts_seen[key] = {"name": name, "args": args, "call": call}
+            view = self._experts_seen[key] = {"name": name, "arg": arg, "call": call}
         return view
-
-    def _has_phrase(self, key: str) -> bool:
-        return key in self._phrasings
 
     def _item_view(self, item: StudyItem) -> dict[str, Any]:
         last, view = self._last_item
@@ -459,33 +416,21 @@ class Renderer:
             self._last_item = (item, view)
         return view  # type: ignore[return-value]
 
-    def _view(self, findings: Findings | None) -> dict[str, Any] | None:
-        return None if findings is None else self._memo(findings)[0]
+    def _views(self, findings: Findings | None, item: StudyItem) -> tuple[Any, Any, Any]:
+        """(findings view, truth view, findings as JSON for the check), remembered for the last
+        (findings, item): the variants of an item share them."""
+        last_findings, last_item, view, truth, as_json = self._last_view
+        if last_findings is not findings or last_item is not item:
+            view = None if findings is None else findings_view(findings)
+            truth = truth_view(findings, item)
+            as_json = None if findings is None else findings.to_dict()
+            self._last_view = (findings, item, view, truth, as_json)
+        return view, truth, as_json
 
-    def _memo(self, findings: Findings) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-        """(template view, images by kind) of the findings, remembered for the last findings."""
-        last, view, images = self._last_view
-        if last is not findings:
-            view, images = findings_view(findings), images_by_kind(findings)
-            self._last_view = (findings, view, images)
-        return view, images
-
-    def vocabulary(self, expert: str, args: str) -> list[str]:
-        key = (expert, args)
-        if key not in self._vocab:
-            self._vocab[key] = vocabulary(self._experts[expert], args)
-        return self._vocab[key]
-
-    def item_picture(self, item: StudyItem) -> bytes:
-        """The item's own picture (2D items), read from its file."""
-        from curation.imaging import encode_png
-        from curation.ingest import readers_for
-        from expert_runners.picture2d import picture_2d
-
-        if self._readers is None:
-            self._readers = readers_for(self.spec)
-        volume = self._readers[item.source].load(item)
-        return encode_png(picture_2d(volume.array), self.spec.output.image_max_side)
+    def vocabulary(self, expert: str, arg: str) -> list[str]:
+        """Names the expert reports for `arg` when present (its `ExpertInfo`; empty: unknown)."""
+        info = self.experts.get(expert)
+        return [] if info is None else info.vocabulary(arg)
 
     def locate(self, tb: Any, default: str) -> tuple[str, int | None, str]:
         """(template, line, chain) of the innermost template frame of a traceback."""
@@ -504,19 +449,6 @@ class Renderer:
             chain = f" (called from {default}, line {outer[1]})" if outer else ""
         return name, line, chain
 
-    @staticmethod
-    def source_line(source: str, text: str) -> int | None:
-        """The first line of a template's source that holds `text` (for stray text)."""
-        probe = text.splitlines()[0][:40] if text else ""
-        for n, line in enumerate(source.splitlines(), start=1):
-            if probe and probe in line:
-                return n
-        return None
-
-
-def _skip(reason: str) -> str:
-    """`skip("reason")`: make no conversation for this item (a ledger reason)."""
-    raise Skip(str(reason))
 
 
 def _source_modalities(source: Any) -> set[str] | None:
@@ -526,7 +458,7 @@ def _source_modalities(source: Any) -> set[str] | None:
 
 
 def _describe(e: BaseException) -> str:
-    if isinstance(e, (Fault, UndefinedError, SecurityError)):
+    if isinstance(e, (Fault, UndefinedError, SecurityError, BudgetExceeded)):
         return str(e)
     if isinstance(e, TemplateNotFound):
         return f"template {e.name!r} not found (templates can only use files in the template folders)"

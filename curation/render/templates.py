@@ -20,15 +20,14 @@ A template starts with a declaration in a Jinja comment, read without rendering:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import operator
 import os
 import re
-import string
-from collections.abc import Iterable
+from collections.abc import Callable
 from contextvars import ContextVar
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,21 +41,32 @@ from jinja2.ext import Extension
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
+from jinja2.utils import Namespace, _PassArg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from curation.errors import CurationError, validation_message
-from curation.render.prompt_data import check_phrasing
+from curation.expert_info import NEEDS
+from curation.items import SourceKind
+from curation.render.budget import (
+    MAX_ITEMS,
+    MAX_TEXT,
+    Budget,
+    BudgetExceeded,
+    OutputBuffer,
+    check_arguments,
+    check_format,
+    check_join,
+    check_replace,
+    counted,
+)
+from curation.render.filters import FILTERS
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
-SOURCE_KINDS = ("dicom", "nifti", "nifti_group", "image2d", "qa")
-NEEDS = ("structures", "classes", "key_slice", "overlay", "sequence")
-MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (a sandbox limit)
+MAX_SEQUENCE = MAX_ITEMS  # longest string or list a template may build with * (a sandbox limit)
 
-Need = Literal["structures", "classes", "key_slice", "overlay", "sequence"]
-SourceKind = Literal["dicom", "nifti", "nifti_group", "image2d", "qa"]
+Need = Literal[NEEDS]  # type: ignore[valid-type]  # the one list, in curation.expert_info
 
 
 class TemplateDeclaration(BaseModel):
@@ -139,22 +149,94 @@ MUTATORS: dict[type, frozenset[str]] = {
 }
 
 
+# Methods of built-in values a template has no use for and that build values far larger than
+# their inputs (a translation table of long strings, tabs expanded to a wide stop).
+BLOCKED_METHODS = frozenset({"translate", "maketrans", "expandtabs"})
+READ_ONLY_DICT_METHODS = frozenset({"get", "keys", "values", "items"})
+
+
+def current_budget() -> Budget | None:
+    """The budget of the conversation being rendered in this thread (None while compiling)."""
+    state = CURRENT_STATE.get(None)
+    return None if state is None else state.budget  # type: ignore[no-any-return]
+
+
 class PromptSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, stricter: reaching an unsafe attribute fails at once (not
-    when the value is used), and `*`/`**` cannot build huge values.
+    when the value is used), and no call, operator, filter, loop or output may go past the
+    rendering's budget (`curation.render.budget`).
 
     Two fast paths keep it quick without loosening it: `x.key` on a plain dict that has `key`
     returns the value directly (no attribute lookup: a mapping's key wins over a method of the
     same name), and attributes of types known to be read-only skip the generic checks.
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     trusted_owners: tuple[type, ...] = ()  # helpers bound to these (the renderer's) are called directly
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if type(getattr(obj, "__self__", None)) in self.trusted_owners:
+        owner = getattr(obj, "__self__", None)
+        kind = type(owner)
+        if kind in self.trusted_owners:
             return obj(*args, **kwargs)
-        return super().call(context, obj, *args, **kwargs)
+        budget = current_budget()
+        if kind is dict and budget is not None and getattr(obj, "__name__", "") in READ_ONLY_DICT_METHODS:
+            budget.step()  # a lookup: builds nothing
+            return obj(*args, **kwargs)
+        if budget is None:
+            return super().call(context, obj, *args, **kwargs)
+        budget.step()
+        name = str(getattr(obj, "__name__", "a call")).removeprefix("safe_")
+        check_arguments(args, kwargs, name)
+        if isinstance(owner, (str, bytes)):
+            if name == "replace" and len(args) >= 2:
+                check_replace(owner, *args[:3])
+            elif name in ("format", "format_map"):
+                check_format(owner, name)
+            elif name == "join" and args:
+                args = (list(args[0]), *args[1:])
+                check_join(args[0], owner, "join")
+        return budget.value(super().call(context, obj, *args, **kwargs), name)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Jinja's parse, with every loop's items passed through the `_steps` filter: one step
+        of the budget each."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == "_steps"):
+                loop.iter = nodes.Filter(loop.iter, "_steps", [], [], None, None).set_lineno(loop.lineno)
+        return tree
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """`"…".format(…)` and `format_map`: Jinja's sandboxed formatter, after a check that the
+        pattern asks for no huge field and before a check of what it built."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        pattern, name = value.__self__, value.__name__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            budget = current_budget()
+            if budget is not None:
+                check_format(pattern, name)
+                check_arguments(args, kwargs, name)
+            result = wrapped(*args, **kwargs)
+            return result if budget is None else budget.value(result, name)  # type: ignore[no-any-return]
+
+        return checked
+
+    def output_buffer(self) -> OutputBuffer:
+        """The buffer of a turn, a macro or a `{% set %}` block: it counts what is written."""
+        return OutputBuffer(current_budget())
+
+    def joined(self, parts: tuple[Any, ...]) -> str:
+        """`a ~ b ~ c`: checked against the cap before it is built."""
+        texts = [str(p) for p in parts]
+        budget = current_budget()
+        if budget is not None:
+            check_join(texts, "", "'~'")
+            budget.step()
+        return "".join(texts)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute in obj:
@@ -162,7 +244,7 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        if attr.startswith("_"):
+        if attr.startswith("_") or attr in BLOCKED_METHODS:
             return False
         kind = type(obj)
         if kind in READ_ONLY_TYPES:
@@ -179,16 +261,32 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        budget = current_budget()
         if op == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
                     raise SecurityError(f"'*' would build a value of {len(seq) * times} items; the limit is {MAX_SEQUENCE}")
-            return operator.mul(left, right)
-        if op == "**":
+            result = operator.mul(left, right)
+        elif op == "**":
             if isinstance(right, (int, float)) and abs(right) > 100:
                 raise SecurityError(f"exponent {right} is too large for a template (limit 100)")
-            return operator.pow(left, right)
-        return super().call_binop(context, op, left, right)
+            if isinstance(left, int) and left.bit_length() > 4096:
+                raise SecurityError(f"a power of a {left.bit_length()}-bit number is too large for a template")
+            result = operator.pow(left, right)
+        elif op == "+":
+            if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
+                size = len(left) + len(right)
+                limit = MAX_TEXT if isinstance(left, (str, bytes)) else MAX_ITEMS
+                if size > limit:
+                    raise BudgetExceeded(f"'+' would build a value of {size:,} items; the limit is {limit:,}")
+            result = operator.add(left, right)
+        elif op == "%" and isinstance(left, str):
+            check_format(left, "'%' formatting")
+            check_arguments([right], {}, "'%' formatting")
+            result = super().call_binop(context, op, left, right)
+        else:
+            result = super().call_binop(context, op, left, right)
+        return result if budget is None else budget.value(result, f"'{op}'")
 
 
 class PromptCodeGenerator(CodeGenerator):
@@ -207,6 +305,19 @@ class PromptCodeGenerator(CodeGenerator):
     Exactly what the sandbox's fast paths pass straight through skips it; everything else goes
     through the sandbox as before.
     """
+
+    def buffer(self, frame: Frame) -> None:
+        """Output buffers count what is written to them (`PromptSandbox.output_buffer`)."""
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        """`a ~ b` through `PromptSandbox.joined`, which checks the size first."""
+        self.write("environment.joined((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
     @optimizeconst
     def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
@@ -276,126 +387,61 @@ def _turn_end(context: Any, text: str, line: int) -> str:
     return CURRENT_STATE.get().turn_end(text, line)  # type: ignore[no-any-return]
 
 
-# --- filters -------------------------------------------------------------------------------
+@pass_context
+def _steps(context: Any, values: Any) -> Any:
+    """A loop's items, each one step of the budget (the code generator puts it on every loop)."""
+    return counted(values, current_budget())
 
 
-def label_text(name: str) -> str:
-    """A class name as text: lower case, `_` as a space (VILA-M3's CXR convention).
+def _guarded(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    """Filter `f`, made to respect the budget: its arguments checked before (no huge widths or
+    counts; `replace`, `join`, `format`, `indent`, `wordwrap` sized in advance) and its result
+    after. The guard takes the context, which also keeps Jinja from running the filter while it
+    compiles a template (constant folding would run it with no budget at all)."""
+    passes = _PassArg.from_obj(f)
 
-    >>> label_text("Pleural_Thickening")
-    'pleural thickening'
-    """
-    return str(name).lower().replace("_", " ")
+    @pass_context
+    @functools.wraps(f)
+    def run(context: Context, *args: Any, **kwargs: Any) -> Any:
+        budget = current_budget()
+        if budget is not None:
+            budget.step()
+            check_arguments(args, kwargs, f"filter {name}")
+            args = _sized(name, args, kwargs)
+        first = {_PassArg.context: (context,), _PassArg.eval_context: (context.eval_ctx,),
+                 _PassArg.environment: (context.environment,)}.get(passes, ())  # type: ignore[arg-type]
+        result = f(*first, *args, **kwargs)
+        return result if budget is None else budget.value(result, f"filter {name}")
 
-
-def legend_text(legend: dict[str, str]) -> str:
-    """`red: liver, blue: spleen` from an overlay legend (colour → structure name)."""
-    return ", ".join(f"{colour}: {name}" for colour, name in legend.items())
-
-
-def predictions_text(classes: Iterable[dict[str, Any]]) -> str:
-    """VILA-M3's expert result lines, one per class: `atelectasis: no`."""
-    return "\n".join(f"{label_text(c['name'])}: {'yes' if c['present'] else 'no'}" for c in classes)
-
-
-def ml_text(volume: float) -> str:
-    """A volume as text, one decimal.
-
-    >>> ml_text(1505.754)
-    '1505.8 mL'
-    """
-    return f"{float(volume):.1f} mL"
+    return run
 
 
-def join_and(values: Iterable[Any], word: str = "and") -> str:
-    """`a, b and c`.
-
-    >>> join_and(["liver"]), join_and(["liver", "spleen", "aorta"])
-    ('liver', 'liver, spleen and aorta')
-    """
-    items = [str(v) for v in values]
-    if len(items) < 2:
-        return "".join(items)
-    return f"{', '.join(items[:-1])} {word} {items[-1]}"
-
-
-def plural(word: str, count: int = 2) -> str:
-    """The word with an `s` unless count is 1 (enough for the names our experts use)."""
-    return str(word) if count == 1 else f"{word}s"
-
-
-def largest(structures: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """The structure with the largest `volume_ml` (the first of equals); None for none.
-
-    >>> largest([{"name": "a", "volume_ml": 2.0}, {"name": "b", "volume_ml": 5.0}])["name"]
-    'b'
-    """
-    best = None
-    for s in structures:
-        if best is None or s["volume_ml"] > best["volume_ml"]:
-            best = s
-    return best
+def _sized(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A filter's arguments after the checks that size its result in advance (a `join`'s
+    iterable made a list, so it can be measured and then joined)."""
+    if name == "replace" and len(args) >= 3:
+        check_replace(*args[:4])
+    elif name in ("join", "join_and") and args:
+        parts = list(args[0])
+        check_join([str(p) for p in parts], args[1] if len(args) > 1 else kwargs.get("d", ""), f"filter {name}")
+        args = (parts, *args[1:])
+    elif name == "format" and args:
+        check_format(args[0], "filter format")
+    elif name == "format_each":
+        check_format(args[1] if len(args) > 1 else kwargs.get("pattern"), "filter format_each")
+    elif name in ("indent", "wordwrap") and args and isinstance(args[0], str):
+        text = args[0]
+        extra = args[1] if len(args) > 1 else kwargs.get("width", 4)
+        width = len(extra) if isinstance(extra, str) else (int(extra) if isinstance(extra, int) else 4)
+        lines = text.count("\n") + 1 if name == "indent" else len(text) // max(width, 1) + 1
+        wrap = len(str(kwargs.get("wrapstring") or (args[3] if len(args) > 3 else "\n")))
+        size = len(text) + lines * (width if name == "indent" else wrap)
+        if size > MAX_TEXT:
+            raise BudgetExceeded(f"filter {name} would build a text of {size:,} characters; the limit is {MAX_TEXT:,}")
+    return args
 
 
-def without(values: Iterable[Any], others: Iterable[Any]) -> list[Any]:
-    """The values not among `others`, in order.
-
-    >>> without(["liver", "spleen", "aorta"], ["spleen"])
-    ['liver', 'aorta']
-    """
-    drop = set(others)
-    return [v for v in values if v not in drop]
-
-
-@lru_cache(maxsize=256)
-def _each_pattern(pattern: str) -> tuple[str, Any] | None:
-    """A checked `format_each` pattern whose fields are all plain (no format spec) as %-style
-    text and a getter of its fields' values: `str.format_map` parses the pattern again for
-    every entry, which made this filter the slowest step of a VISTA3D conversation. None: use
-    `format_map` (a field has a format spec)."""
-    check_phrasing(pattern, "format_each")
-    parts = list(string.Formatter().parse(pattern))
-    if any(spec for _, f, spec, _ in parts if f is not None):
-        return None
-    fields = [f for _, f, _, _ in parts if f is not None]
-    text = "".join(literal.replace("%", "%%") + ("%s" if f is not None else "") for literal, f, _, _ in parts)
-    if len(fields) == 1:
-        one = operator.itemgetter(fields[0])
-        return text, lambda v: (one(v),)
-    return text, operator.itemgetter(*fields) if fields else (lambda v: ())
-
-
-def format_each(values: Iterable[dict[str, Any]], pattern: str) -> list[str]:
-    """`pattern` filled from each mapping: `structures | format_each("the {name} ({colour})")`.
-
-    >>> format_each([{"name": "liver", "colour": "red", "volume_ml": 2.0}], "the {name} ({colour}), 100% {volume_ml}")
-    ['the liver (red), 100% 2.0']
-    >>> format_each([{"volume_ml": 1505.75}], "{volume_ml:.1f} mL")
-    ['1505.8 mL']
-    """
-    fast = _each_pattern(pattern)
-    try:
-        if fast is None:
-            return [pattern.format_map(v) for v in values]
-        text, fields = fast
-        return [text % fields(v) for v in values]
-    except KeyError as e:
-        raise KeyError(f"format_each: pattern {pattern!r} names {e.args[0]!r}, which an entry lacks") from None
-
-
-FILTERS = {
-    "label": label_text,
-    "legend": legend_text,
-    "predictions": predictions_text,
-    "ml": ml_text,
-    "join_and": join_and,
-    "plural": plural,
-    "without": without,
-    "largest": largest,
-    "format_each": format_each,
-    "_turn_begin": _turn_begin,
-    "_turn_end": _turn_end,
-}
+TURN_FILTERS = {"_turn_begin": _turn_begin, "_turn_end": _turn_end, "_steps": _steps}
 
 
 class PromptContext(Context):
@@ -431,6 +477,8 @@ def make_environment(roots: list[Path]) -> PromptSandbox:
     env.globals.pop("lipsum", None)  # random text from the global RNG: not reproducible
     env.filters.pop("random", None)  # same; templates use pick()
     env.filters.update(FILTERS)
+    env.filters = {name: _guarded(name, f) for name, f in env.filters.items()}
+    env.filters.update(TURN_FILTERS)
     return env
 
 

@@ -1,27 +1,31 @@
-"""One rendering: the seeded RNG, the helpers a template calls, and the messages they build.
+"""One rendering: the seeded RNG, the turns, the pictures placed, the facts stated, the meta.
 
 `{% turn "user" %}…{% endturn %}` (see `curation.render.templates.TurnExtension`) calls
 `turn_begin(role, line)`, captures its body as text, then calls `turn_end(text, line)`, which
 appends the message: roles come from the tags, in the order the template runs them, and are
-never read from text. Inside a turn, `{{ image("overlay") }}` registers the picture and writes
-a slot marker, NUL + a random secret of the renderer + `:image:<n>` + NUL, which no template
-text or data can produce; `turn_end` cuts the text at these markers into text and image parts.
+never read from text. Inside a turn, `{{ image(…) }}` registers the picture and writes a slot
+marker, NUL + a random secret of the renderer + `:image:<n>` + NUL, which no template text or
+data can produce; `turn_end` cuts the text at these markers into text and image parts.
+
+The state knows only what it is given (`Shared`, the template's name and source, the task,
+the item and the views of its findings); the helpers templates call live in
+`curation.render.helpers` and reach it through the few methods below.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
+from curation.findings import Findings
 from curation.items import StudyItem
 from curation.manifest import TaskSpec
-from curation.findings import Findings
+from curation.render.budget import MAX_TEXT, Budget
 
-if TYPE_CHECKING:  # pragma: no cover
-    from curation.render.renderer import Renderer, _Compiled
-
-META_SET_BY_RENDERER = frozenset({"kind", "template", "args", "variant", "call"})
+META_SET_BY_RENDERER = frozenset({"kind", "template", "args", "variant", "call", "calls", "facts", "images", "legends", "prompt",
+                                  "answer_turn"})
 SCALARS = frozenset({str, bool, int, float, type(None)})
 MAX_IMAGES = 64
 
@@ -35,7 +39,7 @@ class Fault(Exception):
 
 
 class Skip(Exception):
-    """`skip("reason")` in a template."""
+    """`skip("reason")` in a template (or a helper that finds nothing to ask)."""
 
 
 class Markers:
@@ -52,51 +56,90 @@ class Markers:
         self.slot = {token: n for n, token in enumerate(self.tokens)}
 
 
-def _json_safe(value: Any, key: str) -> Any:
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What every rendering of one renderer shares."""
+
+    markers: Markers
+    phrasings: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """What one rendering is about: the task and argument, the item, the expert's findings and
+    the plain views templates read (`findings`, `truth`: see `curation.render.helpers`)."""
+
+    task: TaskSpec
+    arg: str
+    item: StudyItem
+    findings: Findings | None
+    view: dict[str, Any] | None
+    truth: dict[str, Any] | None
+
+
+def json_safe(value: Any, key: str) -> Any:
     kind = type(value)
     if kind in SCALARS:
         return value
     if kind is list or kind is tuple:
-        return [v if type(v) in SCALARS else _json_safe(v, key) for v in value]
+        return [v if type(v) in SCALARS else json_safe(v, key) for v in value]
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v, key) for v in value]
+        return [json_safe(v, key) for v in value]
     if isinstance(value, dict):
-        return {str(k): _json_safe(v, key) for k, v in value.items()}
+        return {str(k): json_safe(v, key) for k, v in value.items()}
     raise Fault(f"meta({key}=…) takes text, numbers, yes/no, lists and mappings, not a {type(value).__name__}")
 
 
 class RenderState:
-    """The state of one rendering: the RNG, the turns so far, the images, the meta."""
+    """The state of one rendering: the RNG, the turns so far, the pictures, the statements."""
 
-    __slots__ = ("args", "c", "call", "findings", "images", "item", "lines", "m", "messages", "meta", "open", "pending",
-                 "phrasings", "r", "rng")
+    __slots__ = ("budget", "call", "facts", "images", "legends", "lines", "messages", "meta", "open", "pending", "pictures",
+                 "results", "rng", "shared", "source", "subject", "template")
 
-    def __init__(self, renderer: Renderer, compiled: _Compiled, task: TaskSpec, item: StudyItem,
-                 findings: Findings | None, variant: int, seed: int):
-        self.r = renderer
-        self.c = compiled
-        self.item = item
-        self.findings = findings
-        self.args = task.args[variant % len(task.args)]
-        self.call = "" if task.expert is None else f"<{task.expert}({self.args})>"
+    def __init__(self, shared: Shared, template: str, source: str, kind: str, subject: Subject, variant: int, seed: int):
+        self.shared = shared
+        self.template = template
+        self.source = source  # the template's text, to find the line of stray output
+        self.subject = subject
+        task = subject.task
+        self.call = "" if task.expert is None else f"<{task.expert}({subject.arg})>"
         self.rng = random.Random(seed)
-        self.m: Markers = renderer._markers
-        self.phrasings: dict[str, tuple[str, ...]] = renderer._phrasings
+        self.budget = Budget()
         self.messages: list[dict[str, Any]] = []
         self.images: list[bytes] = []
-        self.pending: list[bytes] = []  # pictures of the open turn, by slot number
+        self.pictures: list[dict[str, Any]] = []  # per row image: what it is (meta.images)
+        self.pending: list[tuple[bytes, dict[str, Any]]] = []  # pictures of the open turn, by slot number
+        self.facts: list[dict[str, Any]] = []
+        self.legends: list[dict[str, Any]] = []
+        self.results: set[int] = set()  # turns that give the expert's results
         self.lines: list[int] = []
         self.open: str | None = None
-        self.meta: dict[str, Any] = {"kind": compiled.declaration.kind, "template": task.template, "args": self.args, "variant": variant}
+        self.meta: dict[str, Any] = {"kind": kind, "template": task.template, "args": subject.arg, "variant": variant}
+
+    @property
+    def turn(self) -> int:
+        """The message index of the open turn (or of the next one)."""
+        return len(self.messages)
 
     def finish_output(self, chunks: Iterator[str]) -> None:
         """Run the template; what it writes outside turns must be blank."""
-        stray = "".join(chunks).strip()
+        parts = []
+        for chunk in chunks:
+            self.budget.write(chunk)
+            parts.append(chunk)
+        stray = "".join(parts).strip()
         if stray:
-            raise Fault(f"text outside any turn: {stray[:60]!r} (write all text inside {{% turn %}} blocks)",
-                        self.r.source_line(self.c.source, stray))
+            raise Fault(f"text outside any turn: {stray[:60]!r} (write all text inside {{% turn %}} blocks)", self.source_line(stray))
+
+    def source_line(self, text: str) -> int | None:
+        """The first line of the template's source that holds `text` (for stray text)."""
+        probe = text.splitlines()[0][:40] if text else ""
+        for n, line in enumerate(self.source.splitlines(), start=1):
+            if probe and probe in line:
+                return n
+        return None
 
     # --- turns -----------------------------------------------------------------------------
 
@@ -114,6 +157,8 @@ class RenderState:
         role, self.open = self.open, None
         pending, self.pending = self.pending, []
         text = text.strip()
+        if sum(len(p["text"]) for m in self.messages for p in m["content"] if p["type"] == "text") + len(text) > MAX_TEXT:
+            raise Fault(f"the conversation would hold more than {MAX_TEXT:,} characters of text", line)
         if "\x00" not in text:
             if pending:
                 raise Fault("image() was called but its slot is not in the turn's text; write {{ image(…) }} in the text", line)
@@ -122,10 +167,12 @@ class RenderState:
             self.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
             return ""
         pieces = text.split("\x00")
-        if pieces[1::2] == self.m.tokens[: len(pending)]:  # the usual case: every slot once, in order
+        tokens = self.shared.markers.tokens
+        if pieces[1::2] == tokens[: len(pending)]:  # the usual case: every slot once, in order
             parts: list[dict[str, Any]] = [{"type": "text", "text": piece} if i % 2 == 0 else {"type": "image", "text": None}
                                            for i, piece in enumerate(pieces) if piece]
-            self.images += pending
+            for png, picture in pending:
+                self._place(png, picture)
             self.messages.append({"role": role, "content": parts})
             return ""
         parts = []
@@ -135,106 +182,55 @@ class RenderState:
                 if piece:
                     parts.append({"type": "text", "text": piece})
                 continue
-            n = self.m.slot.get(piece)
+            n = self.shared.markers.slot.get(piece)
             if n is None or n >= len(pending):
                 raise Fault("the turn's text holds a NUL character that is not an image slot (from the data or the template)", line)
             if n in used:
                 raise Fault("an image slot was written twice; call image() once for every image in the conversation", line)
             used.add(n)
             parts.append({"type": "image", "text": None})
-            self.images.append(pending[n])
+            self._place(*pending[n])
         if len(used) != len(pending):
             raise Fault("image() was called but its slot is not in the turn's text; write {{ image(…) }} in the text", line)
         self.messages.append({"role": role, "content": parts})
         return ""
 
-    def image(self, kind: str, which: int | str = 0) -> str:
+    def _place(self, png: bytes, picture: dict[str, Any]) -> None:
+        self.images.append(png)
+        self.pictures.append({**picture, "turn": len(self.messages)})
+
+    def add_image(self, png: bytes, picture: dict[str, Any]) -> str:
+        """Put a picture in the open user turn; its slot marker."""
         if self.open != "user":
             raise Fault("image() belongs inside a user turn" if self.open is None else "images go in user turns; the assistant answers in text")
-        pending = self.pending
-        n = len(pending)
+        n = len(self.pending)
         if n >= MAX_IMAGES:
             raise Fault(f"more than {MAX_IMAGES} images in one turn")
-        pending.append(self._image_bytes(kind, which))
-        return self.m.image[n]
+        self.pending.append((png, picture))
+        return self.shared.markers.image[n]
 
-    def _image_bytes(self, kind: str, which: int | str) -> bytes:
-        f = self.findings
-        if kind == "item":
-            if self.item.kind != "image2d":
-                raise Fault(f"image('item') is the picture of a 2D item; this is a {self.item.kind} item: use image('key_slice')")
-            for img in f.images if f is not None else ():
-                if img.kind == "key_slice":
-                    return img.png
-            return self.r.item_picture(self.item)
-        if kind not in ("key_slice", "overlay", "sequence"):
-            raise Fault(f"image kind {kind!r}: use key_slice, overlay, sequence or item")
-        if f is None:
-            raise Fault(f"image({kind!r}) needs findings, and this task has no expert")
-        found = self.r._memo(f)[1].get(kind, [])
-        if isinstance(which, str):
-            for img in found:
-                if img.caption.lower() == which.lower():
-                    return img.png
-            raise Fault(f"no {kind} image captioned {which!r} in the findings of {f.expert} (captions: {[i.caption for i in found]})")
-        if not isinstance(which, int) or not 0 <= which < len(found):
-            raise Fault(f"no {kind} image {which!r} in the findings of {f.expert} (runner {f.runner}), which have {len(found)}")
-        return found[which].png
+    def in_turn(self, role: str, what: str) -> int:
+        """The open turn's index; a Fault unless a `role` turn is open."""
+        if self.open != role:
+            raise Fault(f"{what} belongs inside {'a user' if role == 'user' else 'an assistant'} turn")
+        return self.turn
 
-    # --- other helpers templates call ------------------------------------------------------
+    # --- meta ------------------------------------------------------------------------------
 
-    def set_meta(self, **values: Any) -> str:
+    def set_meta(self, values: dict[str, Any]) -> None:
         if not META_SET_BY_RENDERER.isdisjoint(values):
             key = next(k for k in values if k in META_SET_BY_RENDERER)
             raise Fault(f"meta key {key!r} is set by the renderer")
         for key, value in values.items():
             if type(value) not in SCALARS:
-                values[key] = _json_safe(value, key)
+                values[key] = json_safe(value, key)
         self.meta.update(values)
-        return ""
 
-    def pick(self, values: Any) -> Any:
-        seq = values if isinstance(values, (list, tuple)) else list(values)
-        if not seq:
-            raise Fault("pick() from an empty list")
-        return self.rng.choice(seq)
-
-    def shuffled(self, values: Any) -> list[Any]:
-        seq = list(values)
-        self.rng.shuffle(seq)
-        return seq
-
-    def sample(self, values: Any, k: int) -> list[Any]:
-        seq = list(values)
-        return self.rng.sample(seq, min(int(k), len(seq)))
-
-    def chance(self, p: float = 0.5) -> bool:
-        return self.rng.random() < float(p)
-
-    def phrase(self, key: str | list[str], **fields: Any) -> str:
-        """`phrase("key", name=…)`, or `phrase([key, fallback, …], …)`: the first key that has
-        phrasings (a group's own wording, else the general one)."""
-        banks = self.phrasings
-        if type(key) is str:
-            bank = banks.get(key)
-        else:
-            for k in key:
-                bank = banks.get(str(k))
-                if bank is not None:
-                    break
-            else:
-                bank = None
-        if bank is None:
-            raise Fault(f"no phrasing {key!r}: add it to a file in prompts/phrasings/")
-        text = self.rng.choice(bank)
-        try:
-            return text.format_map(fields)
-        except KeyError as e:
-            raise Fault(f"phrasing {key!r} ({text!r}) needs {e.args[0]!r}: pass it as phrase({key!r}, {e.args[0]}=…)") from None
-
-    def structure(self, name: str) -> dict[str, Any] | None:
-        view = self.r._view(self.findings)
-        if view is None:
-            raise Fault("structure() needs findings, and this task has no expert")
-        return view["by_name"].get(name)  # type: ignore[no-any-return]
-
+    def picture_slot(self, index: int | None, kind: str, turn: int) -> int | None:
+        """The row image showing findings picture `index` (`kind` when there is no index), the
+        latest placed at or before `turn`."""
+        found = None
+        for slot, picture in enumerate(self.pictures):
+            if picture["turn"] <= turn and picture.get("index") == index and (index is not None or picture["kind"] == kind):
+                found = slot
+        return found

@@ -23,7 +23,7 @@ from curation import __version__
 from curation.items import LEDGER_SCHEMA, LedgerEntry
 from curation.manifest import BuildSpec
 from curation.build.plan import ItemPlan, Plan, task_name
-from curation.rows import SCHEMA_VERSION
+from curation.rows import SCHEMA_VERSION, grounding_category, meta_counts
 from curation.store.public import Redactor, public_counts, public_manifest
 from curation.build.stages import Report
 
@@ -70,6 +70,7 @@ class Tally:
     runs: Counter[str] = field(default_factory=Counter)
     cached: Counter[str] = field(default_factory=Counter)
     templates: dict[str, str] = field(default_factory=dict)
+    answers: Counter[str] = field(default_factory=Counter)  # grounding: rows per answer source, hint disagreements
 
     def record(self, plan: ItemPlan, report: Report, rows: pa.Table | None) -> ItemOutcome:
         n = rows.num_rows if rows is not None else 0
@@ -78,6 +79,10 @@ class Tally:
                 self.rows[name].update(rows[name].to_pylist())  # type: ignore[index]
         if n:
             self.rows["expert"].update(e or "(none)" for e in rows["expert"].to_pylist())  # type: ignore[index]
+            if "meta" in rows.schema.names:  # type: ignore[union-attr]
+                counts = meta_counts(rows["meta"].to_pylist())  # type: ignore[index]
+                self.answers.update({f"answer_from:{k}": v for k, v in counts["answer_from"].items()})
+                self.answers["hint_disagrees"] += counts["hint_disagrees"]
             self.items_by_split[plan.split] += 1
             self.patients_by_split.setdefault(plan.split, set()).add(plan.item.patient_key)
         self.seconds.update(report.seconds)
@@ -141,6 +146,7 @@ def dataset_card(
                        "files": [p.relative_to(out).as_posix() for p in shards]},
             "set_aside": public_counts(tally.set_aside, Redactor.of(spec, ledger["uri"].to_pylist())),
         },
+        "grounding": grounding_section(tally),
         "experts": {
             name: {"runner": info.runner, "fingerprint": info.fingerprint, "runs": tally.runs.get(name, 0),
                    "cached": tally.cached.get(name, 0), "seconds": round(tally.seconds.get(f"expert:{name}", 0.0), 3),
@@ -160,6 +166,20 @@ def dataset_card(
         },
         "manifest": public_manifest(spec),
     }
+
+
+def grounding_section(tally: Tally) -> dict[str, Any]:
+    """The grounding contract's accounts: rows by where their answer comes from (`truth`,
+    `expert` — only where a task says `answer_from: expert` — or `findings`), rows whose expert
+    hint or result disagrees with the truth they are answered from (kept: they teach the model to
+    look), and conversations the grounding check set aside, by reason."""
+    set_aside: Counter[str] = Counter()
+    for reason, n in tally.set_aside.items():
+        category = grounding_category(reason)
+        if category is not None:
+            set_aside[category] += n
+    sources = {k.removeprefix("answer_from:"): v for k, v in sorted(tally.answers.items()) if k.startswith("answer_from:")}
+    return {"answer_from": sources, "hint_disagrees": tally.answers.get("hint_disagrees", 0), "set_aside": dict(set_aside.most_common())}
 
 
 def write_json(data: Any, path: Path) -> None:

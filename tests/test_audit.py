@@ -1,0 +1,115 @@
+"""`m3-curate audit`: the grounding check over rows already written (real Parquet shards made by
+the build's own row code), a table per task, exit status 1 when a row is ungrounded; tampered
+rows are caught with the right reason, and so are rows whose call does not follow the question."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from render_factory import Demo
+
+from curation.audit import CALL_CLASH, audit, table
+from curation.build.plan import ItemPlan, Unit
+from curation.build.stages import BuildContext, make_row
+from curation.cli import main
+from curation.render.renderer import Renderer, TemplateSkip
+from curation.rows import ROW_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def rows(render_demo: Demo) -> list[dict]:
+    """Rows as the build writes them: every task, two items each, two variants."""
+    demo = render_demo
+    renderer = Renderer(demo.spec, experts=demo.experts)
+    ctx = BuildContext(spec=demo.spec, cache_root="unused", fingerprints={e.name: "fp" for e in demo.spec.experts},
+                       manifest_hash="m", code_version="c", experts=demo.experts)
+    out = []
+    for t, task in enumerate(demo.spec.tasks):
+        for item in demo.items_of(task.source)[:2]:
+            for v in range(2):
+                f = demo.get(task, item, v)
+                try:
+                    conv = renderer.render(task, item, f, variant=v)
+                except TemplateSkip:
+                    continue
+                plan = ItemPlan(item=item, split="train", lane=0)
+                row = make_row(ctx, plan, Unit(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, f)
+                out.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return out
+
+
+def write(out: Path, rows: list[dict]) -> Path:
+    folder = out / "dataset" / "data" / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), folder / "part-00000.parquet")
+    return out
+
+
+def test_written_rows_are_grounded(rows: list[dict], tmp_path: Path, capsys) -> None:
+    out = write(tmp_path / "good", rows)
+    result = audit(out)
+    assert result.ungrounded == 0 and sum(t.rows for t in result.tasks.values()) == len(rows)
+    assert main(["audit", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vista3d/tumor_presence.j2" in printed and f"{len(rows)} ungrounded" not in printed and "0 ungrounded" in printed
+
+
+def test_tampered_rows_are_caught_with_their_reason(rows: list[dict], tmp_path: Path) -> None:
+    rows = json.loads(json.dumps(rows, default=lambda b: b.decode("latin-1")))  # a deep copy (bytes through latin-1)
+    for r in rows:
+        for image in r["images"]:
+            image["bytes"] = image["bytes"].encode("latin-1")
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    swapped = by_task["cxr/expert_hint_vqa.j2"][0]
+    swapped["images"][0]["bytes"] = by_task["brats/four_sequences.j2"][0]["images"][0]["bytes"]  # another picture
+    answered = by_task["cxr/expert_hint_choice.j2"][0]
+    meta = json.loads(answered["meta"])
+    turn = answered["messages"][meta["answer_turn"]]["content"][0]
+    wrong = next(letter for letter in "ABCD" if letter != meta["answer"])
+    turn["text"] = f"{wrong}) whatever"  # an answer the truth contradicts (and not the one meta records)
+    meta["answer"] = wrong
+    answered["meta"] = json.dumps(meta)
+    plain = by_task["qa/plain.j2"][0]  # claim its prompt had the model card, as the trigger row's has: same prompt, other call
+    trigger = next(r for r in by_task["qa/expert_trigger.j2"] if r["item_id"] == plain["item_id"])
+    meta = json.loads(plain["meta"])
+    meta["prompt"] = json.loads(trigger["meta"])["prompt"]
+    plain["meta"] = json.dumps(meta)
+    out = write(tmp_path / "bad", rows)
+    result = audit(out)
+    assert result.tasks["cxr/expert_hint_vqa.j2"].ungrounded["images do not match their slots"] == 1
+    assert result.tasks["cxr/expert_hint_choice.j2"].ungrounded["answer contradicts its source"] == 1
+    assert result.tasks["qa/plain.j2"].ungrounded[CALL_CLASH] == 1 and result.tasks["qa/expert_trigger.j2"].ungrounded[CALL_CLASH] >= 1
+    assert result.ungrounded == 4 - 1 + result.tasks["qa/expert_trigger.j2"].ungrounded[CALL_CLASH]
+    assert "answer contradicts its source" in table(result)
+    with pytest.raises(SystemExit) as e:
+        main(["audit", str(out)])
+    assert e.value.code == 1
+
+
+def test_set_aside_counts_come_from_the_card(rows: list[dict], tmp_path: Path) -> None:
+    out = write(tmp_path / "card", rows)
+    reason = "quarantined: template vista3d/segment_and_answer.j2, line 27: ungrounded (legend not on picture): turn 2 names red"
+    (out / "dataset" / "dataset_card.json").write_text(json.dumps({"counts": {"set_aside": {reason: 3, "skipped: other": 2}}}))
+    result = audit(out)
+    assert dict(result.tasks["vista3d/segment_and_answer.j2"].set_aside) == {"legend not on picture": 3}
+    assert "set aside: 3 legend not on picture" in table(result)
+
+
+def test_legend_colours_are_read_off_the_pixels() -> None:
+    import numpy as np
+
+    from curation.audit import drawn_in
+    from curation.imaging import encode_png, overlay
+
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (25, 1))
+    labels = np.zeros(grey.shape, np.int32)
+    labels[5:9, 5:9] = 1
+    drawn = encode_png(overlay(grey, labels, {1: "red"}))
+    assert drawn_in(drawn, "red") and not drawn_in(drawn, "blue") and not drawn_in(drawn, "green")
+    assert not any(drawn_in(encode_png(grey), colour) for colour in ("red", "blue", "yellow", "magenta", "teal"))
