@@ -38,7 +38,7 @@ def _demo_archive(args: argparse.Namespace) -> None:
     )
 
 
-def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True) -> Any:
+def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True, experts: str = "describe") -> Any:
     """The command's manifest, loaded and checked (`curation.preflight`) before any work."""
     from curation.manifest import load_manifest
     from curation.preflight import preflight
@@ -47,7 +47,7 @@ def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True) -> A
     spec = load_manifest(args.manifest)
     if outputs:
         args.output_path = Layout.of(spec, getattr(args, "out", None)).out
-    preflight(spec, args.manifest, out=getattr(args, "out", None), rows=rows, outputs=outputs)
+    preflight(spec, args.manifest, out=getattr(args, "out", None), rows=rows, outputs=outputs, experts=experts)  # type: ignore[arg-type]
     return spec
 
 
@@ -94,8 +94,12 @@ def _delegate(target: str, check: Callable[[argparse.Namespace], None] | None = 
     return run
 
 
-def _check_rows(args: argparse.Namespace) -> None:
-    _checked(args, rows=True)
+def _check_build(args: argparse.Namespace) -> None:
+    _checked(args, rows=True, experts="describe")
+
+
+def _check_render(args: argparse.Namespace) -> None:
+    _checked(args, rows=True, experts="cached")
 
 
 def _check_preview(args: argparse.Namespace) -> None:
@@ -169,12 +173,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
     s.add_argument("--limit", type=int, help="use only the first N items, for a quick try (default: all)")
-    s.set_defaults(run=_delegate("curation.build.pipeline:build_command", _check_rows))
+    s.set_defaults(run=_delegate("curation.build.pipeline:build_command", _check_build))
 
     s = command("render", "rebuild every shard from cached findings only (no expert runs, no Ray)")
     s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder of the build whose cache to use (default: the manifest's output.dir)")
-    s.set_defaults(run=_delegate("curation.build.pipeline:render_command", _check_rows))
+    s.set_defaults(run=_delegate("curation.build.pipeline:render_command", _check_render))
 
     s = command("preview", "an HTML gallery of rendered samples for template tuning; --watch serves it live")
     s.add_argument("manifest", help="the build's manifest (YAML)")

@@ -23,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
@@ -45,14 +45,20 @@ class _Where:
         return CurationError(f"{self.prefix}{key}: {problem}")
 
 
+ExpertsFrom = Literal["describe", "cached", "cached_or_describe"]
+
+
 def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path | None = None, rows: bool = False,
-              outputs: bool = True) -> None:
+              outputs: bool = True, experts: ExpertsFrom = "describe") -> None:
     """Check a manifest (and the command's output folder) before anything runs.
 
     `rows`: the command makes rows (build, render, preview), so tasks are checked: at least one,
     templates found and fit, each task's source holding something to read. `out`: the command's
-    `--out` (else the manifest's `output.dir`), checked writable when `outputs`."""
-    memo = json.dumps([spec.model_dump(mode="json"), str(manifest), str(out), rows, outputs], sort_keys=True)
+    `--out` (else the manifest's `output.dir`), checked writable when `outputs`. `experts`: where
+    the template check learns what each expert gives — from the runners themselves (`describe`:
+    constructed, options validated, no weights loaded), only from what a build recorded in the
+    cache (`cached`: `render` constructs no runner), or the cache first (`preview`)."""
+    memo = json.dumps([spec.model_dump(mode="json"), str(manifest), str(out), rows, outputs, experts], sort_keys=True)
     if memo in _PASSED:
         return
     where = _Where(manifest)
@@ -67,7 +73,7 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
         if spec.output.cache is not None:
             writable_folder(Path(spec.output.cache), f"{where.prefix}output.cache")
     if rows:
-        check_tasks(spec, where)
+        check_tasks(spec, where, lambda: _expert_infos(spec, out, experts))
     _PASSED.add(memo)
 
 
@@ -113,7 +119,23 @@ def check_experts(spec: BuildSpec, where: _Where) -> None:
                 raise where.error(f"experts[{i}].models[{j}].path", f"file not found: {e.bundle / path}")
 
 
-def check_tasks(spec: BuildSpec, where: _Where) -> None:
+def _expert_infos(spec: BuildSpec, out: str | Path | None, source: ExpertsFrom) -> dict[str, Any]:
+    """What the renderer's check needs to know of each expert (see `preflight`)."""
+    from curation.store.cache import FindingsCache, expert_infos_from_cache
+    from curation.store.layout import Layout
+
+    if source != "describe":
+        try:
+            return expert_infos_from_cache(spec, FindingsCache(Layout.of(spec, out).cache))
+        except CurationError:
+            if source == "cached":
+                raise
+    from expert_runners.base import describe_experts
+
+    return describe_experts(spec)
+
+
+def check_tasks(spec: BuildSpec, where: _Where, expert_infos: Callable[[], dict[str, Any]]) -> None:
     if not spec.tasks:
         raise where.error("tasks", "none: a build makes rows from tasks (template, source, expert); add at least one")
     from curation.render.templates import BUILTIN_PROMPTS
@@ -131,7 +153,7 @@ def check_tasks(spec: BuildSpec, where: _Where) -> None:
     from curation.render.renderer import Renderer
 
     try:
-        Renderer(spec).check({})
+        Renderer(spec, experts=expert_infos()).check()
     except CurationError as e:
         raise CurationError(f"{where.prefix}{e}") from None
 

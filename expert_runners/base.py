@@ -24,7 +24,7 @@ from curation.errors import CurationError, ItemError
 from curation.expert_info import ExpertInfo, refusal
 from curation.findings import Findings
 from curation.items import ITEM_KINDS, StudyItem, Volume
-from curation.manifest import ExpertSpec
+from curation.manifest import BuildSpec, ExpertSpec
 
 ENTRY_POINT_GROUP = "m3_curate.runners"
 
@@ -215,6 +215,18 @@ def _checked(name: str, cls: Any) -> type[ExpertRunner]:
 
 def make_runner(spec: ExpertSpec, *, image_max_side: int = 512) -> ExpertRunner:
     return runner_class(spec.runner)(spec, image_max_side=image_max_side)
+
+
+def describe_experts(spec: BuildSpec) -> dict[str, ExpertInfo]:
+    """Every expert of a manifest as the plain `ExpertInfo` the plan and the renderer use:
+    each runner is constructed (its options validated, no weights loaded, no torch imported)
+    and describes itself for the arguments the manifest's tasks give it."""
+    infos = {}
+    for e in spec.experts:
+        runner = make_runner(e.without_placement(), image_max_side=spec.output.image_max_side)
+        args = [a for t in spec.tasks if t.expert == e.name for a in t.args]
+        infos[e.name] = runner.describe(list(dict.fromkeys(args)))
+    return infos
 
 
 def pick_device(gpus: float | None = None) -> str:

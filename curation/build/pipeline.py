@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.store.cache import FindingsCache, content_hash
+from curation.store.cache import FindingsCache, content_hash, expert_infos_from_cache
 from curation.store.card import Tally, build_ledger, code_version, dataset_card
 from curation.store.readme import write_dataset_card
 from curation.store.layout import Layout
@@ -69,38 +69,6 @@ def build_hash(spec: BuildSpec) -> str:
     """The manifest's hash for provenance: the resolved manifest less its `output` section, so
     the same recipe built into two folders makes the same rows."""
     return manifest_hash(spec.model_copy(update={"output": type(spec.output)()}))
-
-
-def expert_infos_from_runners(spec: BuildSpec) -> dict[str, ExpertInfo]:
-    """Construct every runner on the driver (validating its options before any worker
-    starts) and take its description: fingerprint, the items it takes, what it reports for
-    the arguments the tasks give it."""
-    from expert_runners.base import make_runner
-
-    infos = {}
-    log.info("checking %d expert(s) on the driver (options, weights, fingerprints): imports their model code", len(spec.experts))
-    for e in spec.experts:
-        runner = make_runner(runner_spec(e), image_max_side=spec.output.image_max_side)
-        args = [a for t in spec.tasks if t.expert == e.name for a in t.args]
-        infos[e.name] = runner.describe(list(dict.fromkeys(args)))
-    return infos
-
-
-def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, ExpertInfo]:
-    """Fingerprints a build recorded for the manifest's expert configurations; no runner is
-    constructed. An expert no build has run is an error that says so."""
-    recorded = cache.experts()
-    infos = {}
-    for i, e in enumerate(spec.experts):
-        want = spec_json(e)
-        found = [r for r in recorded if r["spec"] == want]
-        if not found:
-            raise CurationError(
-                f"experts[{i}] ({e.name!r}): no build has run this expert configuration with cache {cache.root}; "
-                f"run `m3-curate build` first (render uses cached findings only)"
-            )
-        infos[e.name] = ExpertInfo.from_json(found[-1]["info"])
-    return infos
 
 
 def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
@@ -192,7 +160,10 @@ def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, from_cache: 
     if from_cache:
         infos = expert_infos_from_cache(spec, cache)
     else:
-        infos = expert_infos_from_runners(spec)
+        from expert_runners.base import describe_experts
+
+        log.info("checking %d expert(s) on the driver (options, weights, fingerprints)", len(spec.experts))
+        infos = describe_experts(spec)
     check_templates(load_renderer(RENDERER, spec, infos))
     if not from_cache:
         cache.register([{"spec": i.spec, "fingerprint": i.fingerprint, "info": i.to_json()} for i in infos.values()])
@@ -209,7 +180,7 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
     indexes and plans, so its start-up overlaps the index."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    preflight(spec, manifest, out=out, rows=True)
+    preflight(spec, manifest, out=out, rows=True, experts="describe")
     layout = Layout.of(spec, out)
     wants_ray = bool(spec.tasks) and (limit is None or limit > 0)
     placements: dict[str, Placement] = {}
@@ -247,7 +218,7 @@ def render(manifest: str | Path, *, out: str | Path | None = None, progress: boo
 
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    preflight(spec, manifest, out=out, rows=True)
+    preflight(spec, manifest, out=out, rows=True, experts="cached")
     layout = Layout.of(spec, out)
     prep = _prepare(spec, layout, limit=None, from_cache=True)
     wall = dict(prep.wall)

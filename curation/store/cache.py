@@ -25,8 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from curation.items import StudyItem
+from curation.errors import CurationError
+from curation.expert_info import ExpertInfo
 from curation.findings import Findings
+from curation.items import StudyItem
+from curation.manifest import BuildSpec
 
 
 def content_hash(item: StudyItem, root: Path) -> str:
@@ -151,3 +154,20 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))  # dict order kept: a legend is in drawing order
     os.replace(tmp, path)
+
+
+def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, ExpertInfo]:
+    """Fingerprints a build recorded for the manifest's expert configurations; no runner is
+    constructed. An expert no build has run is an error that says so."""
+    recorded = cache.experts()
+    infos = {}
+    for i, e in enumerate(spec.experts):
+        want = e.without_placement().model_dump(mode="json")
+        found = [r for r in recorded if r["spec"] == want]
+        if not found:
+            raise CurationError(
+                f"experts[{i}] ({e.name!r}): no build has run this expert configuration with cache {cache.root}; "
+                f"run `m3-curate build` first (render uses cached findings only)"
+            )
+        infos[e.name] = ExpertInfo.from_json(found[-1]["info"])
+    return infos
