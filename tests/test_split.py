@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import logging
 import random
 from collections import Counter, defaultdict
@@ -21,6 +22,7 @@ from curation.build.mixture import variant_count, variants
 from curation.build.plan import ExpertInfo, make_plan
 from curation.rows import ROW_SCHEMA
 from curation.store.shards import ShardWriter, shard_path
+from curation.build import split as split_module
 from curation.build.split import MIN_PATIENTS, assign_splits, required_splits, split_of
 from curation.build.stages import PLACED_SCHEMA
 
@@ -52,6 +54,10 @@ def test_split_fractions_and_stability():
     assert [split_of(f"p{i}", s, keyer, 0) for i in range(50)] == [split_of(f"p{i}", s, Keyer("secret"), 0) for i in range(50)]
     # another secret or seed gives another assignment
     assert [split_of(f"p{i}", s, Keyer("other"), 0) for i in range(50)] != [split_of(f"p{i}", s, keyer, 0) for i in range(50)]
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(split_module).failed == 0
 
 
 FRACTIONS = st.sampled_from([0.0, 0.05, 0.1, 0.3])
