@@ -201,6 +201,7 @@ def test_rows_without_meta_fall_back_to_the_text_and_say_so():
     assert {m["basis"] for m in r["mismatches"]} == {"text", "meta"}
     for bad, reason in (({"answer_turn": 2}, "answer_turn"), ({"calls": [None, "VISTA3D", None]}, "something other"), ({"calls": None}, "without calls")):
         assert reason in expectations(liver_row(**bad))[1]
+    assert expectations({**old, "meta": "[1, 2"})[1] == "meta is not a JSON object"
 
 
 def test_a_turn_that_is_not_an_assistant_turn_is_refused():

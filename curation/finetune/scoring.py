@@ -104,7 +104,10 @@ def expectations(row: dict[str, Any]) -> tuple[list[Expected], str | None]:
     messages = row["messages"]
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     meta = row_meta(row)
-    why = "no meta" if meta is None else _unusable(meta, assistant)
+    if meta is None:
+        why = "no meta" if row.get("meta") is None else "meta is not a JSON object"
+    else:
+        why = _unusable(meta, assistant)
     if meta is not None and why is None:
         closed = closed_from_meta(meta)
         return [
@@ -154,7 +157,8 @@ class TurnCounts:
 
 class TurnScorer:
     """Scores predictions turn by turn: `add(row, turn, prediction)` for every assistant turn
-    generated, then `report()`. Pure: no model, no files."""
+    generated, the turns of a row one after another (as `evaluate.generate_turns` yields
+    them), then `report()`. Pure: no model, no files."""
 
     def __init__(self) -> None:
         self.overall = TurnCounts()
