@@ -172,7 +172,7 @@ def main() -> None:
     from curation.finetune.evaluate import evaluate
     from curation.store.layout import shard_files, shards_root
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = t = time.perf_counter()
