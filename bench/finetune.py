@@ -18,9 +18,12 @@ Then, as `m3-curate finetune --model tiny` and `m3-curate eval` do:
   2. generation on the test split, scored as `m3-curate eval` scores it.
 
 Prints rows, parameters, training time and rows/s, first and last loss, and the test split's
-expert-selection accuracy (overall, per expert, expert name alone), closed-question exact
-match and eval time. Goal: expert-selection accuracy ≥ 0.95 (VILA-M3 reports 0.9987 CXR,
-0.9998 VISTA3D with its real models).
+scores as `m3-curate eval` computes them, every assistant turn scored: expert-selection
+accuracy (overall, per expert, expert name alone), the false-call rate (turns that must not
+call, where the model called) and the missed-call rate, closed-question exact match, each
+task's confusion of expected against predicted calls, what the expectations came from (`meta`
+or, for shards without it, the text) and eval time. Goals: expert-selection accuracy ≥ 0.95
+(VILA-M3 reports 0.9987 CXR, 0.9998 VISTA3D with its real models), false calls ≤ 2 %.
 
 `--cpu-threads 1` (the default) is much faster than PyTorch's default on a small, shared
 machine: a model this small otherwise spends its time in OpenMP barriers when two threads
@@ -77,7 +80,31 @@ def real_build(work: Path, cases: int, seed: int, manifest: Path, test: float | 
     return out, notes
 
 
-def main() -> None:
+def share(block: dict, hits: str = "correct", rate: str = "accuracy") -> str:
+    return f"{block[rate]:.4f} ({block[hits]}/{block['turns']})" if block["turns"] else "n/a"
+
+
+def print_scores(result: dict, seconds: float) -> None:
+    """The eval JSON's figures, a line each, and every task's confusion of calls."""
+    sel, closed, basis = result["expert_selection"], result["closed_questions"], result["basis"]
+    print(f"eval        {result['rows']} test rows, {result['generations']} assistant turns generated, in {seconds:.1f} s; "
+          f"expected calls from meta in {basis['meta']} rows, from the text in {basis['text']}"
+          + (f" ({', '.join(f'{k}: {n}' for k, n in basis['text_reasons'].items())})" if basis["text"] else ""))
+    per_expert = ", ".join(f"{k} {share(v)}" for k, v in sel["by_expert"].items())
+    print(f"expert selection accuracy   {share(sel)}; {per_expert}; goal >= 0.95")
+    print(f"expert name accuracy        {sel['expert_name_accuracy']}")
+    print(f"false calls                 {share(result['false_calls'], 'with_call', 'rate')} of the turns that must not call; goal <= 0.02")
+    print(f"missed calls                {share(result['missed_calls'], 'without_call', 'rate')} of the turns that must call")
+    print(f"decisions                   {share(result['decisions'])} (call right or rightly none, every turn)")
+    kinds = ", ".join(f"{k} {share(v)}" for k, v in closed["by_kind"].items())
+    print(f"closed-question exact match {closed['exact_match']} ({closed['correct']}/{closed['questions']}); {kinds}")
+    for task, t in result["by_task"].items():
+        print(f"  {task}: {t['rows']} rows, selection {t['selection_accuracy']}, false calls {t['false_call_rate']}")
+        for expected, predicted in t["confusion"].items():
+            print(f"    expected {expected:<28} → " + ", ".join(f"{p} {n}" for p, n in sorted(predicted.items(), key=lambda kv: -kv[1])))
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--data", help="an existing build's output folder")
@@ -94,73 +121,70 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--cpu-threads", type=int, default=1)
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    return p.parse_args()
 
+
+def shards(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
+    """The shards to train and score on, and a line saying where they came from."""
+    if args.data:
+        return Path(args.data), f"build output {args.data}"
+    if args.build:
+        data, notes = real_build(work, args.cases, args.seed, args.manifest, args.test)
+        return data, f"`m3-curate build {args.manifest.name}` of a {args.cases}-case demo archive" + "".join(f"; {n}" for n in notes)
+    from shards_factory import write_shards
+
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    write_shards(data, conversations=args.conversations, seed=args.seed, rows_per_shard=100, row_group_size=32)
+    return data, f"factory shards ({args.conversations} conversations)"
+
+
+def train_tiny(args: argparse.Namespace, data: Path, out: Path) -> None:
+    """Build and train the tiny LLaVA into `out`, printing what it is and how training went."""
     from transformers import AutoConfig
 
-    from curation.finetune.evaluate import evaluate
-    from curation.finetune.data import count_rows
-    from curation.store.layout import shard_files, shards_root
     from curation.finetune.train import TrainConfig, prepare, train
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    shutil.rmtree(out, ignore_errors=True)
+    config = TrainConfig(
+        data=str(data), model="tiny", out=str(out), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        warmup_ratio=0.03, seed=args.seed, save_steps=10_000, log_steps=50, cpu_threads=args.cpu_threads,
+        tiny={"hidden_size": args.hidden_size, "heads": args.heads},
+    )
+    t = time.perf_counter()
+    config = prepare(config)
+    t_build = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = train(config)
+    t_train = time.perf_counter() - t
+    vocab = AutoConfig.from_pretrained(out).text_config.vocab_size
+    print(f"model       tiny LLaVA, {summary['trainable_parameters']:,} parameters, vocabulary {vocab} (built in {t_build:.1f} s)")
+    print(
+        f"train       {summary['steps']} steps × {args.batch_size} rows ({args.epochs:g} epochs) in {t_train:.1f} s, "
+        f"{summary['steps'] * args.batch_size / t_train:.1f} rows/s; loss {summary['losses'][0][1]:.3f} → {summary['final_loss']:.3f}"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from curation.finetune.data import count_rows
+    from curation.finetune.evaluate import evaluate
+    from curation.store.layout import shard_files, shards_root
+
+    work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        t = time.perf_counter()
-        if args.data:
-            data, origin = Path(args.data), f"build output {args.data}"
-        elif args.build:
-            data, notes = real_build(work, args.cases, args.seed, args.manifest, args.test)
-            origin = f"`m3-curate build {args.manifest.name}` of a {args.cases}-case demo archive" + "".join(f"; {n}" for n in notes)
-        else:
-            from shards_factory import write_shards
-
-            data = work / "data"
-            shutil.rmtree(data, ignore_errors=True)
-            write_shards(data, conversations=args.conversations, seed=args.seed, rows_per_shard=100, row_group_size=32)
-            origin = f"factory shards ({args.conversations} conversations)"
+        t0 = t = time.perf_counter()
+        data, origin = shards(args, work)
         splits = [s for s in ("train", "val", "test") if any((shards_root(data) / s).glob("*.parquet"))]
-        rows = {s: count_rows(shard_files(data, s)) for s in splits}
-        t_data = time.perf_counter() - t
-
-        out = work / "model"
-        shutil.rmtree(out, ignore_errors=True)
-        config = TrainConfig(
-            data=str(data), model="tiny", out=str(out), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            warmup_ratio=0.03, seed=args.seed, save_steps=10_000, log_steps=50, cpu_threads=args.cpu_threads,
-            tiny={"hidden_size": args.hidden_size, "heads": args.heads},
-        )
+        print(f"data        {origin}: rows { {s: count_rows(shard_files(data, s)) for s in splits} } ({time.perf_counter() - t:.1f} s)")
+        train_tiny(args, data, work / "model")
         t = time.perf_counter()
-        config = prepare(config)
-        t_build = time.perf_counter() - t
-        t = time.perf_counter()
-        summary = train(config)
-        t_train = time.perf_counter() - t
-        vocab = AutoConfig.from_pretrained(out).text_config.vocab_size
-
-        t = time.perf_counter()
-        result = evaluate(out, data, split="test", cpu_threads=args.cpu_threads)
-        t_eval = time.perf_counter() - t
+        result = evaluate(work / "model", data, split="test", cpu_threads=args.cpu_threads)
         (work / "eval.json").write_text(json.dumps(result, indent=1))
-
-        def share(block: dict) -> str:
-            return f"{block['accuracy']:.4f} ({block['correct']}/{block['turns']})" if block["turns"] else "n/a"
-
-        sel, closed = result["expert_selection"], result["closed_questions"]
-        print(f"data        {origin}: rows {rows} ({t_data:.1f} s)")
-        print(f"model       tiny LLaVA, {summary['trainable_parameters']:,} parameters, vocabulary {vocab} (built in {t_build:.1f} s)")
-        print(
-            f"train       {summary['steps']} steps × {args.batch_size} rows ({args.epochs:g} epochs) in {t_train:.1f} s, "
-            f"{summary['steps'] * args.batch_size / t_train:.1f} rows/s; loss {summary['losses'][0][1]:.3f} → {summary['final_loss']:.3f}"
-        )
-        print(f"eval        {result['rows']} test rows in {t_eval:.1f} s")
-        per_expert = ", ".join(f"{k} {share(v)}" for k, v in sel["by_expert"].items())
-        print(f"expert selection accuracy   {share(sel)}; {per_expert}; goal >= 0.95")
-        print(f"expert name accuracy        {sel['expert_name_accuracy']}")
-        print(f"unexpected calls            {result['unexpected_calls']['with_call']}/{result['unexpected_calls']['turns']}")
-        kinds = ", ".join(f"{k} {share(v)}" for k, v in closed["by_kind"].items())
-        print(f"closed-question exact match {closed['exact_match']} ({closed['correct']}/{closed['questions']}); {kinds}")
+        print_scores(result, time.perf_counter() - t)
+        print(f"total       {(time.perf_counter() - t0) / 60:.1f} min")
         print(f"eval JSON   {work / 'eval.json'}" if args.keep else "eval JSON   (temporary; --keep DIR keeps it)")
     finally:
         if not args.keep:

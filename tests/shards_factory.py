@@ -10,6 +10,11 @@ turn with an overlay image and a colour legend or CXR predictions, and a grounde
 closed questions (yes/no, multiple choice) and a "how many" follow-up. Which call is right
 follows from the question and the modality, and each closed answer follows from the expert
 result in the conversation, so a model can learn both. Same arguments, same bytes.
+
+Every row carries `meta` as the renderer writes it (README "meta: what evaluation reads"): the
+question kind, the question, the expected answer and its turn, and the call each assistant
+turn must make (`calls`, null where it must call nothing). `write_shards(..., meta=False)`
+writes shards as they were before `meta` existed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.rows import ROW_SCHEMA, row_id
+
+# ROW_SCHEMA with `meta` (a JSON string after `findings`), whether or not the project's has it yet
+SCHEMA = ROW_SCHEMA if "meta" in ROW_SCHEMA.names else ROW_SCHEMA.insert(ROW_SCHEMA.get_field_index("findings") + 1, pa.field("meta", pa.string()))
 
 MODEL_CARD = (
     "Here is a list of available expert models:\n"
@@ -140,6 +148,22 @@ class _Conv:
     messages: list[dict[str, Any]]
     images: list[bytes]
     findings: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _meta(messages: list[dict[str, Any]], kind: str, args: list[str], question_kind: str, question: str | None,
+          answer: str | None, answer_turn: int | None, **extra: Any) -> dict[str, Any]:
+    """The row's `meta` (the contract the renderer writes): the call of each assistant turn is
+    the one its text writes, or null."""
+    calls = []
+    for m in messages:
+        if m["role"] == "assistant":
+            found = [p["text"] for p in m["content"] if p["type"] == "text" and "<" in p["text"]]
+            start = found[0].index("<") if found else -1
+            calls.append(found[0][start : found[0].index(">", start) + 1] if found else None)
+    return {"kind": kind, "template": f"{kind}.j2", "variant": 0, "args": args, "question_kind": question_kind,
+            "question": question, "answer": answer, "answer_from": "expert" if answer is not None else None,
+            "answer_turn": answer_turn, "calls": calls, "facts": [], **extra}
 
 
 def _vista3d_trigger(r: random.Random, rng: np.random.Generator) -> _Conv:
@@ -170,17 +194,21 @@ def _vista3d_trigger(r: random.Random, rng: np.random.Generator) -> _Conv:
     else:
         messages.append(_turn("assistant", _text(f"The segmentation shows the {answer}.")))
     findings = {"group": arg, "present": present, "legend": legend}
-    return _Conv("vista3d/segment_and_answer", "CT", "VISTA3D", messages, [png(gray), png(overlay(gray, label))], findings)
+    meta = (_meta(messages, "vista3d/segment_and_answer", [arg], "presence", question, "yes" if present else "no", 3, structure=subject)
+            if closed else _meta(messages, "vista3d/segment_and_answer", [arg], "describe", question, answer, 3))
+    return _Conv("vista3d/segment_and_answer", "CT", "VISTA3D", messages, [png(gray), png(overlay(gray, label))], findings, meta)
 
 
 def _vista3d_direct(r: random.Random, rng: np.random.Generator) -> _Conv:
     phrasings, arg, what = r.choice(DIRECT)
     gray, _ = ct_slice(rng)
+    question = r.choice(phrasings)
     messages = [
-        _turn("user", _text(MODEL_CARD), _IMAGE, _text(f"This is a CT image.\n{r.choice(phrasings)}")),
+        _turn("user", _text(MODEL_CARD), _IMAGE, _text(f"This is a CT image.\n{question}")),
         _turn("assistant", _text(f"I segmented {what} using <VISTA3D({arg})>.")),
     ]
-    return _Conv("vista3d/direct_segmentation", "CT", "VISTA3D", messages, [png(gray)], {"group": arg})
+    meta = _meta(messages, "vista3d/direct_segmentation", [arg], "expert_selection", question, None, None)
+    return _Conv("vista3d/direct_segmentation", "CT", "VISTA3D", messages, [png(gray)], {"group": arg}, meta)
 
 
 def _brats(r: random.Random, rng: np.random.Generator) -> _Conv:
@@ -197,7 +225,8 @@ def _brats(r: random.Random, rng: np.random.Generator) -> _Conv:
               _text(f". The colors in this image describe {legend}. Use this result to respond to this prompt: {question}")),
         _turn("assistant", _text("Yes." if present else "No.")),
     ]
-    return _Conv("brats/tumor_presence", "MR", "BRATS", messages, [png(s) for s in seqs] + [png(ov)], {"tumor": present})
+    meta = _meta(messages, "brats/tumor_presence", [""], "presence", question, "yes" if present else "no", 3)
+    return _Conv("brats/tumor_presence", "MR", "BRATS", messages, [png(s) for s in seqs] + [png(ov)], {"tumor": present}, meta)
 
 
 def _predictions(r: random.Random) -> dict[str, bool]:
@@ -216,7 +245,8 @@ def _cxr_trigger(r: random.Random, rng: np.random.Generator) -> _Conv:
                             f"into account when responding to this prompt: {question}")),
         _turn("assistant", _text("Yes." if preds[label] else "No.")),
     ]
-    return _Conv("cxr/trigger_vqa", "CR", "CXR", messages, [png(cxr(rng, cardiomegaly=preds["cardiomegaly"]))], preds)
+    meta = _meta(messages, "cxr/trigger_vqa", [""], "presence", question, "yes" if preds[label] else "no", 3, structure=label)
+    return _Conv("cxr/trigger_vqa", "CR", "CXR", messages, [png(cxr(rng, cardiomegaly=preds["cardiomegaly"]))], preds, meta)
 
 
 def _cxr_inline(r: random.Random, rng: np.random.Generator) -> _Conv:
@@ -230,14 +260,17 @@ def _cxr_inline(r: random.Random, rng: np.random.Generator) -> _Conv:
         options = sorted({answer, *r.sample([k for k in CXR_LABELS if not preds[k]], k=min(3, len(CXR_LABELS) - len(positives)))})
         question = f"Which of the following findings is present? Options: {', '.join(options)}."
         reply = answer
+        kind = {"question_kind": "multiple_choice", "answer": "ABCD"[options.index(answer)], "options": options, "label": answer}
     else:
         label = r.choice(CXR_LABELS)
         question, reply = f"Is there {label}?", ("Yes." if preds[label] else "No.")
+        kind = {"question_kind": "yes_no", "answer": reply.lower().rstrip(".")}
     messages = [
         _turn("user", _text(MODEL_CARD), _IMAGE, _text(f"{question} {hint}")),
         _turn("assistant", _text(reply)),
     ]
-    return _Conv("cxr/inline_hints", "CR", None, messages, [png(cxr(rng, cardiomegaly=preds["cardiomegaly"]))], preds)
+    meta = {**_meta(messages, "cxr/inline_hints", [], "", question, None, 1), **kind, "answer_from": "expert", "hint_agrees": True}
+    return _Conv("cxr/inline_hints", "CR", None, messages, [png(cxr(rng, cardiomegaly=preds["cardiomegaly"]))], preds, meta)
 
 
 KINDS = [(_vista3d_trigger, 5), (_vista3d_direct, 2), (_brats, 2), (_cxr_trigger, 2), (_cxr_inline, 2)]
@@ -248,8 +281,9 @@ def _split(patient: str, val: float = 0.1, test: float = 0.15) -> str:
     return "test" if u < test else "val" if u < test + val else "train"
 
 
-def make_rows(conversations: int, *, seed: int = 0) -> list[dict[str, Any]]:
-    """`conversations` rows in ROW_SCHEMA's shape, kinds mixed by weight, two per patient."""
+def make_rows(conversations: int, *, seed: int = 0, meta: bool = True) -> list[dict[str, Any]]:
+    """`conversations` rows in SCHEMA's shape, kinds mixed by weight, two per patient
+    (`meta=False`: rows without `meta`, as shards written before it)."""
     r, rng = random.Random(seed), np.random.default_rng(seed)
     makers = [m for m, w in KINDS for _ in range(w)]
     rows = []
@@ -270,19 +304,23 @@ def make_rows(conversations: int, *, seed: int = 0) -> list[dict[str, Any]]:
             "images": [{"bytes": b, "path": f"{item}/{k}.png"} for k, b in enumerate(conv.images)],
             "messages": conv.messages,
             "findings": json.dumps(conv.findings, sort_keys=True),
+            "meta": json.dumps(conv.meta, sort_keys=True) if meta else None,
             "provenance": {"expert_fingerprint": "factory", "template_hash": "factory", "manifest_hash": "factory", "code_version": "test"},
         })
     return rows
 
 
-def write_shards(out: Path, *, conversations: int = 60, seed: int = 0, rows_per_shard: int = 40, row_group_size: int = 16) -> Path:
-    """Write `out/dataset/data/<split>/part-NNNNN.parquet` and return `out`."""
-    rows = make_rows(conversations, seed=seed)
+def write_shards(out: Path, *, conversations: int = 60, seed: int = 0, rows_per_shard: int = 40, row_group_size: int = 16,
+                 meta: bool = True) -> Path:
+    """Write `out/dataset/data/<split>/part-NNNNN.parquet` and return `out` (`meta=False`: in
+    ROW_SCHEMA without the `meta` column, as shards written before it)."""
+    rows = make_rows(conversations, seed=seed, meta=meta)
+    schema = SCHEMA if meta else SCHEMA.remove(SCHEMA.get_field_index("meta"))
     for split in ("train", "val", "test"):
         part = [row for row in rows if row["split"] == split]
         folder = out / "dataset" / "data" / split
         folder.mkdir(parents=True, exist_ok=True)
         for n, start in enumerate(range(0, len(part), rows_per_shard)):
-            table = pa.Table.from_pylist(part[start : start + rows_per_shard], schema=ROW_SCHEMA)
+            table = pa.Table.from_pylist(part[start : start + rows_per_shard], schema=schema)
             pq.write_table(table, folder / f"part-{n:05d}.parquet", row_group_size=row_group_size)
     return out

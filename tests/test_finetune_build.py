@@ -59,4 +59,4 @@ def test_tiny_model_trains_and_evaluates_on_a_real_build(build, tmp_path):
     assert main(["-q", "eval", "--model", str(out), "--data", str(build), "--out", str(report), "--cpu-threads", "1"]) == 0
     result = json.loads(report.read_text())
     assert result["rows"] == count_rows(shard_files(build, "test"))
-    assert set(result) >= {"expert_selection", "closed_questions", "by_task", "unexpected_calls"}
+    assert set(result) >= {"expert_selection", "closed_questions", "by_task", "false_calls", "missed_calls", "decisions"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import logging
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -9,16 +11,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from curation.errors import CurationError
 from curation.items import StudyItem
-from curation.keys import Keyer
+from curation.keys import Keyer, resolve_secret
 from curation.manifest import BuildSpec, SplitSpec, TaskSpec
 from curation.build.mixture import variant_count, variants
 from curation.build.plan import ExpertInfo, make_plan
 from curation.rows import ROW_SCHEMA
 from curation.store.shards import ShardWriter, shard_path
-from curation.build.split import split_of
+from curation.build import split as split_module
+from curation.build.split import MIN_PATIENTS, assign_splits, required_splits, split_of
 from curation.build.stages import PLACED_SCHEMA
 
 
@@ -49,6 +54,95 @@ def test_split_fractions_and_stability():
     assert [split_of(f"p{i}", s, keyer, 0) for i in range(50)] == [split_of(f"p{i}", s, Keyer("secret"), 0) for i in range(50)]
     # another secret or seed gives another assignment
     assert [split_of(f"p{i}", s, Keyer("other"), 0) for i in range(50)] != [split_of(f"p{i}", s, keyer, 0) for i in range(50)]
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(split_module).failed == 0
+
+
+FRACTIONS = st.sampled_from([0.0, 0.05, 0.1, 0.3])
+# source name → patient numbers (1–8 per source): small archives, where hash splits leave gaps
+ARCHIVES = st.dictionaries(st.sampled_from(["ct", "mr", "cxr", "qa", "pet"]), st.sets(st.integers(0, 24), min_size=1, max_size=8),
+                           min_size=1, max_size=5)
+
+
+def pairs_of(archive: dict[str, set[int]], shared: bool) -> list[tuple[str, str]]:
+    """(source, patient) pairs, an item per pair; `shared`: patient numbers name the same
+    patient in every source (CT and MR of one person), else each source has its own."""
+    return [(s, f"p{i}" if shared else f"{s}-p{i}") for s, ps in sorted(archive.items()) for i in sorted(ps)]
+
+
+def gaps(pairs: list[tuple[str, str]], splits: dict[str, str], spec: SplitSpec) -> dict[str, set[str]]:
+    """Source → the required splits it has no patient in, for sources of MIN_PATIENTS or more."""
+    by_source = defaultdict(set)
+    for source, patient in pairs:
+        by_source[source].add(patient)
+    return {s: set(required_splits(spec)) - {splits[p] for p in ps} for s, ps in by_source.items() if len(ps) >= MIN_PATIENTS}
+
+
+class Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@settings(max_examples=300, deadline=None)
+@given(archive=ARCHIVES, val=FRACTIONS, test=FRACTIONS, secret=st.text(min_size=1, max_size=6), seed=st.integers(0, 9))
+def test_every_split_gets_a_patient_of_every_source_of_three_or_more(archive, val, test, secret, seed):
+    spec, keyer, pairs = SplitSpec(val=val, test=test), Keyer(secret), pairs_of(archive, shared=False)
+    splits = assign_splits(pairs, spec, keyer, seed)
+    assert set(splits) == {p for _, p in pairs}  # one split per patient, every patient
+    assert not any(gaps(pairs, splits, spec).values())
+    # deterministic, whatever the order of the items (and an item per file repeats pairs)
+    assert assign_splits(random.Random(seed).sample(pairs, len(pairs)) + pairs, spec, Keyer(secret), seed) == splits
+    # as few moves as the gaps need, each inside a source that had a gap, towards a split it lacked
+    hashed = {p: split_of(p, spec, keyer, seed) for p in splits}
+    before = gaps(pairs, hashed, spec)
+    moved = {p for p in splits if splits[p] != hashed[p]}
+    assert len(moved) == sum(len(g) for g in before.values())
+    assert all(splits[p] in before[p.split("-")[0]] for p in moved)
+
+
+@settings(max_examples=300, deadline=None)
+@given(archive=ARCHIVES, val=FRACTIONS, test=FRACTIONS, seed=st.integers(0, 9))
+def test_patients_shared_between_sources_get_one_split_and_a_source_left_short_is_named(archive, val, test, seed):
+    spec, pairs = SplitSpec(val=val, test=test), pairs_of(archive, shared=True)
+    log, handler = logging.getLogger("curation.build.split"), Warnings()
+    log.addHandler(handler)
+    try:
+        splits = assign_splits(pairs, spec, Keyer("k"), seed)
+    finally:
+        log.removeHandler(handler)
+    assert set(splits) == {p for _, p in pairs}
+    short = {s for s, g in gaps(pairs, splits, spec).items() if g}
+    assert short <= {m.split("'")[1] for m in handler.messages}
+
+
+def test_one_patient_in_two_sources_fills_both():
+    spec, keyer = SplitSpec(val=0.1, test=0.1), Keyer("k")
+    pairs = [(s, f"p{i}") for s in ("ct", "mr") for i in range(4)]  # CT and MR of the same four people
+    splits = assign_splits(pairs, spec, keyer, 0)
+    assert sorted(splits.values()) == ["test", "train", "train", "val"]
+
+
+def test_a_large_archive_keeps_its_hash_splits():
+    spec, keyer = SplitSpec(val=0.1, test=0.1), Keyer("secret")
+    pairs = [(s, f"{s}{i}") for s in ("ct", "cxr") for i in range(500)]
+    assert assign_splits(pairs, spec, keyer, 3) == {p: split_of(p, spec, keyer, 3) for _, p in pairs}
+
+
+def test_plan_puts_a_patient_of_every_source_in_every_split(tmp_path):
+    s = spec(tmp_path, [{"template": "a.j2", "source": "cxr", "expert": "CXR"}, {"template": "c.j2", "source": "ct", "expert": "CT"}])
+    keyer = Keyer(resolve_secret(s.key))
+    # four patients a source, none of them in test or val by their hash
+    hashed_train = [n for n in range(400) if split_of(f"patient{n:03d}", s.split, keyer, s.seed) == "train"]
+    items = [item(i, n) for i, n in enumerate(hashed_train[:4])] + [item(10 + i, n, "ct", "CT") for i, n in enumerate(hashed_train[4:8])]
+    plan = make_plan(s, items, INFOS)
+    for source in ("cxr", "ct"):
+        assert {p.split for p in plan.items if p.item.source == source and p.units} == {"train", "val", "test"}
 
 
 def test_fractional_weight_samples_with_the_seed():

@@ -26,7 +26,7 @@ from curation.keys import Keyer, resolve_secret
 from curation.expert_info import ExpertInfo
 from curation.manifest import BuildSpec, ExpertSpec, TaskSpec
 from curation.build.mixture import expert_arg, variants
-from curation.build.split import SPLITS, split_of
+from curation.build.split import SPLITS, assign_splits
 
 
 def runner_spec(spec: ExpertSpec) -> ExpertSpec:
@@ -144,8 +144,9 @@ def make_plan(spec: BuildSpec, items: list[StudyItem], experts: dict[str, Expert
     ordered = sorted(items, key=lambda it: (keyer("order", spec.seed, it.item_id), it.item_id))
     plans: list[ItemPlan] = []
     next_pos: Counter[tuple[str, int]] = Counter()  # (split, lane) → rows planned so far
+    split_of_patient = assign_splits(((it.source, it.patient_key) for it in items), spec.split, keyer, spec.seed)
     for item in ordered:
-        split = split_of(item.patient_key, spec.split, keyer, spec.seed)
+        split = split_of_patient[item.patient_key]
         plan = ItemPlan(item=item, split=split, lane=lane_of.get(item.source, -1))
         if plan.lane < 0:
             plan.notes.append(f"no task uses source {item.source!r}")
