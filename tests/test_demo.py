@@ -71,6 +71,24 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(archive: Path,
     assert {k for k in a if k.startswith("ct/")}.isdisjoint(b)  # other patients, other ids
 
 
+# sha256 over (path, sha256 of content) of every file of `--cases 4 --seed 0`, taken before the
+# large-archive and full-size options were added: those options must not move a byte of the default.
+DEFAULT_DEMO_DIGEST = "92e111e60c05770680f2cabdb600096e196a0a835a859af2f5da68942161dc9d"
+
+
+def archive_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path, digest in tree_digest(root).items():
+        h.update(path.encode() + b"\0" + bytes.fromhex(digest))
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_the_default_demo_keeps_its_bytes(tmp_path: Path) -> None:
+    write_demo_archive(tmp_path / "demo", cases=4, seed=0)
+    assert archive_digest(tmp_path / "demo") == DEFAULT_DEMO_DIGEST
+
+
 def test_a_case_does_not_depend_on_the_archive_size(archive: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     write_demo_archive(small, cases=1, seed=0, cxr_images=3)
