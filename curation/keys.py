@@ -33,6 +33,7 @@ class Keyer:
     """
 
     def __init__(self, secret: str):
+        self.secret = secret  # passed on to the processes and tasks that scan in parallel
         self._secret = secret.encode()
 
     def __call__(self, *parts: object) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from curation.errors import ItemError
 from curation.ingest.index import Index, build_index, write_index
 from curation.ingest import SourceReader, readers_for
+from curation.ingest.reasons import describe
 from curation.items import LedgerEntry, StudyItem, Volume
 from curation.manifest import BuildSpec
 
@@ -65,6 +66,9 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
             except ItemError as e:
                 log.warning("item set aside: %s", e)
                 result.failed.append(LedgerEntry(e.where, item.source, "quarantined", f"conversion failed: {e.reason}", item.item_id))
+            except Exception as e:  # a per-item boundary: a writer's or a decoder's failure sets this item aside
+                log.warning("item set aside: %s: %s", item.uris[0], describe(e))
+                result.failed.append(LedgerEntry(item.uris[0], item.source, "quarantined", f"conversion failed: {describe(e, out)}", item.item_id))
             if n % 10 == 0 or n == len(futures):
                 log.info("converted %d/%d items (%.1f s)", n, len(futures), time.perf_counter() - started)
     _record(index, result, out)

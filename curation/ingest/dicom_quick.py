@@ -34,8 +34,9 @@ WANTED: dict[int, tuple[str, str]] = {
     0x00280008: ("NumberOfFrames", "IS"), 0x00280010: ("Rows", "US"), 0x00280011: ("Columns", "US"),
     0x00280030: ("PixelSpacing", "DS"), 0x00280100: ("BitsAllocated", "US"), 0x00280101: ("BitsStored", "US"),
     0x00280103: ("PixelRepresentation", "US"), 0x00181164: ("ImagerPixelSpacing", "DS"),
-    0x00281052: ("RescaleIntercept", "DS"), 0x00281053: ("RescaleSlope", "DS"),
+    0x00281052: ("RescaleIntercept", "DS"), 0x00281053: ("RescaleSlope", "DS"), 0x00280301: ("BurnedInAnnotation", "CS"),
 }
+MEDIA_SOP_CLASS_TAG = 0x00020002
 
 
 class _Bail(Exception):
@@ -51,6 +52,7 @@ class QuickHeader:
     transfer_syntax: str
     implicit_vr: bool
     pixel_offset: int | None
+    media_sop_class: str = ""  # MediaStorageSOPClassUID of the file meta
 
 
 def quick_header(fp: BinaryIO, size: int) -> QuickHeader | None:
@@ -79,13 +81,14 @@ def _walk(buf: bytes, at_end: bool) -> QuickHeader:
     if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian) and not (syntax and UID(syntax).is_encapsulated):
         raise _Bail  # big endian, deflated or unknown: pydicom's business
     implicit = syntax == ImplicitVRLittleEndian
+    media = _text(meta.get(MEDIA_SOP_CLASS_TAG, b""))
     values: dict[str, object] = {}
     while True:
         if pos == len(buf) and at_end:
-            return QuickHeader(values, syntax, implicit, None)
+            return QuickHeader(values, syntax, implicit, None, media)
         group, element = struct.unpack_from("<HH", buf, pos)
         if (group << 16) | element in PIXEL_TAGS:
-            return QuickHeader(values, syntax, implicit, pos)
+            return QuickHeader(values, syntax, implicit, pos, media)
         tag, value, pos = _element(buf, pos, implicit)
         if tag in WANTED and value is not None:
             keyword, vr = WANTED[tag]

@@ -1,0 +1,402 @@
+"""The archive scan in partitions: any number of processes (or Ray tasks) read headers, and no
+process ever holds the whole archive.
+
+    walk (driver, streamed) ─► batches of files ─► read_batch (task): one record per file,
+                                                   spilled to Parquet, one row group per bucket
+                             ─► group_buckets (task): the records of some buckets → items and
+                                                   ledger rows, spilled, sorted by file position
+                             ─► merge (driver, streamed): index.parquet, ledger.parquet
+
+A record's bucket is a hash of its grouping key (a SeriesInstanceUID, a case, an image), so every
+file of a series lands in the same bucket whichever batch read it: series that span batches are
+grouped correctly. The output is sorted by each file's position in the walk (an item by its first
+file), and written in row groups of a fixed size, so the same archive gives the same bytes
+whatever the number of processes, batches or group tasks.
+
+`read_batch` and `group_buckets` are pure functions of their arguments (a `ScanJob` and file
+lists); how they are run is the caller's: `LocalRunner` (this machine's cores) here,
+`curation.build.scan` on a Ray cluster. The driver holds one batch of file names per task in
+flight and a short list per batch of where its buckets are: its memory does not grow with the
+number of files.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.errors import CurationError
+from curation.ingest import READERS, SourceReader
+from curation.ingest.base import Record
+from curation.ingest.walk import Entry, walk
+from curation.items import INDEX_SCHEMA, LEDGER_SCHEMA, StudyItem
+from curation.keys import Keyer
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 64  # fixed, so that outputs never depend on how the work was cut
+BATCH_FILES = 2048  # files per read task
+GROUP_RECORDS = 200_000  # records per group task, at most (a bucket is never split)
+ROW_GROUP_ROWS = 65_536  # rows per row group of index.parquet and ledger.parquet
+
+RECORD_SCHEMA = pa.schema([("pos", pa.int64()), ("uri", pa.string()), ("bucket", pa.int32()), ("key", pa.string()),
+                           ("status", pa.string()), ("reason", pa.string()), ("facts", pa.binary())])
+ITEM_PART_SCHEMA = INDEX_SCHEMA.append(pa.field("pos", pa.int64())).append(pa.field("seq", pa.int64()))
+LEDGER_PART_SCHEMA = LEDGER_SCHEMA.append(pa.field("pos", pa.int64()))
+
+R = TypeVar("R")
+
+
+class Runner(Protocol):
+    """Runs `fn(*args)` for each argument tuple, a bounded number at a time, and yields the
+    results as they finish (in any order). `args` is consumed lazily."""
+
+    def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScanJob:
+    """Everything a task needs, picklable: the source's spec, the key secret, the spill folder."""
+
+    source: Any
+    secret: str
+    spill: str
+
+    def reader(self) -> SourceReader:
+        return READERS[self.source.kind](self.source, Keyer(self.secret))
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Where a read task put its records: the file, and per bucket (row group, rows)."""
+
+    batch: int
+    path: str
+    buckets: dict[int, tuple[int, int]]
+    files: int
+
+
+@dataclass(slots=True)
+class GroupResult:
+    task: int
+    items_path: str
+    ledger_path: str
+    items: int
+    statuses: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def bucket_of(key: str) -> int:
+    """A stable hash of a grouping key (not Python's `hash`, which changes between processes).
+
+    >>> bucket_of("1.2.3.4") == bucket_of("1.2.3.4") and 0 <= bucket_of("1.2.3.4") < BUCKETS
+    True
+    """
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % BUCKETS
+
+
+def unsupported(kind: str, uri: str) -> str:
+    suffix = Path(uri).suffix
+    return f"unsupported file type for a {kind} source ({suffix or 'no extension'})"
+
+
+# -- tasks (pure: run anywhere) ----------------------------------------------------------------------
+
+
+def read_batch(job: ScanJob, batch: int, first_pos: int, entries: Sequence[Entry]) -> BatchResult:
+    """Read the headers of one batch of walk entries; spill one record per entry."""
+    reader = job.reader()
+    records = {r.uri: r for r in reader.read([e.uri for e in entries if e.skip is None])}
+    rows: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+    for offset, e in enumerate(entries):
+        if e.skip is not None:
+            r = Record(e.uri, e.uri, "skipped", e.skip)
+        else:
+            r = records.get(e.uri) or Record(e.uri, e.uri, "skipped", unsupported(job.source.kind, e.uri))
+        for name, value in (("pos", first_pos + offset), ("uri", r.uri), ("bucket", bucket_of(r.key)), ("key", r.key),
+                            ("status", r.status), ("reason", r.reason),
+                            ("facts", None if r.facts is None else pickle.dumps(r.facts, protocol=pickle.HIGHEST_PROTOCOL))):
+            rows[name].append(value)
+    table = pa.table(rows, schema=RECORD_SCHEMA).sort_by([("bucket", "ascending"), ("pos", "ascending")])
+    path = os.path.join(job.spill, f"records-{batch:06d}.parquet")
+    buckets: dict[int, tuple[int, int]] = {}
+    bucket_column = table.column("bucket").to_numpy()
+    starts = np.flatnonzero(np.r_[True, bucket_column[1:] != bucket_column[:-1]])
+    with pq.ParquetWriter(path, RECORD_SCHEMA, compression="none") as writer:
+        for n, (start, end) in enumerate(zip(starts, list(starts[1:]) + [len(bucket_column)])):
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+            buckets[int(bucket_column[start])] = (n, int(end - start))
+    return BatchResult(batch, path, buckets, len(entries))
+
+
+def group_buckets(job: ScanJob, task: int, buckets: Sequence[tuple[int, Sequence[tuple[str, int]]]]) -> GroupResult:
+    """Group the records of whole buckets (each given as the (file, row group) parts that hold
+    it) into items and ledger rows, and spill them sorted by file position."""
+    reader = job.reader()
+    items: list[dict[str, Any]] = []
+    ledger: list[dict[str, Any]] = []
+    result = GroupResult(task, os.path.join(job.spill, f"items-{task:06d}.parquet"), os.path.join(job.spill, f"ledger-{task:06d}.parquet"), 0)
+    for _, parts in buckets:
+        table = pa.concat_tables([pq.ParquetFile(path).read_row_group(rg) for path, rg in parts]).sort_by("pos")
+        _group_one(reader, table, items, ledger)
+    seen = Counter(i["item_id"] for i in items)
+    clash = [k for k, n in seen.items() if n > 1]
+    if clash:
+        raise RuntimeError(f"item_id collision in source {job.source.name!r}: {clash[:3]}")
+    items.sort(key=lambda r: (r["pos"], r["seq"]))
+    ledger.sort(key=lambda r: r["pos"])
+    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_PART_SCHEMA), result.items_path, compression="none")
+    pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_PART_SCHEMA), result.ledger_path, compression="none")
+    result.items = len(items)
+    result.statuses.update(r["status"] for r in ledger)
+    result.reasons.update(r["reason"] for r in ledger if r["status"] != "indexed")
+    return result
+
+
+def _group_one(reader: SourceReader, table: pa.Table, items: list[dict[str, Any]], ledger: list[dict[str, Any]]) -> None:
+    columns = table.to_pydict()
+    records = [Record(u, k, s, r or "", None if f is None else pickle.loads(f))
+               for u, k, s, r, f in zip(columns["uri"], columns["key"], columns["status"], columns["reason"], columns["facts"])]
+    pos_of = dict(zip(columns["uri"], columns["pos"]))
+    scan = reader.group(records)
+    ledgered = Counter(e.uri for e in scan.ledger)
+    if ledgered.keys() != pos_of.keys() or max(ledgered.values(), default=1) > 1:
+        odd = sorted(set(ledgered) ^ set(pos_of))[:3] or [u for u, n in ledgered.items() if n > 1][:3]
+        raise RuntimeError(f"reader {type(reader).__name__} did not ledger every record exactly once: {odd}")
+    for seq, item in enumerate(scan.items):
+        items.append({**item.to_row(), "pos": min(pos_of[u] for u in item.uris), "seq": seq})
+    for e in scan.ledger:
+        ledger.append({"uri": e.uri, "source": e.source, "status": e.status, "reason": e.reason, "item_id": e.item_id, "pos": pos_of[e.uri]})
+
+
+# -- the driver ----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScanSummary:
+    """Counts of a finished scan (what `m3-curate index` prints)."""
+
+    items: int = 0
+    files: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [f"{self.items} items from {self.files} files ({', '.join(f'{v} {k}' for k, v in sorted(self.statuses.items()))})"]
+        lines += [f"  {n:>5} × {reason}" for reason, n in self.reasons.most_common()]
+        return "\n".join(lines)
+
+
+def scan_archive(sources: Sequence[Any], secret: str, index_path: Path, ledger_path: Path, runner: Runner | None = None,
+                 spill: Path | None = None) -> ScanSummary:
+    """Scan every source into `index_path` and `ledger_path` (written beside, then renamed).
+    `runner` defaults to a `LocalRunner` over this machine's cores; `spill` (a folder every
+    task can reach; default beside `index_path`) holds the partitions and is removed after."""
+    started = time.perf_counter()
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".scan-", dir=spill or index_path.parent))
+    own_runner = runner is None
+    runner = runner or LocalRunner()
+    summary = ScanSummary()
+    try:
+        with RowGroupWriter(index_path, INDEX_SCHEMA) as items_out, RowGroupWriter(ledger_path, LEDGER_SCHEMA) as ledger_out:
+            for source in sources:
+                job = ScanJob(source, secret, str(folder / source.name))
+                _scan_source(job, runner, items_out, ledger_out, summary)
+    finally:
+        if own_runner:
+            runner.close()  # type: ignore[attr-defined]
+        shutil.rmtree(folder, ignore_errors=True)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _scan_source(job: ScanJob, runner: Runner, items_out: RowGroupWriter, ledger_out: RowGroupWriter, summary: ScanSummary) -> None:
+    source = job.source
+    root = Path(source.root)
+    if not root.is_dir():
+        raise CurationError(f"source {source.name!r}: root folder not found: {root}")
+    job.reader().prepare()
+    os.makedirs(job.spill)
+    started = time.perf_counter()
+    where: dict[int, list[tuple[str, int]]] = {}
+    sizes: Counter[int] = Counter()
+    files = 0
+    for result in runner.map(read_batch, _batches(job, walk(root, source.follow_links))):
+        files += result.files
+        for bucket, (rg, n) in result.buckets.items():
+            where.setdefault(bucket, []).append((result.path, rg))
+            sizes[bucket] += n
+    if not files:
+        raise CurationError(f"source {source.name!r}: no files under {root}")
+    tasks = _group_tasks(where, sizes)
+    results = sorted(runner.map(group_buckets, ((job, n, t) for n, t in enumerate(tasks))), key=lambda r: r.task)
+    merge_parts([r.items_path for r in results], ("pos", "seq"), items_out)
+    merge_parts([r.ledger_path for r in results], ("pos",), ledger_out)
+    summary.files += files
+    for r in results:
+        summary.items += r.items
+        summary.statuses.update(r.statuses)
+        summary.reasons.update(r.reasons)
+    log.info("source %s: %d files → %d items in %.1f s", source.name, files, sum(r.items for r in results), time.perf_counter() - started)
+
+
+def _batches(job: ScanJob, entries: Iterator[Entry]) -> Iterator[tuple[ScanJob, int, int, list[Entry]]]:
+    batch: list[Entry] = []
+    n = pos = 0
+    for e in entries:
+        batch.append(e)
+        if len(batch) == BATCH_FILES:
+            yield job, n, pos, batch
+            n, pos, batch = n + 1, pos + len(batch), []
+    if batch:
+        yield job, n, pos, batch
+
+
+def _group_tasks(where: dict[int, list[tuple[str, int]]], sizes: Counter[int]) -> list[list[tuple[int, list[tuple[str, int]]]]]:
+    """Buckets in order, cut into tasks of at most `GROUP_RECORDS` records (a bucket whole)."""
+    tasks: list[list[tuple[int, list[tuple[str, int]]]]] = [[]]
+    held = 0
+    for bucket in sorted(where):
+        if tasks[-1] and held + sizes[bucket] > GROUP_RECORDS:
+            tasks.append([])
+            held = 0
+        tasks[-1].append((bucket, where[bucket]))
+        held += sizes[bucket]
+    return tasks
+
+
+# -- merging sorted parts ------------------------------------------------------------------------------
+
+
+class RowGroupWriter:
+    """A Parquet file written in row groups of exactly `ROW_GROUP_ROWS` rows (the last one
+    shorter), whatever the sizes of the tables handed to it: the bytes depend on the rows
+    alone. Written beside `path` and renamed on a clean close."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.pending: list[pa.Table] = []
+        self.held = 0
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.pending.append(table.select(self.schema.names).cast(self.schema))
+        self.held += table.num_rows
+        while self.held >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks() if len(self.pending) > 1 else self.pending[0]
+        self.writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def __enter__(self) -> RowGroupWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None and self.held:
+            self._flush(self.held)
+        self.writer.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = 16_384) -> None:
+    """Merge Parquet files each sorted by `order` (whose first column is an integer position
+    no two files share) into `out`, in order, holding one batch per file at a time."""
+    streams = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in paths]
+    buffers: list[pa.Table] = [pa.table({}) for _ in streams]
+    done = [False] * len(streams)
+    key = order[0]
+    while True:
+        for i, stream in enumerate(streams):
+            while not done[i] and buffers[i].num_rows == 0:
+                batch = next(stream, None)
+                if batch is None:
+                    done[i] = True
+                else:
+                    buffers[i] = pa.Table.from_batches([batch])
+        if not any(b.num_rows for b in buffers):
+            return
+        # rows up to the smallest last position of the files not yet read to the end are final
+        open_ends = [b.column(key)[-1].as_py() for b, d in zip(buffers, done) if not d]
+        watermark = min(open_ends) if open_ends else None
+        taken = []
+        for i, b in enumerate(buffers):
+            cut = b.num_rows if watermark is None else int(np.searchsorted(b.column(key).to_numpy(), watermark, side="right"))
+            if cut:
+                taken.append(b.slice(0, cut))
+                buffers[i] = b.slice(cut)
+        out.add(pa.concat_tables(taken).sort_by([(c, "ascending") for c in order]))
+
+
+# -- running tasks on this machine ---------------------------------------------------------------------
+
+
+class LocalRunner:
+    """Tasks on this machine's cores: in this process for one worker, else in a process pool
+    (forked when this process has no other threads, else from a fork server), with at most
+    twice as many tasks in flight as workers."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:
+        if self.workers == 1:
+            for a in args:
+                yield fn(*a)
+            return
+        pool = self._pool or self._start()
+        pending: set[Future[R]] = set()
+        for a in args:
+            pending.add(pool.submit(fn, *a))
+            if len(pending) >= 2 * self.workers:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in finished)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in finished)
+
+    def _start(self) -> ProcessPoolExecutor:
+        method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "forkserver"
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+def items_of(path: Path) -> list[StudyItem]:
+    """Every item of an index file."""
+    from curation.items import items_from_table
+
+    return items_from_table(pq.read_table(path))
