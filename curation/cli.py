@@ -25,17 +25,21 @@ def _demo_archive(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from curation.ingest.index import build_index, write_index
+    from curation.ingest.index import scan_to_files
+    from curation.ingest.scan import LocalRunner
     from curation.manifest import load_manifest
     from curation.store.layout import Layout
 
     spec = load_manifest(args.manifest)
-    index = build_index(spec)
     layout = Layout.of(spec, args.out)
     layout.mark_internal()
-    index_path, ledger_path = write_index(index, layout.index, layout.ledger)
-    print(index.summary())
-    print(f"wrote {index_path} and {ledger_path}")
+    runner = LocalRunner(args.workers)
+    try:
+        summary = scan_to_files(spec, layout.index, layout.ledger, runner)
+    finally:
+        runner.close()
+    print(summary.text())
+    print(f"wrote {layout.index} and {layout.ledger}")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -77,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="discover items: index.parquet + ledger.parquet")
     s.add_argument("manifest")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
+    s.add_argument("--workers", type=int, help="processes reading headers (default: this machine's cores)")
     s.set_defaults(run=_index)
 
     s = sub.add_parser("convert", help="write every indexed item as NIfTI (RAS, CT in HU)")

@@ -349,6 +349,8 @@ def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWrite
         watermark = min(open_ends) if open_ends else None
         taken = []
         for i, b in enumerate(buffers):
+            if not b.num_rows:
+                continue
             cut = b.num_rows if watermark is None else int(np.searchsorted(b.column(key).to_numpy(), watermark, side="right"))
             if cut:
                 taken.append(b.slice(0, cut))
@@ -369,13 +371,21 @@ class LocalRunner:
         self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:
-        if self.workers == 1:
-            for a in args:
-                yield fn(*a)
+        it = iter(args)
+        first = next(it, None)
+        second = next(it, None) if first is not None else None
+        if first is None:
+            return
+        if self.workers == 1 or second is None:  # one task: a pool would only add its start-up
+            yield fn(*first)
+            if second is not None:
+                yield fn(*second)
+                for a in it:
+                    yield fn(*a)
             return
         pool = self._pool or self._start()
-        pending: set[Future[R]] = set()
-        for a in args:
+        pending: set[Future[R]] = {pool.submit(fn, *first), pool.submit(fn, *second)}
+        for a in it:
             pending.add(pool.submit(fn, *a))
             if len(pending) >= 2 * self.workers:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -385,8 +395,15 @@ class LocalRunner:
             yield from (f.result() for f in finished)
 
     def _start(self) -> ProcessPoolExecutor:
-        method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "forkserver"
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
+        """Forked workers start at once with every module this process has imported; a process
+        with other threads (a build starting Ray beside the scan) must not fork, so its workers
+        come from a fork server that imported the readers once."""
+        if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+        else:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["curation.ingest.scan"])
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
         return self._pool
 
     def close(self) -> None:

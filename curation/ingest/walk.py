@@ -61,18 +61,22 @@ class _Walk:
             first = self._listing(str(self.root), "", strict=True)
         except OSError as e:
             raise CurationError(f"cannot list the source root {self.root}: {e.strerror or e}") from e
-        stack: list[Iterator[tuple[str, str, str | None]]] = [first]
+        stack: list[tuple[Iterator[tuple[str, str, str | None]], bool]] = [(first, False)]
         while stack:
-            step = next(stack[-1], None)
+            listing, outside = stack[-1]
+            step = next(listing, None)
             if step is None:
                 stack.pop()
                 continue
             path, rel, unreadable = step
-            entry, descend = (Entry(uri_text(rel), f"folder cannot be read ({unreadable})"), False) if unreadable else self._visit(path, rel)
+            if unreadable:
+                entry, descend = Entry(uri_text(rel), f"folder cannot be read ({unreadable})"), False
+            else:
+                entry, descend = self._visit(path, rel, outside)
             if entry is not None:
                 yield entry
             if descend:
-                stack.append(self._listing(path, rel + "/"))
+                stack.append((self._listing(path, rel + "/"), outside or os.path.islink(path)))
 
     def _listing(self, path: str, prefix: str, strict: bool = False) -> Iterator[tuple[str, str, str | None]]:
         """(path, relative path, None) of each entry of folder `path`, sorted; a folder that
@@ -86,8 +90,9 @@ class _Walk:
             return iter([(path, prefix.rstrip("/"), e.strerror or type(e).__name__)])
         return ((os.path.join(path, name), prefix + name, None) for _, name in names)
 
-    def _visit(self, path: str, rel: str) -> tuple[Entry | None, bool]:
-        """(the entry to list, or None for a folder to walk; whether to descend into `path`)."""
+    def _visit(self, path: str, rel: str, outside: bool) -> tuple[Entry | None, bool]:
+        """(the entry to list, or None for a folder to walk; whether to descend into `path`).
+        `outside`: the walk is in a folder outside the root, reached through a link."""
         text = uri_text(rel)
         if text != rel and os.path.lexists(self.root / text):
             return Entry(_distinct_text(self.root, rel), "file name is not valid UTF-8 and its escaped form names another file"), False
@@ -100,7 +105,7 @@ class _Walk:
         if stat.S_ISDIR(own.st_mode):
             return self._folder(own, text)
         if stat.S_ISREG(own.st_mode):
-            return Entry(text), False
+            return self._outside_file(own, text) if outside else Entry(text), False
         return Entry(text, f"not a regular file ({_special(own.st_mode)})"), False
 
     def _folder(self, st: os.stat_result, text: str) -> tuple[Entry | None, bool]:
@@ -109,6 +114,13 @@ class _Walk:
             return Entry(text, "folder already walked under another path (a loop or a bind mount)"), False
         self.seen_dirs.add(ident)
         return None, True
+
+    def _outside_file(self, st: os.stat_result, text: str) -> Entry:
+        """A file outside the root (through a link): listed once, whichever path meets it first."""
+        if _identity(st) in self.seen_outside_files:
+            return Entry(text, "file outside the root already listed through another link")
+        self.seen_outside_files.add(_identity(st))
+        return Entry(text)
 
     def _link(self, path: str, text: str) -> tuple[Entry | None, bool]:
         if not self.follow:
@@ -126,10 +138,7 @@ class _Walk:
         if stat.S_ISREG(target.st_mode):
             if inside:
                 return Entry(text, "link to a file inside the root, listed under its own path"), False
-            if _identity(target) in self.seen_outside_files:
-                return Entry(text, "link to a file already listed through another link"), False
-            self.seen_outside_files.add(_identity(target))
-            return Entry(text), False
+            return self._outside_file(target, text), False
         return Entry(text, f"link to something that is not a regular file ({_special(target.st_mode)})"), False
 
 
