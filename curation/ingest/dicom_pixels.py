@@ -10,6 +10,7 @@ dcm2niix writes, at half the size of float32.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,18 @@ from curation.items import source_path
 
 NATIVE_SYNTAXES = {"", ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 INT16 = np.iinfo(np.int16)
+
+
+class _QuietDecoderFailures(logging.Filter):
+    """pydicom logs each decoder plugin's failure with its traceback before raising one error
+    that lists them all; that error becomes the item's ledger reason, so the tracebacks are noise
+    (and a traceback on a user's terminal reads as a crash)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.pathname.replace("\\", "/").endswith("pixels/decoders/base.py"))
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_QuietDecoderFailures())
 
 
 class PixelError(Exception):

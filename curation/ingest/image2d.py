@@ -27,7 +27,7 @@ from PIL import Image
 from curation.errors import CurationError, ItemError
 from curation.ingest.base import Record, Scan, SourceReader
 from curation.ingest.dicom import NOT_DICOM_SUFFIXES
-from curation.ingest.dicom_headers import MEDIA_DIRECTORY, Header, read_header
+from curation.ingest.dicom_headers import MEDIA_DIRECTORY, NOT_DICOM, Header, read_header
 from curation.ingest.dicom_series import MEDIA_DIRECTORY_REASON, burned_in_reason
 from curation.ingest.reasons import describe
 from curation.items import StudyItem, Volume
@@ -98,11 +98,12 @@ def picture_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def is_dicom(path: Path) -> bool:
-    """Whether a file starts as a DICOM Part-10 file ('DICM' after the 128-byte preamble)."""
+def looks_like_dicom(path: Path) -> bool:
+    """Whether a file starts as DICOM: 'DICM' after the 128-byte preamble, or a bare dataset
+    starting with a group 0002 or 0008 tag (old files, some vendors' DIRFILEs)."""
     with open(path, "rb") as f:
         head = f.read(132)
-    return head[128:132] == b"DICM"
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def load_picture(path: Path, max_pixels: int) -> np.ndarray:
@@ -153,8 +154,11 @@ class Image2DReader(SourceReader):
             except Exception as e:  # PIL raises many types for files it cannot read
                 return Record(uri, uri, "quarantined", f"corrupt: {describe(e, path, uri)}")
             return ImageFacts((width, height), (1.0, 1.0), self.spec.modality)
-        if suffix in DICOM_SUFFIXES or (not uri.lower().endswith(NOT_DICOM_SUFFIXES) and is_dicom(path)):
+        if suffix in DICOM_SUFFIXES:
             return self._dicom_facts(read_header(self.root, uri))
+        if not uri.lower().endswith(NOT_DICOM_SUFFIXES) and looks_like_dicom(path):
+            h = read_header(self.root, uri)
+            return None if h.problem == f"corrupt: {NOT_DICOM}" else self._dicom_facts(h)
         return None
 
     def _dicom_facts(self, h: Header) -> ImageFacts | Record:
