@@ -17,7 +17,8 @@ from curation.errors import CurationError
 def _demo_archive(args: argparse.Namespace) -> None:
     from curation.demo import write_demo_archive
 
-    s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed)
+    s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed, ct_cases=args.ct, brain_cases=args.brain,
+                           cxr_images=args.cxr, distinct=args.distinct, jobs=args.jobs, ct_size=args.ct_size)
     print(
         f"demo archive written to {args.dir}: {s['ct']['patients']} CT patients ({s['ct']['files']} DICOM files), "
         f"{s['brain']['cases']} brain MRI cases, {s['cxr']['images']} chest X-rays; ground truth in {s['ground_truth']}"
@@ -76,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--cases", type=int, default=4, help="patients per modality (default 4)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ct", type=int, help="CT patients (default: --cases)")
+    s.add_argument("--brain", type=int, help="brain MRI cases (default: --cases)")
+    s.add_argument("--cxr", type=int, help="chest X-rays (default: 8 per case, at least 16)")
+    s.add_argument("--distinct", type=int, help="draw at most this many cases per kind (16x for X-rays), copy the rest under new identities: large archives in minutes")
+    s.add_argument("--jobs", type=int, default=1, help="processes drawing cases (default 1)")
+    s.add_argument("--ct-size", choices=["demo", "full"], default="demo", help="full: CT at 512x512 with 500 slices")
     s.set_defaults(run=_demo_archive)
 
     s = sub.add_parser("index", help="discover items: index.parquet + ledger.parquet")
