@@ -177,6 +177,8 @@ def size_problem(shape: Sequence[int], channels: int, *, max_voxels: int, max_pi
     total = channels
     for d in dims:
         total *= d
+    if total <= (max_pixels if len(dims) == 2 else max_voxels):
+        return None
     shown = "×".join(str(d) for d in dims) + (f"×{channels} channels" if channels > 1 else "")
     if len(dims) == 2:
         if total > max_pixels:

@@ -13,14 +13,11 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from curation.ingest.dicom_pixel_element import check_pixel_element
 from curation.ingest.dicom_quick import quick_header
@@ -28,10 +25,6 @@ from curation.ingest.dicom_values import as_list, floats, integer, number, posit
 from curation.ingest.reasons import describe
 from curation.items import source_path
 
-# nibabel labels all its DICOM wrappers experimental (a warning at import); we use only the
-# mosaic geometry, which tests/test_realdata.py checks against dcm2niix.
-warnings.filterwarnings("ignore", message="The DICOM readers are highly experimental", category=UserWarning)
-from nibabel.nicom.dicomwrappers import MosaicWrapper  # noqa: E402
 
 NOT_DICOM = "not a DICOM file (no 'DICM' prefix and no readable header)"
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: DICOMDIR, Philips DIRFILE
@@ -74,6 +67,15 @@ class Header:
     slopes: np.ndarray = field(default_factory=lambda: np.ones(1))  # one per slice in this file
     intercepts: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
+    def __getstate__(self) -> tuple[object, ...]:
+        """Plain values (numpy arrays as lists): headers travel between processes by
+        the thousand, and pickling small arrays costs more than the rest of the header."""
+        return tuple(_plain(getattr(self, name)) for name in _FIELDS)
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        for name, value in zip(_FIELDS, state):
+            object.__setattr__(self, name, np.array(value, float) if name in _ARRAYS and value is not None else value)
+
     @property
     def slice_shape(self) -> tuple[int, int]:
         """(rows, columns) of one slice: a mosaic tile, or the whole frame."""
@@ -85,6 +87,14 @@ class Header:
     @property
     def n_slices(self) -> int:
         return self.tiles or self.n_frames
+
+
+_FIELDS = tuple(f.name for f in fields(Header))
+_ARRAYS = frozenset({"positions", "slopes", "intercepts"})
+
+
+def _plain(value: object) -> object:
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def mosaic_grid(tiles: int) -> int:
@@ -155,10 +165,14 @@ def _checked(fp: BinaryIO, h: Header, size: int) -> Header:
     return h
 
 
-def _read_dataset(fp: BinaryIO) -> Dataset:
+def _read_dataset(fp: BinaryIO) -> Any:
     """dcmread up to the pixels. A file without the 128-byte preamble and 'DICM' (an old bare
     dataset) is tried once more if it starts like one (a group 0002 or 0008 tag), and accepted
-    only if it names a SOP class: pydicom's `force` reads almost any bytes as *something*."""
+    only if it names a SOP class: pydicom's `force` reads almost any bytes as *something*.
+    (pydicom is imported here, not at the top: plain files never need it, and it costs ~0.3 s.)"""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
     try:
         return dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError:
@@ -179,7 +193,7 @@ def _read_dataset(fp: BinaryIO) -> Dataset:
 def one_line(error: BaseException, *paths: object) -> str:
     """An exception as one ledger-friendly line, without paths (`curation.ingest.reasons`)."""
     text = describe(error, *paths)
-    return text.removeprefix("InvalidDicomError: ") if isinstance(error, InvalidDicomError) else text
+    return text.removeprefix("InvalidDicomError: ") if type(error).__name__ == "InvalidDicomError" else text
 
 
 def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implicit_vr: bool, little_endian: bool) -> Header:
@@ -224,9 +238,14 @@ def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implici
     return h
 
 
-def _add_mosaic_geometry(ds: Dataset, h: Header) -> None:
+def _add_mosaic_geometry(ds: Any, h: Header) -> None:
     """Tile positions of a Siemens mosaic from its CSA header (nibabel computes them the way
     dcm2niix does: the mosaic's ImagePositionPatient is that of the whole tiled frame)."""
+    with warnings.catch_warnings():
+        # nibabel labels all its DICOM wrappers experimental; we use only the mosaic geometry,
+        # which tests/test_realdata.py checks against dcm2niix
+        warnings.filterwarnings("ignore", message="The DICOM readers are highly experimental", category=UserWarning)
+        from nibabel.nicom.dicomwrappers import MosaicWrapper
     try:
         wrapper = MosaicWrapper(ds)
         lps = np.asarray(wrapper.affine, float)  # nibabel's voxel order: (row, column, slice)
@@ -239,9 +258,11 @@ def _add_mosaic_geometry(ds: Dataset, h: Header) -> None:
     h.slopes, h.intercepts = np.resize(h.slopes, h.tiles), np.resize(h.intercepts, h.tiles)
 
 
-def _add_frame_geometry(ds: Dataset, h: Header) -> None:
+def _add_frame_geometry(ds: Any, h: Header) -> None:
     """Per-frame positions of an enhanced multi-frame image from its functional groups (each
     attribute per frame, else shared, else top level)."""
+    from pydicom.dataset import Dataset
+
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if len(per_frame) != h.n_frames:
         per_frame = [Dataset()] * h.n_frames
@@ -270,7 +291,7 @@ def _add_frame_geometry(ds: Dataset, h: Header) -> None:
     h.intercepts = np.array([number(v, 0.0) for v in each("PixelValueTransformationSequence", "RescaleIntercept")])
 
 
-def _functional(frame: Dataset, shared: Dataset, ds: Dataset, sequence: str, keyword: str) -> Any:
+def _functional(frame: Any, shared: Any, ds: Any, sequence: str, keyword: str) -> Any:
     """An attribute of an enhanced image: from the frame's functional group, else the shared
     group, else the top level (where legacy-converted files keep it)."""
     for group in (frame, shared):

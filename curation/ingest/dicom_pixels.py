@@ -15,20 +15,17 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from curation.errors import ItemError
 from curation.ingest.dicom_headers import Header, mosaic_grid, one_line, open_header
 from curation.ingest.dicom_pixel_element import fragments_end
+from curation.ingest.dicom_quick import NATIVE_SYNTAXES, is_encapsulated
 from curation.ingest.reasons import describe
 from curation.items import source_path
 
-NATIVE_SYNTAXES = {"", ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 INT16 = np.iinfo(np.int16)
 
 
@@ -129,8 +126,11 @@ def _decode(fp: BinaryIO, h: Header, size: int) -> np.ndarray:
     """Compressed frames through pydicom's decoders, from the encapsulated bytes of the file
     already open, handed over with just the pixel description (the header is not parsed a
     second time). A deflated file (the whole body compressed) is simply read again in full."""
+    from pydicom import dcmread  # only compressed data needs pydicom (its import costs ~0.3 s)
+    from pydicom.uid import UID
+
     try:
-        if UID(h.transfer_syntax).is_encapsulated:
+        if is_encapsulated(h.transfer_syntax):
             fp.seek(h.pixel_offset + 12)  # encapsulated pixel data is always explicit VR: 12-byte header
             end = fragments_end(fp, size)
             fp.seek(h.pixel_offset + 12)
@@ -142,8 +142,10 @@ def _decode(fp: BinaryIO, h: Header, size: int) -> np.ndarray:
         raise PixelError(f"cannot decode pixel data ({name}): {describe(e, h.uri)}") from e
 
 
-def _pixel_dataset(h: Header, encapsulated: bytes) -> Dataset:
+def _pixel_dataset(h: Header, encapsulated: bytes) -> Any:
     """The smallest Dataset pydicom's decoders accept: the Image Pixel module and the data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = h.transfer_syntax

@@ -14,6 +14,8 @@ image is, in order: the labels table's `patient_id`, the DICOM PatientID, the fi
 from __future__ import annotations
 
 import csv
+import os
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from PIL import Image
 
 from curation.errors import CurationError, ItemError
 from curation.ingest.base import Record, Scan, SourceReader
@@ -35,13 +35,15 @@ from curation.items import StudyItem, Volume
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOM_2D_MODALITIES = ("CR", "DX", "MG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+HEAD_BYTES = 65536  # a JPEG's frame header follows its EXIF/ICC segments, within the first 64 KB
 JPEG_END = b"\xff\xd9"
 JPEG_TAIL = 1024  # bytes searched for the end-of-image marker (some writers pad after it)
 
 
 def _suffix(uri: str) -> str:
-    return Path(uri).suffix.lower()
+    return os.path.splitext(uri)[1].lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +83,49 @@ def read_labels_table(path: Path) -> dict[str, dict[str, Any]]:
 
 def picture_size(path: Path) -> tuple[int, int]:
     """(width, height) from a PNG or JPEG header, after checking that the file ends as one
-    must (a copy cut short is caught here, not at decode time). Decodes nothing."""
+    must (a copy cut short is caught here, not at decode time). Decodes nothing: one open, the
+    first bytes and the last; PIL reads the header of anything else (or anything odd)."""
     with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
+        head = f.read(4096)
+        if head.startswith(b"\xff\xd8") and jpeg_size(head) is None:
+            head += f.read(HEAD_BYTES - len(head))
+        size = f.seek(0, 2)
         f.seek(max(0, size - JPEG_TAIL))
         tail = f.read()
+    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        if PNG_END not in tail:
+            raise ValueError("truncated PNG (no IEND chunk at the end)")
+        return struct.unpack(">II", head[16:24])
+    if head.startswith(b"\xff\xd8"):
+        if JPEG_END not in tail:
+            raise ValueError("truncated JPEG (no end-of-image marker)")
+        found = jpeg_size(head)
+        if found is not None:
+            return found
+    from PIL import Image  # here: only pictures of an unusual kind need PIL to read their header
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
-            fmt, width, height = img.format, img.width, img.height
-    if fmt == "PNG" and not tail.endswith(PNG_END):
-        raise ValueError("truncated PNG (no IEND chunk at the end)")
-    if fmt == "JPEG" and JPEG_END not in tail:
-        raise ValueError("truncated JPEG (no end-of-image marker)")
-    return width, height
+            return img.width, img.height
+
+
+def jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if it is not in `head`."""
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[pos + 5 : pos + 9])
+            return width, height
+        pos += 2 + length
+    return None
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -107,6 +137,8 @@ def looks_like_dicom(path: Path) -> bool:
 
 
 def load_picture(path: Path, max_pixels: int) -> np.ndarray:
+    from PIL import Image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
@@ -118,6 +150,8 @@ def load_picture(path: Path, max_pixels: int) -> np.ndarray:
 
 
 def load_dicom_2d(path: Path) -> np.ndarray:
+    import pydicom  # here: its import costs ~0.3 s, and picture-only sources never need it
+
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array.astype(np.float32)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
@@ -149,9 +183,9 @@ class Image2DReader(SourceReader):
         if suffix in PICTURE_SUFFIXES:
             try:
                 width, height = picture_size(path)
-            except Image.DecompressionBombError as e:
-                return Record(uri, uri, "skipped", f"decompression bomb: {describe(e, path, uri)}")
-            except Exception as e:  # PIL raises many types for files it cannot read
+            except Exception as e:  # PIL raises many types for files it cannot read, bombs among them
+                if type(e).__name__ == "DecompressionBombError":
+                    return Record(uri, uri, "skipped", f"decompression bomb: {describe(e, path, uri)}")
                 return Record(uri, uri, "quarantined", f"corrupt: {describe(e, path, uri)}")
             return ImageFacts((width, height), (1.0, 1.0), self.spec.modality)
         if suffix in DICOM_SUFFIXES:
@@ -185,7 +219,7 @@ class Image2DReader(SourceReader):
             out.ledger.append(self.entry(record.uri, "skipped", too_large))
             return
         row = self._table.get(record.uri)
-        patient = (row or {}).get("patient_id") or facts.patient_id or Path(record.uri).stem
+        patient = (row or {}).get("patient_id") or facts.patient_id or _stem(record.uri)
         item = self.item(record.uri, facts, patient=patient, attrs={"labels": row["labels"]} if row else {})
         out.items.append(item)
         out.ledger.append(self.entry(record.uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
@@ -233,6 +267,10 @@ class Image2DReader(SourceReader):
             raise ItemError(where, f"cannot read pixels ({describe(e, path, where)})") from e
         affine = np.diag([item.spacing[0], item.spacing[1], 1.0, 1.0])
         return Volume(array=array, affine=affine)
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(uri.rsplit("/", 1)[-1])[0]
 
 
 def relative_uri(path: Path, root: Path) -> str:

@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from curation.errors import ItemError
@@ -64,6 +63,8 @@ class NiftiHeader:
 def read_header(path: Path, where: str) -> NiftiHeader:
     """The header alone; an ItemError with a path-free, one-line reason when the file is not
     usable NIfTI."""
+    import nibabel as nib  # here, not at the top: DICOM-only work never pays for its import
+
     try:
         img = nib.load(path)
         shape = tuple(int(s) for s in img.header.get_data_shape())
@@ -77,6 +78,8 @@ def read_header(path: Path, where: str) -> NiftiHeader:
 def load_nifti(path: Path, frame: int | None = None, *, where: str | None = None, max_voxels: int | None = None) -> Volume:
     """Voxels with the file's scaling applied, and its (RAS) affine. The declared shape is
     checked against `max_voxels` before any voxel is read."""
+    import nibabel as nib
+
     where = where or path.name
     try:
         img = nib.load(path)

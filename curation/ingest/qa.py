@@ -37,7 +37,7 @@ from typing import Any
 
 from curation.errors import CurationError
 from curation.ingest.base import Record, Scan
-from curation.ingest.image2d import Image2DReader, ImageFacts, relative_uri
+from curation.ingest.image2d import Image2DReader, ImageFacts, _stem, relative_uri
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class QaReader(Image2DReader):
         if too_large := self.too_large(facts.shape):
             out.ledger.append(self.entry(record.uri, "skipped", too_large))
             return
-        items = [self.item(record.uri, facts, patient=rec["patient_id"] or facts.patient_id or Path(record.uri).stem,
+        items = [self.item(record.uri, facts, patient=rec["patient_id"] or facts.patient_id or _stem(record.uri),
                            attrs={"qa": rec["qa"]}, record=rec["record"]) for rec in named]
         out.items.extend(items)
         out.ledger.append(self.entry(record.uri, "indexed", f"image of {len(items)} question–answer record{'s' * (len(items) != 1)}", items[0].item_id))

@@ -153,9 +153,16 @@ def group_buckets(job: ScanJob, task: int, buckets: Sequence[tuple[int, Sequence
     items: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
     result = GroupResult(task, os.path.join(job.spill, f"items-{task:06d}.parquet"), os.path.join(job.spill, f"ledger-{task:06d}.parquet"), 0)
+    wanted: dict[str, list[int]] = {}
     for _, parts in buckets:
-        table = pa.concat_tables([pq.ParquetFile(path).read_row_group(rg) for path, rg in parts]).sort_by("pos")
-        _group_one(reader, table, items, ledger)
+        for path, rg in parts:
+            wanted.setdefault(path, []).append(rg)
+    records = pa.concat_tables([pq.ParquetFile(path).read_row_groups(sorted(rgs)) for path, rgs in sorted(wanted.items())])
+    records = records.sort_by([("bucket", "ascending"), ("pos", "ascending")])
+    column = records.column("bucket").to_numpy()
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    for start, end in zip(starts, [*starts[1:], len(column)]):
+        _group_one(reader, records.slice(start, end - start), items, ledger)
     seen = Counter(i["item_id"] for i in items)
     clash = [k for k, n in seen.items() if n > 1]
     if clash:

@@ -28,6 +28,7 @@ from pathlib import Path
 from curation.errors import CurationError
 from curation.items import uri_text
 
+PLAIN = "\0plain"  # a listing's mark for a regular file (never a reason: reasons never hold NUL)
 SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                  (stat.S_ISBLK, "block device"))
 
@@ -68,11 +69,11 @@ class _Walk:
             if step is None:
                 stack.pop()
                 continue
-            path, rel, unreadable = step
-            if unreadable:
-                entry, descend = Entry(uri_text(rel), f"folder cannot be read ({unreadable})"), False
+            path, rel, note = step
+            if note is not None and note is not PLAIN:
+                entry, descend = Entry(uri_text(rel), f"folder cannot be read ({note})"), False
             else:
-                entry, descend = self._visit(path, rel, outside)
+                entry, descend = self._visit(path, rel, outside, note is PLAIN)
             if entry is not None:
                 yield entry
             if descend:
@@ -80,22 +81,26 @@ class _Walk:
 
     def _listing(self, path: str, prefix: str, strict: bool = False) -> Iterator[tuple[str, str, str | None]]:
         """(path, relative path, None) of each entry of folder `path`, sorted; a folder that
-        cannot be listed gives one (path, its own relative path, why) instead (the root raises)."""
+        cannot be listed gives one (path, its own relative path, why) instead (the root raises).
+        Plain files are marked from the listing itself (no stat call per file)."""
         try:
             with os.scandir(path) as it:
-                names = sorted((e.name + "/" if _is_dir(e) else e.name, e.name) for e in it)
+                names = sorted((e.name + "/" if _is_dir(e) else e.name, e.name, _plain_file(e)) for e in it)
         except OSError as e:
             if strict:
                 raise
             return iter([(path, prefix.rstrip("/"), e.strerror or type(e).__name__)])
-        return ((os.path.join(path, name), prefix + name, None) for _, name in names)
+        return ((os.path.join(path, name), prefix + name, PLAIN if plain else None) for _, name, plain in names)
 
-    def _visit(self, path: str, rel: str, outside: bool) -> tuple[Entry | None, bool]:
+    def _visit(self, path: str, rel: str, outside: bool, plain: bool = False) -> tuple[Entry | None, bool]:
         """(the entry to list, or None for a folder to walk; whether to descend into `path`).
-        `outside`: the walk is in a folder outside the root, reached through a link."""
+        `outside`: the walk is in a folder outside the root, reached through a link; `plain`:
+        the listing says this is a regular file (no link), so no stat call is needed."""
         text = uri_text(rel)
         if text != rel and os.path.lexists(self.root / text):
             return Entry(_distinct_text(self.root, rel), "file name is not valid UTF-8 and its escaped form names another file"), False
+        if plain and not outside:
+            return Entry(text), False
         try:
             own = os.lstat(path)
         except OSError as e:
@@ -147,6 +152,14 @@ def _distinct_text(root: Path, rel: str) -> str:
     the absurd case that this too names a file, that text and a NUL (which no file name holds)."""
     text = os.fsencode(rel).decode("utf-8", "backslashreplace")
     return text if not os.path.lexists(root / text) else text + "\0"
+
+
+def _plain_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file and not a link, known from the folder listing alone (`d_type`)."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
