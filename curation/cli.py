@@ -26,6 +26,9 @@ def _demo_archive(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    from curation.ingest.lean import arrow_without_pandas
+
+    arrow_without_pandas()
     from curation.ingest.index import scan_to_files
     from curation.ingest.scan import LocalRunner
     from curation.manifest import load_manifest
@@ -44,6 +47,9 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from curation.ingest.lean import arrow_without_pandas
+
+    arrow_without_pandas()
     from curation.ingest.convert import convert
     from curation.manifest import load_manifest
 

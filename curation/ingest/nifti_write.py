@@ -95,7 +95,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, *, compress: 
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as raw:
         if compress:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:  # no name, no time
                 _write_all(out, header, array)
         else:
             _write_all(raw, header, array)

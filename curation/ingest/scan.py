@@ -22,6 +22,7 @@ number of files.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -102,6 +103,12 @@ class GroupResult:
     statuses: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
 
+    def count(self, items: pa.Table, ledger: pa.Table) -> None:
+        self.items = items.num_rows
+        statuses = ledger.column("status").to_pylist()
+        self.statuses.update(statuses)
+        self.reasons.update(r for s, r in zip(statuses, ledger.column("reason").to_pylist()) if s != "indexed")
+
 
 def bucket_of(key: str) -> int:
     """A stable hash of a grouping key (not Python's `hash`, which changes between processes).
@@ -121,7 +128,21 @@ def unsupported(kind: str, uri: str) -> str:
 
 
 def read_batch(job: ScanJob, batch: int, first_pos: int, entries: Sequence[Entry]) -> BatchResult:
-    """Read the headers of one batch of walk entries; spill one record per entry."""
+    """Read the headers of one batch of walk entries; spill one record per entry, one row
+    group per bucket."""
+    table = records_table(job, first_pos, entries)
+    path = os.path.join(job.spill, f"records-{batch:06d}.parquet")
+    buckets: dict[int, tuple[int, int]] = {}
+    with pq.ParquetWriter(path, RECORD_SCHEMA, compression="none") as writer:
+        for n, (bucket, start, end) in enumerate(_bucket_runs(table)):
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+            buckets[bucket] = (n, end - start)
+    return BatchResult(batch, path, buckets, len(entries))
+
+
+def records_table(job: ScanJob, first_pos: int, entries: Sequence[Entry]) -> pa.Table:
+    """One record per entry (a skip of the walk, the reader's record, or "unsupported"), sorted
+    by bucket then position."""
     reader = job.reader()
     records = {r.uri: r for r in reader.read([e.uri for e in entries if e.skip is None])}
     rows: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
@@ -134,34 +155,40 @@ def read_batch(job: ScanJob, batch: int, first_pos: int, entries: Sequence[Entry
                             ("status", r.status), ("reason", r.reason),
                             ("facts", None if r.facts is None else pickle.dumps(r.facts, protocol=pickle.HIGHEST_PROTOCOL))):
             rows[name].append(value)
-    table = pa.table(rows, schema=RECORD_SCHEMA).sort_by([("bucket", "ascending"), ("pos", "ascending")])
-    path = os.path.join(job.spill, f"records-{batch:06d}.parquet")
-    buckets: dict[int, tuple[int, int]] = {}
-    bucket_column = table.column("bucket").to_numpy()
-    starts = np.flatnonzero(np.r_[True, bucket_column[1:] != bucket_column[:-1]])
-    with pq.ParquetWriter(path, RECORD_SCHEMA, compression="none") as writer:
-        for n, (start, end) in enumerate(zip(starts, list(starts[1:]) + [len(bucket_column)])):
-            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
-            buckets[int(bucket_column[start])] = (n, int(end - start))
-    return BatchResult(batch, path, buckets, len(entries))
+    return pa.Table.from_pydict(rows, schema=RECORD_SCHEMA).sort_by([("bucket", "ascending"), ("pos", "ascending")])
+
+
+def _bucket_runs(table: pa.Table) -> Iterator[tuple[int, int, int]]:
+    """(bucket, start, end) of each run of one bucket in a table sorted by bucket."""
+    column = table.column("bucket").to_numpy()
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]]) if len(column) else np.array([], int)
+    for start, end in zip(starts, [*starts[1:], len(column)]):
+        yield int(column[start]), int(start), int(end)
 
 
 def group_buckets(job: ScanJob, task: int, buckets: Sequence[tuple[int, Sequence[tuple[str, int]]]]) -> GroupResult:
     """Group the records of whole buckets (each given as the (file, row group) parts that hold
     it) into items and ledger rows, and spill them sorted by file position."""
-    reader = job.reader()
-    items: list[dict[str, Any]] = []
-    ledger: list[dict[str, Any]] = []
-    result = GroupResult(task, os.path.join(job.spill, f"items-{task:06d}.parquet"), os.path.join(job.spill, f"ledger-{task:06d}.parquet"), 0)
     wanted: dict[str, list[int]] = {}
     for _, parts in buckets:
         for path, rg in parts:
             wanted.setdefault(path, []).append(rg)
     records = pa.concat_tables([pq.ParquetFile(path).read_row_groups(sorted(rgs)) for path, rgs in sorted(wanted.items())])
-    records = records.sort_by([("bucket", "ascending"), ("pos", "ascending")])
-    column = records.column("bucket").to_numpy()
-    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
-    for start, end in zip(starts, [*starts[1:], len(column)]):
+    items, ledger = group_table(job, records.sort_by([("bucket", "ascending"), ("pos", "ascending")]))
+    result = GroupResult(task, os.path.join(job.spill, f"items-{task:06d}.parquet"), os.path.join(job.spill, f"ledger-{task:06d}.parquet"), 0)
+    pq.write_table(items, result.items_path, compression="none")
+    pq.write_table(ledger, result.ledger_path, compression="none")
+    result.count(items, ledger)
+    return result
+
+
+def group_table(job: ScanJob, records: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Items and ledger rows of whole buckets of records (sorted by bucket, then position), each
+    sorted by file position."""
+    reader = job.reader()
+    items: list[dict[str, Any]] = []
+    ledger: list[dict[str, Any]] = []
+    for _, start, end in _bucket_runs(records):
         _group_one(reader, records.slice(start, end - start), items, ledger)
     seen = Counter(i["item_id"] for i in items)
     clash = [k for k, n in seen.items() if n > 1]
@@ -169,12 +196,7 @@ def group_buckets(job: ScanJob, task: int, buckets: Sequence[tuple[int, Sequence
         raise RuntimeError(f"item_id collision in source {job.source.name!r}: {clash[:3]}")
     items.sort(key=lambda r: (r["pos"], r["seq"]))
     ledger.sort(key=lambda r: r["pos"])
-    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_PART_SCHEMA), result.items_path, compression="none")
-    pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_PART_SCHEMA), result.ledger_path, compression="none")
-    result.items = len(items)
-    result.statuses.update(r["status"] for r in ledger)
-    result.reasons.update(r["reason"] for r in ledger if r["status"] != "indexed")
-    return result
+    return pa.Table.from_pylist(items, schema=ITEM_PART_SCHEMA), pa.Table.from_pylist(ledger, schema=LEDGER_PART_SCHEMA)
 
 
 def _group_one(reader: SourceReader, table: pa.Table, items: list[dict[str, Any]], ledger: list[dict[str, Any]]) -> None:
@@ -207,7 +229,8 @@ class ScanSummary:
     seconds: float = 0.0
 
     def text(self) -> str:
-        lines = [f"{self.items} items from {self.files} files ({', '.join(f'{v} {k}' for k, v in sorted(self.statuses.items()))})"]
+        took = f" in {self.seconds:.2f} s ({self.files / self.seconds:,.0f} files/s)" if self.seconds > 0 else ""
+        lines = [f"{self.items} items from {self.files} files ({', '.join(f'{v} {k}' for k, v in sorted(self.statuses.items()))}){took}"]
         lines += [f"  {n:>5} × {reason}" for reason, n in self.reasons.most_common()]
         return "\n".join(lines)
 
@@ -243,28 +266,45 @@ def _scan_source(job: ScanJob, runner: Runner, items_out: RowGroupWriter, ledger
     if not root.is_dir():
         raise CurationError(f"source {source.name!r}: root folder not found: {root}")
     job.reader().prepare()
-    os.makedirs(job.spill)
     started = time.perf_counter()
-    where: dict[int, list[tuple[str, int]]] = {}
-    sizes: Counter[int] = Counter()
-    files = 0
-    for result in runner.map(read_batch, _batches(job, walk(root, source.follow_links))):
-        files += result.files
-        for bucket, (rg, n) in result.buckets.items():
-            where.setdefault(bucket, []).append((result.path, rg))
-            sizes[bucket] += n
-    if not files:
+    entries = walk(root, source.follow_links)
+    first = list(itertools.islice(entries, BATCH_FILES + 1))
+    if not first:
         raise CurationError(f"source {source.name!r}: no files under {root}")
-    tasks = _group_tasks(where, sizes)
-    results = sorted(runner.map(group_buckets, ((job, n, t) for n, t in enumerate(tasks))), key=lambda r: r.task)
-    merge_parts([r.items_path for r in results], ("pos", "seq"), items_out)
-    merge_parts([r.ledger_path for r in results], ("pos",), ledger_out)
+    if len(first) <= BATCH_FILES:  # one batch: read and group it here, nothing to spill
+        items, ledger = group_table(job, records_table(job, 0, first))
+        results = [GroupResult(0, "", "", 0)]
+        results[0].count(items, ledger)
+        items_out.add(items)
+        ledger_out.add(ledger)
+        files = len(first)
+    else:
+        files, results = _scan_in_parts(job, runner, itertools.chain(first, entries), items_out, ledger_out)
     summary.files += files
     for r in results:
         summary.items += r.items
         summary.statuses.update(r.statuses)
         summary.reasons.update(r.reasons)
     log.info("source %s: %d files → %d items in %.1f s", source.name, files, sum(r.items for r in results), time.perf_counter() - started)
+
+
+def _scan_in_parts(job: ScanJob, runner: Runner, entries: Iterator[Entry], items_out: RowGroupWriter,
+                   ledger_out: RowGroupWriter) -> tuple[int, list[GroupResult]]:
+    """Read tasks over batches of the walk, group tasks over buckets, a merge by position."""
+    os.makedirs(job.spill)
+    where: dict[int, list[tuple[str, int]]] = {}
+    sizes: Counter[int] = Counter()
+    files = 0
+    for result in runner.map(read_batch, _batches(job, entries)):
+        files += result.files
+        for bucket, (rg, n) in result.buckets.items():
+            where.setdefault(bucket, []).append((result.path, rg))
+            sizes[bucket] += n
+    tasks = _group_tasks(where, sizes)
+    results = sorted(runner.map(group_buckets, ((job, n, t) for n, t in enumerate(tasks))), key=lambda r: r.task)
+    merge_parts([r.items_path for r in results], ("pos", "seq"), items_out)
+    merge_parts([r.ledger_path for r in results], ("pos",), ledger_out)
+    return files, results
 
 
 def _batches(job: ScanJob, entries: Iterator[Entry]) -> Iterator[tuple[ScanJob, int, int, list[Entry]]]:
