@@ -294,5 +294,8 @@ class NiftiGroupReader(SourceReader):
     def load(self, item: StudyItem) -> Volume:
         self.refuse_too_large(item.uris[0], item.shape, len(item.channels))
         vols = [load_nifti(self.path(u), where=u, max_voxels=self.spec.max_voxels) for u in item.uris]
+        shapes = {c: v.array.shape for c, v in zip(item.channels, vols)}
+        if len(set(shapes.values())) > 1 or next(iter(shapes.values())) != tuple(item.shape):
+            raise ItemError(item.uris[0], f"sequences have shapes {shapes}, the index says {list(item.shape)}: the files changed since indexing")
         array = np.stack([v.array.astype(np.float32, copy=False) for v in vols], axis=-1)
         return Volume(array=array, affine=vols[0].affine, channels=tuple(item.channels))
