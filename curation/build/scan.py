@@ -33,7 +33,8 @@ class RayRunner:
     def __init__(self, in_flight: int | None = None):
         import ray
 
-        self.in_flight = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.in_flight = in_flight or 2 * self.workers
         self._remote: dict[Callable[..., Any], Any] = {}
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -59,26 +60,30 @@ class ImageFacts:
 
 def read_labels_table(path: Path) -> dict[str, dict[str, Any]]:
     """`image` → {"patient_id": …, "labels": {name: 0/1}} from a CSV with an `image` column."""
+    return dict(labels_rows(path))
+
+
+def labels_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The labels table's rows, checked one by one as they are read (a wrong value is a
+    `CurationError` naming the line and the column), without holding the table."""
     if not path.is_file():
         raise CurationError(f"labels table not found: {path}")
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise CurationError(f"{path}: a labels table needs a header row with an 'image' column")
+            for n, row in enumerate(reader, start=2):
+                labels = {}
+                for k, v in row.items():
+                    if k in ("image", "patient_id"):
+                        continue
+                    if v not in ("0", "1", "0.0", "1.0"):
+                        raise CurationError(f"{path}, line {n}: column {k!r} must be 0 or 1, got {v!r}")
+                    labels[k] = int(float(v))
+                yield row["image"], {"patient_id": row.get("patient_id") or None, "labels": labels}
     except (UnicodeDecodeError, csv.Error) as e:
         raise CurationError(f"{path}: cannot read the labels table as UTF-8 CSV ({e})") from e
-    if not rows or "image" not in rows[0]:
-        raise CurationError(f"{path}: a labels table needs a header row with an 'image' column")
-    table = {}
-    for n, row in enumerate(rows, start=2):
-        labels = {}
-        for k, v in row.items():
-            if k in ("image", "patient_id"):
-                continue
-            if v not in ("0", "1", "0.0", "1.0"):
-                raise CurationError(f"{path}, line {n}: column {k!r} must be 0 or 1, got {v!r}")
-            labels[k] = int(float(v))
-        table[row["image"]] = {"patient_id": row.get("patient_id") or None, "labels": labels}
-    return table
 
 
 def picture_size(path: Path) -> tuple[int, int]:
@@ -225,7 +230,10 @@ class Image2DReader(SourceReader):
         out.ledger.append(self.entry(record.uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
 
     def prepare(self) -> None:
-        self._table  # noqa: B018  (read and checked now, on the driver)
+        """Check the labels table on the driver, streaming: the workers build the lookup."""
+        if self.spec.labels is not None:
+            for _ in labels_rows(Path(self.spec.labels)):
+                pass
 
     @cached_property
     def _table(self) -> dict[str, dict[str, Any]]:

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 BUCKETS = 64  # fixed, so that outputs never depend on how the work was cut
 BATCH_FILES = 2048  # files per read task
 GROUP_RECORDS = 200_000  # records per group task, at most (a bucket is never split)
-ROW_GROUP_ROWS = 65_536  # rows per row group of index.parquet and ledger.parquet
+ROW_GROUP_ROWS = 16_384  # rows per row group of index.parquet and ledger.parquet: what the driver holds at most
 
 RECORD_SCHEMA = pa.schema([("pos", pa.int64()), ("uri", pa.string()), ("bucket", pa.int32()), ("key", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("facts", pa.binary())])
@@ -300,7 +300,7 @@ def _scan_in_parts(job: ScanJob, runner: Runner, entries: Iterator[Entry], items
         for bucket, (rg, n) in result.buckets.items():
             where.setdefault(bucket, []).append((result.path, rg))
             sizes[bucket] += n
-    tasks = _group_tasks(where, sizes)
+    tasks = _group_tasks(where, sizes, getattr(runner, "workers", 1))
     results = sorted(runner.map(group_buckets, ((job, n, t) for n, t in enumerate(tasks))), key=lambda r: r.task)
     merge_parts([r.items_path for r in results], ("pos", "seq"), items_out)
     merge_parts([r.ledger_path for r in results], ("pos",), ledger_out)
@@ -319,12 +319,14 @@ def _batches(job: ScanJob, entries: Iterator[Entry]) -> Iterator[tuple[ScanJob, 
         yield job, n, pos, batch
 
 
-def _group_tasks(where: dict[int, list[tuple[str, int]]], sizes: Counter[int]) -> list[list[tuple[int, list[tuple[str, int]]]]]:
-    """Buckets in order, cut into tasks of at most `GROUP_RECORDS` records (a bucket whole)."""
+def _group_tasks(where: dict[int, list[tuple[str, int]]], sizes: Counter[int], workers: int = 1) -> list[list[tuple[int, list[tuple[str, int]]]]]:
+    """Buckets in order, cut into tasks of at most `GROUP_RECORDS` records (a bucket whole),
+    and into at least two per worker where there are buckets enough, so all workers group."""
+    limit = max(1, min(GROUP_RECORDS, -(-sum(sizes.values()) // (2 * max(1, workers)))))
     tasks: list[list[tuple[int, list[tuple[str, int]]]]] = [[]]
     held = 0
     for bucket in sorted(where):
-        if tasks[-1] and held + sizes[bucket] > GROUP_RECORDS:
+        if tasks[-1] and held + sizes[bucket] > limit:
             tasks.append([])
             held = 0
         tasks[-1].append((bucket, where[bucket]))
@@ -374,7 +376,7 @@ class RowGroupWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = 16_384) -> None:
+def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = 4_096) -> None:
     """Merge Parquet files each sorted by `order` (whose first column is an integer position
     no two files share) into `out`, in order, holding one batch per file at a time."""
     streams = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in paths]
@@ -390,6 +392,7 @@ def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWrite
                 else:
                     buffers[i] = pa.Table.from_batches([batch])
         if not any(b.num_rows for b in buffers):
+            pa.default_memory_pool().release_unused()  # give back what the merge held: the driver stays small
             return
         # rows up to the smallest last position of the files not yet read to the end are final
         open_ends = [b.column(key)[-1].as_py() for b, d in zip(buffers, done) if not d]
