@@ -65,6 +65,30 @@ def test_same_bytes_whatever_the_cut_and_the_processes(manifest: Path, tmp_path:
     assert pq.ParquetFile(tmp_path / "a" / "ledger.parquet").num_row_groups > 1
 
 
+def test_a_scan_beside_other_threads_takes_its_workers_from_a_fork_server(manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """A build scans in a thread while Ray starts in another, and forking a process that has
+    threads is unsafe: the pool's workers then come from a fork server. Same bytes."""
+    import threading
+
+    whole = scan_bytes(manifest, tmp_path / "a", LocalRunner(1))
+    monkeypatch.setattr(scan_module, "BATCH_FILES", 7)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    runner = LocalRunner(2)
+    try:
+        result: dict[str, tuple[str, str]] = {}
+        scanning = threading.Thread(target=lambda: result.update(b=scan_bytes(manifest, tmp_path / "b", runner)))
+        scanning.start()
+        scanning.join()
+        assert result.get("b") == whole
+        assert runner._pool is not None and runner._pool._mp_context.get_start_method() == "forkserver"
+    finally:
+        stop.set()
+        other.join()
+        runner.close()
+
+
 def test_in_memory_index_writes_the_same_bytes(manifest: Path, tmp_path: Path) -> None:
     from curation.ingest.index import write_index
 

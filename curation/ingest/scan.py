@@ -56,6 +56,7 @@ BUCKETS = 64  # fixed, so that outputs never depend on how the work was cut
 BATCH_FILES = 2048  # files per read task
 GROUP_RECORDS = 200_000  # records per group task, at most (a bucket is never split)
 ROW_GROUP_ROWS = 16_384  # rows per row group of index.parquet and ledger.parquet: what the driver holds at most
+MERGE_ROWS = 4_096  # rows per row group of the spilled parts, and per read of the merge
 
 RECORD_SCHEMA = pa.schema([("pos", pa.int64()), ("uri", pa.string()), ("bucket", pa.int32()), ("key", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("facts", pa.binary())])
@@ -176,8 +177,9 @@ def group_buckets(job: ScanJob, task: int, buckets: Sequence[tuple[int, Sequence
     records = pa.concat_tables([pq.ParquetFile(path).read_row_groups(sorted(rgs)) for path, rgs in sorted(wanted.items())])
     items, ledger = group_table(job, records.sort_by([("bucket", "ascending"), ("pos", "ascending")]))
     result = GroupResult(task, os.path.join(job.spill, f"items-{task:06d}.parquet"), os.path.join(job.spill, f"ledger-{task:06d}.parquet"), 0)
-    pq.write_table(items, result.items_path, compression="none")
-    pq.write_table(ledger, result.ledger_path, compression="none")
+    # row groups of a merge batch: the merge then holds a batch of each part, never a whole part
+    pq.write_table(items, result.items_path, compression="none", row_group_size=MERGE_ROWS)
+    pq.write_table(ledger, result.ledger_path, compression="none", row_group_size=MERGE_ROWS)
     result.count(items, ledger)
     return result
 
@@ -376,10 +378,10 @@ class RowGroupWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = 4_096) -> None:
+def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = MERGE_ROWS) -> None:
     """Merge Parquet files each sorted by `order` (whose first column is an integer position
     no two files share) into `out`, in order, holding one batch per file at a time."""
-    streams = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in paths]
+    streams = [pq.ParquetFile(p, pre_buffer=False).iter_batches(batch_size=batch_rows, use_threads=False) for p in paths]
     buffers: list[pa.Table] = [pa.table({}) for _ in streams]
     done = [False] * len(streams)
     key = order[0]
