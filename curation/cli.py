@@ -30,7 +30,7 @@ def _index(args: argparse.Namespace) -> None:
 
     arrow_without_pandas()
     from curation.ingest.index import scan_to_files
-    from curation.ingest.scan import LocalRunner
+    from curation.ingest.runners import LocalRunner
     from curation.manifest import load_manifest
     from curation.store.layout import Layout
 

@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import nibabel as nib
 import pyarrow.parquet as pq
 import pytest
 import yaml

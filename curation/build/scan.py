@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import pyarrow.parquet as pq
 
 from curation.ingest.index import scan_to_files
-from curation.ingest.scan import LocalRunner, Runner, ScanSummary
+from curation.ingest.runners import LocalRunner, Runner
+from curation.ingest.scan import ScanSummary
 from curation.items import LedgerEntry, StudyItem, items_from_table, ledger_from_table
 from curation.manifest import BuildSpec
 from curation.store.layout import Layout

@@ -10,7 +10,6 @@ pixels (headers intact) is quarantined at scan time instead of failing a build l
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields

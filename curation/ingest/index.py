@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.ingest import SourceReader
-from curation.ingest.scan import RowGroupWriter, Runner, ScanSummary, scan_archive
+from curation.ingest.runners import Runner
+from curation.ingest.scan import ScanSummary, scan_archive
+from curation.ingest.sorted_parquet import RowGroupWriter
 from curation.ingest.walk import walk
 from curation.items import INDEX_SCHEMA, LEDGER_SCHEMA, LedgerEntry, StudyItem, items_from_table, items_table, ledger_from_table, ledger_table
 from curation.keys import resolve_secret

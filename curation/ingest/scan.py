@@ -24,20 +24,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
 import tempfile
-import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +43,10 @@ import pyarrow.parquet as pq
 from curation.errors import CurationError
 from curation.ingest import READERS, SourceReader
 from curation.ingest.base import Record
+from curation.ingest.runners import LocalRunner, Runner
+from curation.ingest.sorted_parquet import MERGE_ROWS, RowGroupWriter, merge_parts
 from curation.ingest.walk import Entry, walk
-from curation.items import INDEX_SCHEMA, LEDGER_SCHEMA, StudyItem
+from curation.items import INDEX_SCHEMA, LEDGER_SCHEMA
 from curation.keys import Keyer
 
 log = logging.getLogger(__name__)
@@ -55,23 +54,11 @@ log = logging.getLogger(__name__)
 BUCKETS = 64  # fixed, so that outputs never depend on how the work was cut
 BATCH_FILES = 2048  # files per read task
 GROUP_RECORDS = 200_000  # records per group task, at most (a bucket is never split)
-ROW_GROUP_ROWS = 16_384  # rows per row group of index.parquet and ledger.parquet: what the driver holds at most
-MERGE_ROWS = 4_096  # rows per row group of the spilled parts, and per read of the merge
 
 RECORD_SCHEMA = pa.schema([("pos", pa.int64()), ("uri", pa.string()), ("bucket", pa.int32()), ("key", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("facts", pa.binary())])
 ITEM_PART_SCHEMA = INDEX_SCHEMA.append(pa.field("pos", pa.int64())).append(pa.field("seq", pa.int64()))
 LEDGER_PART_SCHEMA = LEDGER_SCHEMA.append(pa.field("pos", pa.int64()))
-
-R = TypeVar("R")
-
-
-class Runner(Protocol):
-    """Runs `fn(*args)` for each argument tuple, a bounded number at a time, and yields the
-    results as they finish (in any order). `args` is consumed lazily."""
-
-    def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]: ...
-
 
 @dataclass(frozen=True, slots=True)
 class ScanJob:
@@ -334,138 +321,3 @@ def _group_tasks(where: dict[int, list[tuple[str, int]]], sizes: Counter[int], w
         tasks[-1].append((bucket, where[bucket]))
         held += sizes[bucket]
     return tasks
-
-
-# -- merging sorted parts ------------------------------------------------------------------------------
-
-
-class RowGroupWriter:
-    """A Parquet file written in row groups of exactly `ROW_GROUP_ROWS` rows (the last one
-    shorter), whatever the sizes of the tables handed to it: the bytes depend on the rows
-    alone. Written beside `path` and renamed on a clean close."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema = path, schema
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.writer = pq.ParquetWriter(self.tmp, schema)
-        self.pending: list[pa.Table] = []
-        self.held = 0
-
-    def add(self, table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        self.pending.append(table.select(self.schema.names).cast(self.schema))
-        self.held += table.num_rows
-        while self.held >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
-
-    def _flush(self, rows: int) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks() if len(self.pending) > 1 else self.pending[0]
-        self.writer.write_table(table.slice(0, rows), row_group_size=rows)
-        rest = table.slice(rows)
-        self.pending, self.held = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def __enter__(self) -> RowGroupWriter:
-        return self
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is None and self.held:
-            self._flush(self.held)
-        self.writer.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def merge_parts(paths: Sequence[str], order: tuple[str, ...], out: RowGroupWriter, batch_rows: int = MERGE_ROWS) -> None:
-    """Merge Parquet files each sorted by `order` (whose first column is an integer position
-    no two files share) into `out`, in order, holding one batch per file at a time."""
-    streams = [pq.ParquetFile(p, pre_buffer=False).iter_batches(batch_size=batch_rows, use_threads=False) for p in paths]
-    buffers: list[pa.Table] = [pa.table({}) for _ in streams]
-    done = [False] * len(streams)
-    key = order[0]
-    while True:
-        for i, stream in enumerate(streams):
-            while not done[i] and buffers[i].num_rows == 0:
-                batch = next(stream, None)
-                if batch is None:
-                    done[i] = True
-                else:
-                    buffers[i] = pa.Table.from_batches([batch])
-        if not any(b.num_rows for b in buffers):
-            pa.default_memory_pool().release_unused()  # give back what the merge held: the driver stays small
-            return
-        # rows up to the smallest last position of the files not yet read to the end are final
-        open_ends = [b.column(key)[-1].as_py() for b, d in zip(buffers, done) if not d]
-        watermark = min(open_ends) if open_ends else None
-        taken = []
-        for i, b in enumerate(buffers):
-            if not b.num_rows:
-                continue
-            cut = b.num_rows if watermark is None else int(np.searchsorted(b.column(key).to_numpy(), watermark, side="right"))
-            if cut:
-                taken.append(b.slice(0, cut))
-                buffers[i] = b.slice(cut)
-        out.add(pa.concat_tables(taken).sort_by([(c, "ascending") for c in order]))
-
-
-# -- running tasks on this machine ---------------------------------------------------------------------
-
-
-class LocalRunner:
-    """Tasks on this machine's cores: in this process for one worker, else in a process pool
-    (forked when this process has no other threads, else from a fork server), with at most
-    twice as many tasks in flight as workers."""
-
-    def __init__(self, workers: int | None = None):
-        self.workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        self._pool: ProcessPoolExecutor | None = None
-
-    def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:
-        it = iter(args)
-        first = next(it, None)
-        second = next(it, None) if first is not None else None
-        if first is None:
-            return
-        if self.workers == 1 or second is None:  # one task: a pool would only add its start-up
-            yield fn(*first)
-            if second is not None:
-                yield fn(*second)
-                for a in it:
-                    yield fn(*a)
-            return
-        pool = self._pool or self._start()
-        pending: set[Future[R]] = {pool.submit(fn, *first), pool.submit(fn, *second)}
-        for a in it:
-            pending.add(pool.submit(fn, *a))
-            if len(pending) >= 2 * self.workers:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in finished)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in finished)
-
-    def _start(self) -> ProcessPoolExecutor:
-        """Forked workers start at once with every module this process has imported; a process
-        with other threads (a build starting Ray beside the scan) must not fork, so its workers
-        come from a fork server that imported the readers once."""
-        if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("fork")
-        else:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["curation.ingest.scan"])
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-
-
-def items_of(path: Path) -> list[StudyItem]:
-    """Every item of an index file."""
-    from curation.items import items_from_table
-
-    return items_from_table(pq.read_table(path))
