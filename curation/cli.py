@@ -31,7 +31,8 @@ def _demo_archive(args: argparse.Namespace) -> None:
     from curation.preflight import writable_folder
 
     writable_folder(args.dir, "DIR")
-    s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed)
+    s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed, ct_cases=args.ct, brain_cases=args.brain,
+                           cxr_images=args.cxr, distinct=args.distinct, jobs=args.jobs, ct_size=args.ct_size)
     print(
         f"demo archive written to {args.dir}: {s['ct']['patients']} CT patients ({s['ct']['files']} DICOM files), "
         f"{s['brain']['cases']} brain MRI cases, {s['cxr']['images']} chest X-rays; ground truth in {s['ground_truth']}"
@@ -52,21 +53,30 @@ def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True, expe
 
 
 def _index(args: argparse.Namespace) -> None:
+    from curation.ingest.lean import arrow_without_pandas
+
+    arrow_without_pandas()
     spec = _checked(args, rows=False)
-    from curation.ingest.index import build_index, write_index
+    from curation.ingest.index import scan_to_files
+    from curation.ingest.runners import LocalRunner
     from curation.store.layout import Layout
 
-    index = build_index(spec)
     layout = Layout.of(spec, args.out)
     layout.mark_internal()
-    index_path, ledger_path = write_index(index, layout.index, layout.ledger)
-    print(index.summary())
-    print(f"wrote {index_path} and {ledger_path}")
+    runner = LocalRunner(args.workers)
+    try:
+        summary = scan_to_files(spec, layout.index, layout.ledger, runner)
+    finally:
+        runner.close()
+    print(summary.text())
+    print(f"wrote {layout.index} and {layout.ledger}")
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from curation.ingest.lean import arrow_without_pandas
     from curation.preflight import writable_folder
 
+    arrow_without_pandas()
     spec = _checked(args, rows=False, outputs=False)
     out = Path(args.out)
     writable_folder(out, "--out")
@@ -155,11 +165,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dir", help="the folder to write")
     s.add_argument("--cases", type=int, default=4, help="patients per modality")
     s.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
+    s.add_argument("--ct", type=int, help="CT patients (default: --cases)")
+    s.add_argument("--brain", type=int, help="brain MRI cases (default: --cases)")
+    s.add_argument("--cxr", type=int, help="chest X-rays (default: 8 per case, at least 16)")
+    s.add_argument("--distinct", type=int,
+                   help="draw at most this many cases per kind (16x for X-rays) and copy the rest under new identities: large archives in minutes (default: draw every case)")
+    s.add_argument("--jobs", type=int, default=1, help="processes drawing cases")
+    s.add_argument("--ct-size", choices=["demo", "full"], default="demo", help="full: CT at 512x512 with 500 slices")
     s.set_defaults(run=_demo_archive)
 
     s = command("index", "discover items: internal/index.parquet and internal/ledger.parquet")
     s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
+    s.add_argument("--workers", type=int, help="processes reading headers (default: this machine's cores)")
     s.set_defaults(run=_index)
 
     s = command("convert", "write every indexed item as NIfTI (RAS, CT in HU): what the experts see")

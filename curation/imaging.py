@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from nibabel import orientations as nib_orient
 from PIL import Image
 
 # (centre, width) in HU. Soft tissue is VILA-M3's choice for CT slices.
@@ -78,6 +77,8 @@ def key_slice(mask: np.ndarray) -> int:
 def reorient(array: np.ndarray, affine: np.ndarray, codes: str = "LPS") -> tuple[np.ndarray, np.ndarray]:
     """The same voxels with axes turned (by flips and transposes only) to point along `codes`;
     extra trailing axes (channels) are kept."""
+    from nibabel import orientations as nib_orient  # here: importing nibabel costs ~0.3 s, and most users of this module never reorient
+
     current = nib_orient.io_orientation(affine)
     transform = nib_orient.ornt_transform(current, nib_orient.axcodes2ornt(tuple(codes)))
     spatial = nib_orient.apply_orientation(np.asarray(array), transform)

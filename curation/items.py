@@ -8,7 +8,10 @@ Parquet unchanged (`INDEX_SCHEMA`, `LEDGER_SCHEMA`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -21,6 +24,45 @@ ItemKind = Literal["dicom", "nifti", "nifti_group", "image2d"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
 ITEM_KIND: dict[str, str] = {**{k: k for k in ITEM_KINDS}, "qa": "image2d"}
+
+_ESCAPED = re.compile(r"%(25|[89A-F][0-9A-F])")
+
+
+def uri_text(relative: str) -> str:
+    """A relative path as a file system gave it (`os.fsdecode`: bytes that are not UTF-8 become
+    lone surrogates) → the text every record carries: the path itself when it is valid UTF-8,
+    else the path with each undecodable byte as `%XX` and each `%` as `%25`.
+
+    Why: Arrow and Parquet strings must be valid UTF-8, and a name of any bytes must still lead
+    back to its file (`source_path`). Valid names stay as they are, so the index reads as the
+    archive does; `walk` sets aside the rare odd name whose escaped text is another file's name.
+
+    >>> uri_text("a/IM1.dcm"), uri_text(os.fsdecode(b"caf\\xe9/50%.dcm"))
+    ('a/IM1.dcm', 'caf%E9/50%25.dcm')
+    """
+    if not any("\udc80" <= ch <= "\udcff" for ch in relative):
+        return relative
+    return "".join("%25" if ch == "%" else f"%{ord(ch) - 0xDC00:02X}" if "\udc80" <= ch <= "\udcff" else ch for ch in relative)
+
+
+def uri_name(text: str) -> str:
+    """The inverse of `uri_text` for an escaped text: the path with lone surrogates, which
+    Python's file functions turn back into the original bytes.
+
+    >>> os.fsencode(uri_name("caf%E9/50%25.dcm"))
+    b'caf\\xe9/50%.dcm'
+    """
+    return _ESCAPED.sub(lambda m: "%" if m.group(1) == "25" else chr(0xDC00 + int(m.group(1), 16)), text)
+
+
+def source_path(root: Path, uri: str) -> Path:
+    """The file a record's `uri` names under `root`. A name that was valid UTF-8 is used as it is;
+    only when no such file exists and the text holds escapes is it read as an escaped name."""
+    path = root / uri
+    if "%" not in uri or os.path.lexists(path):
+        return path
+    return root / uri_name(uri)
+
 Status = Literal["indexed", "skipped", "quarantined"]
 
 
@@ -52,7 +94,9 @@ class StudyItem:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
+        """The item as an index row (attrs as JSON). Built field by field: `asdict` deep-copies
+        every list and dict, which costs more than the rest of indexing an image."""
+        row = {name: getattr(self, name) for name in _ITEM_FIELDS}
         row["attrs"] = json.dumps(self.attrs, sort_keys=True)
         return row
 
@@ -65,6 +109,9 @@ class StudyItem:
         values["uris"] = list(values["uris"])
         values["channels"] = list(values.get("channels") or [])
         return cls(**{k: values[k] for k in cls.__slots__ if k in values})  # type: ignore[attr-defined]
+
+
+_ITEM_FIELDS = tuple(f.name for f in fields(StudyItem))
 
 
 @dataclass(slots=True, frozen=True)
@@ -133,3 +180,7 @@ def ledger_table(entries: list[LedgerEntry]) -> pa.Table:
 
 def items_from_table(table: pa.Table) -> list[StudyItem]:
     return [StudyItem.from_row(r) for r in table.to_pylist()]
+
+
+def ledger_from_table(table: pa.Table) -> list[LedgerEntry]:
+    return [LedgerEntry(**{k: r[k] for k in LEDGER_SCHEMA.names}) for r in table.to_pylist()]

@@ -33,8 +33,16 @@ class Keyer:
     """
 
     def __init__(self, secret: str):
-        self._secret = secret.encode()
+        self.secret = secret  # passed on to the processes and tasks that scan in parallel
+        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256)  # copied per call: the key is hashed once
 
     def __call__(self, *parts: object) -> str:
-        message = "\x1f".join(str(p) for p in parts).encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:16]
+        h = self._keyed.copy()
+        h.update("\x1f".join(str(p) for p in parts).encode("utf-8", "surrogateescape"))
+        return h.hexdigest()[:16]
+
+    def __getstate__(self) -> str:
+        return self.secret
+
+    def __setstate__(self, secret: str) -> None:
+        self.__init__(secret)  # type: ignore[misc]

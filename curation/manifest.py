@@ -31,16 +31,28 @@ class SeriesRules(_Spec):
     min_slices: int = Field(8, ge=1)
 
 
+DEFAULT_MAX_VOXELS = 1 << 30  # ~1.07 G voxels: 4 GiB as float32; a 512×512×4096 CT fits
+DEFAULT_MAX_PIXELS = 50_000_000  # a 2D image: the largest radiographs and mammograms are ~30 MP
+
+
 class _SourceBase(_Spec):
+    """What every source has. Limits are checked against the sizes headers declare, at index
+    time, before anything is decoded or memory is reserved: a larger item is set aside with the
+    reason, and loaders refuse it too (`convert` and `build` obey the same caps)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     root: Path
+    follow_links: bool = True  # follow symbolic links (each real file and folder once; see curation.ingest.walk)
+    max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)  # per 3D item: x × y × z (× channels)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # per 2D image: width × height
 
 
 class DicomSourceSpec(_SourceBase):
     kind: Literal["dicom"]
     select: SeriesRules = SeriesRules()
     labels: Path | None = None  # folder of <SeriesInstanceUID>.nii.gz ground-truth label maps
-    workers: int | None = Field(None, ge=1)  # header-reading threads; default: CPU count
+    workers: int | None = Field(None, ge=1)  # file-reading threads of one item's load; default: CPU count
+    keep_burned_in: bool = False  # True: keep images at risk of burned-in text (BurnedInAnnotation YES, ultrasound)
 
 
 class NiftiSourceSpec(_SourceBase):
@@ -62,6 +74,7 @@ class Image2DSourceSpec(_SourceBase):
     kind: Literal["image2d"]
     labels: Path | None = None  # CSV: column `image` (path under root), optional `patient_id`, 0/1 label columns
     modality: str = "CR"
+    keep_burned_in: bool = False  # as for DICOM sources: applies to the DICOM files among the images
 
 
 class QaSourceSpec(_SourceBase):
@@ -74,6 +87,7 @@ class QaSourceSpec(_SourceBase):
     file: Path  # relative paths resolve against the manifest's folder, like `root`
     modality: str = "CR"
     columns: dict[str, str] = {}  # our name (image, question, answer, patient_id, answer_type) → the file's
+    keep_burned_in: bool = False  # as for DICOM sources: applies to the DICOM files among the images
 
 
 SourceSpec = Annotated[

@@ -18,7 +18,7 @@ import pytest
 from curation.imaging import flip_axis
 from scipy import ndimage
 
-from curation.demo import (BRATS_LABELS, CT_LABELS, CXR_LABELS, FINDINGS, SEQUENCES, brain_phantom,
+from curation.demo import (BRATS_LABELS, CT_LABELS, CXR_LABELS, FINDINGS, SEQUENCES, brain_phantom, build_ct,
                            cardiothoracic_ratio, ct_phantom, cxr_phantom, write_demo_archive)
 from curation.demo.cxr import apical_air_pixels, costophrenic_density
 from curation.demo.dicom import affine_from_headers
@@ -69,6 +69,24 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(archive: Path,
     shared = {k for k in b if a.get(k) == b[k]}
     assert all(k.endswith("_seg.nii.gz") for k in shared)  # only empty label maps can coincide
     assert {k for k in a if k.startswith("ct/")}.isdisjoint(b)  # other patients, other ids
+
+
+# sha256 over (path, sha256 of content) of every file of `--cases 4 --seed 0`, taken before the
+# large-archive and full-size options were added: those options must not move a byte of the default.
+DEFAULT_DEMO_DIGEST = "92e111e60c05770680f2cabdb600096e196a0a835a859af2f5da68942161dc9d"
+
+
+def archive_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path, digest in tree_digest(root).items():
+        h.update(path.encode() + b"\0" + bytes.fromhex(digest))
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_the_default_demo_keeps_its_bytes(tmp_path: Path) -> None:
+    write_demo_archive(tmp_path / "demo", cases=4, seed=0)
+    assert archive_digest(tmp_path / "demo") == DEFAULT_DEMO_DIGEST
 
 
 def test_a_case_does_not_depend_on_the_archive_size(archive: Path, tmp_path: Path) -> None:
@@ -325,3 +343,45 @@ def test_cxr_findings_are_visible(archive: Path, truth: dict) -> None:
             if name in record["findings"]:
                 r, c = record["findings"][name]["centre_rc"]
                 assert image[r - 2:r + 3, c - 2:c + 3].mean() > 100  # opaque where lung is ~55–85
+
+
+# --- archives of any size -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_large_archive_copies_cases_under_new_identities(tmp_path: Path) -> None:
+    from curation.ingest.index import build_index
+    from curation.manifest import BuildSpec
+
+    out = tmp_path / "big"
+    summary = write_demo_archive(out, cases=1, ct_cases=3, brain_cases=2, cxr_images=20, distinct=1, jobs=2)
+    truth = json.loads((out / "ground_truth.json").read_text())
+    ct = truth["ct"]
+    assert [c.get("copy_of") for c in ct] == [None, 0, 0] and summary["ct"]["patients"] == 3
+    assert len({c["patient_id"] for c in ct}) == len({c["series_uid"] for c in ct}) == len({c["study_uid"] for c in ct}) == 3
+    drawn = [v for v in ct[0]["identifiers"].values() if len(v) > 3]
+    for copy in ct[1:]:
+        for f in copy["files"][:2] + copy["localizer"]["files"] + copy["secondary_capture"]["files"]:
+            ds = pydicom.dcmread(out / f, stop_before_pixels=True)
+            assert ds.PatientID == copy["patient_id"] and ds.StudyInstanceUID == copy["study_uid"]
+            assert not [v for v in drawn if v in str(ds)], f  # no identifier of the drawn patient, private tags included
+        assert (out / copy["label_file"]).is_file() and copy["label_file"].endswith(f"{copy['series_uid']}.nii.gz")
+    assert [b.get("copy_of") for b in truth["brain"]] == [None, truth["brain"][0]["case_id"]]
+    assert len(truth["cxr"]["images"]) == 20 and truth["cxr"]["images"][16]["copy_of"] == truth["cxr"]["images"][0]["image"]
+    spec = BuildSpec(name="big", sources=[
+        {"name": "ct", "kind": "dicom", "root": out / "ct", "labels": out / "ct_labels"},
+        {"name": "brain", "kind": "nifti_group", "root": out / "brain", "channels": list(SEQUENCES), "labels": "seg"},
+        {"name": "cxr", "kind": "image2d", "root": out / "cxr", "labels": out / "cxr" / "labels.csv"}])
+    items = build_index(spec).items
+    series = [i for i in items if i.source == "ct"]
+    assert len(series) == 3 and len({i.patient_key for i in series}) == 3 and all(i.label_uri for i in series)
+    assert sum(i.source == "brain" for i in items) == 2 and sum(i.source == "cxr" for i in items) == 20
+
+
+def test_the_ct_at_scanner_size_is_the_same_patient() -> None:
+    small = build_ct(0, 0)
+    big = small.at_scanner_size(matrix=256, slices=90)
+    assert big.hu.shape == (256, 256, 90) and big.hu.dtype == np.int16
+    assert set(np.unique(big.labels)) == set(np.unique(small.labels))
+    assert big.pixel_spacing == pytest.approx(small.pixel_spacing / 2, abs=1e-6)
+    assert 89 * big.slice_spacing == pytest.approx((small.hu.shape[2] - 1) * small.slice_spacing, abs=1e-3)
+    assert big.origin == small.origin

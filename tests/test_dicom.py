@@ -297,6 +297,39 @@ def test_fast_header_path_agrees_with_pydicom(archive: Archive, monkeypatch: pyt
     assert quick("misc/junk.bin") is None
 
 
+def test_layout_replay_gives_what_a_walk_gives(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path reuses the previous file's element layout when every element header matches
+    byte for byte: reading the archive in any order with that memory gives the same headers as
+    walking every file afresh (different series, syntaxes and layouts mixed in)."""
+    import curation.ingest.dicom_quick as quick_module
+
+    uris = files_under(archive.root)
+    for order in (uris, uris[::-1], sorted(uris, key=lambda u: u.rsplit("/", 1)[-1])):
+        remembered = [header_fields(read_header(archive.root, u)) for u in order]
+        fresh = []
+        for u in order:
+            monkeypatch.setattr(quick_module, "_last_layout", None)
+            fresh.append(header_fields(read_header(archive.root, u)))
+        assert remembered == fresh
+
+
+
+def test_a_slice_laid_out_like_the_last_is_read_by_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import curation.ingest.dicom_quick as quick_module
+
+    first = fac.write_series(tmp_path / "s", n_slices=1, seed=3).paths[0]
+    ds = dcmread(first)
+    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], 987.5]  # "100.0" → "987.5": same length
+    ds.SOPInstanceUID = ds.SOPInstanceUID[:-1] + ("1" if ds.SOPInstanceUID[-1] != "1" else "2")
+    ds.save_as(tmp_path / "s" / "second.dcm")
+    monkeypatch.setattr(quick_module, "_last_layout", None)
+    a = read_header(tmp_path, first.relative_to(tmp_path).as_posix())
+    layout = quick_module._last_layout
+    b = read_header(tmp_path, "s/second.dcm")
+    assert quick_module._last_layout is layout  # the second file was read by replay, not walked
+    assert b.positions[0][2] == 987.5 and header_fields(a) | {"uri": "", "positions": None} == header_fields(b) | {"uri": "", "positions": None}
+
+
 def test_non_ascii_patient_id_keys_like_pydicom_reads_it(archive: Archive) -> None:
     assert archive.item("latin1").patient_key == archive.reader.keyer("patient", "M\u00dcLLER-7")
 

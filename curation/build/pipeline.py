@@ -34,8 +34,9 @@ from curation.store.readme import write_dataset_card
 from curation.store.layout import Layout
 from curation.build.cluster import Placement, pipeline_dataset, place_experts, ray_session
 from curation.errors import CurationError
-from curation.ingest.index import build_index, write_table
-from curation.items import LedgerEntry, StudyItem, items_table
+from curation.build.scan import scan_index
+from curation.ingest.index import write_table
+from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
 from curation.preflight import preflight
 from curation.build.plan import ItemPlan, Plan, make_plan, runner_spec, spec_json
@@ -72,12 +73,10 @@ def build_hash(spec: BuildSpec) -> str:
 
 
 def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
-    index = build_index(spec)
-    items = index.items if limit is None else index.items[: max(limit, 0)]
-    layout.mark_internal()
-    write_table(items_table(index.items), layout.index)
-    limited = {i.item_id for i in index.items[len(items):]}
-    return items, index.ledger, limited
+    found, ledger, _ = scan_index(spec, layout)  # writes layout.index; Ray tasks when Ray is up, else local cores
+    items = found if limit is None else found[: max(limit, 0)]
+    limited = {i.item_id for i in found[len(items):]}
+    return items, ledger, limited
 
 
 def check_templates(renderer: Any) -> None:

@@ -46,6 +46,7 @@ VERTEBRAE = ("vertebrae T11", "vertebrae T12", "vertebrae L1", "vertebrae L2", "
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MATRIX = 128
 SLICE_SPACING = 5.0
+SCANNER_MATRIX, SCANNER_SLICES = 512, 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,19 @@ class CtPhantom:
     @property
     def voxel_ml(self) -> float:
         return self.pixel_spacing**2 * self.slice_spacing / 1000.0
+
+    def at_scanner_size(self, matrix: int = SCANNER_MATRIX, slices: int = SCANNER_SLICES) -> CtPhantom:
+        """The same patient on a scanner's grid (512 × 512, 500 slices over the same extent):
+        for benchmarks that need real-sized series. Nearest-neighbour, so labels stay labels
+        and HU stay the phantom's values; the ground truth is the resampled label map."""
+        nx, ny, nz = self.hu.shape
+        ix = np.arange(matrix) * nx // matrix
+        iz = np.rint(np.linspace(0, nz - 1, slices)).astype(np.int64)
+        pick = np.ix_(ix, ix * ny // nx, iz)
+        ps = round(self.pixel_spacing * nx / matrix, 6)
+        dz = round(self.slice_spacing * (nz - 1) / (slices - 1), 6)
+        tumours = [{**t, "voxels": None} for t in self.tumours]  # counts are the small grid's; see the label map
+        return CtPhantom(self.hu[pick], self.labels[pick], ps, dz, self.origin, tumours)
 
 
 def ct_phantom(seed: int, case: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from curation.errors import ItemError
 from curation.ingest.index import Index, build_index, write_index
 from curation.ingest import SourceReader, readers_for
-from curation.items import LedgerEntry, StudyItem, Volume
+from curation.ingest.nifti_write import write_nifti
+from curation.ingest.reasons import describe
+from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -30,22 +29,10 @@ class Converted:
     failed: list[LedgerEntry] = field(default_factory=list)
 
 
-def to_nifti(volume: Volume) -> nib.Nifti1Image:
-    array = volume.array
-    if array.ndim == 2:
-        array = array[:, :, None]
-    img = nib.Nifti1Image(array, volume.affine)
-    img.set_qform(volume.affine, code=1)
-    img.set_sform(volume.affine, code=1)
-    if array.dtype == np.float64:
-        img.set_data_dtype(np.float32)
-    return img
-
-
 def _convert_one(reader: SourceReader, item: StudyItem, out: Path, suffix: str) -> Path:
-    path = out / f"{item.item_id}{suffix}"
-    nib.save(to_nifti(reader.load(item)), path)
-    return path
+    volume = reader.load(item)
+    array = volume.array[:, :, None] if volume.array.ndim == 2 else volume.array
+    return write_nifti(out / f"{item.item_id}{suffix}", array, volume.affine)
 
 
 def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int = 2, index: Index | None = None) -> Converted:
@@ -65,6 +52,9 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
             except ItemError as e:
                 log.warning("item set aside: %s", e)
                 result.failed.append(LedgerEntry(e.where, item.source, "quarantined", f"conversion failed: {e.reason}", item.item_id))
+            except Exception as e:  # a per-item boundary: a writer's or a decoder's failure sets this item aside
+                log.warning("item set aside: %s: %s", item.uris[0], describe(e))
+                result.failed.append(LedgerEntry(item.uris[0], item.source, "quarantined", f"conversion failed: {describe(e, out)}", item.item_id))
             if n % 10 == 0 or n == len(futures):
                 log.info("converted %d/%d items (%.1f s)", n, len(futures), time.perf_counter() - started)
     _record(index, result, out)

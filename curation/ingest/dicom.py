@@ -1,9 +1,11 @@
 """The DICOM source reader: series (and their sub-series) of a folder tree as StudyItems, and
 one item's files as a RAS volume.
 
-`scan` reads headers only, in parallel, and ledgers every file it claims exactly once:
-"indexed" (with the item id), "skipped" (a selection rule or a repeated slice position, with the
-rule's own reason) or "quarantined" ("corrupt: …", truncated pixel data included). `load`
+`read` takes headers only, one file at a time (any partition of the archive, in any process):
+a file is quarantined ("corrupt: …", truncated pixel data included), skipped by a selection rule
+with the rule's own reason, or kept with its SeriesInstanceUID as the key. `group` then makes
+the items of each SeriesInstanceUID and ledgers every file once: "indexed" (with the item id) or
+"skipped" (a repeated slice position, too few slices, a declared size over the caps). `load`
 reads each file once — uncompressed pixels straight into the volume — and applies the rescale.
 
     >>> from curation.manifest import DicomSourceSpec
@@ -15,8 +17,9 @@ reads each file once — uncompressed pixels straight into the volume — and ap
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,10 +27,11 @@ import numpy as np
 
 from curation.errors import ItemError
 from curation.imaging import flip_axis
-from curation.ingest.base import Scan, SourceReader
+from curation.ingest.base import Record, Scan, SourceReader
 from curation.ingest.dicom_geometry import affine_ras, order_slices, same_orientation, slice_normal, slice_vector
-from curation.ingest.dicom_headers import Header, read_headers
+from curation.ingest.dicom_headers import Header, read_header
 from curation.ingest.dicom_pixels import read_file, read_slices, rescale
+from curation.ingest.reasons import describe
 from curation.ingest.dicom_series import SubSeries, in_plane_spacing, item_facts, skip_reason, split_series
 from curation.items import StudyItem, Volume
 
@@ -40,26 +44,34 @@ class DicomReader(SourceReader):
 
     kind: ClassVar[str] = "dicom"
 
-    def scan(self, files: list[str]) -> Scan:
-        label_uris = self._label_uris_inside_root(files)
-        candidates = [f for f in files if f not in label_uris and not f.lower().endswith(NOT_DICOM_SUFFIXES)]
-        out = Scan()
-        usable: list[Header] = []
-        for h in read_headers(self.root, candidates, self.spec.workers):
-            if h.problem:
-                out.ledger.append(self.entry(h.uri, "quarantined", h.problem))
-            elif reason := skip_reason(h, self.spec.select):
-                out.ledger.append(self.entry(h.uri, "skipped", reason))
-            else:
-                usable.append(h)
-        labels = self._label_names()
-        for sub in split_series(usable):
-            self._add_sub_series(sub, labels, out)
-        self._ledger_labels(label_uris, out)
-        return out
+    def read_one(self, uri: str) -> Record | None:
+        if self._is_label(uri):
+            return Record(uri, key=uri.rsplit("/", 1)[-1].removesuffix(LABEL_SUFFIX), facts="label")
+        if uri.lower().endswith(NOT_DICOM_SUFFIXES):
+            return None
+        h = read_header(self.root, uri)
+        if h.problem:
+            return Record(uri, uri, "quarantined", h.problem)
+        if reason := skip_reason(h, self.spec.select, self.spec.keep_burned_in):
+            return Record(uri, uri, "skipped", reason)
+        return Record(uri, key=h.series_uid, facts=h)
+
+    def combine(self, key: str, records: list[Record], out: Scan) -> None:
+        """The items of one SeriesInstanceUID, then the label maps named after it."""
+        headers = [r.facts for r in records if isinstance(r.facts, Header)]
+        for sub in split_series(headers):
+            self._add_sub_series(sub, out)
+        used = {it.label_uri: it.item_id for it in out.items if it.label_uri}
+        for r in records:
+            if r.facts == "label":
+                if r.uri in used:
+                    out.ledger.append(self.entry(r.uri, "indexed", "label map", used[r.uri]))
+                else:
+                    out.ledger.append(self.entry(r.uri, "skipped", "label map without an indexed series"))
 
     def load(self, item: StudyItem) -> Volume:
         """The item's voxels (x = column, y = row, z = slice) in HU for CT, and the RAS affine."""
+        self.refuse_too_large(item.uris[0], item.shape)
         try:
             if item.kind == "image2d":
                 return self._load_image2d(item)
@@ -69,15 +81,18 @@ class DicomReader(SourceReader):
         except ItemError:
             raise
         except Exception as e:  # geometry of damaged values; the file reads already name theirs
-            raise ItemError(where=item.uris[0], reason=f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+            raise ItemError(where=item.uris[0], reason=describe(e, *item.uris)) from e
 
     # -- scan ---------------------------------------------------------------------------------
 
-    def _add_sub_series(self, sub: SubSeries, labels: set[str], out: Scan) -> None:
+    def _add_sub_series(self, sub: SubSeries, out: Scan) -> None:
         """One item from a sub-series, or its files skipped with the reason."""
         facts = item_facts(sub, self.spec.select.min_slices)
         if isinstance(facts, str):
             out.ledger.extend(self.entry(h.uri, "skipped", facts) for h in sub.headers)
+            return
+        if too_large := self.too_large(facts.shape):
+            out.ledger.extend(self.entry(h.uri, "skipped", too_large) for h in sub.headers)
             return
         first = sub.headers[0]
         item_id = self.keyer("item", sub.series_uid, sub.index)
@@ -95,7 +110,7 @@ class DicomReader(SourceReader):
                 n_files=len(facts.used),
                 uris=[h.uri for h in facts.used],
                 series_number=first.series_number,
-                label_uri=self._label_uri(label) if label in labels else None,
+                label_uri=self._label_uri(label) if label in self._label_names else None,
                 attrs=facts.attrs,
             )
         )
@@ -109,37 +124,36 @@ class DicomReader(SourceReader):
             return self.keyer("patient", h.patient_id)
         return self.keyer("patient-of-study", h.study_uid)
 
-    def _label_names(self) -> set[str]:
+    @cached_property
+    def _label_names(self) -> frozenset[str]:
         folder = self.spec.labels
         if folder is None or not Path(folder).is_dir():
-            return set()
-        return {p.name for p in Path(folder).iterdir() if p.name.endswith(LABEL_SUFFIX)}
+            return frozenset()
+        return frozenset(p.name for p in Path(folder).iterdir() if p.name.endswith(LABEL_SUFFIX))
 
     def _label_uri(self, name: str) -> str:
         return Path(os.path.relpath(Path(self.spec.labels) / name, self.root)).as_posix()
 
-    def _label_uris_inside_root(self, files: Iterable[str]) -> set[str]:
-        """Label maps that live under the root: claimed here, not read as DICOM."""
+    @cached_property
+    def _label_prefix(self) -> str | None:
+        """The labels folder relative to the root, with a trailing slash ("" for the root
+        itself), or None when it lies outside the root."""
         if self.spec.labels is None:
-            return set()
+            return None
         folder = Path(os.path.relpath(self.spec.labels, self.root)).as_posix()
         if folder.startswith(".."):
-            return set()
-        prefix = "" if folder == "." else folder + "/"
-        return {f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :] and f.endswith(LABEL_SUFFIX)}
+            return None
+        return "" if folder == "." else folder + "/"
 
-    def _ledger_labels(self, label_uris: set[str], out: Scan) -> None:
-        used = {it.label_uri: it.item_id for it in out.items if it.label_uri}
-        for uri in sorted(label_uris):
-            if uri in used:
-                out.ledger.append(self.entry(uri, "indexed", "label map", used[uri]))
-            else:
-                out.ledger.append(self.entry(uri, "skipped", "label map without an indexed series"))
+    def _is_label(self, uri: str) -> bool:
+        """A label map that lives under the root: claimed here, not read as DICOM."""
+        prefix = self._label_prefix
+        return prefix is not None and uri.startswith(prefix) and "/" not in uri[len(prefix):] and uri.endswith(LABEL_SUFFIX)
 
     # -- load ---------------------------------------------------------------------------------
 
     def _load_stack(self, item: StudyItem) -> Volume:
-        headers, stored = read_slices(self.root, item.uris, self.spec.workers)
+        headers, stored = read_slices(self.root, item.uris, self.spec.workers, frame=(item.shape[1], item.shape[0]))
         first = headers[0]
         _check_same_geometry(headers)
         positions = np.array([h.positions[0] for h in headers], float)  # type: ignore[index]
@@ -148,7 +162,7 @@ class DicomReader(SourceReader):
         return self._volume(item, first, stored, slopes, intercepts, positions)
 
     def _load_single_file(self, item: StudyItem) -> Volume:
-        h, stored = read_file(self.root, item.uris[0])
+        h, stored = read_file(self.root, item.uris[0], max_values=max(math.prod(item.shape), 1) * 4)  # a mosaic's frame holds up to ~2x its tiles
         if h.orientation is None or h.positions is None:
             raise ItemError(where=item.uris[0], reason=h.unsupported or "no slice geometry")
         keep, _ = order_slices(h.positions, slice_normal(h.orientation))
@@ -170,7 +184,7 @@ class DicomReader(SourceReader):
         return Volume(array=array, affine=affine)
 
     def _load_image2d(self, item: StudyItem) -> Volume:
-        h, stored = read_file(self.root, item.uris[0])
+        h, stored = read_file(self.root, item.uris[0], frame=(item.shape[1], item.shape[0]))
         image = rescale(stored, h.slopes, h.intercepts)[0]
         if h.photometric == "MONOCHROME1":  # high values are dark: invert within the same range
             image = (float(image.max()) + float(image.min()) - image.astype(np.float64)).astype(image.dtype)

@@ -10,29 +10,23 @@ pixels (headers intact) is quarantined at scan time instead of failing a build l
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from curation.ingest.dicom_pixel_element import check_pixel_element
 from curation.ingest.dicom_quick import quick_header
 from curation.ingest.dicom_values import as_list, floats, integer, number, positive, positive_pair, text
+from curation.ingest.reasons import describe
+from curation.items import source_path
 
-# nibabel labels all its DICOM wrappers experimental (a warning at import); we use only the
-# mosaic geometry, which tests/test_realdata.py checks against dcm2niix.
-warnings.filterwarnings("ignore", message="The DICOM readers are highly experimental", category=UserWarning)
-from nibabel.nicom.dicomwrappers import MosaicWrapper  # noqa: E402
 
 NOT_DICOM = "not a DICOM file (no 'DICM' prefix and no readable header)"
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: DICOMDIR, Philips DIRFILE
 
 
 @dataclass(slots=True)
@@ -50,6 +44,7 @@ class Header:
     series_number: int | None = None
     modality: str = ""
     image_type: tuple[str, ...] | None = None
+    burned_in: bool = False  # BurnedInAnnotation YES: the pixels hold text (names, dates) that may identify
     has_pixels: bool = False
     rows: int = 0
     cols: int = 0
@@ -71,6 +66,15 @@ class Header:
     slopes: np.ndarray = field(default_factory=lambda: np.ones(1))  # one per slice in this file
     intercepts: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
+    def __getstate__(self) -> tuple[object, ...]:
+        """Plain values (numpy arrays as lists): headers travel between processes by
+        the thousand, and pickling small arrays costs more than the rest of the header."""
+        return tuple(_plain(getattr(self, name)) for name in _FIELDS)
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        for name, value in zip(_FIELDS, state):
+            object.__setattr__(self, name, np.array(value, float) if name in _ARRAYS and value is not None else value)
+
     @property
     def slice_shape(self) -> tuple[int, int]:
         """(rows, columns) of one slice: a mosaic tile, or the whole frame."""
@@ -84,22 +88,23 @@ class Header:
         return self.tiles or self.n_frames
 
 
+_FIELDS = tuple(f.name for f in fields(Header))
+_ARRAYS = frozenset({"positions", "slopes", "intercepts"})
+
+
+def _plain(value: object) -> object:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def mosaic_grid(tiles: int) -> int:
     """Tiles per mosaic row (and column): Siemens packs n slices into a ceil(sqrt(n)) square."""
     return int(math.ceil(math.sqrt(tiles)))
 
 
-def read_headers(root: Path, uris: Sequence[str], workers: int | None = None) -> list[Header]:
-    """Headers of `uris` (relative to `root`), in the same order, read by a thread pool: header
-    parsing is Python, but on a network or cold disk the wait for bytes dominates and threads
-    overlap it."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda uri: read_header(root, uri), uris))
-
-
 def read_header(root: Path, uri: str) -> Header:
-    """One file's header; never raises: an unreadable file comes back with `problem` set."""
-    path = root / uri
+    """One file's header; never raises: an unreadable file comes back with `problem` set (a
+    reason without the file's path)."""
+    path = source_path(root, uri)
     try:
         size = path.stat().st_size
         if size == 0:
@@ -107,7 +112,7 @@ def read_header(root: Path, uri: str) -> Header:
         with open(path, "rb") as fp:
             return open_header(fp, uri, size)
     except Exception as e:  # a per-file boundary: whatever pydicom raises, the file is set aside
-        return Header(uri, problem=f"corrupt: {one_line(e)}")
+        return Header(uri, problem=f"corrupt: {one_line(e, path, uri)}")
 
 
 def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
@@ -118,7 +123,10 @@ def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
     path does not handle falls back to pydicom too."""
     quick = quick_header(fp, size)
     if quick is not None:
-        h = header_from_values(quick.values.get, uri, quick.transfer_syntax, quick.implicit_vr, True)
+        values = quick.values
+        if quick.media_sop_class and "SOPClassUID" not in values:
+            values = {**values, "SOPClassUID": quick.media_sop_class}
+        h = header_from_values(values.get, uri, quick.transfer_syntax, quick.implicit_vr, True)
         if not _needs_dataset(h):
             h.has_pixels = h.has_pixels and quick.pixel_offset is not None
             h.pixel_offset = quick.pixel_offset if quick.pixel_offset is not None else size
@@ -128,8 +136,10 @@ def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
     offset = fp.tell()
     meta = getattr(ds, "file_meta", None)
     implicit, little = ds.original_encoding
+    media = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    get = ds.get if ds.get("SOPClassUID") or not media else (lambda k, d=None: media if k == "SOPClassUID" else ds.get(k, d))
     h = header_from_values(
-        ds.get, uri, str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+        get, uri, str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
         implicit is not False, little is not False,
     )
     h.pixel_offset = offset
@@ -154,10 +164,14 @@ def _checked(fp: BinaryIO, h: Header, size: int) -> Header:
     return h
 
 
-def _read_dataset(fp: BinaryIO) -> Dataset:
+def _read_dataset(fp: BinaryIO) -> Any:
     """dcmread up to the pixels. A file without the 128-byte preamble and 'DICM' (an old bare
     dataset) is tried once more if it starts like one (a group 0002 or 0008 tag), and accepted
-    only if it names a SOP class: pydicom's `force` reads almost any bytes as *something*."""
+    only if it names a SOP class: pydicom's `force` reads almost any bytes as *something*.
+    (pydicom is imported here, not at the top: plain files never need it, and it costs ~0.3 s.)"""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
     try:
         return dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError:
@@ -166,17 +180,19 @@ def _read_dataset(fp: BinaryIO) -> Dataset:
         fp.seek(0)
         try:
             ds = dcmread(fp, stop_before_pixels=True, force=True)
-            if isinstance(ds.get("SOPClassUID"), str) and ds.SOPClassUID:
-                return ds
+            meta = getattr(ds, "file_meta", None)
+            for named in (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta is not None else None):
+                if isinstance(named, str) and named:
+                    return ds
         except Exception:  # garbage after a plausible start: not DICOM either
             pass
     raise InvalidDicomError(NOT_DICOM)
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as one ledger-friendly line."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, InvalidDicomError) else f"{type(error).__name__}: {text}"
+def one_line(error: BaseException, *paths: object) -> str:
+    """An exception as one ledger-friendly line, without paths (`curation.ingest.reasons`)."""
+    text = describe(error, *paths)
+    return text.removeprefix("InvalidDicomError: ") if type(error).__name__ == "InvalidDicomError" else text
 
 
 def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implicit_vr: bool, little_endian: bool) -> Header:
@@ -191,10 +207,13 @@ def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implici
         series_number=integer(get("SeriesNumber")),
         modality=text(get("Modality")),
         image_type=tuple(str(v).upper() for v in as_list(get("ImageType"))) if get("ImageType") is not None else None,
+        burned_in=text(get("BurnedInAnnotation")).strip().upper() == "YES",
         transfer_syntax=syntax,
         implicit_vr=implicit_vr,
         little_endian=little_endian,
     )
+    if h.sop_class == MEDIA_DIRECTORY:
+        return h  # an index of other files: no series, no pixels, and nothing wrong with it
     if not h.series_uid or not h.study_uid:
         h.problem = "corrupt: missing SeriesInstanceUID or StudyInstanceUID"
         return h
@@ -218,9 +237,14 @@ def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implici
     return h
 
 
-def _add_mosaic_geometry(ds: Dataset, h: Header) -> None:
+def _add_mosaic_geometry(ds: Any, h: Header) -> None:
     """Tile positions of a Siemens mosaic from its CSA header (nibabel computes them the way
     dcm2niix does: the mosaic's ImagePositionPatient is that of the whole tiled frame)."""
+    with warnings.catch_warnings():
+        # nibabel labels all its DICOM wrappers experimental; we use only the mosaic geometry,
+        # which tests/test_realdata.py checks against dcm2niix
+        warnings.filterwarnings("ignore", message="The DICOM readers are highly experimental", category=UserWarning)
+        from nibabel.nicom.dicomwrappers import MosaicWrapper
     try:
         wrapper = MosaicWrapper(ds)
         lps = np.asarray(wrapper.affine, float)  # nibabel's voxel order: (row, column, slice)
@@ -233,9 +257,11 @@ def _add_mosaic_geometry(ds: Dataset, h: Header) -> None:
     h.slopes, h.intercepts = np.resize(h.slopes, h.tiles), np.resize(h.intercepts, h.tiles)
 
 
-def _add_frame_geometry(ds: Dataset, h: Header) -> None:
+def _add_frame_geometry(ds: Any, h: Header) -> None:
     """Per-frame positions of an enhanced multi-frame image from its functional groups (each
     attribute per frame, else shared, else top level)."""
+    from pydicom.dataset import Dataset
+
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if len(per_frame) != h.n_frames:
         per_frame = [Dataset()] * h.n_frames
@@ -264,7 +290,7 @@ def _add_frame_geometry(ds: Dataset, h: Header) -> None:
     h.intercepts = np.array([number(v, 0.0) for v in each("PixelValueTransformationSequence", "RescaleIntercept")])
 
 
-def _functional(frame: Dataset, shared: Dataset, ds: Dataset, sequence: str, keyword: str) -> Any:
+def _functional(frame: Any, shared: Any, ds: Any, sequence: str, keyword: str) -> Any:
     """An attribute of an enhanced image: from the frame's functional group, else the shared
     group, else the top level (where legacy-converted files keep it)."""
     for group in (frame, shared):

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from curation.ingest.dicom_quick import DEFLATED_VR_LE
 
 if TYPE_CHECKING:
     from curation.ingest.dicom_headers import Header
@@ -35,7 +35,7 @@ class PixelElement:
 
 def check_pixel_element(fp: BinaryIO, h: Header, size: int) -> PixelElement:
     """Check the element at `fp` (where a header-only dcmread stopped) against file `size`."""
-    if h.transfer_syntax == DeflatedExplicitVRLittleEndian:
+    if h.transfer_syntax == DEFLATED_VR_LE:
         return PixelElement(True)  # the body is deflated: file offsets say nothing; decoding will tell
     endian = "<" if h.little_endian else ">"
     head = fp.read(8)

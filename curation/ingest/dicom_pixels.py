@@ -10,23 +10,35 @@ dcm2niix writes, at half the size of float32.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from curation.errors import ItemError
 from curation.ingest.dicom_headers import Header, mosaic_grid, one_line, open_header
 from curation.ingest.dicom_pixel_element import fragments_end
+from curation.ingest.dicom_quick import NATIVE_SYNTAXES, is_encapsulated
+from curation.ingest.reasons import describe
+from curation.items import source_path
 
-NATIVE_SYNTAXES = {"", ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 INT16 = np.iinfo(np.int16)
+
+
+class _QuietDecoderFailures(logging.Filter):
+    """pydicom logs each decoder plugin's failure with its traceback before raising one error
+    that lists them all; that error becomes the item's ledger reason, so the tracebacks are noise
+    (and a traceback on a user's terminal reads as a crash)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.pathname.replace("\\", "/").endswith("pixels/decoders/base.py"))
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_QuietDecoderFailures())
 
 
 class PixelError(Exception):
@@ -40,13 +52,19 @@ def stored_dtype(h: Header) -> np.dtype:
     return np.dtype(f"{'i' if h.signed else 'u'}{h.bits_allocated // 8}")
 
 
-def read_file(root: Path, uri: str, out: np.ndarray | None = None) -> tuple[Header, np.ndarray]:
+def read_file(root: Path, uri: str, out: np.ndarray | None = None, *, frame: tuple[int, int] | None = None,
+              max_values: int | None = None) -> tuple[Header, np.ndarray]:
     """Header and stored values of one file as (slices, rows, columns), in file order: a
     mosaic's tiles cut apart, a multi-frame's frames. With `out` (shape and dtype of the
-    file's frames), uncompressed values land there directly. Any failure is an `ItemError`
-    naming `uri`."""
+    file's frames), uncompressed values land there directly.
+
+    Before anything is allocated or decoded, the file's declared size is checked: `frame`
+    (rows, columns) is what the index planned, `max_values` the most values one file may hold;
+    a file that claims more is refused (a file changed since indexing, or a lying header). Any
+    failure is an `ItemError` whose `where` is `uri` and whose reason names no path."""
+    path = source_path(root, uri)
     try:
-        with open(root / uri, "rb") as fp:
+        with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
             h = open_header(fp, uri, size)
             if h.problem:
@@ -55,16 +73,25 @@ def read_file(root: Path, uri: str, out: np.ndarray | None = None) -> tuple[Head
                 raise PixelError(f"no pixel data (SOPClassUID {h.sop_class})")
             if h.samples != 1:
                 raise PixelError(f"SamplesPerPixel {h.samples} (colour) is not supported")
+            _check_size(h, frame, max_values)
             frames = _read_frames(fp, h, size, out)
     except PixelError as e:
         raise ItemError(where=uri, reason=str(e)) from e
     except OSError as e:
-        raise ItemError(where=uri, reason=f"cannot read file: {e.strerror or e}") from e
+        raise ItemError(where=uri, reason=f"cannot read file: {e.strerror or type(e).__name__}") from e
     except Exception as e:  # pydicom raises many types on damaged headers
-        raise ItemError(where=uri, reason=f"unreadable DICOM: {one_line(e)}") from e
+        raise ItemError(where=uri, reason=f"unreadable DICOM: {one_line(e, path, uri)}") from e
     if h.tiles:
         frames = cut_mosaic(frames[0], h.tiles)
     return h, frames
+
+
+def _check_size(h: Header, frame: tuple[int, int] | None, max_values: int | None) -> None:
+    if frame is not None and (h.rows, h.cols) != tuple(frame):
+        raise PixelError(f"a {h.rows}x{h.cols} frame where the index planned {frame[0]}x{frame[1]}: the files changed since indexing")
+    values = h.rows * h.cols * h.n_frames
+    if max_values is not None and values > max_values:
+        raise PixelError(f"declares {h.rows}x{h.cols}x{h.n_frames} values, more than the {max_values} allowed: the files changed since indexing")
 
 
 def _read_frames(fp: BinaryIO, h: Header, size: int, out: np.ndarray | None) -> np.ndarray:
@@ -99,8 +126,11 @@ def _decode(fp: BinaryIO, h: Header, size: int) -> np.ndarray:
     """Compressed frames through pydicom's decoders, from the encapsulated bytes of the file
     already open, handed over with just the pixel description (the header is not parsed a
     second time). A deflated file (the whole body compressed) is simply read again in full."""
+    from pydicom import dcmread  # only compressed data needs pydicom (its import costs ~0.3 s)
+    from pydicom.uid import UID
+
     try:
-        if UID(h.transfer_syntax).is_encapsulated:
+        if is_encapsulated(h.transfer_syntax):
             fp.seek(h.pixel_offset + 12)  # encapsulated pixel data is always explicit VR: 12-byte header
             end = fragments_end(fp, size)
             fp.seek(h.pixel_offset + 12)
@@ -109,11 +139,13 @@ def _decode(fp: BinaryIO, h: Header, size: int) -> np.ndarray:
         return dcmread(fp).pixel_array
     except Exception as e:  # decoder plugins raise their own types
         name = getattr(UID(h.transfer_syntax), "name", h.transfer_syntax)
-        raise PixelError(f"cannot decode pixel data ({name}): {' '.join(str(e).split())}") from e
+        raise PixelError(f"cannot decode pixel data ({name}): {describe(e, h.uri)}") from e
 
 
-def _pixel_dataset(h: Header, encapsulated: bytes) -> Dataset:
+def _pixel_dataset(h: Header, encapsulated: bytes) -> Any:
     """The smallest Dataset pydicom's decoders accept: the Image Pixel module and the data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = h.transfer_syntax
@@ -137,35 +169,45 @@ def cut_mosaic(frame: np.ndarray, tiles: int) -> np.ndarray:
     return blocks.reshape(grid * grid, rows, cols)[:tiles]
 
 
-def read_slices(root: Path, uris: Sequence[str], workers: int | None = None) -> tuple[list[Header], np.ndarray]:
+def read_slices(root: Path, uris: Sequence[str], workers: int | None = None, *, frame: tuple[int, int] | None = None) -> tuple[list[Header], np.ndarray]:
     """A stack of single-frame files in the given order: (n, rows, columns) stored values.
 
-    The first file fixes the buffer's type and shape; the others are read by a thread pool
+    The first file fixes the buffer's type and shape (each file is checked against `frame`
+    first, so a changed file never sizes the buffer); the others are read by a thread pool
     straight into their slot. A file of a different stored type (rare: a scanner mixing signed
-    and unsigned) is converted when its values fit, else refused."""
-    first, values = read_file(root, uris[0])
-    stack = np.empty((len(uris),) + values.shape[1:], values.dtype)
+    and unsigned) is converted when its values fit, else refused. A failure names the slice
+    ("slice 6 of 40") in its reason and the file in `where`."""
+    n = len(uris)
+    first, values = _slice(root, uris, 0, None, frame)
+    stack = np.empty((n,) + values.shape[1:], values.dtype)
     stack[0] = values[0]
-    headers: list[Header] = [first] * len(uris)
+    headers: list[Header] = [first] * n
 
     def one(k: int) -> None:
         slot = stack[k : k + 1]
-        h, values = read_file(root, uris[k], out=slot)
+        h, values = _slice(root, uris, k, slot, frame)
         if values is not slot:  # another stored type or size: read elsewhere, convert if it fits
             if values.shape != slot.shape:
-                raise ItemError(where=uris[k], reason=f"a {values.shape[1]}x{values.shape[2]} slice in a {slot.shape[1]}x{slot.shape[2]} series")
-            slot[...] = _fit(values, stack.dtype, uris[k])
+                raise ItemError(where=uris[k], reason=f"a {values.shape[1]}x{values.shape[2]} slice in a {slot.shape[1]}x{slot.shape[2]} series (slice {k + 1} of {n})")
+            slot[...] = _fit(values, stack.dtype, uris[k], f"slice {k + 1} of {n}")
         headers[k] = h
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        list(pool.map(one, range(1, len(uris))))
+        list(pool.map(one, range(1, n)))
     return headers, stack
 
 
-def _fit(values: np.ndarray, dtype: np.dtype, uri: str) -> np.ndarray:
+def _slice(root: Path, uris: Sequence[str], k: int, out: np.ndarray | None, frame: tuple[int, int] | None) -> tuple[Header, np.ndarray]:
+    try:
+        return read_file(root, uris[k], out, frame=frame, max_values=None if frame is None else frame[0] * frame[1])
+    except ItemError as e:
+        raise ItemError(where=e.where, reason=f"{e.reason} (slice {k + 1} of {len(uris)})") from e
+
+
+def _fit(values: np.ndarray, dtype: np.dtype, uri: str, which: str) -> np.ndarray:
     info = np.iinfo(dtype)
     if values.size and (values.min() < info.min or values.max() > info.max):
-        raise ItemError(where=uri, reason=f"stored as {values.dtype}, its values do not fit the series' {dtype}")
+        raise ItemError(where=uri, reason=f"stored as {values.dtype}, its values do not fit the series' {dtype} ({which})")
     return values.astype(dtype)
 
 

@@ -16,23 +16,28 @@ from typing import Literal
 import numpy as np
 
 from curation.ingest.dicom_geometry import order_slices, same_orientation, slice_normal, slice_vector, stack_summary
-from curation.ingest.dicom_headers import Header
+from curation.ingest.dicom_headers import MEDIA_DIRECTORY, Header
 from curation.manifest import SeriesRules
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 … .7.4
 PLANAR_MODALITIES = frozenset({"CR", "DX", "MG"})  # a single-frame image of these is 2D
+MEDIA_DIRECTORY_REASON = "media directory (DICOMDIR): an index of the other files, not an image"
 
 SubSeriesKind = Literal["stack", "mosaic", "multiframe", "image2d"]
 
 
-def skip_reason(h: Header, rules: SeriesRules) -> str | None:
+def skip_reason(h: Header, rules: SeriesRules, keep_burned_in: bool = False) -> str | None:
     """Why a readable file is not used, or None. Checked in an order that gives the most
     specific reason: a secondary capture often claims ORIGINAL/PRIMARY, so its SOP class comes
     first."""
+    if h.sop_class == MEDIA_DIRECTORY:
+        return MEDIA_DIRECTORY_REASON
     if h.sop_class == SECONDARY_CAPTURE or h.sop_class.startswith(SECONDARY_CAPTURE + "."):
         return f"secondary capture (SOPClassUID {h.sop_class})"
     if not h.has_pixels:
         return f"no pixel data (SOPClassUID {h.sop_class or 'missing'})"
+    if not keep_burned_in and (reason := burned_in_reason(h)):
+        return reason
     image_type = h.image_type or ()
     for value in rules.image_type_none:
         if value.upper() in image_type:
@@ -48,6 +53,17 @@ def skip_reason(h: Header, rules: SeriesRules) -> str | None:
         return h.unsupported
     if not is_planar(h) and (h.orientation is None or h.positions is None):
         return "no slice geometry (ImageOrientationPatient or ImagePositionPatient missing)"
+    return None
+
+
+def burned_in_reason(h: Header) -> str | None:
+    """Why an image risks text burned into its pixels (a name, a date, an ID that no header
+    scrubbing removes), or None: the header says so, or it is ultrasound, whose scanners print
+    the patient's details into the picture."""
+    if h.burned_in:
+        return "burned-in annotation (BurnedInAnnotation YES): text in the pixels may identify the patient"
+    if h.modality == "US":
+        return "ultrasound: text burned into the pixels is likely (keep_burned_in: true keeps it)"
     return None
 
 

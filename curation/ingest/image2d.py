@@ -1,86 +1,162 @@
-"""2D images (PNG, JPEG, single-frame CR/DX DICOM) with an optional labels table.
+"""2D images (PNG, JPEG, single-frame CR/DX/MG DICOM, with or without a file extension) with an
+optional labels table.
 
 Arrays come out as (x, y) = (column, row), like every other Volume, with the pixel spacing
 on the diagonal of the affine; a plain PNG has no patient geometry, so its spacing is 1 mm.
+
+Scanning reads headers only: a picture's size from its first bytes and its end marker (a cut
+file is quarantined), a DICOM file's header through the DICOM reader's fast path. A declared size
+over `max_pixels` is set aside before anything is decoded, and the loader checks again before
+decoding: a 140 KB PNG can claim 12000 × 12000 pixels (a decompression bomb). The patient of an
+image is, in order: the labels table's `patient_id`, the DICOM PatientID, the file's stem.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pydicom
-from PIL import Image, UnidentifiedImageError
 
 from curation.errors import CurationError, ItemError
-from curation.ingest.base import Scan, SourceReader
+from curation.ingest.base import Record, Scan, SourceReader
+from curation.ingest.dicom import NOT_DICOM_SUFFIXES
+from curation.ingest.dicom_headers import MEDIA_DIRECTORY, NOT_DICOM, Header, read_header
+from curation.ingest.dicom_series import MEDIA_DIRECTORY_REASON, burned_in_reason
+from curation.ingest.reasons import describe
 from curation.items import StudyItem, Volume
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOM_2D_MODALITIES = ("CR", "DX", "MG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+HEAD_BYTES = 65536  # a JPEG's frame header follows its EXIF/ICC segments, within the first 64 KB
+JPEG_END = b"\xff\xd9"
+JPEG_TAIL = 1024  # bytes searched for the end-of-image marker (some writers pad after it)
 
 
 def _suffix(uri: str) -> str:
-    return Path(uri).suffix.lower()
+    return os.path.splitext(uri)[1].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """A 2D image's header: (width, height), spacing (x, y) in mm, modality, and the DICOM
+    PatientID ("" for a picture or a file without one)."""
+
+    shape: tuple[int, int]
+    spacing: tuple[float, float]
+    modality: str
+    patient_id: str = ""
 
 
 def read_labels_table(path: Path) -> dict[str, dict[str, Any]]:
     """`image` → {"patient_id": …, "labels": {name: 0/1}} from a CSV with an `image` column."""
+    return dict(labels_rows(path))
+
+
+def labels_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The labels table's rows, checked one by one as they are read (a wrong value is a
+    `CurationError` naming the line and the column), without holding the table."""
     if not path.is_file():
         raise CurationError(f"labels table not found: {path}")
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise CurationError(f"{path}: a labels table needs a header row with an 'image' column")
+            for n, row in enumerate(reader, start=2):
+                labels = {}
+                for k, v in row.items():
+                    if k in ("image", "patient_id"):
+                        continue
+                    if v not in ("0", "1", "0.0", "1.0"):
+                        raise CurationError(f"{path}, line {n}: column {k!r} must be 0 or 1, got {v!r}")
+                    labels[k] = int(float(v))
+                yield row["image"], {"patient_id": row.get("patient_id") or None, "labels": labels}
     except (UnicodeDecodeError, csv.Error) as e:
         raise CurationError(f"{path}: cannot read the labels table as UTF-8 CSV ({e})") from e
-    if not rows or "image" not in rows[0]:
-        raise CurationError(f"{path}: a labels table needs a header row with an 'image' column")
-    table = {}
-    for n, row in enumerate(rows, start=2):
-        labels = {}
-        for k, v in row.items():
-            if k in ("image", "patient_id"):
-                continue
-            if v not in ("0", "1", "0.0", "1.0"):
-                raise CurationError(f"{path}, line {n}: column {k!r} must be 0 or 1, got {v!r}")
-            labels[k] = int(float(v))
-        table[row["image"]] = {"patient_id": row.get("patient_id") or None, "labels": labels}
-    return table
 
 
-# What reading a header raises for a file that is not a readable image.
-UNREADABLE = (UnidentifiedImageError, OSError, pydicom.errors.InvalidDicomError, SyntaxError)
+def picture_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG or JPEG header, after checking that the file ends as one
+    must (a copy cut short is caught here, not at decode time). Decodes nothing: one open, the
+    first bytes and the last; PIL reads the header of anything else (or anything odd)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if head.startswith(b"\xff\xd8") and jpeg_size(head) is None:
+            head += f.read(HEAD_BYTES - len(head))
+        size = f.seek(0, 2)
+        f.seek(max(0, size - JPEG_TAIL))
+        tail = f.read()
+    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        if PNG_END not in tail:
+            raise ValueError("truncated PNG (no IEND chunk at the end)")
+        return struct.unpack(">II", head[16:24])
+    if head.startswith(b"\xff\xd8"):
+        if JPEG_END not in tail:
+            raise ValueError("truncated JPEG (no end-of-image marker)")
+        found = jpeg_size(head)
+        if found is not None:
+            return found
+    from PIL import Image  # here: only pictures of an unusual kind need PIL to read their header
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            return img.width, img.height
 
 
-def _picture_header(path: Path) -> tuple[list[int], str]:
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        return [img.width, img.height], img.mode
+def jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if it is not in `head`."""
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", head[pos + 2 : pos + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[pos + 5 : pos + 9])
+            return width, height
+        pos += 2 + length
+    return None
 
 
-def _dicom_header(path: Path) -> tuple[list[int], list[float], str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    if "Rows" not in ds:
-        raise ValueError("no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    modality = str(ds.get("Modality", ""))
-    if frames != 1 or modality not in DICOM_2D_MODALITIES:
-        raise ValueError(f"not a single-frame {'/'.join(DICOM_2D_MODALITIES)} image (Modality {modality}, {frames} frames)")
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
-    return [int(ds.Columns), int(ds.Rows)], [float(spacing[1]), float(spacing[0])], modality
+def looks_like_dicom(path: Path) -> bool:
+    """Whether a file starts as DICOM: 'DICM' after the 128-byte preamble, or a bare dataset
+    starting with a group 0002 or 0008 tag (old files, some vendors' DIRFILEs)."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def load_picture(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        if img.mode not in ("L", "I;16", "I", "F"):
-            img = img.convert("L")
-        return np.asarray(img).T.copy()
+def load_picture(path: Path, max_pixels: int) -> np.ndarray:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise ValueError(f"declared size {img.width}×{img.height} exceeds max_pixels ({max_pixels})")
+            if img.mode not in ("L", "I;16", "I", "F"):
+                img = img.convert("L")
+            return np.asarray(img).T.copy()
 
 
 def load_dicom_2d(path: Path) -> np.ndarray:
+    import pydicom  # here: its import costs ~0.3 s, and picture-only sources never need it
+
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array.astype(np.float32)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
@@ -89,75 +165,120 @@ def load_dicom_2d(path: Path) -> np.ndarray:
 
 
 class Image2DReader(SourceReader):
-    """Each picture or CR/DX DICOM file is an item; the labels table, if any, gives each its
+    """Each picture or CR/DX/MG DICOM file is an item; the labels table, if any, gives each its
     patient and its ground-truth labels."""
 
     kind = "image2d"
 
-    def scan(self, files: list[str]) -> Scan:
-        scan = Scan()
-        table: dict[str, dict[str, Any]] = {}
+    def read_one(self, uri: str) -> Record | None:
+        if uri == self._table_uri:
+            return Record(uri, uri, "indexed", "labels table")
+        found = self.image_header(uri)
+        if found is None:
+            return None
+        if isinstance(found, Record):
+            return found
+        return Record(uri, uri, facts=found)
+
+    def image_header(self, uri: str) -> ImageFacts | Record | None:
+        """The image's facts; a Record with its fate when it is not usable; None when the file is
+        not an image this reader claims."""
+        suffix = _suffix(uri)
+        path = self.path(uri)
+        if suffix in PICTURE_SUFFIXES:
+            try:
+                width, height = picture_size(path)
+            except Exception as e:  # PIL raises many types for files it cannot read, bombs among them
+                if type(e).__name__ == "DecompressionBombError":
+                    return Record(uri, uri, "skipped", f"decompression bomb: {describe(e, path, uri)}")
+                return Record(uri, uri, "quarantined", f"corrupt: {describe(e, path, uri)}")
+            return ImageFacts((width, height), (1.0, 1.0), self.spec.modality)
+        if suffix in DICOM_SUFFIXES:
+            return self._dicom_facts(read_header(self.root, uri))
+        if not uri.lower().endswith(NOT_DICOM_SUFFIXES) and looks_like_dicom(path):
+            h = read_header(self.root, uri)
+            return None if h.problem == f"corrupt: {NOT_DICOM}" else self._dicom_facts(h)
+        return None
+
+    def _dicom_facts(self, h: Header) -> ImageFacts | Record:
+        uri = h.uri
+        if h.problem:
+            return Record(uri, uri, "quarantined", h.problem)
+        if h.sop_class == MEDIA_DIRECTORY:
+            return Record(uri, uri, "skipped", MEDIA_DIRECTORY_REASON)
+        if not h.has_pixels:
+            return Record(uri, uri, "skipped", f"no pixel data (SOPClassUID {h.sop_class or 'missing'})")
+        if h.n_frames != 1 or h.modality not in DICOM_2D_MODALITIES:
+            return Record(uri, uri, "skipped", f"not a single-frame {'/'.join(DICOM_2D_MODALITIES)} image (Modality {h.modality or 'none'}, {h.n_frames} frames)")
+        if h.samples != 1:
+            return Record(uri, uri, "skipped", f"unsupported: SamplesPerPixel {h.samples} (colour image)")
+        if not getattr(self.spec, "keep_burned_in", False) and (reason := burned_in_reason(h)):
+            return Record(uri, uri, "skipped", reason)
+        row_spacing, col_spacing = h.pixel_spacing or (1.0, 1.0)
+        return ImageFacts((h.cols, h.rows), (float(col_spacing), float(row_spacing)), h.modality, h.patient_id.strip())
+
+    def combine(self, key: str, records: list[Record], out: Scan) -> None:
+        (record,) = records
+        facts: ImageFacts = record.facts
+        if too_large := self.too_large(facts.shape):
+            out.ledger.append(self.entry(record.uri, "skipped", too_large))
+            return
+        row = self._table.get(record.uri)
+        patient = (row or {}).get("patient_id") or facts.patient_id or _stem(record.uri)
+        item = self.item(record.uri, facts, patient=patient, attrs={"labels": row["labels"]} if row else {})
+        out.items.append(item)
+        out.ledger.append(self.entry(record.uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
+
+    def prepare(self) -> None:
+        """Check the labels table on the driver, streaming: the workers build the lookup."""
         if self.spec.labels is not None:
-            table = read_labels_table(Path(self.spec.labels))
-            table_uri = relative_uri(Path(self.spec.labels), self.root)
-            if table_uri in files:
-                scan.ledger.append(self.entry(table_uri, "indexed", "labels table"))
-        for uri in files:
-            suffix = _suffix(uri)
-            if suffix in PICTURE_SUFFIXES or suffix in (".dcm", ".dicom"):
-                self._file(uri, table.get(uri), scan)
-        return scan
+            for _ in labels_rows(Path(self.spec.labels)):
+                pass
 
-    def _file(self, uri: str, row: dict[str, Any] | None, scan: Scan) -> None:
-        try:
-            header = self.header(uri)
-        except UNREADABLE as e:
-            scan.ledger.append(self.entry(uri, "quarantined", f"corrupt: {type(e).__name__}: {e}"))
-            return
-        except ValueError as e:
-            scan.ledger.append(self.entry(uri, "skipped", str(e)))
-            return
-        patient = (row or {}).get("patient_id") or Path(uri).stem
-        item = self.item(uri, header, patient=patient, attrs={"labels": row["labels"]} if row else {})
-        scan.items.append(item)
-        scan.ledger.append(self.entry(uri, "indexed", "image" if row or not self.spec.labels else "image (not in labels table)", item.item_id))
+    @cached_property
+    def _table(self) -> dict[str, dict[str, Any]]:
+        return read_labels_table(Path(self.spec.labels)) if self.spec.labels is not None else {}
 
-    def header(self, uri: str) -> tuple[list[int], list[float], str]:
-        """(shape, spacing, modality) from the file's header alone; a picture has neither spacing
-        nor modality, so unit spacing and the source's modality stand in. Raises one of
-        UNREADABLE, or ValueError for a DICOM that is not a 2D image."""
-        path = self.root / uri
-        if _suffix(uri) in PICTURE_SUFFIXES:
-            shape, _ = _picture_header(path)
-            return shape, [1.0, 1.0], self.spec.modality
-        return _dicom_header(path)
+    @cached_property
+    def _table_uri(self) -> str:
+        return relative_uri(Path(self.spec.labels), self.root) if self.spec.labels is not None else ""
 
-    def item(self, uri: str, header: tuple[list[int], list[float], str], *, patient: str, attrs: dict[str, Any],
-             record: Any = None) -> StudyItem:
+    def item(self, uri: str, facts: ImageFacts, *, patient: str, attrs: dict[str, Any], record: Any = None) -> StudyItem:
         """The item of image `uri`; `record` tells apart several items of one image (question–answer records)."""
-        shape, spacing, modality = header
         return StudyItem(
             item_id=self.keyer("item", self.spec.name, uri, *([] if record is None else [record])),
             patient_key=self.keyer("patient", patient),
             study_key=self.keyer("study", self.spec.name, uri),
             source=self.spec.name,
             kind="image2d",
-            modality=modality,
-            shape=shape,
-            spacing=spacing,
+            modality=facts.modality,
+            shape=list(facts.shape),
+            spacing=list(facts.spacing),
             n_files=1,
             uris=[uri],
             attrs=attrs,
         )
 
     def load(self, item: StudyItem) -> Volume:
-        path = self.root / item.uris[0]
+        where = item.uris[0]
+        self.refuse_too_large(where, item.shape)
+        path = self.path(where)
         try:
-            array = load_picture(path) if _suffix(path.name) in PICTURE_SUFFIXES else load_dicom_2d(path)
-        except Exception as e:
-            raise ItemError(item.uris[0], f"cannot read pixels ({type(e).__name__}: {e})") from e
+            if _suffix(where) in PICTURE_SUFFIXES:
+                array = load_picture(path, self.spec.max_pixels)
+            else:
+                h = read_header(self.root, where)
+                if (h.cols, h.rows) != tuple(item.shape):
+                    raise ValueError(f"a {h.cols}x{h.rows} image where the index planned {item.shape[0]}x{item.shape[1]}: the file changed since indexing")
+                array = load_dicom_2d(path)
+        except Exception as e:  # PIL and pydicom raise many types; bombs and MemoryError included
+            raise ItemError(where, f"cannot read pixels ({describe(e, path, where)})") from e
         affine = np.diag([item.spacing[0], item.spacing[1], 1.0, 1.0])
         return Volume(array=array, affine=affine)
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(uri.rsplit("/", 1)[-1])[0]
 
 
 def relative_uri(path: Path, root: Path) -> str:

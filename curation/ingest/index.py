@@ -1,15 +1,17 @@
 """Discovery: every source's files → StudyItems (index.parquet) and one ledger row per file
 (ledger.parquet).
 
-The ledger is the accounting behind the guarantee that nothing is lost silently: a file that no
-reader claims is still recorded, as unsupported.
+The ledger is the accounting behind the guarantee that nothing is lost silently: every entry the
+walk finds gets a row — a file no reader claims is recorded as unsupported, a link not followed
+or a named pipe as skipped, each with its reason. The scan itself runs in partitions
+(`curation.ingest.scan`): on this machine's cores by default, as Ray tasks in a build
+(`curation.build.scan`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.errors import CurationError
-from curation.ingest import SourceReader, readers_for
-from curation.items import LedgerEntry, StudyItem, items_table, ledger_table
+from curation.ingest import SourceReader
+from curation.ingest.runners import Runner
+from curation.ingest.scan import ScanSummary, scan_archive
+from curation.ingest.sorted_parquet import RowGroupWriter
+from curation.ingest.walk import walk
+from curation.items import INDEX_SCHEMA, LEDGER_SCHEMA, LedgerEntry, StudyItem, items_from_table, items_table, ledger_from_table, ledger_table
+from curation.keys import resolve_secret
 from curation.manifest import BuildSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -31,58 +35,37 @@ class Index:
     ledger: list[LedgerEntry]
 
     def summary(self) -> str:
-        by_status = Counter(e.status for e in self.ledger)
-        reasons = Counter(e.reason for e in self.ledger if e.status != "indexed")
-        lines = [f"{len(self.items)} items from {len(self.ledger)} files ({', '.join(f'{v} {k}' for k, v in sorted(by_status.items()))})"]
-        lines += [f"  {n:>5} × {reason}" for reason, n in reasons.most_common()]
-        return "\n".join(lines)
+        summary = ScanSummary(items=len(self.items), files=len(self.ledger), statuses=Counter(e.status for e in self.ledger),
+                              reasons=Counter(e.reason for e in self.ledger if e.status != "indexed"))
+        return summary.text()
 
 
-def list_files(root: Path) -> list[str]:
-    """Every file under root as sorted relative POSIX paths (hidden files included: they are
-    discovered like any other and ledgered)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        out.extend((rel / f).as_posix() for f in filenames)
-    return sorted(out)
+def list_files(root: Path, follow_links: bool = True) -> list[str]:
+    """Every entry under root as sorted relative uris (hidden files included: they are
+    discovered like any other and ledgered), as the index walks them."""
+    return [e.uri for e in walk(Path(root), follow_links)]
 
 
-def scan_source(reader: SourceReader) -> tuple[list[StudyItem], list[LedgerEntry]]:
-    spec = reader.spec
-    if not reader.root.is_dir():
-        raise CurationError(f"source {spec.name!r}: root folder not found: {reader.root}")
-    files = list_files(reader.root)
-    if not files:
-        raise CurationError(f"source {spec.name!r}: no files under {reader.root}")
-    started = time.perf_counter()
-    scan = reader.scan(files)
-    claimed = Counter(e.uri for e in scan.ledger)
-    twice = [u for u, n in claimed.items() if n > 1]
-    if twice:
-        raise RuntimeError(f"reader {type(reader).__name__} ledgered {twice[:3]} more than once")
-    ledger = list(scan.ledger)
-    for uri in files:
-        if uri not in claimed:
-            reason = f"unsupported file type for a {spec.kind} source ({Path(uri).suffix or 'no extension'})"
-            ledger.append(reader.entry(uri, "skipped", reason))
-    log.info("source %s: %d files → %d items in %.1f s", spec.name, len(files), len(scan.items), time.perf_counter() - started)
-    return scan.items, ledger
+def scan_to_files(spec: BuildSpec, index_path: Path, ledger_path: Path, runner: Runner | None = None, spill: Path | None = None) -> ScanSummary:
+    """Scan every source of `spec` into the two files, holding no more than a few batches of
+    the archive in memory (see `curation.ingest.scan`)."""
+    return scan_archive(spec.sources, resolve_secret(spec.key), index_path, ledger_path, runner, spill)
 
 
-def build_index(spec: BuildSpec) -> Index:
-    items: list[StudyItem] = []
-    ledger: list[LedgerEntry] = []
-    for reader in readers_for(spec).values():
-        found, entries = scan_source(reader)
-        items += found
-        ledger += entries
-    ids = Counter(i.item_id for i in items)
-    clash = [k for k, n in ids.items() if n > 1]
-    if clash:
-        raise RuntimeError(f"item_id collision: {clash[:3]}")
-    return Index(items=items, ledger=ledger)
+def build_index(spec: BuildSpec, runner: Runner | None = None) -> Index:
+    """The scan's items and ledger in memory (for archives whose index fits in it)."""
+    with tempfile.TemporaryDirectory(prefix="m3-index-") as tmp:
+        index_path, ledger_path = Path(tmp) / "index.parquet", Path(tmp) / "ledger.parquet"
+        scan_to_files(spec, index_path, ledger_path, runner)
+        return Index(items=items_from_table(pq.read_table(index_path)), ledger=ledger_from_table(pq.read_table(ledger_path)))
+
+
+def scan_source(reader: SourceReader, runner: Runner | None = None) -> tuple[list[StudyItem], list[LedgerEntry]]:
+    """One source's items and ledger, scanned as the index scans it."""
+    with tempfile.TemporaryDirectory(prefix="m3-index-") as tmp:
+        index_path, ledger_path = Path(tmp) / "index.parquet", Path(tmp) / "ledger.parquet"
+        scan_archive([reader.spec], reader.keyer.secret, index_path, ledger_path, runner)
+        return items_from_table(pq.read_table(index_path)), ledger_from_table(pq.read_table(ledger_path))
 
 
 def write_table(table: pa.Table, path: Path) -> None:
@@ -94,6 +77,9 @@ def write_table(table: pa.Table, path: Path) -> None:
 
 
 def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:
-    write_table(items_table(index.items), index_path)
-    write_table(ledger_table(index.ledger), ledger_path)
+    """The index and ledger as the scan writes them (same row groups, so the same bytes)."""
+    for path, schema, table in ((index_path, INDEX_SCHEMA, items_table(index.items)), (ledger_path, LEDGER_SCHEMA, ledger_table(index.ledger))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with RowGroupWriter(path, schema) as out:
+            out.add(table)
     return index_path, ledger_path

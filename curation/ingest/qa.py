@@ -20,7 +20,9 @@ Accepted files (`file:` in the manifest):
 Ledger: the file itself (when under the root) is "question–answer table"; each referenced
 image is "image of N question–answer records"; an image no record names is skipped as
 "not named in the question–answer file"; an unreadable image is quarantined. Records naming a
-missing image, a list of images or no image are left out, counted in one warning.
+list of images or no image are left out, counted in one warning; records naming an image that is
+not under the root make no item. The patient of a record is its `patient_id`, else the DICOM
+PatientID of its image, else the image's stem.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ import csv
 import json
 import logging
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from curation.errors import CurationError
-from curation.ingest.base import Scan
-from curation.ingest.image2d import PICTURE_SUFFIXES, UNREADABLE, Image2DReader, relative_uri
-from curation.items import StudyItem
+from curation.ingest.base import Record, Scan
+from curation.ingest.image2d import Image2DReader, ImageFacts, _stem, relative_uri
 
 log = logging.getLogger(__name__)
 
@@ -149,52 +151,58 @@ class QaReader(Image2DReader):
 
     kind = "qa"
 
-    def scan(self, files: list[str]) -> Scan:
-        scan = Scan()
-        table = Path(self.spec.file)
-        records = read_records(table, dict(self.spec.columns))
-        present = set(files)
-        table_uri = relative_uri(table, self.root)
-        if table_uri in present:
-            scan.ledger.append(self.entry(table_uri, "indexed", "question–answer table"))
+    def prepare(self) -> None:
+        """Read and check the file on the driver, and say in one warning how many records cannot
+        become items, and why: no image, several images, or an image not under the root."""
         dropped: Counter[str] = Counter()
         examples: dict[str, str] = {}
-        headers: dict[str, tuple[list[int], list[float], str] | str] = {}
-        by_image: dict[str, list[StudyItem]] = {}
-        for rec in records:
+        for rec in self._records:
             image = rec["image"]
             if not isinstance(image, str) or not image:
                 reason = "several images" if isinstance(image, list) else "no image"
-            elif (uri := Path(image).as_posix().lstrip("/")) not in present:
+            elif not self.path(Path(image).as_posix().lstrip("/")).is_file():
                 reason = "image not found under the root"
             else:
-                header = headers.get(uri)
-                if header is None:
-                    header = headers[uri] = self._header_or_reason(uri)
-                if isinstance(header, str):
-                    continue  # unreadable image: quarantined once below
-                by_image.setdefault(uri, []).append(
-                    self.item(uri, header, patient=rec["patient_id"] or Path(uri).stem, attrs={"qa": rec["qa"]}, record=rec["record"]))
                 continue
             dropped[reason] += 1
             examples.setdefault(reason, f"record {rec['record']} ({image!r})")
-        for uri, header in headers.items():
-            if isinstance(header, str):
-                scan.ledger.append(self.entry(uri, "quarantined", header))
-        for uri, items in by_image.items():
-            scan.items.extend(items)
-            scan.ledger.append(self.entry(uri, "indexed", f"image of {len(items)} question–answer record{'s' * (len(items) != 1)}", items[0].item_id))
-        claimed = {e.uri for e in scan.ledger}
-        for uri in files:
-            if uri not in claimed and Path(uri).suffix.lower() in PICTURE_SUFFIXES + (".dcm", ".dicom"):
-                scan.ledger.append(self.entry(uri, "skipped", f"not named in the question–answer file {table.name}"))
         if dropped:
             log.warning("source %s: %s", self.spec.name, "; ".join(f"{n} record(s) left out: {r} (e.g. {examples[r]})" for r, n in dropped.items()))
-        return scan
 
-    def _header_or_reason(self, uri: str) -> tuple[list[int], list[float], str] | str:
-        """(shape, spacing, modality) of an image, or why it cannot be read."""
-        try:
-            return self.header(uri)
-        except (*UNREADABLE, ValueError) as e:
-            return f"corrupt: {type(e).__name__}: {e}"
+    @cached_property
+    def _records(self) -> list[dict[str, Any]]:
+        return read_records(Path(self.spec.file), dict(self.spec.columns))
+
+    @cached_property
+    def _by_image(self) -> dict[str, list[dict[str, Any]]]:
+        """Records by the uri of their image (one image, named relative to the root)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for rec in self._records:
+            if isinstance(rec["image"], str) and rec["image"]:
+                out.setdefault(Path(rec["image"]).as_posix().lstrip("/"), []).append(rec)
+        return out
+
+    @cached_property
+    def _table_uri(self) -> str:
+        return relative_uri(Path(self.spec.file), self.root)
+
+    def read_one(self, uri: str) -> Record | None:
+        if uri == self._table_uri:
+            return Record(uri, uri, "indexed", "question–answer table")
+        found = self.image_header(uri)
+        return found if found is None or isinstance(found, Record) else Record(uri, uri, facts=found)
+
+    def combine(self, key: str, records: list[Record], out: Scan) -> None:
+        (record,) = records
+        named = self._by_image.get(record.uri, [])
+        if not named:
+            out.ledger.append(self.entry(record.uri, "skipped", f"not named in the question–answer file {Path(self.spec.file).name}"))
+            return
+        facts: ImageFacts = record.facts
+        if too_large := self.too_large(facts.shape):
+            out.ledger.append(self.entry(record.uri, "skipped", too_large))
+            return
+        items = [self.item(record.uri, facts, patient=rec["patient_id"] or facts.patient_id or _stem(record.uri),
+                           attrs={"qa": rec["qa"]}, record=rec["record"]) for rec in named]
+        out.items.extend(items)
+        out.ledger.append(self.entry(record.uri, "indexed", f"image of {len(items)} question–answer record{'s' * (len(items) != 1)}", items[0].item_id))

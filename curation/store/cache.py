@@ -28,7 +28,7 @@ from typing import Any
 from curation.errors import CurationError
 from curation.expert_info import ExpertInfo
 from curation.findings import Findings
-from curation.items import StudyItem
+from curation.items import StudyItem, source_path
 from curation.manifest import BuildSpec
 
 
@@ -39,7 +39,7 @@ def content_hash(item: StudyItem, root: Path) -> str:
     uris = list(item.uris) + ([item.label_uri] if item.label_uri else [])
     for uri in uris:
         h.update(uri.encode() + b"\0")
-        with open(root / uri, "rb") as f:
+        with open(source_path(root, uri), "rb") as f:  # uris are text: a name that is not UTF-8 is escaped
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     h.update(f"frame={item.frame}".encode())

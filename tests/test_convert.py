@@ -1,0 +1,68 @@
+"""The NIfTI-1 writer `convert` uses: what nibabel reads back from it is what nibabel itself would
+have written (voxels, shape, type, sform, qform, zooms), whatever the array's memory layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from curation.ingest.nifti_write import write_nifti
+
+
+def rotation(ax: float, ay: float) -> np.ndarray:
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    return rx @ ry
+
+
+def affine(kind: str) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, 3] = [-120.5, 33.25, -400.0]
+    zooms = np.diag([0.7, 0.8, 2.5])
+    if kind == "axial":
+        a[:3, :3] = np.diag([-0.7, -0.8, 2.5])
+    elif kind == "oblique":
+        a[:3, :3] = rotation(0.3, -0.2) @ zooms
+    elif kind == "left-handed":
+        a[:3, :3] = rotation(0.1, 0.4) @ zooms @ np.diag([1, -1, 1])
+    else:  # sheared, as a tilted CT gantry gives: the qform keeps the closest rotation
+        a[:3, :3] = zooms + np.array([[0, 0, 0], [0, 0, 0.6], [0, 0, 0]])
+    return a
+
+
+@pytest.mark.parametrize("kind", ["axial", "oblique", "left-handed", "sheared"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64, np.uint8])
+def test_nibabel_reads_what_it_would_have_written(tmp_path: Path, kind: str, dtype: type) -> None:
+    data = (np.random.default_rng(0).normal(size=(7, 5, 4)) * 100).astype(dtype)
+    ours = nib.load(write_nifti(tmp_path / "ours.nii", data, affine(kind)))
+    ref_img = nib.Nifti1Image(data.astype(np.float32) if dtype == np.float64 else data, affine(kind))
+    ref_img.set_qform(affine(kind), code=1)
+    ref_img.set_sform(affine(kind), code=1)
+    nib.save(ref_img, tmp_path / "ref.nii")
+    ref = nib.load(tmp_path / "ref.nii")
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(ref.dataobj))
+    assert ours.get_data_dtype() == ref.get_data_dtype()
+    np.testing.assert_allclose(ours.get_sform(), affine(kind), atol=1e-4)
+    np.testing.assert_allclose(ours.get_qform(), ref.get_qform(), atol=1e-4)
+    assert ours.header.get_zooms() == pytest.approx(ref.header.get_zooms(), abs=1e-5)
+    assert ours.header["sform_code"] == ours.header["qform_code"] == 1
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "4D"])
+def test_any_memory_layout_is_written_in_nifti_order(tmp_path: Path, layout: str) -> None:
+    base = np.arange(6 * 5 * 4 * 3, dtype=np.int16).reshape(6, 5, 4, 3)
+    data = {"C": np.ascontiguousarray(base[..., 0]), "F": np.asfortranarray(base[..., 0]),
+            "flipped": np.flip(np.asfortranarray(base[..., 0]), axis=1), "4D": base}[layout]
+    img = nib.load(write_nifti(tmp_path / "x.nii.gz", data, affine("axial")))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+
+
+def test_compressed_bytes_depend_on_the_voxels_alone(tmp_path: Path) -> None:
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    a = write_nifti(tmp_path / "a.nii.gz", data, np.eye(4)).read_bytes()
+    b = write_nifti(tmp_path / "b.nii.gz", data, np.eye(4)).read_bytes()
+    assert a == b and a[:2] == b"\x1f\x8b"
+    assert not list(tmp_path.glob(".*.tmp"))
