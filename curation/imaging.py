@@ -91,7 +91,7 @@ def flip_axis(array: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndar
     at its place in the world.
 
     >>> a, aff = flip_axis(np.arange(3)[None, :, None], np.eye(4), 1)
-    >>> a.ravel().tolist(), (aff @ [0, 0, 0, 1])[1]
+    >>> a.ravel().tolist(), float((aff @ [0, 0, 0, 1])[1])
     ([2, 1, 0], 2.0)
     """
     flipped = np.flip(array, axis=axis)
