@@ -98,7 +98,8 @@ def test_channel_names_can_be_mapped(tmp_path):
 def test_not_for_ct(runner):
     item, volume = mr_item()
     ct = study_item(Volume(volume.array[..., 0], volume.affine), item_id="ct-1", kind="nifti", modality="CT")
-    assert runner.accepts(ct) is not None
+    assert runner.accepts(item) is None
+    assert runner.accepts(ct) == f"{runner.name} takes MR, not CT"
 
 
 def test_bundle_labels_rule():

@@ -60,8 +60,17 @@ def test_every_template_is_exercised(demo: Demo) -> None:
     assert on_disk == {t.template for t in demo.spec.tasks}
 
 
-def test_tasks_pass_check(renderer: Renderer) -> None:
+def test_every_demo_task_fits_its_template(renderer: Renderer) -> None:
+    """`check()` passes, and what it passed on is what the declarations say: a task names an
+    expert exactly when its template uses one, and that expert gives what the template needs."""
+    assert any(renderer.experts.get(t.expert or "") for t in renderer.spec.tasks)
     renderer.check()
+    for task in renderer.spec.tasks:
+        declared = renderer.declaration(task.template)
+        assert (task.expert is not None) == declared.uses_expert, task.template
+        info = renderer.experts.get(task.expert) if task.expert else None  # the render demo describes every expert but BRATS
+        if info is not None:
+            assert info.gives(declared.needs) is not False, task.template
 
 
 def test_model_card_lists_the_called_experts_in_vila_m3_order(renderer: Renderer) -> None:
