@@ -115,7 +115,9 @@ def ct_phantom(seed: int, case: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def build_ct(seed: int, case: int) -> CtPhantom:
-    """The phantom with its geometry and tumour list (what the DICOM writer needs)."""
+    """The phantom with its geometry and tumour list (what the DICOM writer needs). Every
+    random draw happens in a fixed order (geometry, body, lungs, liver, spleen, kidneys, spine
+    and aorta, tumours, noise), so a seed gives the same bytes."""
     rng = part_rng(seed, "ct", case)
     ps = round(float(rng.uniform(2.8, 3.2)), 3)
     nz = int(rng.integers(40, 49))
@@ -136,45 +138,8 @@ def build_ct(seed: int, case: int) -> CtPhantom:
     labels = np.zeros(shape, dtype=np.uint8)
     img = {"hu": hu}
     j = _jitter(rng)
-
-    # Body: a fat shell around soft tissue, as elliptic cylinders (no z term).
-    a, b = j(160.0, 0.06), j(118.0, 0.06)
-    fat = j(18.0, 0.25)
-    A, B = a - fat, b - fat  # inner (muscle/organ) semi-axes
-    paint(img, soft_ellipsoid((x, y), (0, 0), (a, b), edge=1.5), {"hu": j(-100, 0.08)})
-    inner = soft_ellipsoid((x, y), (0, 0), (A, B), edge=1.5)
-    paint(img, inner, {"hu": j(40, 0.1)})
-    inside = inner > 0.5
-
-    # Lung bases: ellipsoids centred above the volume, so only their domes reach in.
-    for side, name in ((-1, "right lung lower lobe"), (1, "left lung lower lobe")):
-        m = soft_ellipsoid((x, y, z), (side * 0.45 * A, 0.10 * B, 1.10 * height),
-                           (0.42 * A, 0.70 * B, j(0.36, 0.05) * height), edge=1.5)
-        m *= inner
-        paint(img, m, {"hu": j(-850, 0.03)})
-        label(labels, m, CT_LABELS[name], within=inside)
-
-    # Liver on the patient's right (negative LPS x), spleen on the left, posterior.
-    liver = soft_ellipsoid((x, y, z), (-j(0.42, 0.05) * A, -0.05 * B, j(0.62, 0.04) * height),
-                           (j(0.48, 0.05) * A, j(0.72, 0.05) * B, 0.36 * height),
-                           edge=1.5, angle=float(rng.uniform(-0.15, 0.15)))
-    liver_hu = j(60, 0.08)
-    paint(img, liver, {"hu": liver_hu})
-    label(labels, liver, CT_LABELS["liver"])
-    spleen = soft_ellipsoid((x, y, z), (j(0.60, 0.05) * A, 0.28 * B, j(0.68, 0.04) * height),
-                            (0.18 * A, 0.32 * B, 0.20 * height), edge=1.5, angle=float(rng.uniform(-0.5, -0.2)))
-    paint(img, spleen, {"hu": j(50, 0.08)})
-    label(labels, spleen, CT_LABELS["spleen"])
-
-    # Kidneys: enhancing cortex around a low-density medulla/pelvis; the right one lies lower.
-    for side, name, zc in ((-1, "right kidney", 0.33), (1, "left kidney", 0.42)):
-        centre = (side * j(0.45, 0.05) * A, 0.45 * B, j(zc, 0.05) * height)
-        radii = (0.17 * A, 0.20 * B, 0.22 * height)
-        tilt = side * float(rng.uniform(0.2, 0.5))
-        kidney = soft_ellipsoid((x, y, z), centre, radii, edge=1.2, angle=tilt)
-        paint(img, kidney, {"hu": j(160, 0.1)})
-        paint(img, soft_ellipsoid((x, y, z), centre, [r * 0.55 for r in radii], edge=1.2, angle=tilt), {"hu": j(30, 0.2)})
-        label(labels, kidney, CT_LABELS[name])
+    inner, (A, B) = _draw_body(img, (x, y), j)
+    liver_hu = _draw_organs(rng, img, labels, (x, y, z), j, inner, (A, B), height)
 
     # Spine: vertebral bodies (cortical shell, cancellous core) with a spinous process,
     # cut into five slabs by intervertebral discs; the aorta lies left-anterior of it.
@@ -193,6 +158,59 @@ def build_ct(seed: int, case: int) -> CtPhantom:
     hu += rng.normal(0.0, float(rng.uniform(10, 15)), size=shape).astype(np.float32)
     hu_int = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return CtPhantom(hu_int, labels, ps, SLICE_SPACING, origin, tumours)
+
+
+def _draw_body(img: dict[str, np.ndarray], xy: tuple[np.ndarray, np.ndarray], j: Callable[[float, float], float]
+               ) -> tuple[np.ndarray, tuple[float, float]]:
+    """A fat shell around soft tissue, as elliptic cylinders (no z term): the inner cylinder's
+    weights and its semi-axes (A, B), which place the organs."""
+    a, b = j(160.0, 0.06), j(118.0, 0.06)
+    fat = j(18.0, 0.25)
+    A, B = a - fat, b - fat  # inner (muscle/organ) semi-axes
+    paint(img, soft_ellipsoid(xy, (0, 0), (a, b), edge=1.5), {"hu": j(-100, 0.08)})
+    inner = soft_ellipsoid(xy, (0, 0), (A, B), edge=1.5)
+    paint(img, inner, {"hu": j(40, 0.1)})
+    return inner, (A, B)
+
+
+def _draw_organs(rng: np.random.Generator, img: dict[str, np.ndarray], labels: np.ndarray,
+                 xyz: tuple[np.ndarray, np.ndarray, np.ndarray], j: Callable[[float, float], float], inner: np.ndarray,
+                 axes: tuple[float, float], height: float) -> float:
+    """Lung bases, liver, spleen and kidneys, painted and labelled; returns the liver's HU (its
+    tumours are drawn against it)."""
+    x, y, z = xyz
+    A, B = axes
+    inside = inner > 0.5
+    # Lung bases: ellipsoids centred above the volume, so only their domes reach in.
+    for side, name in ((-1, "right lung lower lobe"), (1, "left lung lower lobe")):
+        m = soft_ellipsoid(xyz, (side * 0.45 * A, 0.10 * B, 1.10 * height),
+                           (0.42 * A, 0.70 * B, j(0.36, 0.05) * height), edge=1.5)
+        m *= inner
+        paint(img, m, {"hu": j(-850, 0.03)})
+        label(labels, m, CT_LABELS[name], within=inside)
+
+    # Liver on the patient's right (negative LPS x), spleen on the left, posterior.
+    liver = soft_ellipsoid(xyz, (-j(0.42, 0.05) * A, -0.05 * B, j(0.62, 0.04) * height),
+                           (j(0.48, 0.05) * A, j(0.72, 0.05) * B, 0.36 * height),
+                           edge=1.5, angle=float(rng.uniform(-0.15, 0.15)))
+    liver_hu = j(60, 0.08)
+    paint(img, liver, {"hu": liver_hu})
+    label(labels, liver, CT_LABELS["liver"])
+    spleen = soft_ellipsoid(xyz, (j(0.60, 0.05) * A, 0.28 * B, j(0.68, 0.04) * height),
+                            (0.18 * A, 0.32 * B, 0.20 * height), edge=1.5, angle=float(rng.uniform(-0.5, -0.2)))
+    paint(img, spleen, {"hu": j(50, 0.08)})
+    label(labels, spleen, CT_LABELS["spleen"])
+
+    # Kidneys: enhancing cortex around a low-density medulla/pelvis; the right one lies lower.
+    for side, name, zc in ((-1, "right kidney", 0.33), (1, "left kidney", 0.42)):
+        centre = (side * j(0.45, 0.05) * A, 0.45 * B, j(zc, 0.05) * height)
+        radii = (0.17 * A, 0.20 * B, 0.22 * height)
+        tilt = side * float(rng.uniform(0.2, 0.5))
+        kidney = soft_ellipsoid(xyz, centre, radii, edge=1.2, angle=tilt)
+        paint(img, kidney, {"hu": j(160, 0.1)})
+        paint(img, soft_ellipsoid(xyz, centre, [r * 0.55 for r in radii], edge=1.2, angle=tilt), {"hu": j(30, 0.2)})
+        label(labels, kidney, CT_LABELS[name])
+    return liver_hu
 
 
 def _jitter(rng: np.random.Generator) -> Callable[[float, float], float]:

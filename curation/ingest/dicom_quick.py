@@ -163,23 +163,12 @@ def _walk(buf: bytes, at_end: bool, pixels_at_end: Callable[[QuickHeader, int], 
     `pixels_at_end` may find the pixel data from the end of the file (uncompressed data is
     normally the last element), which spares walking the private and other groups in between;
     if it cannot, the walk goes on."""
-    if buf[128:132] != b"DICM":
-        raise _Bail
     checks: list[tuple[int, int]] = []
     sequences: list[tuple[int, int, bool]] = []
     places: list[tuple[str, str, int, int]] = []
-    pos, meta = 132, {}
-    while pos + 8 <= len(buf) and buf[pos : pos + 2] == b"\x02\x00":
-        start = pos
-        tag, value, pos = _element(buf, pos, implicit=False)
-        checks.append((start, pos - start if value is not None and tag in (TRANSFER_SYNTAX_TAG, MEDIA_SOP_CLASS_TAG) else _header_length(buf, start)))
-        meta[tag] = (value, pos - len(value) if value is not None else pos, pos)
-    found_syntax = meta.get(TRANSFER_SYNTAX_TAG)
-    syntax = _text(found_syntax[0] if found_syntax else b"")
-    if syntax not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE) and not is_encapsulated(syntax):
-        raise _Bail  # big endian, deflated or unknown: pydicom's business
+    pos, meta, syntax = _file_meta(buf, checks)
     implicit = syntax == IMPLICIT_VR_LE
-    found_media = meta.get(MEDIA_SOP_CLASS_TAG)
+    found_syntax, found_media = meta.get(TRANSFER_SYNTAX_TAG), meta.get(MEDIA_SOP_CLASS_TAG)
     head = QuickHeader({}, syntax, implicit, None, _text(found_media[0]) if found_media else "")
     values, n, wanted, tried_end = head.values, len(buf), WANTED, pixels_at_end is None
 
@@ -228,6 +217,26 @@ def _walk(buf: bytes, at_end: bool, pixels_at_end: Callable[[QuickHeader, int], 
             values[keyword] = _decode(buf[start:end], kind)
             places.append((keyword, kind, start, end))
         pos = end
+
+
+def _file_meta(buf: bytes, checks: list[tuple[int, int]]) -> tuple[int, dict[int, tuple[bytes | None, int, int]], str]:
+    """The file meta group (0002) after the preamble: where the dataset starts, each meta
+    element's (value, start, end), and the transfer syntax, one this walk reads (little endian,
+    native or encapsulated; the rest is pydicom's business). The byte ranges a replay must find
+    unchanged go to `checks`."""
+    if buf[128:132] != b"DICM":
+        raise _Bail
+    pos, meta = 132, {}
+    while pos + 8 <= len(buf) and buf[pos : pos + 2] == b"\x02\x00":
+        start = pos
+        tag, value, pos = _element(buf, pos, implicit=False)
+        checks.append((start, pos - start if value is not None and tag in (TRANSFER_SYNTAX_TAG, MEDIA_SOP_CLASS_TAG) else _header_length(buf, start)))
+        meta[tag] = (value, pos - len(value) if value is not None else pos, pos)
+    found = meta.get(TRANSFER_SYNTAX_TAG)
+    syntax = _text(found[0] if found else b"")
+    if syntax not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE) and not is_encapsulated(syntax):
+        raise _Bail
+    return pos, meta, syntax
 
 
 def _header_length(buf: bytes, pos: int) -> int:
