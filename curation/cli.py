@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
     s.add_argument("--limit", type=int, help="use only the first N items (for a quick try)")
+    s.add_argument("--force", action="store_true", help="let --limit replace a complete build in --out")
     s.set_defaults(run=_delegate("curation.build.pipeline:build_command"))
 
     s = sub.add_parser("render", help="rebuild shards from cached findings only (no expert runs)")

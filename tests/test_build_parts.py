@@ -20,7 +20,7 @@ from curation.errors import CurationError
 from curation.manifest import BuildSpec, load_manifest
 from curation.build.pipeline import build
 from curation.build.plan import ExpertInfo, Lane, Plan, runner_spec
-from curation.build.progress import Progress
+from curation.build.progress import BuildProgress
 
 
 def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
@@ -103,7 +103,7 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
 
     tty, log = Tty(), io.StringIO()
     for stream in (tty, log):
-        p = Progress(3, stream=stream, every=0)
+        p = BuildProgress(3, stream=stream, every=0)
         for _ in range(3):
             p.update(rows=2, runs=1)
         p.close()
@@ -128,51 +128,73 @@ def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     assert json.loads((tmp_path / "out" / "dataset" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
 
 
-def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_path):
-    """Ray retries a load task whose process died; the retry finds the mark the dead process
-    left and quarantines the item instead of loading it into the next crash. A mark left by an
-    earlier build (killed as a whole) does not count."""
+def prepared(tmp_path):
     from curation.build.pipeline import _prepare
     from curation.store.layout import Layout
-    from curation.build.stages import LOADING, load_item
 
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
     spec = load_manifest(manifest)
-    prep = _prepare(spec, Layout(tmp_path / "out"), limit=None, from_cache=False)
+    return spec, _prepare(spec, Layout(tmp_path / "out"), limit=None, infos=None)
+
+
+def test_an_item_whose_loading_killed_workers_of_this_build_is_set_aside(tmp_path):
+    """Ray retries a load task whose process died; the retry finds the mark the dead process
+    left and, after RUN_TRIES deaths, quarantines the item instead of loading it into the
+    next crash. A mark left by an earlier build (killed as a whole) does not count."""
+    from curation.build.stages import LOADING, RUN_TRIES, WorkItem, load_item
+
+    spec, prep = prepared(tmp_path)
     plan = next(p for p in prep.plan.working if p.item.source == "ct")
-    row, cache = {"plan": plan.to_json()}, prep.ctx.cache()
+    cache = prep.ctx.cache()
     content = content_hash(plan.item, Path(spec.source("ct").root))
 
-    cache.mark_running(content, LOADING, "an earlier build")
-    assert load_item(row, prep.ctx)["volume"] is not None  # loaded as usual
+    cache.mark_running(content, LOADING, "an earlier build", tries=RUN_TRIES)
+    assert load_item(WorkItem(plan=plan), prep.ctx).volume is not None  # loaded as usual
     assert not cache.running_path(content, LOADING).exists()
 
-    cache.mark_running(content, LOADING, prep.ctx.build_id)  # as a process of this build that died loading it
-    out = load_item(row, prep.ctx)
-    assert out["volume"] is None and "killed the worker process" in json.loads(out["report"])["errors"]["load"]
+    cache.mark_running(content, LOADING, prep.ctx.build_id, tries=RUN_TRIES - 1)  # one death so far: tried again
+    assert load_item(WorkItem(plan=plan), prep.ctx).volume is not None
+    cache.mark_running(content, LOADING, prep.ctx.build_id, tries=RUN_TRIES)  # as processes of this build that died loading it
+    out = load_item(WorkItem(plan=plan), prep.ctx)
+    assert out.volume is None and "killed the worker process" in out.report.errors["load"]
     expert, args = next(iter(plan.needs(spec).items()))
     assert "killed the worker process" in cache.get_error(content, prep.ctx.fingerprints[expert], args[0])[1]
     assert not cache.running_path(content, LOADING).exists()
 
 
-def test_an_item_whose_rendering_killed_a_worker_of_this_build_is_set_aside(tmp_path):
-    from curation.build.pipeline import _prepare
-    from curation.store.layout import Layout
-    from curation.build.stages import RENDERING, Report, render_batch, table_from_bytes
+def test_an_item_whose_rendering_killed_workers_of_this_build_is_set_aside(tmp_path):
+    from curation.build.stages import RENDERING, RUN_TRIES, WorkItem, render_batch, table_from_bytes, work_items, work_table
 
-    archive = tmp_path / "archive"
-    write_demo_archive(archive, cases=1, seed=0)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
-    prep = _prepare(load_manifest(manifest), Layout(tmp_path / "out"), limit=None, from_cache=False)
+    _, prep = prepared(tmp_path)
     plan = next(p for p in prep.plan.working if p.item.source == "cxr")
-    batch = pa.table({"item_id": [plan.item.item_id], "plan": [plan.to_json()], "content": [None], "report": [Report().to_json()]})
-    prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id)  # as a worker of this build that died rendering it
-    result = render_batch(batch, prep.ctx).to_pylist()[0]
-    units = json.loads(result["report"])["units"]
-    assert len(units) == len(plan.units) and all(u[2] == "quarantined" and "rendering it killed" in u[3] for u in units)
-    assert table_from_bytes(result["rows"]).num_rows == 0
+    prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id, tries=RUN_TRIES)  # as workers that died rendering it
+    result = render_batch(work_table([WorkItem(plan=plan)]), prep.ctx)
+    outcomes = work_items(result)[0].report.outcomes
+    assert len(outcomes) == len(plan.conversations) and all(o.status == "quarantined" and "rendering it killed" in o.reason for o in outcomes)
+    assert table_from_bytes(result.column("rows")[0].as_py()).num_rows == 0
     assert not prep.ctx.cache().running_path(plan.item.item_id, RENDERING).exists()
+
+
+def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_path, monkeypatch):
+    """A set-up that raises, or an actor that died SETUP_TRIES times setting up (Ray restarts
+    it each time), leaves the stage broken: its items are set aside with the reason instead of
+    the pool restarting forever."""
+    from curation.build.stages import SETUP, SETUP_TRIES, ExpertStage, _setup_key, load_item, WorkItem
+
+    _, prep = prepared(tmp_path)
+    plan = next(p for p in prep.plan.working if p.item.source == "brain")
+    cache = prep.ctx.cache()
+    cache.mark_running(_setup_key("BRATS"), SETUP, prep.ctx.build_id, tries=SETUP_TRIES)
+    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
+    assert stage.broken and "died 3 times while setting up" in stage.broken
+    work = stage.run_item(load_item(WorkItem(plan=plan), prep.ctx))
+    assert "died 3 times while setting up" in work.report.errors["BRATS()"] and work.volume is None and not work.report.runs
+
+    from expert_runners.labels import LabelsRunner
+
+    monkeypatch.setattr(LabelsRunner, "setup", lambda self, device="cpu": (_ for _ in ()).throw(RuntimeError("no such device")))
+    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
+    assert stage.broken == "setting up the expert failed: RuntimeError: no such device"

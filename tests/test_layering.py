@@ -44,11 +44,6 @@ KNOWN: set[tuple[str, str]] = {
     ("curation.render.templates", "expert_runners"),
     ("curation.render.turns", "expert_runners"),
     ("curation.render.turns", "curation.ingest"),
-    # The card takes the build's Plan and Report; goes when they reach it as plain data.
-    ("curation.store.card", "curation.build"),
-    ("curation.store.card", "curation.ingest"),
-    ("curation.store.card", "expert_runners"),
-    ("curation.store.card", "torch"),
 }
 
 

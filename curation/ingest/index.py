@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curation.atomic import write_parquet
 from curation.errors import CurationError
 from curation.ingest import SourceReader, readers_for
 from curation.items import LedgerEntry, StudyItem, items_table, ledger_table
@@ -87,10 +87,7 @@ def build_index(spec: BuildSpec) -> Index:
 
 def write_table(table: pa.Table, path: Path) -> None:
     """Write beside the final name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
 
 
 def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:
