@@ -74,6 +74,29 @@ def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
     assert sum(p.cpus * p.actors for p in placed.values()) <= 1.0  # one CPU stays for load and render tasks
 
 
+def test_actors_leave_every_node_room_for_a_task_wherever_ray_puts_them(tmp_path):
+    """Two nodes of 2 CPUs and eight actors: with 0.37 CPU each (the whole cluster less one CPU)
+    Ray can put four on each node, leaving 0.52 CPU per node, and no load task (1 CPU) ever
+    runs. The actors take at most the cluster less one task per node."""
+    from curation.build.cluster import NodeLimits
+
+    experts = [{"name": n, "runner": "vista3d", "actors": 2} for n in "ABCD"]
+    spec = spec_with(experts, tmp_path)
+    placed = place_experts(spec, plan_for(spec, set("ABCD")), {"CPU": 4}, NodeLimits(cpus=2, gpus=0, memory=2**34, count=2))
+    assert sum(p.cpus * p.actors * p.pools for p in placed.values()) <= 4 - 2 * 1.0
+
+
+def test_pools_that_no_node_can_hold_are_refused_before_anything_starts(tmp_path):
+    from curation.build.cluster import NodeLimits
+
+    spec = spec_with([{"name": "V", "runner": "vista3d", "gpus": 2}, {"name": "C", "runner": "cxr_ensemble", "gpus": 0}], tmp_path)
+    with pytest.raises(CurationError, match=r"experts\[0\] \(V\): gpus: 2 per actor, but no node has more than 1"):
+        place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "GPU": 4}, NodeLimits(cpus=4, gpus=1, memory=2**35, count=4))
+    spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "C", "runner": "cxr_ensemble", "memory_gb": 64}], tmp_path)
+    with pytest.raises(CurationError, match=r"experts\[1\] \(C\): memory_gb: 64 per actor, but no node offers more than 32.0 GiB"):
+        place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "memory": 2**36}, NodeLimits(cpus=8, gpus=0, memory=2**35, count=2))
+
+
 def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
     spec = spec_with([{"name": "V", "runner": "ct_tissue", "actors": 4, "batch_size": 8, "gpus": 0.5, "memory_gb": 2},
                       {"name": "C", "runner": "labels"}], tmp_path)

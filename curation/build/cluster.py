@@ -66,6 +66,7 @@ class NodeLimits:
     cpus: float
     gpus: float
     memory: float  # bytes Ray may reserve on it
+    count: int = 1  # nodes in the cluster
 
     @classmethod
     def of_cluster(cls) -> NodeLimits:
@@ -73,7 +74,17 @@ class NodeLimits:
 
         alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         return cls(cpus=max((r.get("CPU", 0.0) for r in alive), default=0.0), gpus=max((r.get("GPU", 0.0) for r in alive), default=0.0),
-                   memory=max((r.get("memory", 0.0) for r in alive), default=0.0))
+                   memory=max((r.get("memory", 0.0) for r in alive), default=0.0), count=max(1, len(alive)))
+
+
+def task_cpus(cpus_total: float, nodes: int) -> float:
+    """CPUs each load and render task reserves: one, or half a node's share on a cluster
+    too small for that to leave room for the actors.
+
+    >>> task_cpus(2, 1), task_cpus(8, 2), task_cpus(1, 1)
+    (1.0, 1.0, 0.5)
+    """
+    return min(1.0, cpus_total / (2 * nodes))
 
 
 def _quiet_ray_logs() -> None:
@@ -154,11 +165,13 @@ def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float], node
         memory = None if e.memory_gb is None else e.memory_gb * (1 << 30)
         out[e.name] = Placement(actors=actors, gpus=gpus, cpus=1.0, batch_size=e.batch_size, pools=pools[e.name], memory=memory)
     _check_fits(spec, out, gpus_total, float(resources.get("memory", 0.0)) or math.inf, node)
+    # Actors take at most the CPUs that leave one task's worth per node: then, wherever Ray puts
+    # them, some node has room for a load or render task (the free CPUs average at least that).
     actors = sum(p.actors * p.pools for p in out.values())
-    budget = max(cpus_total - 1.0, cpus_total / 2)  # at least one CPU (or half) left for load and render tasks
+    budget = cpus_total - node.count * task_cpus(cpus_total, node.count)
     if actors > budget:
         for p in out.values():
-            p.cpus = _share(min(budget / actors, node.cpus or 1.0))
+            p.cpus = _share(budget / actors)
     return out
 
 
@@ -225,11 +238,12 @@ def load_memory(plans: list[ItemPlan], limit: float) -> float:
     return float(WORKER_BASE_MEMORY + COPIES * max(sizes, default=0))
 
 
-def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placement]) -> Any:
+def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *, cpus: float = 1.0) -> Any:
     """The whole build as one Ray Data dataset: one branch per lane up to its last expert,
     unioned, then rendering. One render operator, not one per lane: Ray Data reserves each
     operator at least one task's CPUs, and on a node with few CPUs per-lane render operators
-    leave too few for the lanes to stream at once."""
+    leave too few for the lanes to stream at once. `cpus`: what each load and render task
+    reserves (`task_cpus`)."""
     import ray.data
 
     from curation.build.stages import load_batch, render_batch
@@ -249,13 +263,13 @@ def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placem
         # resources): loading must overlap the experts' work, not run inside their actors.
         # Experts that run in load tasks come first, with the same resources: Ray Data fuses
         # them into the load task.
-        load_args = {"num_cpus": 1, "memory": load_memory(plans, ctx.item_bytes_limit if ctx.item_bytes_limit is not None else math.inf)}
+        load_args = {"num_cpus": cpus, "memory": load_memory(plans, ctx.item_bytes_limit if ctx.item_bytes_limit is not None else math.inf)}
         ds = ds.map_batches(load_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", **load_args)
         for expert, last in _lane_experts(lane.experts, placements):
             ds = _expert_stage(ds, ctx, expert, last, placements[expert], load_args)
         branches.append(ds)
     ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    return ds.map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=1)
+    return ds.map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
 
 
 def _lane_experts(experts: tuple[str, ...], placements: dict[str, Placement]) -> list[tuple[str, bool]]:

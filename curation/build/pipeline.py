@@ -41,7 +41,15 @@ import pyarrow as pa
 
 from curation.atomic import write_parquet
 from curation.build import fingerprints
-from curation.build.cluster import NodeLimits, Placement, item_bytes_limit, pipeline_dataset, place_experts, ray_session
+from curation.build.cluster import (
+    NodeLimits,
+    Placement,
+    item_bytes_limit,
+    pipeline_dataset,
+    place_experts,
+    ray_session,
+    task_cpus,
+)
 from curation.build.plan import ExpertInfo, ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary
 from curation.build.stages import BuildContext, WorkItem, missing_findings, render_item, table_from_bytes, work_items
@@ -240,7 +248,8 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
                        for n, p in placements.items()) or "none")
     t = time.perf_counter()
     try:
-        for batch in pipeline_dataset(prep.plan, ctx, placements).iter_batches(batch_format="pyarrow", batch_size=None):
+        cpus = task_cpus(float(ray.cluster_resources().get("CPU", 1.0)), node.count)
+        for batch in pipeline_dataset(prep.plan, ctx, placements, cpus=cpus).iter_batches(batch_format="pyarrow", batch_size=None):
             for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
                 collector.collect(work.plan, table_from_bytes(rows), work.report)
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
