@@ -91,7 +91,7 @@ def serial_build(manifest: Path, out: Path) -> dict[str, Any]:
     images.mkdir(parents=True, exist_ok=True)
     items = rows = failed = 0
     with open(out / "conversations.jsonl", "w") as f:
-        for p in plan.working:
+        for p in plan.iter_working():
             items += 1
             try:
                 records = _one_item(p, spec, readers[p.item.source], runners, renderer, images)

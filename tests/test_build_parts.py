@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -34,7 +35,8 @@ def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
 def plan_for(spec: BuildSpec, weights: set[str]) -> Plan:
     lanes = [Lane(sources=("ct",), experts=tuple(e.name for e in spec.experts[:-1])), Lane(sources=("x",), experts=(spec.experts[-1].name,))]
     infos = {e.name: ExpertInfo(name=e.name, runner=e.runner, fingerprint="f", spec={}, weights=e.name in weights) for e in spec.experts}
-    return Plan(items=[], lanes=lanes, experts=infos, shards={})
+    return Plan(spec=spec, lanes=lanes, experts=infos, shards={}, source=[], order=np.zeros(0, np.int64), splits=np.zeros(0, np.int8),
+                counts=np.zeros((0, len(spec.tasks)), np.uint16), totals={}, per_shard=1)
 
 
 def test_pools_get_a_gpu_each_when_there_are_enough(tmp_path):
@@ -114,6 +116,10 @@ def test_cache_error_entries_and_registry(tmp_path):
     cache.put_error("c0ffee", "fp", "load failed: truncated", "organs")
     assert cache.get_error("c0ffee", "fp", "organs") == ("quarantined", "load failed: truncated")
     assert not cache.has("c0ffee", "fp", "organs") and cache.get_error("c0ffee", "fp", "") is None
+    # an expert's own failure is settled (the same fingerprint repeats it); the environment's is tried again
+    assert cache.settled("c0ffee", "fp", "organs") and not cache.settled("c0ffee", "fp", "")
+    cache.put_error("c0ffee", "fp", "the expert's process died 2 times", "bone", transient=True)
+    assert not cache.settled("c0ffee", "fp", "bone") and cache.get_error("c0ffee", "fp", "bone")[1].startswith("the expert's process died")
     cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {}}])
     cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {"n": 2}}, {"spec": {"a": 2}, "fingerprint": "y", "info": {}}])
     assert [e["fingerprint"] for e in cache.experts()] == ["x", "y"] and cache.experts()[0]["info"] == {"n": 2}
@@ -221,3 +227,25 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     monkeypatch.setattr(LabelsRunner, "setup", lambda self, device="cpu": (_ for _ in ()).throw(RuntimeError("no such device")))
     stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
     assert stage.broken == "setting up the expert failed: RuntimeError: no such device"
+
+
+def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_path):
+    """The driver writes each lane's working items as row groups of one file (one block per
+    load task) instead of holding every block of the archive."""
+    from curation.build.cluster import BLOCK_ITEMS, write_lane_inputs
+    from curation.build.stages import read_blocks, work_items
+
+    _, prep = prepared(tmp_path)
+    inputs = write_lane_inputs(prep.plan, tmp_path / "plan", limit=float("inf"))
+    order = [p.item.item_id for p in prep.plan.iter_working()]
+    seen = []
+    for lane, given in inputs.items():
+        ids = []
+        for k in range(given.blocks):
+            block = work_items(read_blocks(pa.table({"block": [k]}), str(given.path)))
+            assert 0 < len(block) <= BLOCK_ITEMS and all(w.plan.lane == lane for w in block)
+            ids += [w.plan.item.item_id for w in block]
+        assert ids == [i for i in order if i in set(ids)]  # in build order
+        assert given.largest > 0
+        seen += ids
+    assert sorted(seen) == sorted(order)

@@ -29,12 +29,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from curation.build.plan import ItemPlan, Plan
-from curation.build.stages import BuildContext, WorkItem, voxel_bytes, work_table
+from curation.build.plan import Plan
+from curation.build.stages import WORK_SCHEMA, BuildContext, WorkItem, voxel_bytes, work_table
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
 
@@ -202,22 +204,48 @@ def _share(fraction: float) -> float:
     return max(0.01, math.floor(min(1.0, fraction) * 100) / 100)
 
 
-def _blocks(plans: list[ItemPlan]) -> list[pa.Table]:
-    """Consecutive items grouped into input blocks of at most BLOCK_ITEMS items and
-    BLOCK_BYTES of voxels (a CT series is a block of its own; chest X-rays travel by 16)."""
-    blocks: list[list[WorkItem]] = []
-    current: list[WorkItem] = []
-    size = 0
-    for p in plans:
+@dataclass(slots=True)
+class LaneInput:
+    """A lane's working items as input blocks: row group k of `path` is block k (`WORK_SCHEMA`)."""
+
+    path: Path
+    blocks: int = 0
+    largest: int = 0  # voxel bytes of the largest item a load task may hold (items over the limit are set aside)
+
+
+def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneInput]:
+    """Each lane's working items, in build order, grouped into blocks of at most BLOCK_ITEMS
+    items and BLOCK_BYTES of voxels (a CT series is a block of its own; chest X-rays travel
+    by 16), written as row groups of one Parquet file per lane. The driver holds one block
+    per lane at a time; Ray Data reads the blocks as it streams (`read_blocks`), so neither
+    the driver nor the object store holds the archive's plan."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs: dict[int, LaneInput] = {}
+    writers: dict[int, pq.ParquetWriter] = {}
+    pending: dict[int, tuple[list[WorkItem], int]] = {}
+
+    def flush(lane: int) -> None:
+        block, _ = pending.pop(lane)
+        writers[lane].write_table(work_table(block), row_group_size=len(block))
+        inputs[lane].blocks += 1
+
+    for p in plan.iter_working():
+        if p.lane not in inputs:
+            inputs[p.lane] = LaneInput(path=folder / f"lane-{p.lane}.parquet")
+            writers[p.lane] = pq.ParquetWriter(inputs[p.lane].path, WORK_SCHEMA)
         voxels = voxel_bytes(p.item)
-        if current and (len(current) >= BLOCK_ITEMS or size + voxels > BLOCK_BYTES):
-            blocks.append(current)
-            current, size = [], 0
-        current.append(WorkItem(plan=p))
-        size += voxels
-    if current:
-        blocks.append(current)
-    return [work_table(b) for b in blocks]
+        block, size = pending.get(p.lane, ([], 0))
+        if block and (len(block) >= BLOCK_ITEMS or size + voxels > BLOCK_BYTES):
+            flush(p.lane)
+            block, size = [], 0
+        pending[p.lane] = ([*block, WorkItem(plan=p)], size + voxels)
+        if voxels <= limit:
+            inputs[p.lane].largest = max(inputs[p.lane].largest, voxels)
+    for lane in list(pending):
+        flush(lane)
+    for w in writers.values():
+        w.close()
+    return inputs
 
 
 WORKER_BASE_MEMORY = 384 << 20  # a load worker with numpy, pyarrow, pydicom, nibabel, torch, MONAI loaded (measured: 404 MiB peak on a CT item of 8 MB)
@@ -231,40 +259,41 @@ def item_bytes_limit(node: NodeLimits, placements: dict[str, Placement]) -> floa
     return max(0.0, (node.memory - actors - WORKER_BASE_MEMORY) / COPIES)
 
 
-def load_memory(plans: list[ItemPlan], limit: float) -> float:
+def load_memory(largest: int) -> float:
     """Bytes a load task reserves: the worker itself plus COPIES of the lane's largest item
-    that can be loaded at all (items over `limit` are set aside, never reserved for)."""
-    sizes = [s for s in (voxel_bytes(p.item) for p in plans) if s <= limit]
-    return float(WORKER_BASE_MEMORY + COPIES * max(sizes, default=0))
+    that can be loaded at all (items over the limit are set aside, never reserved for)."""
+    return float(WORKER_BASE_MEMORY + COPIES * largest)
 
 
-def pipeline_dataset(plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *, cpus: float = 1.0) -> Any:
+def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *,
+                     cpus: float = 1.0) -> Any:
     """The whole build as one Ray Data dataset: one branch per lane up to its last expert,
     unioned, then rendering. One render operator, not one per lane: Ray Data reserves each
     operator at least one task's CPUs, and on a node with few CPUs per-lane render operators
-    leave too few for the lanes to stream at once. `cpus`: what each load and render task
-    reserves (`task_cpus`)."""
+    leave too few for the lanes to stream at once. `inputs`: each lane's blocks
+    (`write_lane_inputs`); `cpus`: what each load and render task reserves (`task_cpus`)."""
     import ray.data
 
-    from curation.build.stages import load_batch, render_batch
+    from curation.build.stages import load_planned, render_batch
 
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
     branches = []
     for lane_index, lane in enumerate(plan.lanes):
-        plans = [p for p in plan.working if p.lane == lane_index]
-        if not plans:
+        if lane_index not in inputs:
             continue
-        # from_blocks, not from_arrow: from_arrow runs a Ray task per block for its metadata and
-        # waits for them all before anything streams
-        ds = ray.data.from_blocks(_blocks(plans))
+        given = inputs[lane_index]
+        # block numbers only: each load task reads its block from the lane's input file. from_blocks,
+        # not from_arrow: from_arrow runs a Ray task per block for its metadata and waits for them all
+        ds = ray.data.from_blocks([pa.table({"block": [k]}) for k in range(given.blocks)])
         # `memory` also keeps Ray Data from fusing loading into the expert actors (different
         # resources): loading must overlap the experts' work, not run inside their actors.
         # Experts that run in load tasks come first, with the same resources: Ray Data fuses
         # them into the load task.
-        load_args = {"num_cpus": cpus, "memory": load_memory(plans, ctx.item_bytes_limit if ctx.item_bytes_limit is not None else math.inf)}
-        ds = ds.map_batches(load_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", **load_args)
+        load_args = {"num_cpus": cpus, "memory": load_memory(given.largest)}
+        ds = ds.map_batches(load_planned, fn_kwargs={"ctx": ctx, "path": str(given.path)}, batch_size=None, batch_format="pyarrow",
+                            **load_args)
         for expert, last in _lane_experts(lane.experts, placements):
             ds = _expert_stage(ds, ctx, expert, last, placements[expert], load_args)
         branches.append(ds)

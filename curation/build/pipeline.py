@@ -26,6 +26,7 @@ the writer holds a fixed budget of rows waiting for their shard and spills the r
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shutil
@@ -49,6 +50,7 @@ from curation.build.cluster import (
     place_experts,
     ray_session,
     task_cpus,
+    write_lane_inputs,
 )
 from curation.build.plan import ExpertInfo, ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary
@@ -151,8 +153,8 @@ class _Collector:
 def _start(prep: _Prepared, label: str, show: bool) -> _Collector:
     staged = prep.layout.staged()
     collector = _Collector(writer=ShardWriter(staged.data, prep.plan.shards, spill=prep.layout.spill), tally=Tally(),
-                           progress=BuildProgress(len(prep.plan.working), label=label, enabled=show))
-    for p in prep.plan.items:
+                           progress=BuildProgress(prep.plan.working_count, label=label, enabled=show))
+    for p in prep.plan.iter_items():
         if not p.conversations:
             collector.tally.record(p.entry(), ItemReport(), None)
     return collector
@@ -168,7 +170,7 @@ def _finish(collector: _Collector, prep: _Prepared, wall: dict[str, float], plac
     wall["write"] = time.perf_counter() - started
     wall["total"] = time.perf_counter() - t0
     experts = {n: ExpertEntry(runner=i.runner, fingerprint=i.fingerprint) for n, i in prep.plan.experts.items()}
-    card = dataset_card(spec=prep.spec, indexed=len(prep.plan.items), planned_rows=prep.plan.planned_rows(), experts=experts,
+    card = dataset_card(spec=prep.spec, indexed=prep.plan.indexed, planned_rows=prep.plan.planned_rows(), experts=experts,
                         tally=collector.tally, ledger=table, shards=shards, out=staged.dataset, manifest_hash=prep.ctx.manifest_hash,
                         code=prep.ctx.code_version, wall=wall, actors={n: p.to_json() for n, p in placements.items()})
     card["limit"] = prep.limit
@@ -196,10 +198,10 @@ def _looked_up(prep: _Prepared, *, chunk: int = 256) -> Iterator[WorkItem]:
     """`_look_up` for every working item, in plan order, a chunk at a time on a few threads
     (hashing reads every file)."""
     roots = {name: r.root for name, r in readers_for(prep.spec).items()}
-    cache, working = prep.ctx.cache(), prep.plan.working
+    cache, working = prep.ctx.cache(), prep.plan.iter_working()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(working), chunk):
-            yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), working[start:start + chunk])
+        while block := list(itertools.islice(working, chunk)):
+            yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), block)
 
 
 def _all_cached(prep: _Prepared) -> list[WorkItem] | None:
@@ -242,14 +244,16 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
 
     node = NodeLimits.of_cluster()
     placements = place_experts(prep.spec, prep.plan, ray.cluster_resources(), node)
-    ctx = replace(prep.ctx, item_bytes_limit=item_bytes_limit(node, placements))
-    log.info("building %d items on %s; expert pools: %s", len(prep.plan.working), where,
+    limit = item_bytes_limit(node, placements)
+    ctx = replace(prep.ctx, item_bytes_limit=limit)
+    inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
+    log.info("building %d items on %s; expert pools: %s", prep.plan.working_count, where,
              ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
                        for n, p in placements.items()) or "none")
     t = time.perf_counter()
     try:
         cpus = task_cpus(float(ray.cluster_resources().get("CPU", 1.0)), node.count)
-        for batch in pipeline_dataset(prep.plan, ctx, placements, cpus=cpus).iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus).iter_batches(batch_format="pyarrow", batch_size=None):
             for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
                 collector.collect(work.plan, table_from_bytes(rows), work.report)
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
@@ -258,6 +262,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
             raise
         raise CurationError(str(cause.args[0] if cause.args else cause)) from None
     wall["pipeline"] = time.perf_counter() - t
+    shutil.rmtree(prep.layout.plan_inputs, ignore_errors=True)
     return placements
 
 
@@ -294,8 +299,8 @@ def _owning(layout: Layout, command: str) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            shutil.rmtree(layout.staged().dataset, ignore_errors=True)
-            shutil.rmtree(layout.spill, ignore_errors=True)
+            for scratch in (layout.staged().dataset, layout.spill, layout.plan_inputs):
+                shutil.rmtree(scratch, ignore_errors=True)
             raise
 
 

@@ -17,9 +17,11 @@ spills rows that arrive ahead of a slower lane's to disk (`curation.store.shards
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from curation.errors import CurationError
 from curation.items import StudyItem
@@ -123,15 +125,66 @@ class Lane:
 
 @dataclass(slots=True)
 class Plan:
-    items: list[ItemPlan]  # every indexed item, in build order
+    """Every indexed item's plan, held compactly: the build order, each item's split and how
+    many variants each task makes of it, and the streams' totals (a few dozen bytes per
+    item, beside the index's own items, which are not copied). `ItemPlan`s with their places
+    are made on demand, in build order (`iter_items`), so a build never holds them all."""
+
+    spec: BuildSpec
     lanes: list[Lane]
     experts: dict[str, ExpertInfo]
     shards: dict[tuple[str, int], tuple[int, int]]  # (split, shard) → (first position, planned rows)
+    source: Sequence[StudyItem]  # the index's items
+    order: np.ndarray  # indices into `source`, in build order
+    splits: np.ndarray  # per item in build order: its split, as an index into SPLITS
+    counts: np.ndarray  # per item in build order and task: conversations planned
+    totals: dict[str, list[int]]  # split → rows of each task's stream
+    per_shard: int
+
+    def iter_items(self) -> Iterator[ItemPlan]:
+        """Every item's plan, in build order; places follow from the running count of each
+        stream and `interleaved_position`."""
+        lane_of = {s: i for i, lane in enumerate(self.lanes) for s in lane.sources}
+        seen: Counter[tuple[str, int]] = Counter()  # (split, task) → rows of that stream so far
+        for k, index in enumerate(self.order.tolist()):
+            item, split = self.source[index], SPLITS[self.splits[k]]
+            plan = ItemPlan(item=item, split=split, lane=lane_of.get(item.source, -1))
+            if plan.lane < 0:
+                plan.notes.append(f"no task uses source {item.source!r}")
+            for t, n in enumerate(self.counts[k].tolist()):
+                task = self.spec.tasks[t]
+                if task.source != item.source:
+                    continue
+                why = self.experts[task.expert].accepts(item) if task.expert is not None else None
+                if why or n == 0:
+                    plan.notes.append(f"{task_name(task)}: {why or f'not drawn at weight {task.weight}'}")
+                for v in range(n):
+                    pos = interleaved_position(seen[(split, t)], t, self.totals[split])
+                    seen[(split, t)] += 1
+                    arg = expert_arg(task, v) if task.expert is not None else ""
+                    plan.conversations.append(PlannedConversation(task=t, variant=v, arg=arg, shard=pos // self.per_shard, pos=pos))
+            yield plan
+
+    def iter_working(self) -> Iterator[ItemPlan]:
+        """Items with at least one planned conversation: the ones the pipeline processes."""
+        return (p for p in self.iter_items() if p.conversations)
+
+    @property
+    def items(self) -> list[ItemPlan]:
+        """Every item's plan as a list (for small plans and tests; a build iterates)."""
+        return list(self.iter_items())
 
     @property
     def working(self) -> list[ItemPlan]:
-        """Items with at least one planned conversation: the ones the pipeline processes."""
-        return [p for p in self.items if p.conversations]
+        return list(self.iter_working())
+
+    @property
+    def indexed(self) -> int:
+        return len(self.order)
+
+    @property
+    def working_count(self) -> int:
+        return int(np.count_nonzero(self.counts.sum(axis=1))) if len(self.counts) else 0
 
     def planned_rows(self) -> int:
         return sum(n for _, n in self.shards.values())
@@ -199,52 +252,37 @@ def shard_sizes(total: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(per_shard, total - start)) for start in range(0, total, per_shard)]
 
 
-def _draft(spec: BuildSpec, item: StudyItem, experts: dict[str, ExpertInfo], keyer: Keyer,
-           lane_of: dict[str, int]) -> tuple[ItemPlan, list[tuple[int, int, str]]]:
-    """The item's split and lane, and its (task, variant, argument) list, without places."""
-    split = split_of(item.patient_key, spec.split, keyer, spec.seed)
-    plan = ItemPlan(item=item, split=split, lane=lane_of.get(item.source, -1))
-    if plan.lane < 0:
-        plan.notes.append(f"no task uses source {item.source!r}")
-    wanted = []
-    for t, task in enumerate(spec.tasks):
-        if task.source != item.source:
-            continue
-        if task.expert is not None:
-            why = experts[task.expert].accepts(item)
-            if why:
-                plan.notes.append(f"{task_name(task)}: {why}")
-                continue
-        n = variants(task, item.item_id, keyer, spec.seed)
-        if n == 0:
-            plan.notes.append(f"{task_name(task)}: not drawn at weight {task.weight}")
-        wanted += [(t, v, expert_arg(task, v) if task.expert is not None else "") for v in range(n)]
-    return plan, wanted
+def _variant_counts(spec: BuildSpec, item: StudyItem, experts: dict[str, ExpertInfo], keyer: Keyer) -> list[int]:
+    """Conversations each task makes of the item (0: not its source, an expert that does not
+    take it, or not drawn at its weight)."""
+    out = []
+    for task in spec.tasks:
+        if task.source != item.source or (task.expert is not None and experts[task.expert].accepts(item)):
+            out.append(0)
+        else:
+            out.append(variants(task, item.item_id, keyer, spec.seed))
+    return out
 
 
-def make_plan(spec: BuildSpec, items: list[StudyItem], experts: dict[str, ExpertInfo], *, rows_per_shard: int | None = None) -> Plan:
-    """Split, variants, expert arguments and row places for every item: items in keyed-hash
-    order, each task's rows a stream of its split, streams interleaved, shards cut every
-    `rows_per_shard` positions."""
+def make_plan(spec: BuildSpec, items: Sequence[StudyItem], experts: dict[str, ExpertInfo], *, rows_per_shard: int | None = None) -> Plan:
+    """Split and variants of every item, items in keyed-hash order, each task's rows a stream
+    of its split, streams interleaved, shards cut every `rows_per_shard` positions. One pass
+    over the items, keeping a few numbers per item (`Plan`)."""
     _check_tasks(spec)
     keyer = Keyer(resolve_secret(spec.key))
     per_shard = rows_per_shard or spec.output.rows_per_shard
-    lanes = lanes_of(spec)
-    lane_of = {s: i for i, lane in enumerate(lanes) for s in lane.sources}
-    ordered = sorted(items, key=lambda it: (keyer("order", spec.seed, it.item_id), it.item_id))
-    counts: Counter[tuple[str, int]] = Counter()  # (split, task) → rows of that stream so far
-    drafts = []
-    for item in ordered:
-        plan, wanted = _draft(spec, item, experts, keyer, lane_of)
-        indices = []
-        for t, _, _ in wanted:
-            indices.append(counts[(plan.split, t)])
-            counts[(plan.split, t)] += 1
-        drafts.append((plan, wanted, indices))
-    totals = {split: [counts[(split, t)] for t in range(len(spec.tasks))] for split in SPLITS}
-    for plan, wanted, indices in drafts:
-        for (t, v, arg), i in zip(wanted, indices):
-            pos = interleaved_position(i, t, totals[plan.split])
-            plan.conversations.append(PlannedConversation(task=t, variant=v, arg=arg, shard=pos // per_shard, pos=pos))
+    keys = [(keyer("order", spec.seed, it.item_id), it.item_id) for it in items]
+    order = np.array(sorted(range(len(items)), key=keys.__getitem__), dtype=np.int64)
+    del keys
+    splits = np.zeros(len(items), dtype=np.int8)
+    counts = np.zeros((len(items), len(spec.tasks)), dtype=np.uint16)
+    for k, index in enumerate(order.tolist()):
+        item = items[index]
+        split = split_of(item.patient_key, spec.split, keyer, spec.seed)
+        splits[k] = SPLITS.index(split)
+        counts[k] = _variant_counts(spec, item, experts, keyer)
+    totals = {split: [int(n) for n in counts[splits == i].sum(axis=0)] if len(counts) else [0] * len(spec.tasks)
+              for i, split in enumerate(SPLITS)}
     shards = {(split, k): place for split in SPLITS for k, place in enumerate(shard_sizes(sum(totals[split]), per_shard))}
-    return Plan(items=[plan for plan, _, _ in drafts], lanes=lanes, experts=experts, shards=shards)
+    return Plan(spec=spec, lanes=lanes_of(spec), experts=experts, shards=shards, source=items, order=order, splits=splits,
+                counts=counts, totals=totals, per_shard=per_shard)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
 from curation.errors import ItemError
@@ -125,15 +126,33 @@ def renderer(ctx: BuildContext) -> Renderer:
 # -- load ----------------------------------------------------------------------------------------
 
 
+class TransientItemError(ItemError):
+    """An item this cluster could not process this time (a worker died on it, too little
+    memory): recorded as transient, so the next build tries it again."""
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure of the environment rather than the expert's verdict on the item: out of
+    memory, in the host or on the GPU."""
+    cause = error.__cause__ or error
+    if isinstance(error, TransientItemError) or isinstance(cause, MemoryError):
+        return True
+    import sys
+
+    torch = sys.modules.get("torch")  # only an expert that uses torch can run out of GPU memory
+    return torch is not None and isinstance(cause, torch.cuda.OutOfMemoryError)
+
+
 def missing_findings(plan: ItemPlan, content: str, ctx: BuildContext, cache: FindingsCache, report: ItemReport) -> dict[str, list[str]]:
-    """Expert → arguments with no cached findings (failures recorded earlier count as missing:
-    a build tries them again); each cached result is counted in `report.cached`."""
+    """Expert → arguments without a settled result: no findings, and no failure that running
+    again would repeat (a transient one is tried again); cache hits are counted in
+    `report.cached`."""
     missing: dict[str, list[str]] = {}
     for expert, args in plan.needs(ctx.spec).items():
         for arg in args:
             if cache.has(content, ctx.fingerprints[expert], arg):
                 report.count(report.cached, expert)
-            else:
+            elif not cache.settled(content, ctx.fingerprints[expert], arg):
                 missing.setdefault(expert, []).append(arg)
     return missing
 
@@ -157,7 +176,7 @@ def load_item(work: WorkItem, ctx: BuildContext) -> WorkItem:
                 report.errors["load"] = reason
                 for expert, args in work.missing.items():
                     for arg in args:
-                        cache.put_error(work.content, ctx.fingerprints[expert], reason, arg)
+                        cache.put_error(work.content, ctx.fingerprints[expert], reason, arg, transient=_transient(e))
                 work.missing = {}
     report.add_seconds("load", time.perf_counter() - started)
     return work
@@ -169,7 +188,7 @@ def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, 
     times (a decoder crash, the out-of-memory killer; Ray retries the task)."""
     size = voxel_bytes(plan.item)
     if ctx.item_bytes_limit is not None and size > ctx.item_bytes_limit:
-        raise ItemError(plan.item.item_id, f"its header declares {plan.item.shape} voxels ({size / 2**30:.1f} GiB as float32), "
+        raise TransientItemError(plan.item.item_id, f"its header declares {plan.item.shape} voxels ({size / 2**30:.1f} GiB as float32), "
                                            f"more than a worker of this cluster can hold ({ctx.item_bytes_limit / 2**30:.1f} GiB)")
     try:
         with cache.running(content, LOADING, ctx.build_id, tries=RUN_TRIES):
@@ -177,12 +196,24 @@ def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, 
             labels = src.load_labels(plan.item) if plan.item.label_uri else None
             return volume, labels
     except DiedHere as e:
-        raise ItemError(plan.item.item_id, f"loading it killed the worker process {e.deaths} times (out of memory, "
-                                           "or a crash in native code)") from None
+        raise TransientItemError(plan.item.item_id, f"loading it killed the worker process {e.deaths} times (out of memory, "
+                                                    "or a crash in native code)") from None
 
 
 def load_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
     return work_table([load_item(w, ctx) for w in work_items(batch)])
+
+
+def read_blocks(batch: pa.Table, path: str) -> pa.Table:
+    """The input blocks (row groups of a lane's input file, `cluster.write_lane_inputs`) that a
+    batch of block numbers names."""
+    f = pq.ParquetFile(path)
+    return pa.concat_tables([f.read_row_group(k) for k in batch.column("block").to_pylist()])
+
+
+def load_planned(batch: pa.Table, ctx: BuildContext, path: str) -> pa.Table:
+    """`load_batch` over the input blocks a batch of block numbers names."""
+    return load_batch(read_blocks(batch, path), ctx)
 
 
 # -- experts -------------------------------------------------------------------------------------
@@ -255,9 +286,10 @@ class ExpertStage:
             self._run_one(inp, work.content, arg, work.report)  # type: ignore[arg-type]
 
     def _set_aside(self, work: WorkItem, args: list[str], reason: str) -> None:
+        """Every run of the item by this expert failed for the environment's reason."""
         for arg in args:
             work.report.errors[f"{self.expert}({arg})"] = reason
-            self.cache.put_error(work.content, self.fingerprint, reason, arg)  # type: ignore[arg-type]
+            self.cache.put_error(work.content, self.fingerprint, reason, arg, transient=True)  # type: ignore[arg-type]
 
     def _run_one(self, inp: Any, content: str, arg: str, report: ItemReport) -> None:
         """One run, its findings or its failure written to the cache. An item whose run killed
@@ -275,11 +307,11 @@ class ExpertStage:
         except DiedHere as e:
             reason = f"the expert's process died {e.deaths} times while running on this item (out of memory, or a crash in native code)"
             report.errors[f"{self.expert}({arg})"] = reason
-            self.cache.put_error(content, self.fingerprint, reason, arg)
+            self.cache.put_error(content, self.fingerprint, reason, arg, transient=True)
             return
         except ItemError as e:
             report.errors[f"{self.expert}({arg})"] = e.reason
-            self.cache.put_error(content, self.fingerprint, e.reason, arg)
+            self.cache.put_error(content, self.fingerprint, e.reason, arg, transient=_transient(e))
         else:
             self.cache.put(content, self.fingerprint, findings, arg)
         report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)

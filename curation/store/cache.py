@@ -9,8 +9,9 @@ in `_tmp/`. Nothing lists the entries: each is found by its path, so the cache's
 weighs on a build's memory.
 
 Beside the findings the cache keeps what `m3-curate render` needs to work without an expert:
-the reason an expert could not give findings (`put_error`: a later build tries again, render
-reports the reason) and, in `experts.json`, each expert configuration a build ran with its
+the reason an expert could not give findings (`put_error`; render reports the reason, and a
+later build tries again only when the failure was the environment's — a worker that died, too
+little memory — not the expert's own verdict on the item, which the same fingerprint repeats) and, in `experts.json`, each expert configuration a build ran with its
 fingerprint, so render finds the entries without constructing a runner. While an item is
 loaded, run through an expert or rendered, a `.running.json` mark names the build and counts
 the tries: a mark of the same build found again means that step killed its process (Ray
@@ -109,12 +110,23 @@ class FindingsCache:
         path = self.path(content, fingerprint, args)
         return path.with_name(path.name.removesuffix(".json") + ".error.json")
 
-    def put_error(self, content: str, fingerprint: str, reason: str, args: str = "", *, status: str = "quarantined") -> Path:
+    def put_error(self, content: str, fingerprint: str, reason: str, args: str = "", *, status: str = "quarantined",
+                  transient: bool = False) -> Path:
         """Record why there are no findings (`status`: `quarantined` for a failure, `skipped`
-        for an item the expert does not take). Builds retry these; render reports them."""
+        for an item the expert does not take; `transient`: the environment's failure, which a
+        later build tries again). Render reports them."""
         path = self.error_path(content, fingerprint, args)
-        self._write(path, {"status": status, "reason": reason})
+        self._write(path, {"status": status, "reason": reason, "transient": transient})
         return path
+
+    def settled(self, content: str, fingerprint: str, args: str = "") -> bool:
+        """Findings are cached, or a failure that running again would repeat."""
+        if self.has(content, fingerprint, args):
+            return True
+        try:
+            return not json.loads(self.error_path(content, fingerprint, args).read_text()).get("transient", True)
+        except (FileNotFoundError, ValueError):
+            return False
 
     def get_error(self, content: str, fingerprint: str, args: str = "") -> tuple[str, str] | None:
         """(status, reason) of a recorded failure, or None."""

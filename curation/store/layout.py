@@ -11,7 +11,8 @@
         cache/                          expert findings (`output.cache` moves it)
         preview_cache/                  findings `m3-curate preview` computed itself
         build.lock                      held by the build writing this folder
-        spill/                          rows waiting for their shard, while a build runs
+        plan/, spill/                   while a build runs: the items' input blocks for Ray, and
+                                        rows waiting for their shard
       .dataset.new/, .dataset.old/      while a build runs: the dataset being written, and the
                                         one it replaces for the instant of the swap
 
@@ -105,6 +106,10 @@ class Layout:
     @property
     def spill(self) -> Path:
         return self.internal / "spill"
+
+    @property
+    def plan_inputs(self) -> Path:
+        return self.internal / "plan"
 
     def mark_internal(self) -> None:
         """Write the note that tells a reader of `internal/` not to share it."""

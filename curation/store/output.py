@@ -75,7 +75,7 @@ def recover(layout: Layout) -> None:
             os.replace(staged.dataset, layout.dataset)
         else:
             os.replace(retired, layout.dataset)
-    for leftover in (staged.dataset, retired, layout.spill):
+    for leftover in (staged.dataset, retired, layout.spill, layout.plan_inputs):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
