@@ -187,8 +187,24 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def idle_of(timeline: Path, expert: str, started: float, ended: float) -> dict[str, float]:
+    """Where the busiest pool's wall time went that its runs did not use (weight-free
+    experts log each run's start and end): before its first run, between runs (gaps over
+    10 ms, summed), after its last run."""
+    runs = sorted((float(a), float(b)) for name, _, a, b in (line.split() for line in timeline.read_text().splitlines()) if name == expert)
+    if not runs:
+        return {}
+    gaps = [max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(runs, runs[1:])]
+    return {"before_first_run_s": runs[0][0] - started, "between_runs_s": sum(g for g in gaps if g > 0.01),
+            "longest_gap_s": max(gaps, default=0.0), "after_last_run_s": ended - runs[-1][1], "runs": len(runs)}
+
+
 def measure_build(manifest: Path, out: Path, env: dict[str, str]) -> dict:
+    timeline = out.parent / f"{out.name}-timeline.txt"
+    env = {**env, "M3_TEST_TIMELINE": str(timeline)}
+    started = time.time()
     wall, peak, _, cpu = run_sampled([sys.executable, "-m", "curation", "-q", "build", str(manifest)], env)
+    ended = time.time()
     card = json.loads((out / "dataset" / "dataset_card.json").read_text())
     working = sum(card["counts"]["items"][k] for k in ("used", "quarantined"))
     pipeline_s = card["timing"]["wall_s"].get("pipeline", 0.0)
@@ -203,6 +219,8 @@ def measure_build(manifest: Path, out: Path, env: dict[str, str]) -> dict:
         "ray_start_s": card["timing"]["wall_s"].get("ray_start", 0.0), "peak_rows_held": card["timing"].get("peak_rows_held", 0),
         "rows_spilled": card["timing"].get("rows_spilled", 0), "cpu_s": cpu_s, "cpu_s_total": sum(cpu_s.values()),
         "experts": {n: {"seconds": e["seconds"], "runs": e["runs"], "actors": e.get("actors")} for n, e in card["experts"].items()},
+        "busiest_idle": idle_of(timeline, busiest, started, ended) if timeline.exists() else {},
+        "wall_parts_s": card["timing"]["wall_s"],
     }
 
 
@@ -236,7 +254,7 @@ def report(r: dict) -> None:
     cpus = len(os.sched_getaffinity(0))
     print(f"\n== {r['label']}")
     print(f"  items {b['items']}, rows {b['rows']}, build wall {b['wall_s']:.1f} s (Ray start {b['ray_start_s']:.1f} s, "
-          f"streaming {b['pipeline_s']:.1f} s)")
+          f"streaming {b['pipeline_s']:.1f} s, shards/ledger/card after it {b['wall_parts_s'].get('write', 0):.1f} s)")
     print(f"  items/s: {b['items_per_s']:.2f} end to end, {b['items_per_s_streaming']:.2f} while streaming")
     if "serial" in r:
         s = r["serial"]
@@ -248,6 +266,10 @@ def report(r: dict) -> None:
     print(f"  experts' own time: {b['expert_s_total']:.1f} s of runner time in all ({per}); busiest pool {b['busiest']} {b['busiest_s']:.1f} s")
     print(f"  build wall / experts' own time: {b['busy_ratio']:.2f} over all experts, {b['busy_ratio_busiest']:.2f} over the busiest "
           f"pool; streaming part alone: {b['busy_ratio_streaming']:.2f} and {b['busy_ratio_busiest_streaming']:.2f}")
+    if b["busiest_idle"]:
+        i = b["busiest_idle"]
+        print(f"  the busiest pool's idle time (its {i['runs']} runs' log): {i['before_first_run_s']:.1f} s before its first run, "
+              f"{i['between_runs_s']:.1f} s between runs (longest gap {i['longest_gap_s']:.1f} s), {i['after_last_run_s']:.1f} s after its last")
     print(f"  CPU time of the build and its Ray processes: {b['cpu_s_total']:.1f} s ("
           + ", ".join(f"{k} {v:.1f}" for k, v in b["cpu_s"].items()) + f"); on {cpus} CPUs no schedule finishes it in under "
           f"{b['cpu_s_total'] / cpus:.1f} s")

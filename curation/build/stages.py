@@ -26,20 +26,22 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
 from curation.errors import ItemError
-from curation.ingest import SourceReader, readers_for
 from curation.items import StudyItem, Volume
 from curation.manifest import BuildSpec
-from curation.render.renderer import Renderer, TemplateSkip
 from curation.rows import ROW_SCHEMA, Conversation, row_id
 from curation.store.cache import DiedHere, FindingsCache, content_hash
 from curation.store.report import ConversationOutcome, ItemReport
+
+if TYPE_CHECKING:
+    from curation.ingest import SourceReader
+    from curation.render.renderer import Renderer
 
 WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("work", pa.large_binary())])
 RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("work", pa.large_binary()), ("rows", pa.large_binary())])
@@ -115,11 +117,19 @@ def per_build(ctx: BuildContext, key: tuple[Any, ...], make: Any) -> Any:
     return found
 
 
+# Readers and the renderer are imported where they are used: an expert actor needs neither, and
+# each import costs every actor's start-up (pydicom, nibabel, Jinja).
+
+
 def reader(ctx: BuildContext, source: str) -> SourceReader:
+    from curation.ingest import readers_for
+
     return per_build(ctx, ("readers",), lambda: readers_for(ctx.spec))[source]  # type: ignore[no-any-return]
 
 
 def renderer(ctx: BuildContext) -> Renderer:
+    from curation.render.renderer import Renderer
+
     return per_build(ctx, ("renderer",), lambda: Renderer(ctx.spec))  # type: ignore[no-any-return]
 
 
@@ -393,6 +403,8 @@ def _cached_findings(planned: PlannedConversation, content: str | None, ctx: Bui
 def render_item(plan: ItemPlan, content: str | None, ctx: BuildContext, report: ItemReport) -> pa.Table:
     """Every planned conversation of an item from cached findings: the rows that could be
     made (as `PLACED_SCHEMA`), and an outcome per planned conversation in `report.outcomes`."""
+    from curation.render.renderer import TemplateSkip
+
     started = time.perf_counter()
     cache, made = ctx.cache(), []
     render = renderer(ctx)
