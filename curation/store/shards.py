@@ -81,14 +81,18 @@ class ShardWriter:
         """Rows of one item (any number, any shards of `split`); call `resolve` for the item next."""
         if not rows.num_rows:
             return
-        shards = rows["_shard"]
-        for shard in pc.unique(shards).to_pylist():
-            part = rows.filter(pc.equal(shards, shard)) if rows.num_rows > 1 else rows
+        shards = rows.column("_shard").to_pylist()
+        groups: dict[int, list[int]] = {}
+        for i, shard in enumerate(shards):
+            groups.setdefault(shard, []).append(i)
+        for shard, indices in groups.items():
+            part = rows if len(groups) == 1 else rows.take(indices)
+            size = part.get_total_buffer_size()
             w = self._shard((split, shard))
             w.tables.append(part)
-            w.nbytes += part.nbytes
+            w.nbytes += size
             w.rows += part.num_rows
-            self._held_bytes += part.nbytes
+            self._held_bytes += size
             self._held_rows += part.num_rows
         self.peak_rows = max(self.peak_rows, self._held_rows)
         if self._held_bytes > self.memory:
@@ -167,6 +171,7 @@ class ShardWriter:
 
 
 def _write_sorted(table: pa.Table, path: Path) -> None:
+    table = table.combine_chunks()  # one chunk per column: `take` over thousands of small chunks is slow
     order = pc.sort_indices(table["_pos"])
     try:
         with replacing(path) as tmp:
