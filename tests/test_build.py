@@ -346,3 +346,16 @@ def test_limit_does_not_replace_a_complete_build_without_force(built, tmp_path):
     assert sorted((out / "dataset" / "data").rglob("*.parquet")) == partial.shards
     assert not (out / ".dataset.new").exists() and not (out / ".dataset.old").exists()
     build(built.manifest, out=out, limit=2, progress=False)  # a partial build may replace a partial build
+
+
+def test_after_a_code_change_a_cached_build_checks_fingerprints_with_runners_and_still_skips_ray(built, tmp_path, monkeypatch):
+    from curation.build import pipeline
+
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    registry = out / "internal" / "cache" / "experts.json"
+    registry.write_text(json.dumps([{**e, "code": "an older version"} for e in json.loads(registry.read_text())]))
+    monkeypatch.setattr(pipeline, "_on_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was used")))
+    again = pipeline.build(built.manifest, out=out, progress=False)
+    assert all(e["runs"] == 0 for e in again.card["experts"].values())
+    assert again.card["counts"]["rows"] == built.card["counts"]["rows"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from build_helpers import demo_manifest
+from test_resume import kill_tree
 
 from curation.demo import write_demo_archive
 from curation.demo.ct import ct_phantom
@@ -149,22 +149,6 @@ def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_next_run_cleans_
 
 
 # -- two builds into one folder, and a killed build's lock -----------------------------------------
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in [psutil.Process(proc.pid), *family]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(family, timeout=30)
 
 
 def test_a_second_build_into_the_same_folder_stops_naming_the_first_and_a_killed_ones_lock_does_not_block(tmp_path, archive):

@@ -92,3 +92,10 @@ def recorded(spec: BuildSpec, cache: FindingsCache, code: str) -> dict[str, Expe
             return None
         infos[e.name] = ExpertInfo.from_json(found[-1]["info"])
     return infos
+
+
+def seen(spec: BuildSpec, cache: FindingsCache) -> bool:
+    """Whether a build has run every expert configuration of the manifest with this cache
+    (whatever the code or weights then): its results may all be there."""
+    specs = [r["spec"] for r in cache.experts()]
+    return all(spec_json(e) in specs for e in spec.experts)

@@ -316,15 +316,17 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
 
 
 def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, show: bool, t0: float) -> BuildResult:
-    """The render path when nothing needs an expert (no task, `--limit 0`, or every finding
-    cached), else Ray."""
-    infos = fingerprints.recorded(spec, FindingsCache(layout.cache), code_version())
+    """The render path when nothing needs an expert (no task, `--limit 0`, or every result
+    settled in the cache), else Ray. With a cache that has never seen these experts, Ray
+    starts at once, while the driver indexes and plans."""
+    cache = FindingsCache(layout.cache)
+    infos = fingerprints.recorded(spec, cache, code_version())
     if not spec.tasks or limit == 0:
         prep = _prepare(spec, layout, limit=limit, infos=infos)
         return _render_from_cache(prep, [], "build", show, t0)
-    if infos is None:  # a new cache, or experts or code changed: Ray is most likely needed, start it at once
+    if infos is None and not fingerprints.seen(spec, cache):  # a new cache: Ray is needed, start it at once
         return _on_ray(spec, layout, address=address, limit=limit, prep=None, show=show, t0=t0)
-    prep = _prepare(spec, layout, limit=limit, infos=infos)
+    prep = _prepare(spec, layout, limit=limit, infos=infos)  # infos None: the code or weights changed, runners say
     t = time.perf_counter()
     cached = _all_cached(prep)
     prep.wall["cache_check"] = time.perf_counter() - t
