@@ -206,6 +206,7 @@ def measure_build(manifest: Path, out: Path, env: dict[str, str]) -> dict:
     wall, peak, _, cpu = run_sampled([sys.executable, "-m", "curation", "-q", "build", str(manifest)], env)
     ended = time.time()
     card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    (out.parent / f"{out.name}-card.json").write_text(json.dumps(card, indent=1))  # the rebuild below writes its own
     working = sum(card["counts"]["items"][k] for k in ("used", "quarantined"))
     pipeline_s = card["timing"]["wall_s"].get("pipeline", 0.0)
     busiest, busiest_s, expert_total = busiest_pool(card)
@@ -220,7 +221,8 @@ def measure_build(manifest: Path, out: Path, env: dict[str, str]) -> dict:
         "rows_spilled": card["timing"].get("rows_spilled", 0), "cpu_s": cpu_s, "cpu_s_total": sum(cpu_s.values()),
         "experts": {n: {"seconds": e["seconds"], "runs": e["runs"], "actors": e.get("actors")} for n, e in card["experts"].items()},
         "busiest_idle": idle_of(timeline, busiest, started, ended) if timeline.exists() else {},
-        "wall_parts_s": card["timing"]["wall_s"],
+        "wall_parts_s": card["timing"]["wall_s"], "stage_s": card["timing"]["stage_s"],
+        "rows_by_source": card["counts"]["rows"]["by_source"],
     }
 
 

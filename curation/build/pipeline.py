@@ -204,14 +204,28 @@ def _looked_up(prep: _Prepared, *, chunk: int = 256) -> Iterator[WorkItem]:
             yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), block)
 
 
-def _all_cached(prep: _Prepared) -> list[WorkItem] | None:
-    """Every working item looked up, if no expert result is missing; None at the first miss."""
+def _all_cached(prep: _Prepared) -> list[tuple[str | None, str | None]] | None:
+    """Each working item's (content hash, why it could not be read), in build order, if no
+    expert result is missing; None at the first miss. Only the hashes are kept: the items'
+    plans are made again for rendering (`_again`)."""
     found = []
     for work in _looked_up(prep):
         if work.missing:
             return None
-        found.append(work)
+        found.append((work.content, work.report.errors.get("load")))
     return found
+
+
+def _again(prep: _Prepared, looked_up: list[tuple[str | None, str | None]]) -> Iterator[WorkItem]:
+    """The work items `_all_cached` looked up, without reading the files again."""
+    cache = prep.ctx.cache()
+    for plan, (content, error) in zip(prep.plan.iter_working(), looked_up):
+        work = WorkItem(plan=plan, content=content)
+        if content is None:
+            work.report.errors["load"] = error or "the item's files could not be read"
+        else:
+            missing_findings(plan, content, prep.ctx, cache, work.report)  # counts the cache hits
+        yield work
 
 
 def _render_from_cache(prep: _Prepared, looked_up: Iterable[WorkItem], label: str, show: bool, t0: float) -> BuildResult:
@@ -332,7 +346,7 @@ def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int |
     prep.wall["cache_check"] = time.perf_counter() - t
     if cached is not None:
         log.info("every expert result is cached: rendering %d items without Ray", len(cached))
-        return _render_from_cache(prep, cached, "build", show, t0)
+        return _render_from_cache(prep, _again(prep, cached), "build", show, t0)
     return _on_ray(spec, layout, address=address, limit=limit, prep=prep, show=show, t0=t0)
 
 
