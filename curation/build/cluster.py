@@ -211,6 +211,7 @@ class LaneInput:
     path: Path
     blocks: int = 0
     largest: int = 0  # voxel bytes of the largest item a load task may hold (items over the limit are set aside)
+    runs: int = 0  # expert runs its items need (at most: some may be cached)
 
 
 def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneInput]:
@@ -239,6 +240,7 @@ def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneI
             flush(p.lane)
             block, size = [], 0
         pending[p.lane] = ([*block, WorkItem(plan=p)], size + voxels)
+        inputs[p.lane].runs += sum(len(args) for args in p.needs(plan.spec).values())
         if voxels <= limit:
             inputs[p.lane].largest = max(inputs[p.lane].largest, voxels)
     for lane in list(pending):
@@ -280,10 +282,10 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
     branches = []
-    for lane_index, lane in enumerate(plan.lanes):
-        if lane_index not in inputs:
-            continue
-        given = inputs[lane_index]
+    # the lane with the most expert runs first: Ray Data breaks ties between operators in
+    # topological order, so at the start that lane's experts get their first items soonest
+    for lane_index in sorted(inputs, key=lambda k: -inputs[k].runs):
+        lane, given = plan.lanes[lane_index], inputs[lane_index]
         # block numbers only: each load task reads its block from the lane's input file. from_blocks,
         # not from_arrow: from_arrow runs a Ray task per block for its metadata and waits for them all
         ds = ray.data.from_blocks([pa.table({"block": [k]}) for k in range(given.blocks)])
