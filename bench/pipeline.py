@@ -56,15 +56,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
-def tree_pss(procs: list[psutil.Process]) -> int:
-    """Bytes of PSS of a process tree (0 for those that vanish meanwhile)."""
-    total = 0
+def tree_pss(procs: list[psutil.Process], kinds: dict[int, str] | None = None) -> tuple[int, dict[str, int]]:
+    """Bytes of PSS of a process tree (0 for those that vanish meanwhile), in all and by kind
+    of process (`kinds`: pid → kind, as `CpuLedger` names them)."""
+    total, by_kind = 0, {}
     for p in procs:
         try:
-            total += p.memory_full_info().pss
+            pss = p.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            continue
+        total += pss
+        kind = (kinds or {}).get(p.pid, "other")
+        by_kind[kind] = by_kind.get(kind, 0) + pss
+    return total, by_kind
 
 
 # What each process of a build is, from its command line: Ray names its workers `ray::<task or
@@ -93,6 +97,7 @@ class CpuLedger:
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
         self.kind: dict[int, str] = {}
+        self.peak_by_kind: dict[str, int] = {}  # PSS bytes by kind at the tree's peak (set by run_sampled)
 
     def sample(self, root: psutil.Process, procs: list[psutil.Process]) -> None:
         for p in procs:
@@ -123,7 +128,8 @@ def tree(pid: int) -> tuple[psutil.Process, list[psutil.Process]] | None:
 
 
 def run_sampled(command: list[str], env: dict[str, str]) -> tuple[float, int, str, CpuLedger]:
-    """(wall seconds, peak tree PSS bytes, output, CPU seconds by process) of a command."""
+    """(wall seconds, peak tree PSS bytes, output, CPU seconds by process) of a command; the
+    PSS by kind of process at the peak is `CpuLedger.peak_by_kind`."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, output, cpu = 0, [], CpuLedger()
@@ -131,8 +137,10 @@ def run_sampled(command: list[str], env: dict[str, str]) -> tuple[float, int, st
     reader.start()
     while proc.poll() is None:
         if (found := tree(proc.pid)) is not None:
-            peak = max(peak, tree_pss(found[1]))
             cpu.sample(*found)
+            total, by_kind = tree_pss(found[1], cpu.kind)
+            if total > peak:
+                peak, cpu.peak_by_kind = total, by_kind
         time.sleep(0.5)
     reader.join()
     wall = time.perf_counter() - started
@@ -219,6 +227,7 @@ def measure_build(manifest: Path, out: Path, env: dict[str, str]) -> dict:
         "busy_ratio_streaming": ratio(pipeline_s, expert_total), "busy_ratio_busiest_streaming": ratio(pipeline_s, busiest_s),
         "ray_start_s": card["timing"]["wall_s"].get("ray_start", 0.0), "peak_rows_held": card["timing"].get("peak_rows_held", 0),
         "rows_spilled": card["timing"].get("rows_spilled", 0), "cpu_s": cpu_s, "cpu_s_total": sum(cpu_s.values()),
+        "peak_pss_mib_by_kind": {k: v / 2**20 for k, v in sorted(cpu.peak_by_kind.items(), key=lambda kv: -kv[1])},
         "experts": {n: {"seconds": e["seconds"], "runs": e["runs"], "actors": e.get("actors")} for n, e in card["experts"].items()},
         "busiest_idle": idle_of(timeline, busiest, started, ended) if timeline.exists() else {},
         "wall_parts_s": card["timing"]["wall_s"], "stage_s": card["timing"]["stage_s"],
@@ -262,8 +271,9 @@ def report(r: dict) -> None:
         s = r["serial"]
         print(f"  serial loop (bench/serial.py, same archive, experts and templates): {s['items']} items, {s['rows']} conversations "
               f"in {s['wall_s']:.1f} s, {s['items_per_s']:.2f} items/s; pipeline / serial items/s: {r['vs_serial']:.2f}")
-    print(f"  peak memory (PSS of the build and its Ray processes): {b['peak_pss_mib']:.0f} MiB; writer: {b['peak_rows_held']} rows "
-          f"held at most, {b['rows_spilled']} spilled")
+    print(f"  peak memory (PSS of the build and its Ray processes): {b['peak_pss_mib']:.0f} MiB ("
+          + ", ".join(f"{k} {v:.0f}" for k, v in b["peak_pss_mib_by_kind"].items())
+          + f"); writer: {b['peak_rows_held']} rows held at most, {b['rows_spilled']} spilled")
     per = ", ".join(f"{n} {e['seconds']:.1f}" for n, e in b["experts"].items())
     print(f"  experts' own time: {b['expert_s_total']:.1f} s of runner time in all ({per}); busiest pool {b['busiest']} {b['busiest_s']:.1f} s")
     print(f"  build wall / experts' own time: {b['busy_ratio']:.2f} over all experts, {b['busy_ratio_busiest']:.2f} over the busiest "
