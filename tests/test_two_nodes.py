@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     finally:
         stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
     ran_on = set(nodes_log.read_text().split())
     assert len(ran_on) == 2, f"experts ran on {len(ran_on)} node(s)"
