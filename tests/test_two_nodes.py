@@ -40,7 +40,7 @@ def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus
               f"--dashboard-agent-listen-port={next(ports)}", f"--dashboard-agent-grpc-port={next(ports)}",
               f"--metrics-export-port={next(ports)}", f"--runtime-env-agent-port={next(ports)}",
               "--object-store-memory=200000000"]
-    role = ([f"--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={next(ports)}"] if head
+    role = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={next(ports)}"] if head
             else [f"--address=127.0.0.1:{gcs}"])
     subprocess.run([str(BIN / "ray"), "start", *role, *common], env=env, check=True, capture_output=True, timeout=180)
 
