@@ -105,7 +105,7 @@ def _delegate(target: str, check: Callable[[argparse.Namespace], None] | None = 
 
 
 def _check_build(args: argparse.Namespace) -> None:
-    _checked(args, rows=True, experts="describe")
+    _checked(args, rows=True, experts="cached_or_describe")
 
 
 def _check_render(args: argparse.Namespace) -> None:
@@ -191,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
     s.add_argument("--limit", type=int, help="use only the first N items, for a quick try (default: all)")
+    s.add_argument("--force", action="store_true", help="let --limit replace a complete build in --out (default: refuse)")
     s.set_defaults(run=_delegate("curation.build.pipeline:build_command", _check_build))
 
     s = command("render", "rebuild every shard from cached findings only (no expert runs, no Ray)")

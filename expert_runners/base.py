@@ -217,16 +217,21 @@ def make_runner(spec: ExpertSpec, *, image_max_side: int = 512) -> ExpertRunner:
     return runner_class(spec.runner)(spec, image_max_side=image_max_side)
 
 
+def manifest_runners(spec: BuildSpec) -> dict[str, ExpertRunner]:
+    """Every expert of a manifest constructed on the driver: options validated, no weights
+    loaded, no torch imported (placement keys left out, so they never change a fingerprint)."""
+    return {e.name: make_runner(e.without_placement(), image_max_side=spec.output.image_max_side) for e in spec.experts}
+
+
+def task_args(spec: BuildSpec, expert: str) -> list[str]:
+    """The distinct arguments the manifest's tasks give an expert, in first-use order."""
+    return list(dict.fromkeys(a for t in spec.tasks if t.expert == expert for a in t.args))
+
+
 def describe_experts(spec: BuildSpec) -> dict[str, ExpertInfo]:
-    """Every expert of a manifest as the plain `ExpertInfo` the plan and the renderer use:
-    each runner is constructed (its options validated, no weights loaded, no torch imported)
-    and describes itself for the arguments the manifest's tasks give it."""
-    infos = {}
-    for e in spec.experts:
-        runner = make_runner(e.without_placement(), image_max_side=spec.output.image_max_side)
-        args = [a for t in spec.tasks if t.expert == e.name for a in t.args]
-        infos[e.name] = runner.describe(list(dict.fromkeys(args)))
-    return infos
+    """Every expert of a manifest as the plain `ExpertInfo` the plan and the renderer use, each
+    described for the arguments the manifest's tasks give it."""
+    return {name: runner.describe(task_args(spec, name)) for name, runner in manifest_runners(spec).items()}
 
 
 def pick_device(gpus: float | None = None) -> str:

@@ -5,9 +5,11 @@
   manifest by dotted path (`build_helpers:CountingTissueRunner`); each run appends a line
   `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
   `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
-  while experts are busy.
+  while experts are busy; with `M3_TEST_NODE_LOG` set, the Ray node of each run goes there, and
+  with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds).
 - `FailingRunner`: an expert that fails on every item; `CrashingLabelsRunner`: one whose
-  process dies on chosen items.
+  process dies on chosen items; `SetupCrashingLabelsRunner`: one whose process dies while it
+  sets up.
 - `demo_manifest()`: a small manifest over a `m3-curate demo-archive`.
 """
 
@@ -24,21 +26,32 @@ from curation.findings import Findings
 from expert_runners.labels import LabelsRunner
 
 
-def _count(inp: ExpertInput, args: str) -> None:
+def _count(inp: ExpertInput, args: str, expert: str = "") -> None:
+    started = time.time()
     path = os.environ.get("M3_TEST_RUN_LOG")
     if path:
         with open(path, "a") as f:
             f.write(f"{inp.item.item_id} {args}\n")
+    nodes = os.environ.get("M3_TEST_NODE_LOG")
+    if nodes:
+        import ray
+
+        with open(nodes, "a") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
     delay = float(os.environ.get("M3_TEST_RUN_SLEEP", "0") or 0)
     if delay:
         time.sleep(delay)
+    timeline = os.environ.get("M3_TEST_TIMELINE")
+    if timeline:
+        with open(timeline, "a") as f:
+            f.write(f"{expert} {os.getpid()} {started:.3f} {time.time():.3f}\n")
 
 
 class CountingTissueRunner(CtTissueRunner):
     runner = "build_helpers:CountingTissueRunner"
 
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        _count(inp, args)
+        _count(inp, args, self.name)
         return super().predict(inp, args, timing)
 
 
@@ -64,11 +77,23 @@ class CrashingLabelsRunner(LabelsRunner):
         return super().predict(inp, args, timing)
 
 
+class SetupCrashingLabelsRunner(LabelsRunner):
+    """Kills its own process while setting up (as a GPU driver crash or the out-of-memory
+    killer would while loading weights) when `M3_TEST_CRASH_SETUP` is set."""
+
+    runner = "build_helpers:SetupCrashingLabelsRunner"
+
+    def setup(self, device: str = "cpu") -> None:
+        if os.environ.get("M3_TEST_CRASH_SETUP"):
+            os._exit(1)
+        super().setup(device)
+
+
 class CountingLabelsRunner(LabelsRunner):
     runner = "build_helpers:CountingLabelsRunner"
 
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
-        _count(inp, args)
+        _count(inp, args, self.name)
         return super().predict(inp, args, timing)
 
 

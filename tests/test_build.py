@@ -263,8 +263,8 @@ def test_building_twice_gives_identical_rows(built, tmp_path):
     for rid, row in first.items():
         assert row["messages"] == second[rid]["messages"]
         assert [i["bytes"] for i in row["images"]] == [i["bytes"] for i in second[rid]["images"]]
-    names = lambda out: sorted(p.relative_to(out).as_posix() for p in (out / "dataset" / "data").rglob("*.parquet"))
-    assert names(built.out) == names(tmp_path / "again")
+    files = lambda out: {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "dataset" / "data").rglob("*.parquet"))}
+    assert files(built.out) == files(tmp_path / "again")  # the same bytes
     assert again.card["experts"]["CT_TISSUE"]["runs"] == built.card["experts"]["CT_TISSUE"]["runs"]
 
 
@@ -312,3 +312,50 @@ def test_render_without_a_build_says_what_to_do(built, tmp_path):
 
     with pytest.raises(CurationError, match=r"experts\[0\] \('CT_TISSUE'\): no build has run this expert configuration"):
         render(built.manifest, out=tmp_path / "empty", progress=False)
+
+
+def test_a_build_whose_findings_are_all_cached_renders_without_ray_or_experts(built, tmp_path, monkeypatch):
+    """The same build again: no runner is constructed, no Ray pipeline runs, the same bytes."""
+    from curation.build import pipeline
+    from expert_runners import base
+
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    monkeypatch.setattr(base, "make_runner", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a runner was constructed")))
+    monkeypatch.setattr(pipeline, "_on_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was used")))
+    again = pipeline.build(built.manifest, out=out, progress=False)
+    assert "render" in again.card["timing"]["wall_s"] and all(e["runs"] == 0 for e in again.card["experts"].values())
+    files = lambda o: {p.relative_to(o).as_posix(): p.read_bytes() for p in sorted((o / "dataset" / "data").rglob("*.parquet"))}
+    assert files(out) == files(built.out)
+    assert again.card["counts"]["rows"] == built.card["counts"]["rows"]
+
+
+def test_limit_does_not_replace_a_complete_build_without_force(built, tmp_path):
+    from curation.build.pipeline import build
+    from curation.errors import CurationError
+
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    before = sorted(p.name for p in (out / "dataset" / "data").rglob("*.parquet"))
+    with pytest.raises(CurationError, match=r"holds a complete build \(\d+ rows\); --limit 3 would replace it.*--force"):
+        build(built.manifest, out=out, limit=3, progress=False)
+    assert sorted(p.name for p in (out / "dataset" / "data").rglob("*.parquet")) == before
+    partial = build(built.manifest, out=out, limit=3, force=True, progress=False)
+    assert partial.card["limit"] == 3 and partial.card["counts"]["rows"]["total"] < built.card["counts"]["rows"]["total"]
+    # the new set replaced the old one whole: exactly the partial build's shards are there, nothing is left of the old set
+    assert sorted((out / "dataset" / "data").rglob("*.parquet")) == partial.shards
+    assert not (out / ".dataset.new").exists() and not (out / ".dataset.old").exists()
+    build(built.manifest, out=out, limit=2, progress=False)  # a partial build may replace a partial build
+
+
+def test_after_a_code_change_a_cached_build_checks_fingerprints_with_runners_and_still_skips_ray(built, tmp_path, monkeypatch):
+    from curation.build import pipeline
+
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    registry = out / "internal" / "cache" / "experts.json"
+    registry.write_text(json.dumps([{**e, "code": "an older version"} for e in json.loads(registry.read_text())]))
+    monkeypatch.setattr(pipeline, "_on_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray was used")))
+    again = pipeline.build(built.manifest, out=out, progress=False)
+    assert all(e["runs"] == 0 for e in again.card["experts"].values())
+    assert again.card["counts"]["rows"] == built.card["counts"]["rows"]

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +21,7 @@ from curation.errors import CurationError
 from curation.manifest import BuildSpec, load_manifest
 from curation.build.pipeline import build
 from curation.build.plan import ExpertInfo, Lane, Plan, runner_spec
-from curation.build.progress import Progress
+from curation.build.progress import BuildProgress
 
 
 def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
@@ -34,7 +35,8 @@ def spec_with(experts: list[dict], tmp_path: Path) -> BuildSpec:
 def plan_for(spec: BuildSpec, weights: set[str]) -> Plan:
     lanes = [Lane(sources=("ct",), experts=tuple(e.name for e in spec.experts[:-1])), Lane(sources=("x",), experts=(spec.experts[-1].name,))]
     infos = {e.name: ExpertInfo(name=e.name, runner=e.runner, fingerprint="f", spec={}, weights=e.name in weights) for e in spec.experts}
-    return Plan(items=[], lanes=lanes, experts=infos, shards={})
+    return Plan(spec=spec, lanes=lanes, experts=infos, shards={}, source=[], order=np.zeros(0, np.int64), splits=np.zeros(0, np.int8),
+                counts=np.zeros((0, len(spec.tasks)), np.uint16), totals={}, per_shard=1)
 
 
 def test_pools_get_a_gpu_each_when_there_are_enough(tmp_path):
@@ -74,6 +76,29 @@ def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
     assert sum(p.cpus * p.actors for p in placed.values()) <= 1.0  # one CPU stays for load and render tasks
 
 
+def test_actors_leave_every_node_room_for_a_task_wherever_ray_puts_them(tmp_path):
+    """Two nodes of 2 CPUs and eight actors: with 0.37 CPU each (the whole cluster less one CPU)
+    Ray can put four on each node, leaving 0.52 CPU per node, and no load task (1 CPU) ever
+    runs. The actors take at most the cluster less one task per node."""
+    from curation.build.cluster import NodeLimits
+
+    experts = [{"name": n, "runner": "vista3d", "actors": 2} for n in "ABCD"]
+    spec = spec_with(experts, tmp_path)
+    placed = place_experts(spec, plan_for(spec, set("ABCD")), {"CPU": 4}, NodeLimits(cpus=2, gpus=0, memory=2**34, count=2))
+    assert sum(p.cpus * p.actors * p.pools for p in placed.values()) <= 4 - 2 * 1.0
+
+
+def test_pools_that_no_node_can_hold_are_refused_before_anything_starts(tmp_path):
+    from curation.build.cluster import NodeLimits
+
+    spec = spec_with([{"name": "V", "runner": "vista3d", "gpus": 2}, {"name": "C", "runner": "cxr_ensemble", "gpus": 0}], tmp_path)
+    with pytest.raises(CurationError, match=r"experts\[0\] \(V\): gpus: 2 per actor, but no node has more than 1"):
+        place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "GPU": 4}, NodeLimits(cpus=4, gpus=1, memory=2**35, count=4))
+    spec = spec_with([{"name": "V", "runner": "vista3d"}, {"name": "C", "runner": "cxr_ensemble", "memory_gb": 64}], tmp_path)
+    with pytest.raises(CurationError, match=r"experts\[1\] \(C\): memory_gb: 64 per actor, but no node offers more than 32.0 GiB"):
+        place_experts(spec, plan_for(spec, {"V", "C"}), {"CPU": 16, "memory": 2**36}, NodeLimits(cpus=8, gpus=0, memory=2**35, count=2))
+
+
 def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
     spec = spec_with([{"name": "V", "runner": "ct_tissue", "actors": 4, "batch_size": 8, "gpus": 0.5, "memory_gb": 2},
                       {"name": "C", "runner": "labels"}], tmp_path)
@@ -91,6 +116,10 @@ def test_cache_error_entries_and_registry(tmp_path):
     cache.put_error("c0ffee", "fp", "load failed: truncated", "organs")
     assert cache.get_error("c0ffee", "fp", "organs") == ("quarantined", "load failed: truncated")
     assert not cache.has("c0ffee", "fp", "organs") and cache.get_error("c0ffee", "fp", "") is None
+    # an expert's own failure is settled (the same fingerprint repeats it); the environment's is tried again
+    assert cache.settled("c0ffee", "fp", "organs") and not cache.settled("c0ffee", "fp", "")
+    cache.put_error("c0ffee", "fp", "the expert's process died 2 times", "bone", transient=True)
+    assert not cache.settled("c0ffee", "fp", "bone") and cache.get_error("c0ffee", "fp", "bone")[1].startswith("the expert's process died")
     cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {}}])
     cache.register([{"spec": {"a": 1}, "fingerprint": "x", "info": {"n": 2}}, {"spec": {"a": 2}, "fingerprint": "y", "info": {}}])
     assert [e["fingerprint"] for e in cache.experts()] == ["x", "y"] and cache.experts()[0]["info"] == {"n": 2}
@@ -103,7 +132,7 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
 
     tty, log = Tty(), io.StringIO()
     for stream in (tty, log):
-        p = Progress(3, stream=stream, every=0)
+        p = BuildProgress(3, stream=stream, every=0)
         for _ in range(3):
             p.update(rows=2, runs=1)
         p.close()
@@ -128,51 +157,95 @@ def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     assert json.loads((tmp_path / "out" / "dataset" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
 
 
-def test_an_item_whose_loading_killed_a_worker_of_this_build_is_set_aside(tmp_path):
-    """Ray retries a load task whose process died; the retry finds the mark the dead process
-    left and quarantines the item instead of loading it into the next crash. A mark left by an
-    earlier build (killed as a whole) does not count."""
+def prepared(tmp_path):
     from curation.build.pipeline import _prepare
     from curation.store.layout import Layout
-    from curation.build.stages import LOADING, load_item
 
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
     spec = load_manifest(manifest)
-    prep = _prepare(spec, Layout(tmp_path / "out"), limit=None, from_cache=False)
+    return spec, _prepare(spec, Layout(tmp_path / "out"), limit=None, infos=None)
+
+
+def test_an_item_whose_loading_killed_workers_of_this_build_is_set_aside(tmp_path):
+    """Ray retries a load task whose process died; the retry finds the mark the dead process
+    left and, after RUN_TRIES deaths, quarantines the item instead of loading it into the
+    next crash. A mark left by an earlier build (killed as a whole) does not count."""
+    from curation.build.stages import LOADING, RUN_TRIES, WorkItem, load_item
+
+    spec, prep = prepared(tmp_path)
     plan = next(p for p in prep.plan.working if p.item.source == "ct")
-    row, cache = {"plan": plan.to_json()}, prep.ctx.cache()
+    cache = prep.ctx.cache()
     content = content_hash(plan.item, Path(spec.source("ct").root))
 
-    cache.mark_running(content, LOADING, "an earlier build")
-    assert load_item(row, prep.ctx)["volume"] is not None  # loaded as usual
+    cache.mark_running(content, LOADING, "an earlier build", tries=RUN_TRIES)
+    assert load_item(WorkItem(plan=plan), prep.ctx).volume is not None  # loaded as usual
     assert not cache.running_path(content, LOADING).exists()
 
-    cache.mark_running(content, LOADING, prep.ctx.build_id)  # as a process of this build that died loading it
-    out = load_item(row, prep.ctx)
-    assert out["volume"] is None and "killed the worker process" in json.loads(out["report"])["errors"]["load"]
+    cache.mark_running(content, LOADING, prep.ctx.build_id, tries=RUN_TRIES - 1)  # one death so far: tried again
+    assert load_item(WorkItem(plan=plan), prep.ctx).volume is not None
+    cache.mark_running(content, LOADING, prep.ctx.build_id, tries=RUN_TRIES)  # as processes of this build that died loading it
+    out = load_item(WorkItem(plan=plan), prep.ctx)
+    assert out.volume is None and "killed the worker process" in out.report.errors["load"]
     expert, args = next(iter(plan.needs(spec).items()))
     assert "killed the worker process" in cache.get_error(content, prep.ctx.fingerprints[expert], args[0])[1]
     assert not cache.running_path(content, LOADING).exists()
 
 
-def test_an_item_whose_rendering_killed_a_worker_of_this_build_is_set_aside(tmp_path):
-    from curation.build.pipeline import _prepare
-    from curation.store.layout import Layout
-    from curation.build.stages import RENDERING, Report, render_batch, table_from_bytes
+def test_an_item_whose_rendering_killed_workers_of_this_build_is_set_aside(tmp_path):
+    from curation.build.stages import RENDERING, RUN_TRIES, WorkItem, render_batch, table_from_bytes, work_items, work_table
 
-    archive = tmp_path / "archive"
-    write_demo_archive(archive, cases=1, seed=0)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
-    prep = _prepare(load_manifest(manifest), Layout(tmp_path / "out"), limit=None, from_cache=False)
+    _, prep = prepared(tmp_path)
     plan = next(p for p in prep.plan.working if p.item.source == "cxr")
-    batch = pa.table({"item_id": [plan.item.item_id], "plan": [plan.to_json()], "content": [None], "report": [Report().to_json()]})
-    prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id)  # as a worker of this build that died rendering it
-    result = render_batch(batch, prep.ctx).to_pylist()[0]
-    units = json.loads(result["report"])["units"]
-    assert len(units) == len(plan.units) and all(u[2] == "quarantined" and "rendering it killed" in u[3] for u in units)
-    assert table_from_bytes(result["rows"]).num_rows == 0
+    prep.ctx.cache().mark_running(plan.item.item_id, RENDERING, prep.ctx.build_id, tries=RUN_TRIES)  # as workers that died rendering it
+    result = render_batch(work_table([WorkItem(plan=plan)]), prep.ctx)
+    outcomes = work_items(result)[0].report.outcomes
+    assert len(outcomes) == len(plan.conversations) and all(o.status == "quarantined" and "rendering it killed" in o.reason for o in outcomes)
+    assert table_from_bytes(result.column("rows")[0].as_py()).num_rows == 0
     assert not prep.ctx.cache().running_path(plan.item.item_id, RENDERING).exists()
+
+
+def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_path, monkeypatch):
+    """A set-up that raises, or an actor that died SETUP_TRIES times setting up (Ray restarts
+    it each time), leaves the stage broken: its items are set aside with the reason instead of
+    the pool restarting forever."""
+    from curation.build.stages import SETUP, SETUP_TRIES, ExpertStage, _setup_key, load_item, WorkItem
+
+    _, prep = prepared(tmp_path)
+    plan = next(p for p in prep.plan.working if p.item.source == "brain")
+    cache = prep.ctx.cache()
+    cache.mark_running(_setup_key("BRATS"), SETUP, prep.ctx.build_id, tries=SETUP_TRIES)
+    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
+    assert stage.broken and "died 3 times while setting up" in stage.broken
+    work = stage.run_item(load_item(WorkItem(plan=plan), prep.ctx))
+    assert "died 3 times while setting up" in work.report.errors["BRATS()"] and work.volume is None and not work.report.runs
+
+    from expert_runners.labels import LabelsRunner
+
+    monkeypatch.setattr(LabelsRunner, "setup", lambda self, device="cpu": (_ for _ in ()).throw(RuntimeError("no such device")))
+    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
+    assert stage.broken == "setting up the expert failed: RuntimeError: no such device"
+
+
+def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_path):
+    """The driver writes each lane's working items as row groups of one file (one block per
+    load task) instead of holding every block of the archive."""
+    from curation.build.cluster import BLOCK_ITEMS, write_lane_inputs
+    from curation.build.stages import read_blocks, work_items
+
+    _, prep = prepared(tmp_path)
+    inputs = write_lane_inputs(prep.plan, tmp_path / "plan", limit=float("inf"))
+    order = [p.item.item_id for p in prep.plan.iter_working()]
+    seen = []
+    for lane, given in inputs.items():
+        ids = []
+        for k in range(given.blocks):
+            block = work_items(read_blocks(pa.table({"block": [k]}), str(given.path)))
+            assert 0 < len(block) <= BLOCK_ITEMS and all(w.plan.lane == lane for w in block)
+            ids += [w.plan.item.item_id for w in block]
+        assert ids == [i for i in order if i in set(ids)]  # in build order
+        assert given.largest > 0
+        seen += ids
+    assert sorted(seen) == sorted(order)

@@ -34,13 +34,7 @@ RULES.update({m: ("curation.ingest", "curation.render", "curation.build", "curat
                   "expert_runners", "torch", "ray") for m in SHARED})
 
 # Edges that break a rule today, each with the work that removes it. Empty this list; never grow it.
-KNOWN: set[tuple[str, str]] = {
-    # The card takes the build's Plan and Report; goes when they reach it as plain data.
-    ("curation.store.card", "curation.build"),
-    ("curation.store.card", "curation.ingest"),
-    ("curation.store.card", "expert_runners"),
-    ("curation.store.card", "torch"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

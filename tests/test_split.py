@@ -168,27 +168,43 @@ def test_plan_keeps_patients_in_one_split_and_places_every_row_once(tmp_path):
     for p in plan.items:
         by_patient[p.item.patient_key].add(p.split)
     assert all(len(v) == 1 for v in by_patient.values())
-    places = [(p.split, u.shard, u.pos) for p in plan.items for u in p.units]
+    places = [(p.split, c.shard, c.pos) for p in plan.items for c in p.conversations]
     assert len(places) == len(set(places)) == plan.planned_rows()
     assert all(0 < n <= 4 for _, n in plan.shards.values())
-    for p in plan.items:  # a shard's positions are consecutive, from its first position on
-        for u in p.units:
-            start, n = plan.shards[(p.split, u.shard)]
-            assert start <= u.pos < start + n
-    # a shard holds one lane (sources sharing an expert chain): cxr and ct never share a shard
-    lanes_of_shard = defaultdict(set)
+    for split in ("train", "val", "test"):  # a split's positions are 0…n-1, shard k holding [4k, 4k + 4)
+        positions = sorted(pos for s_, _, pos in places if s_ == split)
+        assert positions == list(range(len(positions)))
     for p in plan.items:
-        for u in p.units:
-            lanes_of_shard[(p.split, u.shard)].add(p.lane)
-    assert all(len(v) == 1 for v in lanes_of_shard.values())
+        for c in p.conversations:
+            start, n = plan.shards[(p.split, c.shard)]
+            assert start <= c.pos < start + n and c.shard == c.pos // 4
     # the CT expert's arguments alternate over variants; an MR item in the CT source is left out with the reason
     ct = next(p for p in plan.items if p.item.item_id == "item0100")
-    assert [u.arg for u in ct.units] == ["lung", "bone", "lung"]
+    assert [c.arg for c in ct.conversations] == ["lung", "bone", "lung"]
     mr = next(p for p in plan.items if p.item.item_id == "item0200")
-    assert not mr.units and "CT takes CT, not MR" in mr.notes[0]
+    assert not mr.conversations and "CT takes CT, not MR" in mr.notes[0]
     # the same inputs in another order give the same plan
     again = make_plan(s, random.Random(1).sample(items, len(items)), INFOS)
-    assert [(p.item.item_id, p.split, p.units) for p in again.items] == [(p.item.item_id, p.split, p.units) for p in plan.items]
+    assert [(p.item.item_id, p.split, p.conversations) for p in again.items] == [(p.item.item_id, p.split, p.conversations) for p in plan.items]
+
+
+def test_every_window_of_a_split_mixes_sources_and_tasks_as_the_whole_does(tmp_path):
+    """Rows are interleaved across tasks (and so sources), not written one lane after another:
+    an unshuffled streaming reader sees the mixture in every stretch of rows."""
+    s = spec(tmp_path, [
+        {"template": "a.j2", "source": "cxr", "expert": "CXR", "weight": 3},
+        {"template": "b.j2", "source": "cxr", "weight": 1},
+        {"template": "c.j2", "source": "ct", "expert": "CT", "args": ["lung"], "weight": 2},
+    ], split={"val": 0.0, "test": 0.0})
+    items = [item(i, i) for i in range(300)] + [item(1000 + i, 1000 + i, "ct", "CT") for i in range(30)]
+    plan = make_plan(s, items, INFOS, rows_per_shard=100)
+    by_pos = {c.pos: c.task for p in plan.items for c in p.conversations}
+    order = [by_pos[k] for k in range(len(by_pos))]
+    whole = Counter(order)
+    for start in range(0, len(order) - 50, 50):  # every window of 50 rows: each task within 5 rows of its share
+        window = Counter(order[start:start + 50])
+        for task, n in whole.items():
+            assert abs(window[task] - 50 * n / len(order)) <= 5, (start, window, whole)
 
 
 def test_two_tasks_with_one_template_on_one_source_are_refused(tmp_path):
@@ -227,13 +243,27 @@ def test_shard_writer_is_order_independent_atomic_and_streams(tmp_path, monkeypa
     assert pq.read_table(shard_path(tmp_path / "0", "train", 0))["id"].to_pylist() == ["r0", "r1", "r2", "r4"]
 
 
-def test_shard_writer_holds_only_rows_ahead_of_the_cursor(tmp_path, monkeypatch):
+def test_shard_writer_spills_beyond_its_memory_budget_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Rows that wait for a slow item beyond the budget go to disk; the shards are the same,
+    byte for byte, as when everything fits in memory."""
     monkeypatch.setattr("curation.store.shards.ROW_GROUP", 4)
-    w = ShardWriter(tmp_path, {("train", 0): (0, 400)})
-    for p in range(400):  # in order: a row group is written as soon as it is full
-        w.add("train", placed_rows(1, 0, p))
-        w.resolve("train", [(0, p)])
-    assert w.peak_rows <= 4 and w.written == {("train", 0): 400}
+    planned = {("train", 0): (0, 300), ("train", 1): (300, 100)}
+    arrivals = [p for p in range(400) if p != 0] + [0]  # position 0 (a slow item) comes last: nothing can be written before
+    outputs, spilled = [], []
+    for n, budget in enumerate((1 << 30, 4096)):
+        root, spill = tmp_path / f"out{n}", tmp_path / f"spill{n}"
+        w = ShardWriter(root, planned, spill=spill, memory=budget)
+        held = 0
+        for p in arrivals:
+            rows = placed_rows(1, p // 300, p)
+            w.add("train", rows)
+            w.resolve("train", [(p // 300, p)])
+            held = max(held, w._held_bytes)
+        outputs.append([f.read_bytes() for f in w.finish()])
+        spilled.append(w.spilled_rows)
+        assert held <= budget + rows.nbytes and not list(spill.glob("*"))
+    assert spilled[0] == 0 and spilled[1] > 250
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
 
 
 def test_shard_writer_refuses_to_finish_with_rows_missing(tmp_path):

@@ -5,54 +5,74 @@ rows again from the cache alone.
                                       union of the lanes ◄────────────────────────────────┘
                                       → render (CPU tasks) → shard writer (driver) → ledger, dataset card
 
+A build whose findings are all cached takes the `render` path: no Ray, no expert actor, no
+runner constructed (the fingerprints a build recorded still hold while the experts'
+configuration, the code and the weight files are unchanged: `curation.build.fingerprints`).
+
 Where it runs (`curation.build.cluster`): with no address, an embedded local Ray that the build
 starts and stops; with `--address` or `RAY_ADDRESS` (set by `ray job submit` for its
 entrypoint), that cluster; a process that already called `ray.init()` keeps its session.
 
+The output folder (`curation.store.output`): a build holds its lock while it writes, writes
+the new dataset beside the old one and swaps it in whole when it is complete; `--limit` does
+not replace a complete build without `--force`.
+
 Memory stays bounded however large the archive: the driver holds the plan (a small record per
-item), Ray Data streams blocks of a few items with backpressure (`curation.build.cluster`), and the
-writer holds only rows that arrived ahead of their shard's cursor (`curation.store.shards`).
+item), Ray Data streams blocks of a few items with backpressure (`curation.build.cluster`), and
+the writer holds a fixed budget of rows waiting for their shard and spills the rest to disk
+(`curation.store.shards`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from curation.store.cache import FindingsCache, content_hash, expert_infos_from_cache
-from curation.store.card import Tally, build_ledger, code_version, dataset_card
-from curation.store.readme import write_dataset_card
-from curation.store.layout import Layout
-from curation.build.cluster import Placement, pipeline_dataset, place_experts, ray_session
-from curation.errors import CurationError
+from curation.atomic import write_parquet
+from curation.build import fingerprints
+from curation.build.cluster import (
+    NodeLimits,
+    Placement,
+    item_bytes_limit,
+    pipeline_dataset,
+    place_experts,
+    ray_session,
+    task_cpus,
+    write_lane_inputs,
+)
+from curation.build.plan import ItemPlan, Plan, make_plan
+from curation.build.progress import BuildProgress, summary
 from curation.build.scan import scan_index
-from curation.ingest.index import write_table
+from curation.build.stages import BuildContext, WorkItem, missing_findings, render_item, table_from_bytes, work_items
+from curation.errors import CurationError
+from curation.expert_info import ExpertInfo
+from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
 from curation.preflight import preflight
-from curation.build.plan import ItemPlan, Plan, make_plan, runner_spec, spec_json
-from curation.expert_info import ExpertInfo
-from curation.build.progress import Progress, summary
+from curation.render.renderer import Renderer
+from curation.store.cache import FindingsCache, content_hash, expert_infos_from_cache
+from curation.store.card import ExpertEntry, Tally, build_ledger, code_version, dataset_card
+from curation.store.layout import Layout
+from curation.store.output import OutputLock, complete_card, publish, recover
+from curation.store.readme import write_dataset_card
+from curation.store.report import ItemReport
 from curation.store.shards import ShardWriter
-from curation.build.stages import (
-    RENDERER,
-    BuildContext,
-    Report,
-    load_renderer,
-    render_item,
-    table_from_bytes,
-)
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class BuildResult:
@@ -79,172 +99,280 @@ def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[lis
     return items, ledger, limited
 
 
-def check_templates(renderer: Any) -> None:
-    check = getattr(renderer, "check", None)
-    if check is not None:
-        check()
-
-# -- the driver ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Run:
-    """State shared by build and render: the plan, the writer, the accounts."""
-
-    spec: BuildSpec
-    layout: Layout
-    plan: Plan
-    tally: Tally
-    writer: ShardWriter
-    progress: Progress
-    by_id: dict[str, ItemPlan] = field(default_factory=dict)
-
-    def take(self, item_id: str, rows: pa.Table | None, report: Report) -> None:
-        plan = self.by_id[item_id]
-        if rows is not None and rows.num_rows:
-            self.writer.add(plan.split, rows)
-        self.writer.resolve(plan.split, [(u.shard, u.pos) for u in plan.units])
-        self.tally.record(plan, report, rows)
-        self.progress.update(rows=rows.num_rows if rows is not None else 0, runs=sum(report.runs.values()),
-                             set_aside=sum(1 for u in report.units if u[2] != "used"))
-
-
-def _start(spec: BuildSpec, layout: Layout, plan: Plan, label: str, show: bool) -> _Run:
-    layout.card.unlink(missing_ok=True)  # the card marks a finished build: none while this one runs
-    run = _Run(spec=spec, layout=layout, plan=plan, tally=Tally(plan=plan, spec=spec),
-               writer=ShardWriter(layout.data, plan.shards),
-               progress=Progress(len(plan.working), label=label, enabled=show))
-    run.by_id = {p.item.item_id: p for p in plan.items}
-    for p in plan.items:
-        if not p.units:
-            run.tally.record(p, Report(), None)
-    return run
-
-
-def _finish(run: _Run, prep: _Prepared, wall: dict[str, float], placements: dict[str, Placement], t0: float) -> BuildResult:
-    run.progress.close()
-    started = time.perf_counter()
-    shards = run.writer.finish()
-    table = build_ledger(prep.ledger, run.tally, prep.limited)
-    write_table(table, run.layout.ledger)
-    wall["write"] = time.perf_counter() - started
-    wall["total"] = time.perf_counter() - t0
-    card = dataset_card(spec=run.spec, plan=run.plan, tally=run.tally, ledger=table, shards=shards, out=run.layout.dataset,
-                        manifest_hash=prep.ctx.manifest_hash, code=prep.ctx.code_version, wall=wall,
-                        actors={n: p.to_json() for n, p in placements.items()})
-    card["timing"]["peak_rows_held"] = run.writer.peak_rows
-    write_dataset_card(card, run.layout)
-    return BuildResult(out=run.layout.out, layout=run.layout, card=card, shards=shards, summary=summary(card, run.layout))
-
-
 @dataclass
 class _Prepared:
+    """Everything decided on the driver before any item is processed."""
+
     spec: BuildSpec
     layout: Layout
     plan: Plan
     ledger: list[LedgerEntry]
     limited: set[str]
     ctx: BuildContext
-    wall: dict[str, float]
+    limit: int | None
+    wall: dict[str, float] = field(default_factory=dict)
 
 
-def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, from_cache: bool) -> _Prepared:
-    """Index, experts' fingerprints, template check, plan: everything decided on the driver."""
-    wall: dict[str, float] = {}
+def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, infos: dict[str, ExpertInfo] | None) -> _Prepared:
+    """Index, the experts' fingerprints (`infos`, or from constructed runners), template
+    check, plan."""
     t = time.perf_counter()
-    cache = FindingsCache(layout.cache)
+    cache, code = FindingsCache(layout.cache), code_version()
     items, ledger, limited = index_items(spec, layout, limit)
-    wall["index"] = time.perf_counter() - t
+    wall = {"index": time.perf_counter() - t}
     t = time.perf_counter()
-    if from_cache:
-        infos = expert_infos_from_cache(spec, cache)
-    else:
-        from expert_runners.base import describe_experts
-
-        log.info("checking %d expert(s) on the driver (options, weights, fingerprints)", len(spec.experts))
-        infos = describe_experts(spec)
-    check_templates(load_renderer(RENDERER, spec, infos))
-    if not from_cache:
-        cache.register([{"spec": i.spec, "fingerprint": i.fingerprint, "info": i.to_json()} for i in infos.values()])
+    if infos is None:
+        infos = fingerprints.from_runners(spec, cache, code)
+    Renderer(spec, experts=infos).check()  # the infos say what each expert gives and takes: no runner needed
     plan = make_plan(spec, items, infos)
     ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={n: i.fingerprint for n, i in infos.items()},
-                       manifest_hash=build_hash(spec), code_version=code_version(), experts=infos)
+                       manifest_hash=build_hash(spec), code_version=code, experts=infos)
     wall["plan"] = time.perf_counter() - t
-    return _Prepared(spec=spec, layout=layout, plan=plan, ledger=ledger, limited=limited, ctx=ctx, wall=wall)
+    return _Prepared(spec=spec, layout=layout, plan=plan, ledger=ledger, limited=limited, ctx=ctx, limit=limit, wall=wall)
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collector:
+    """Takes each item's rows and report as they stream in: into the shards and the accounts."""
+
+    writer: ShardWriter
+    tally: Tally
+    progress: BuildProgress
+
+    def collect(self, plan: ItemPlan, rows: pa.Table | None, report: ItemReport) -> None:
+        if rows is not None and rows.num_rows:
+            self.writer.add(plan.split, rows)
+        self.writer.resolve(plan.split, plan.places())
+        self.tally.record(plan.entry(), report, rows)
+        self.progress.update(rows=rows.num_rows if rows is not None else 0, runs=sum(report.runs.values()),
+                             set_aside=len(report.set_aside()))
+
+
+def _start(prep: _Prepared, label: str, show: bool) -> _Collector:
+    staged = prep.layout.staged()
+    collector = _Collector(writer=ShardWriter(staged.data, prep.plan.shards, spill=prep.layout.spill), tally=Tally(),
+                           progress=BuildProgress(prep.plan.working_count, label=label, enabled=show))
+    for p in prep.plan.iter_items():
+        if not p.conversations:
+            collector.tally.record(p.entry(), ItemReport(), None)
+    return collector
+
+
+def _finish(collector: _Collector, prep: _Prepared, wall: dict[str, float], placements: dict[str, Placement], t0: float) -> BuildResult:
+    """Shards, ledger and card into the staged dataset, then swapped in whole."""
+    collector.progress.close()
+    layout, staged, started = prep.layout, prep.layout.staged(), time.perf_counter()
+    shards = collector.writer.finish()
+    table = build_ledger(prep.ledger, collector.tally, prep.limited)
+    write_parquet(table, layout.ledger)
+    wall["write"] = time.perf_counter() - started
+    wall["total"] = time.perf_counter() - t0
+    experts = {n: ExpertEntry(runner=i.runner, fingerprint=i.fingerprint) for n, i in prep.plan.experts.items()}
+    card = dataset_card(spec=prep.spec, indexed=prep.plan.indexed, planned_rows=prep.plan.planned_rows(), experts=experts,
+                        tally=collector.tally, ledger=table, shards=shards, out=staged.dataset, manifest_hash=prep.ctx.manifest_hash,
+                        code=prep.ctx.code_version, wall=wall, actors={n: p.to_json() for n, p in placements.items()})
+    card["limit"] = prep.limit
+    card["timing"]["peak_rows_held"] = collector.writer.peak_rows
+    card["timing"]["rows_spilled"] = collector.writer.spilled_rows
+    write_dataset_card(card, staged)  # README.md, then dataset_card.json last: a dataset folder with a card is complete
+    publish(layout)
+    final = [layout.dataset / p.relative_to(staged.dataset) for p in shards]
+    return BuildResult(out=layout.out, layout=layout, card=card, shards=final, summary=summary(card, layout))
+
+
+def _look_up(plan: ItemPlan, ctx: BuildContext, roots: dict[str, Path], cache: FindingsCache) -> WorkItem:
+    """An item's content hash and the expert results it still lacks (cache hits counted)."""
+    work = WorkItem(plan=plan)
+    try:
+        work.content = content_hash(plan.item, roots[plan.item.source])
+    except OSError as e:
+        work.report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
+    else:
+        work.missing = missing_findings(plan, work.content, ctx, cache, work.report)
+    return work
+
+
+def _looked_up(prep: _Prepared, *, chunk: int = 256) -> Iterator[WorkItem]:
+    """`_look_up` for every working item, in plan order, a chunk at a time on a few threads
+    (hashing reads every file)."""
+    roots = {name: r.root for name, r in readers_for(prep.spec).items()}
+    cache, working = prep.ctx.cache(), prep.plan.iter_working()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        while block := list(itertools.islice(working, chunk)):
+            yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), block)
+
+
+def _all_cached(prep: _Prepared) -> list[tuple[str | None, str | None]] | None:
+    """Each working item's (content hash, why it could not be read), in build order, if no
+    expert result is missing; None at the first miss. Only the hashes are kept: the items'
+    plans are made again for rendering (`_again`)."""
+    found = []
+    for work in _looked_up(prep):
+        if work.missing:
+            return None
+        found.append((work.content, work.report.errors.get("load")))
+    return found
+
+
+def _again(prep: _Prepared, looked_up: list[tuple[str | None, str | None]]) -> Iterator[WorkItem]:
+    """The work items `_all_cached` looked up, without reading the files again."""
+    cache = prep.ctx.cache()
+    for plan, (content, error) in zip(prep.plan.iter_working(), looked_up):
+        work = WorkItem(plan=plan, content=content)
+        if content is None:
+            work.report.errors["load"] = error or "the item's files could not be read"
+        else:
+            missing_findings(plan, content, prep.ctx, cache, work.report)  # counts the cache hits
+        yield work
+
+
+def _render_from_cache(prep: _Prepared, looked_up: Iterable[WorkItem], label: str, show: bool, t0: float) -> BuildResult:
+    """Rows of every item from cached findings, in this process: no Ray, no expert."""
+    collector = _start(prep, label, show)
+    t = time.perf_counter()
+    for work in looked_up:
+        collector.collect(work.plan, render_item(work.plan, work.content, prep.ctx, work.report), work.report)
+    wall = {**prep.wall, "render": time.perf_counter() - t}
+    return _finish(collector, prep, wall, {}, t0)
+
+
+def _on_ray(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, prep: _Prepared | None,
+            show: bool, t0: float) -> BuildResult:
+    """The build on Ray. Ray starts (or connects) while the driver indexes and plans, so its
+    start-up overlaps theirs."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        preparing = pool.submit(_prepare, spec, layout, limit=limit, infos=None) if prep is None else None
+        log.info("starting Ray (%s)%s", address or os.environ.get("RAY_ADDRESS") or "a local Ray for this build",
+                 " while the archive is indexed" if prep is None else "")
+        with ray_session(address) as where:
+            ray_ready = time.perf_counter() - t0
+            prep = prep or preparing.result()  # type: ignore[union-attr]
+            wall = {**prep.wall, "ray_start": ray_ready}
+            collector = _start(prep, "build", show)
+            placements = _run_pipeline(prep, collector, where, wall)
+    return _finish(collector, prep, wall, placements, t0)
+
+
+def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict[str, float]) -> dict[str, Placement]:
+    import ray
+
+    node = NodeLimits.of_cluster()
+    placements = place_experts(prep.spec, prep.plan, ray.cluster_resources(), node)
+    limit = item_bytes_limit(node, placements)
+    ctx = replace(prep.ctx, item_bytes_limit=limit)
+    inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
+    log.info("building %d items on %s; expert pools: %s", prep.plan.working_count, where,
+             ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
+                       for n, p in placements.items()) or "none")
+    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks]
+    if pools:
+        log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
+    t = time.perf_counter()
+    try:
+        cpus = task_cpus(float(ray.cluster_resources().get("CPU", 1.0)), node.count)
+        for batch in pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus).iter_batches(batch_format="pyarrow", batch_size=None):
+            for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
+                collector.collect(work.plan, table_from_bytes(rows), work.report)
+    except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        raise CurationError(str(cause.args[0] if cause.args else cause)) from None
+    wall["pipeline"] = time.perf_counter() - t
+    shutil.rmtree(prep.layout.plan_inputs, ignore_errors=True)
+    return placements
+
+
+def _user_error(error: BaseException) -> CurationError | None:
+    """The `CurationError` (a full disk, say) at the root of an exception Ray wrapped."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CurationError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def _refuse_partial_over_complete(layout: Layout, limit: int | None, force: bool) -> None:
+    card = complete_card(layout)
+    if limit is not None and not force and card is not None and card.get("limit") is None:
+        rows = card.get("counts", {}).get("rows", {}).get("total", "?")
+        raise CurationError(f"{layout.dataset} holds a complete build ({rows} rows); --limit {limit} would replace it with a partial "
+                            "one: give the trial its own --out, or add --force")
+
+
+@contextmanager
+def _owning(layout: Layout, command: str) -> Iterator[None]:
+    """The output folder's lock, with a crash's leftovers cleared first and a failure's
+    after: no staged dataset or spilled rows are left behind."""
+    with OutputLock(layout, command):
+        recover(layout)
+        FindingsCache(layout.cache).sweep_tmp()
+        try:
+            yield
+        except BaseException:
+            for scratch in (layout.staged().dataset, layout.spill, layout.plan_inputs):
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
 
 
 def build(manifest: str | Path, *, out: str | Path | None = None, address: str | None = None, limit: int | None = None,
-          progress: bool = True) -> BuildResult:
-    """The whole pipeline. See the module docstring. Ray starts (or connects) while the driver
-    indexes and plans, so its start-up overlaps the index."""
+          force: bool = False, progress: bool = True) -> BuildResult:
+    """The whole pipeline. See the module docstring."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    preflight(spec, manifest, out=out, rows=True, experts="describe")
+    preflight(spec, manifest, out=out, rows=True, experts="cached_or_describe")
     layout = Layout.of(spec, out)
-    wants_ray = bool(spec.tasks) and (limit is None or limit > 0)
-    placements: dict[str, Placement] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        preparing = pool.submit(_prepare, spec, layout, limit=limit, from_cache=False)
-        if wants_ray:
-            log.info("starting Ray (%s) while the archive is indexed", address or os.environ.get("RAY_ADDRESS") or "a local Ray for this build")
-        with (ray_session(address) if wants_ray else nullcontext("no Ray (nothing to run)")) as where:
-            ray_ready = time.perf_counter() - t0
-            prep = preparing.result()
-            wall = {**prep.wall, "ray_start": ray_ready} if wants_ray else dict(prep.wall)
-            run = _start(prep.spec, layout, prep.plan, "build", progress)
-            if prep.plan.working:
-                import ray
+    with _owning(layout, "build"):
+        _refuse_partial_over_complete(layout, limit, force)
+        return _build(spec, layout, address=address, limit=limit, show=progress, t0=t0)
 
-                placements = place_experts(spec, prep.plan, ray.cluster_resources())
-                log.info("building %d items on %s; expert pools: %s", len(prep.plan.working), where,
-                         ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
-                                   for n, p in placements.items()) or "none")
-                pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks]
-                if pools:
-                    log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
-                t = time.perf_counter()
-                ds = pipeline_dataset(prep.plan, prep.ctx, placements)
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    for item_id, rows, report in zip(batch["item_id"].to_pylist(), batch["rows"].to_pylist(), batch["report"].to_pylist()):
-                        run.take(item_id, table_from_bytes(rows), Report.from_json(report))
-                wall["pipeline"] = time.perf_counter() - t
-    return _finish(run, prep, wall, placements, t0)
+
+def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, show: bool, t0: float) -> BuildResult:
+    """The render path when nothing needs an expert (no task, `--limit 0`, or every result
+    settled in the cache), else Ray. With a cache that has never seen these experts, Ray
+    starts at once, while the driver indexes and plans."""
+    cache = FindingsCache(layout.cache)
+    infos = fingerprints.recorded(spec, cache, code_version())
+    if not spec.tasks or limit == 0:
+        prep = _prepare(spec, layout, limit=limit, infos=infos)
+        return _render_from_cache(prep, [], "build", show, t0)
+    if infos is None and not fingerprints.seen(spec, cache):  # a new cache: Ray is needed, start it at once
+        return _on_ray(spec, layout, address=address, limit=limit, prep=None, show=show, t0=t0)
+    prep = _prepare(spec, layout, limit=limit, infos=infos)  # infos None: the code or weights changed, runners say
+    t = time.perf_counter()
+    cached = _all_cached(prep)
+    prep.wall["cache_check"] = time.perf_counter() - t
+    if cached is not None:
+        log.info("every expert result is cached: rendering %d items without Ray", len(cached))
+        return _render_from_cache(prep, _again(prep, cached), "build", show, t0)
+    return _on_ray(spec, layout, address=address, limit=limit, prep=prep, show=show, t0=t0)
 
 
 def render(manifest: str | Path, *, out: str | Path | None = None, progress: bool = True) -> BuildResult:
     """Every shard again from cached findings only: no Ray, no expert is constructed."""
-    from curation.ingest import readers_for
-
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
     preflight(spec, manifest, out=out, rows=True, experts="cached")
     layout = Layout.of(spec, out)
-    prep = _prepare(spec, layout, limit=None, from_cache=True)
-    wall = dict(prep.wall)
-    run = _start(spec, layout, prep.plan, "render", progress)
-    readers = readers_for(spec)
-
-    def hashed(p: ItemPlan) -> tuple[ItemPlan, str | None, Report]:
-        report = Report()
-        try:
-            return p, content_hash(p.item, readers[p.item.source].root), report
-        except OSError as e:
-            report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
-            return p, None, report
-
-    t = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for p, content, report in pool.map(hashed, prep.plan.working):
-            run.take(p.item.item_id, render_item(p, content, prep.ctx, report, count_cached=True), report)
-    wall["render"] = time.perf_counter() - t
-    return _finish(run, prep, wall, {}, t0)
+    with _owning(layout, "render"):
+        prep = _prepare(spec, layout, limit=None, infos=expert_infos_from_cache(spec, FindingsCache(layout.cache)))
+        return _render_from_cache(prep, _looked_up(prep), "render", progress, t0)
 
 
 # -- command line --------------------------------------------------------------------------------
 
 
 def build_command(args: argparse.Namespace) -> None:
-    result = build(args.manifest, out=args.out, address=args.address, limit=args.limit, progress=not args.quiet)
+    result = build(args.manifest, out=args.out, address=args.address, limit=args.limit, force=args.force, progress=not args.quiet)
     print(result.summary)
 
 

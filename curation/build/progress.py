@@ -19,7 +19,7 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Progress:
+class BuildProgress:
     """`update()` after each item; `close()` at the end."""
 
     def __init__(self, total: int, *, label: str = "build", stream: IO[str] | None = None, every: float | None = None, enabled: bool = True):

@@ -2,53 +2,56 @@
 
     load (CPU task, with the weight-free experts)  →  expert (actor, one pool per expert)  →  …  →  render (CPU task)
 
-Rows between stages follow `WORK_SCHEMA`: the item's plan as JSON, its content hash, which
-expert results are still missing, the voxels (pickled, only while an expert still needs
-them) and a small JSON report (errors, seconds, runs). Expert actors write findings to the
-cache the moment they have them, so a build killed at any point keeps every finished result;
-render reads the cache, exactly as `m3-curate render` does, so a build and a later render
-make the same rows.
+Between stages an item travels as one `WorkItem` (its plan, its report, its content hash, the
+expert results still missing and, only while an expert still needs them, its voxels), pickled
+into the `work` column of a block (`WORK_SCHEMA`). Expert actors write findings to the cache
+the moment they have them, so a build killed at any point keeps every finished result; render
+reads the cache, exactly as `m3-curate render` does, so a build and a later render make the
+same rows.
 
 Per-item failures never raise: they become cache error entries and report entries, and the
-item's other conversations go on. (Ray Data drops a failed block when errors are tolerated;
-we never rely on that.) An exception that escapes is a bug and fails the build.
+item's other conversations go on. A worker process that dies (out of memory, a crash in native
+code) is retried by Ray; the cache's run marks (`FindingsCache.running`) bound the retries per
+item and per expert set-up, after which the item is set aside with the reason. An exception
+that escapes is a bug and fails the build.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
+import math
 import pickle
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from curation.store.cache import DiedHere, FindingsCache, content_hash
+from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
 from curation.errors import ItemError
-from curation.ingest import SourceReader, readers_for
+from curation.items import StudyItem, Volume
 from curation.manifest import BuildSpec
-from curation.build.plan import ItemPlan, Unit, runner_spec, task_name
 from curation.rows import ROW_SCHEMA, Conversation, row_id
+from curation.store.cache import DiedHere, FindingsCache, content_hash
+from curation.store.report import ConversationOutcome, ItemReport
 
-WORK_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("plan", pa.string()),
-        ("content", pa.string()),
-        ("missing", pa.string()),  # JSON: expert → arguments without cached findings
-        ("volume", pa.large_binary()),  # pickled (Volume, labels Volume | None), or null
-        ("report", pa.string()),
-    ]
-)
-RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("rows", pa.large_binary()), ("report", pa.string())])
+if TYPE_CHECKING:
+    from curation.ingest import SourceReader
+    from curation.render.renderer import Renderer
+
+WORK_SCHEMA = pa.schema([("item_id", pa.string()), ("work", pa.large_binary())])
+RESULT_SCHEMA = pa.schema([("item_id", pa.string()), ("work", pa.large_binary()), ("rows", pa.large_binary())])
 # Rows as they travel to the writer: the shard row plus where it goes.
 PLACED_SCHEMA = ROW_SCHEMA.append(pa.field("_shard", pa.int64())).append(pa.field("_pos", pa.int64()))
-RENDERER = "curation.render.renderer:Renderer"
+
+RUN_TRIES = 2  # worker deaths while loading, running or rendering one item before it is set aside
+BATCH_TRIES = 3  # deaths of an expert actor while an item is in its batch (outside a run) before it is set aside
+SETUP_TRIES = 3  # deaths of one expert actor while it sets up before its items are set aside
+LOADING, RENDERING, SETUP = "_load", "_render", "_setup"  # the cache's folders for run marks
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,8 +63,10 @@ class BuildContext:
     fingerprints: dict[str, str]
     manifest_hash: str
     code_version: str
-    renderer: str = RENDERER
     experts: dict[str, Any] = field(default_factory=dict)  # name → ExpertInfo, for the renderer
+    # An item whose voxels (from its header) exceed this many bytes is set aside instead of
+    # loaded: no node could hold it (a tiny file may claim a huge volume). None: no limit.
+    item_bytes_limit: float | None = None
     # Per-process memos (readers, renderer, weight-free experts) are kept for one build: a
     # worker that serves the next build — the same recipe into another folder, with another
     # cache or image size — builds its own.
@@ -72,25 +77,28 @@ class BuildContext:
 
 
 @dataclass(slots=True)
-class Report:
-    """What became of one item in the stages; travels as JSON beside the item."""
+class WorkItem:
+    """One item on its way through the stages."""
 
-    errors: dict[str, str] = field(default_factory=dict)  # stage or expert → reason
-    seconds: dict[str, float] = field(default_factory=dict)  # stage → seconds spent on this item
-    runs: dict[str, int] = field(default_factory=dict)  # expert → runs made for this item
-    cached: dict[str, int] = field(default_factory=dict)  # expert → results found in the cache
-    units: list[list[Any]] = field(default_factory=list)  # [task, variant, status, reason]
-    templates: dict[str, str] = field(default_factory=dict)  # template → hash
+    plan: ItemPlan
+    report: ItemReport = field(default_factory=ItemReport)
+    content: str | None = None  # hash of the item's files; None: they could not be read
+    missing: dict[str, list[str]] = field(default_factory=dict)  # expert → arguments without cached findings
+    volume: tuple[Volume, Volume | None] | None = None  # voxels and labels, while an expert needs them
 
-    def add_seconds(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 6)
 
-    def to_json(self) -> str:
-        return json.dumps({k: getattr(self, k) for k in self.__slots__}, sort_keys=True)  # type: ignore[attr-defined]
+def work_table(items: list[WorkItem]) -> pa.Table:
+    return pa.table({"item_id": [w.plan.item.item_id for w in items],
+                     "work": [pickle.dumps(w, protocol=5) for w in items]}, schema=WORK_SCHEMA)
 
-    @classmethod
-    def from_json(cls, text: str | None) -> Report:
-        return cls(**json.loads(text)) if text else cls()
+
+def work_items(batch: pa.Table) -> list[WorkItem]:
+    return [pickle.loads(b) for b in batch.column("work").to_pylist()]
+
+
+def voxel_bytes(item: StudyItem) -> int:
+    """Bytes of the item's voxels as float32, from its header's shape (all channels)."""
+    return math.prod(item.shape) * max(1, len(item.channels)) * 4
 
 
 # -- per-process memos (a Ray worker runs many tasks) --------------------------------------------
@@ -110,93 +118,137 @@ def per_build(ctx: BuildContext, key: tuple[Any, ...], make: Any) -> Any:
     return found
 
 
+# Readers and the renderer are imported where they are used: an expert actor needs neither, and
+# each import costs every actor's start-up (pydicom, nibabel, Jinja).
+
+
 def reader(ctx: BuildContext, source: str) -> SourceReader:
+    from curation.ingest import readers_for
+
     return per_build(ctx, ("readers",), lambda: readers_for(ctx.spec))[source]  # type: ignore[no-any-return]
 
 
-def load_renderer(path: str, spec: BuildSpec, experts: dict[str, Any] | None = None) -> Any:
-    """The renderer class at `module:Class`, constructed with the manifest and the experts'
-    descriptions (`ExpertInfo`)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)(spec, experts=experts or {})
+def renderer(ctx: BuildContext) -> Renderer:
+    from curation.render.renderer import Renderer
 
-
-def renderer(ctx: BuildContext) -> Any:
-    return per_build(ctx, ("renderer", ctx.renderer), lambda: load_renderer(ctx.renderer, ctx.spec, ctx.experts))
+    return per_build(ctx, ("renderer",), lambda: Renderer(ctx.spec, experts=ctx.experts))  # type: ignore[no-any-return]
 
 
 # -- load ----------------------------------------------------------------------------------------
 
 
-def missing_findings(plan: ItemPlan, content: str, ctx: BuildContext, cache: FindingsCache, report: Report) -> dict[str, list[str]]:
-    """Expert → arguments with no cached findings (failures recorded earlier count as missing:
-    a build tries them again)."""
+class TransientItemError(ItemError):
+    """An item this cluster could not process this time (a worker died on it, too little
+    memory): recorded as transient, so the next build tries it again."""
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure of the environment rather than the expert's verdict on the item: out of
+    memory, in the host or on the GPU."""
+    cause = error.__cause__ or error
+    if isinstance(error, TransientItemError) or isinstance(cause, MemoryError):
+        return True
+    import sys
+
+    torch = sys.modules.get("torch")  # only an expert that uses torch can run out of GPU memory
+    return torch is not None and isinstance(cause, torch.cuda.OutOfMemoryError)
+
+
+def missing_findings(plan: ItemPlan, content: str, ctx: BuildContext, cache: FindingsCache, report: ItemReport) -> dict[str, list[str]]:
+    """Expert → arguments without a settled result: no findings, and no failure that running
+    again would repeat (a transient one is tried again); cache hits are counted in
+    `report.cached`."""
     missing: dict[str, list[str]] = {}
     for expert, args in plan.needs(ctx.spec).items():
         for arg in args:
             if cache.has(content, ctx.fingerprints[expert], arg):
-                report.cached[expert] = report.cached.get(expert, 0) + 1
-            else:
+                report.count(report.cached, expert)
+            elif not cache.settled(content, ctx.fingerprints[expert], arg):
                 missing.setdefault(expert, []).append(arg)
     return missing
 
 
-def load_item(row: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
+def load_item(work: WorkItem, ctx: BuildContext) -> WorkItem:
     """Hash the item's files; load its voxels only if some expert result is not cached."""
     started = time.perf_counter()
-    plan = ItemPlan.from_json(row["plan"])
-    report = Report()
-    cache = ctx.cache()
-    out: dict[str, Any] = {"item_id": plan.item.item_id, "plan": row["plan"], "content": None, "missing": "{}", "volume": None}
+    plan, report, cache = work.plan, work.report, ctx.cache()
     src = reader(ctx, plan.item.source)
     try:
-        content = content_hash(plan.item, src.root)
+        work.content = content_hash(plan.item, src.root)
     except OSError as e:
         report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
     else:
-        out["content"] = content
-        missing = missing_findings(plan, content, ctx, cache, report)
-        if missing:
+        work.missing = missing_findings(plan, work.content, ctx, cache, report)
+        if work.missing:
             try:
-                out["volume"] = _voxels(plan, src, content, ctx, cache)
-                out["missing"] = json.dumps(missing, sort_keys=True)
+                work.volume = _voxels(plan, src, work.content, ctx, cache)
             except ItemError as e:
                 reason = f"load failed: {e}"
                 report.errors["load"] = reason
-                for expert, args in missing.items():
+                for expert, args in work.missing.items():
                     for arg in args:
-                        cache.put_error(content, ctx.fingerprints[expert], reason, arg)
+                        cache.put_error(work.content, ctx.fingerprints[expert], reason, arg, transient=_transient(e))
+                work.missing = {}
     report.add_seconds("load", time.perf_counter() - started)
-    out["report"] = report.to_json()
-    return out
+    return work
 
 
-LOADING = "_load"  # the cache's folder for marks of items being loaded
-
-
-def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, cache: FindingsCache) -> bytes:
-    """The item's voxels and labels, pickled. An item whose loading killed a process of this
-    build before (a decoder crash, the out-of-memory killer; Ray retries the task) is an
-    `ItemError`, not the next crash."""
+def _voxels(plan: ItemPlan, src: SourceReader, content: str, ctx: BuildContext, cache: FindingsCache) -> tuple[Volume, Volume | None]:
+    """The item's voxels and labels. An item that declares more voxels than any node holds is
+    an `ItemError`, and so is one whose loading killed processes of this build `RUN_TRIES`
+    times (a decoder crash, the out-of-memory killer; Ray retries the task)."""
+    size = voxel_bytes(plan.item)
+    if ctx.item_bytes_limit is not None and size > ctx.item_bytes_limit:
+        raise TransientItemError(plan.item.item_id, f"its header declares {plan.item.shape} voxels ({size / 2**30:.1f} GiB as float32), "
+                                           f"more than a worker of this cluster can hold ({ctx.item_bytes_limit / 2**30:.1f} GiB)")
     try:
-        with cache.running(content, LOADING, ctx.build_id):
+        with cache.running(content, LOADING, ctx.build_id, tries=RUN_TRIES):
             volume = src.load(plan.item)
             labels = src.load_labels(plan.item) if plan.item.label_uri else None
-            return pickle.dumps((volume, labels), protocol=5)
-    except DiedHere:
-        raise ItemError(plan.item.item_id, "loading it killed the worker process (out of memory, or a crash in native code)") from None
+            return volume, labels
+    except DiedHere as e:
+        raise TransientItemError(plan.item.item_id, f"loading it killed the worker process {e.deaths} times (out of memory, "
+                                                    "or a crash in native code)") from None
 
 
 def load_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
-    return pa.Table.from_pylist([load_item(r, ctx) for r in batch.to_pylist()], schema=WORK_SCHEMA)
+    return work_table([load_item(w, ctx) for w in work_items(batch)])
+
+
+def read_blocks(batch: pa.Table, path: str) -> pa.Table:
+    """The input blocks (row groups of a lane's input file, `cluster.write_lane_inputs`) that a
+    batch of block numbers names."""
+    f = pq.ParquetFile(path)
+    return pa.concat_tables([f.read_row_group(k) for k in batch.column("block").to_pylist()])
+
+
+def load_planned(batch: pa.Table, ctx: BuildContext, path: str) -> pa.Table:
+    """`load_batch` over the input blocks a batch of block numbers names."""
+    return load_batch(read_blocks(batch, path), ctx)
 
 
 # -- experts -------------------------------------------------------------------------------------
 
 
+def _setup_key(expert: str) -> str:
+    """Whose set-up a mark counts: the actor (Ray keeps an actor's id across its restarts),
+    else the expert on this node (a weight-free expert set up in a load task)."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+    except ImportError:
+        context = None
+    if context is None:
+        return f"{expert}-local"
+    return f"{expert}-{context.get_actor_id() or 'tasks-' + context.get_node_id()}"
+
+
 class ExpertStage:
     """One actor of an expert's pool: builds and sets up the runner once, then runs it on every
-    item that still lacks its findings and writes them to the cache."""
+    item that still lacks its findings and writes them to the cache. A runner that cannot be
+    set up (an exception, or an actor that died `SETUP_TRIES` times setting up) leaves the
+    stage `broken`: its items are set aside with the reason, the build goes on."""
 
     def __init__(self, ctx: BuildContext, expert: str, *, gpus: float, last: bool):
         from expert_runners.base import make_runner, pick_device
@@ -206,58 +258,78 @@ class ExpertStage:
         self.ctx, self.expert, self.last = ctx, expert, last
         self.fingerprint = ctx.fingerprints[expert]
         self.cache = ctx.cache()
-        self.runner = make_runner(runner_spec(spec), image_max_side=ctx.spec.output.image_max_side)
-        self.runner.setup(pick_device(gpus))
+        self.broken: str | None = None
+        try:
+            with self.cache.running(_setup_key(expert), SETUP, ctx.build_id, tries=SETUP_TRIES):
+                self.runner = make_runner(runner_spec(spec), image_max_side=ctx.spec.output.image_max_side)
+                self.runner.setup(pick_device(gpus))
+        except DiedHere as e:
+            self.broken = f"the expert's worker died {e.deaths} times while setting up (out of memory, or a crash in native code)"
+        except Exception as e:  # noqa: BLE001  (any failure to set up is the reason its items are set aside)
+            self.broken = f"setting up the expert failed: {type(e).__name__}: {e}".replace("\n", " ")
         self.setup_seconds: float | None = time.perf_counter() - started  # reported with the first item
 
-    def run_item(self, row: dict[str, Any]) -> dict[str, Any]:
+    def run_item(self, work: WorkItem) -> WorkItem:
+        args = work.missing.get(self.expert)
+        if self.setup_seconds is not None:
+            work.report.add_seconds(f"setup:{self.expert}", self.setup_seconds)
+            self.setup_seconds = None
+        if args and work.volume is not None and work.content is not None:
+            try:
+                with self.cache.running(work.content, f"_batch-{self.fingerprint}", self.ctx.build_id, tries=BATCH_TRIES):
+                    self._run_all(work, args)
+            except DiedHere as e:
+                self._set_aside(work, args, f"the expert's process died {e.deaths} times with this item in its batch "
+                                            "(out of memory, or a crash in native code)")
+        if self.last:
+            work.volume = None
+        return work
+
+    def _run_all(self, work: WorkItem, args: list[str]) -> None:
         from expert_runners.base import ExpertInput
 
-        args = json.loads(row["missing"]).get(self.expert)
-        if self.setup_seconds is not None:
-            report = Report.from_json(row["report"])
-            report.add_seconds(f"setup:{self.expert}", self.setup_seconds)
-            row, self.setup_seconds = {**row, "report": report.to_json()}, None
-        if args and row["volume"] is not None:
-            report = Report.from_json(row["report"])
-            plan = ItemPlan.from_json(row["plan"])
-            volume, labels = pickle.loads(row["volume"])
-            inp = ExpertInput(item=plan.item, volume=volume, labels=labels)
-            for arg in args:
-                self._run_one(inp, row["content"], arg, report)
-            row = {**row, "report": report.to_json()}
-        if self.last:
-            row = {**row, "volume": None}
-        return row
+        if self.broken is not None:
+            self._set_aside(work, args, self.broken)
+            return
+        volume, labels = work.volume  # type: ignore[misc]
+        inp = ExpertInput(item=work.plan.item, volume=volume, labels=labels)
+        for arg in args:
+            self._run_one(inp, work.content, arg, work.report)  # type: ignore[arg-type]
 
-    def _run_one(self, inp: Any, content: str, arg: str, report: Report) -> None:
+    def _set_aside(self, work: WorkItem, args: list[str], reason: str) -> None:
+        """Every run of the item by this expert failed for the environment's reason."""
+        for arg in args:
+            work.report.errors[f"{self.expert}({arg})"] = reason
+            self.cache.put_error(work.content, self.fingerprint, reason, arg, transient=True)  # type: ignore[arg-type]
+
+    def _run_one(self, inp: Any, content: str, arg: str, report: ItemReport) -> None:
         """One run, its findings or its failure written to the cache. An item whose run killed
-        a process of this build before (Ray retries the batch on a restarted worker) is set
-        aside instead of killing the next one too."""
+        processes of this build `RUN_TRIES` times (Ray retries the batch on a restarted worker)
+        is set aside instead of killing the next one too."""
         if self.cache.has(content, self.fingerprint, arg):
             # made since this item was loaded: by another item with the same files (a qa set's
             # questions share their images) or before a crash, when Ray retries the batch
-            report.cached[self.expert] = report.cached.get(self.expert, 0) + 1
+            report.count(report.cached, self.expert)
             return
         started = time.perf_counter()
         try:
-            with self.cache.running(content, self.fingerprint, self.ctx.build_id, arg):
+            with self.cache.running(content, self.fingerprint, self.ctx.build_id, arg, tries=RUN_TRIES):
                 findings = self.runner.run(inp, arg)
-        except DiedHere:
-            reason = "the expert's process died while running on this item (out of memory, or a crash in native code)"
+        except DiedHere as e:
+            reason = f"the expert's process died {e.deaths} times while running on this item (out of memory, or a crash in native code)"
             report.errors[f"{self.expert}({arg})"] = reason
-            self.cache.put_error(content, self.fingerprint, reason, arg)
+            self.cache.put_error(content, self.fingerprint, reason, arg, transient=True)
             return
         except ItemError as e:
             report.errors[f"{self.expert}({arg})"] = e.reason
-            self.cache.put_error(content, self.fingerprint, e.reason, arg)
+            self.cache.put_error(content, self.fingerprint, e.reason, arg, transient=_transient(e))
         else:
             self.cache.put(content, self.fingerprint, findings, arg)
         report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)
-        report.runs[self.expert] = report.runs.get(self.expert, 0) + 1
+        report.count(report.runs, self.expert)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.run_item(r) for r in batch.to_pylist()], schema=WORK_SCHEMA)
+        return work_table([self.run_item(w) for w in work_items(batch)])
 
 
 def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
@@ -280,9 +352,9 @@ def findings_json(findings: Any) -> str | None:
     return json.dumps(d, sort_keys=True)
 
 
-def make_row(ctx: BuildContext, plan: ItemPlan, unit: Unit, conv: Conversation, findings: Any) -> dict[str, Any]:
-    item, task = plan.item, ctx.spec.tasks[unit.task]
-    rid = row_id(item.item_id, task_name(task), unit.variant)
+def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, conv: Conversation, findings: Any) -> dict[str, Any]:
+    item, task = plan.item, ctx.spec.tasks[planned.task]
+    rid = row_id(item.item_id, task_name(task), planned.variant)
     messages = [
         {"role": m["role"], "content": [{"type": p["type"], "text": p.get("text")} for p in m["content"]]}
         for m in conv.messages
@@ -298,51 +370,57 @@ def make_row(ctx: BuildContext, plan: ItemPlan, unit: Unit, conv: Conversation, 
             "expert_fingerprint": ctx.fingerprints.get(task.expert) if task.expert else None,
             "template_hash": conv.template_hash, "manifest_hash": ctx.manifest_hash, "code_version": ctx.code_version,
         },
-        "_shard": unit.shard, "_pos": unit.pos,
+        "_shard": planned.shard, "_pos": planned.pos,
     }
 
 
-def render_item(plan: ItemPlan, content: str | None, ctx: BuildContext, report: Report, *, count_cached: bool = False) -> pa.Table:
+def _cached_findings(planned: PlannedConversation, content: str | None, ctx: BuildContext, cache: FindingsCache,
+                     report: ItemReport) -> tuple[Any, ConversationOutcome | None]:
+    """The findings a conversation's template gets, or the outcome that sets it aside."""
+    task = ctx.spec.tasks[planned.task]
+    if task.expert is None:
+        return None, None
+    aside = lambda status, reason: ConversationOutcome(planned.task, planned.variant, status, reason)  # noqa: E731
+    if content is None:
+        return None, aside("quarantined", report.errors.get("load", "the item could not be read"))
+    findings = cache.get(content, ctx.fingerprints[task.expert], planned.arg)
+    if findings is not None:
+        return findings, None
+    call = f"{task.expert}({planned.arg})"
+    error = cache.get_error(content, ctx.fingerprints[task.expert], planned.arg)
+    if error is None:
+        return None, aside("quarantined", f"no cached findings of {call}: run `m3-curate build`")
+    return None, aside(error[0], f"{call}: {error[1]}")
+
+
+def render_item(plan: ItemPlan, content: str | None, ctx: BuildContext, report: ItemReport) -> pa.Table:
     """Every planned conversation of an item from cached findings: the rows that could be
-    made (as `PLACED_SCHEMA`), and an entry per unit in `report.units` (`count_cached`: count
-    the cache hits in `report.cached`, for `m3-curate render`; a build counts them at load)."""
+    made (as `PLACED_SCHEMA`), and an outcome per planned conversation in `report.outcomes`."""
+    from curation.render.renderer import TemplateSkip
+
     started = time.perf_counter()
     cache, made = ctx.cache(), []
     render = renderer(ctx)
-    for unit in plan.units:
-        task = ctx.spec.tasks[unit.task]
-        findings = None
-        if task.expert is not None:
-            call = f"{task.expert}({unit.arg})"
-            if content is None:
-                report.units.append([unit.task, unit.variant, "quarantined", report.errors.get("load", "the item could not be read")])
-                continue
-            findings = cache.get(content, ctx.fingerprints[task.expert], unit.arg)
-            if findings is not None and count_cached:
-                report.cached[task.expert] = report.cached.get(task.expert, 0) + 1
-            if findings is None:
-                error = cache.get_error(content, ctx.fingerprints[task.expert], unit.arg)
-                status, reason = error or ("quarantined", f"no cached findings of {call}: run `m3-curate build`")
-                report.units.append([unit.task, unit.variant, status, f"{call}: {reason}" if error else reason])
-                continue
+    for planned in plan.conversations:
+        task = ctx.spec.tasks[planned.task]
+        findings, aside = _cached_findings(planned, content, ctx, cache, report)
+        if aside is not None:
+            report.outcomes.append(aside)
+            continue
         try:
-            conv = render.render(task, plan.item, findings, variant=unit.variant)
+            conv = render.render(task, plan.item, findings, variant=planned.variant)
             if conv.image_parts() != len(conv.images):
                 raise ItemError(plan.item.item_id, f"{conv.image_parts()} image parts but {len(conv.images)} images")
         except ItemError as e:  # TemplateError and its TemplateSkip among them
             reason = e.reason if e.reason.startswith("template ") else f"template {task.template}: {e.reason}"
-            report.units.append([unit.task, unit.variant, _template_status(e), reason])
+            status = "skipped" if isinstance(e, TemplateSkip) else "quarantined"
+            report.outcomes.append(ConversationOutcome(planned.task, planned.variant, status, reason))
             continue
         report.templates[task.template] = conv.template_hash
-        report.units.append([unit.task, unit.variant, "used", ""])
-        made.append(make_row(ctx, plan, unit, conv, findings))
+        report.outcomes.append(ConversationOutcome(planned.task, planned.variant, "used"))
+        made.append(make_row(ctx, plan, planned, conv, findings))
     report.add_seconds("render", time.perf_counter() - started)
     return pa.Table.from_pylist(made, schema=PLACED_SCHEMA)
-
-
-def _template_status(e: ItemError) -> str:
-    """`skipped` when the template chose to skip the item (`TemplateSkip`), else `quarantined`."""
-    return "skipped" if any(c.__name__ == "TemplateSkip" for c in type(e).__mro__) else "quarantined"
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -356,23 +434,25 @@ def table_from_bytes(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-RENDERING = "_render"  # the cache's folder for marks of items being rendered
+def render_guarded(work: WorkItem, ctx: BuildContext, cache: FindingsCache) -> pa.Table:
+    """`render_item`, unless rendering this item killed workers of this build `RUN_TRIES`
+    times before (an image that crashes the decoder or fills the memory; Ray retries the
+    task): then its conversations are quarantined."""
+    plan = work.plan
+    try:
+        with cache.running(plan.item.item_id, RENDERING, ctx.build_id, tries=RUN_TRIES):
+            return render_item(plan, work.content, ctx, work.report)
+    except DiedHere as e:
+        reason = f"rendering it killed the worker process {e.deaths} times (out of memory, or a crash in native code)"
+        work.report.outcomes = [ConversationOutcome(c.task, c.variant, "quarantined", reason) for c in plan.conversations]
+        return PLACED_SCHEMA.empty_table()
 
 
 def render_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
-    """`render_item` for each item; an item whose rendering killed a worker of this build
-    before (an image that crashes the decoder or fills the memory; Ray retries the task) has
-    its conversations quarantined instead."""
-    out, cache = [], ctx.cache()
-    for row in batch.to_pylist():
-        plan = ItemPlan.from_json(row["plan"])
-        report = Report.from_json(row["report"])
-        try:
-            with cache.running(plan.item.item_id, RENDERING, ctx.build_id):
-                rows = render_item(plan, row["content"], ctx, report)
-        except DiedHere:
-            reason = "rendering it killed the worker process (out of memory, or a crash in native code)"
-            report.units = [[u.task, u.variant, "quarantined", reason] for u in plan.units]
-            rows = PLACED_SCHEMA.empty_table()
-        out.append({"item_id": row["item_id"], "rows": table_bytes(rows), "report": report.to_json()})
+    """Each item's rows (Arrow IPC bytes) and its work record (its plan and report, no voxels)."""
+    cache, out = ctx.cache(), []
+    for work in work_items(batch):
+        rows = render_guarded(work, ctx, cache)
+        out.append({"item_id": work.plan.item.item_id, "work": pickle.dumps(replace(work, volume=None), protocol=5),
+                    "rows": table_bytes(rows)})
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)

@@ -10,7 +10,6 @@ or a named pipe as skipped, each with its reason. The scan itself runs in partit
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.atomic import write_parquet
 from curation.ingest import SourceReader
 from curation.ingest.runners import Runner
 from curation.ingest.scan import ScanSummary, scan_archive
@@ -70,10 +70,7 @@ def scan_source(reader: SourceReader, runner: Runner | None = None) -> tuple[lis
 
 def write_table(table: pa.Table, path: Path) -> None:
     """Write beside the final name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
 
 
 def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:

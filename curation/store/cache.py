@@ -2,17 +2,21 @@
 argument) — `<VISTA3D(everything)>` and `<VISTA3D(hepatic tumor)>` are different results.
 
 Experts are the expensive part of a build; everything after them is cheap and always redone.
-A cached entry is one JSON file (PNG bytes base64-encoded) written to a temporary name and
-renamed, so a killed build leaves either a whole entry or none, and a rerun picks up exactly
-where it stopped.
+A cached entry is one JSON file (PNG bytes base64-encoded) written to a temporary file in
+`_tmp/` and renamed (`curation.atomic`), so a killed build leaves either a whole entry or none,
+and a rerun picks up exactly where it stopped; `sweep_tmp` removes what killed writers left
+in `_tmp/`. Nothing lists the entries: each is found by its path, so the cache's size never
+weighs on a build's memory.
 
 Beside the findings the cache keeps what `m3-curate render` needs to work without an expert:
-the reason an expert could not give findings (`put_error`: a later build tries again, render
-reports the reason) and, in `experts.json`, each expert configuration a build ran with its
+the reason an expert could not give findings (`put_error`; render reports the reason, and a
+later build tries again only when the failure was the environment's — a worker that died, too
+little memory — not the expert's own verdict on the item, which the same fingerprint repeats) and, in `experts.json`, each expert configuration a build ran with its
 fingerprint, so render finds the entries without constructing a runner. While an item is
-loaded, run through an expert or rendered, a `.running.json` mark names the build: a mark of
-the same build found again means that step killed its process, and the item is set aside
-rather than run into the next crash.
+loaded, run through an expert or rendered, a `.running.json` mark names the build and counts
+the tries: a mark of the same build found again means that step killed its process (Ray
+retried it on a restarted worker), and after `tries` such deaths the item is set aside rather
+than run into the next crash.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from curation.atomic import sweep, write_json
 from curation.errors import CurationError
 from curation.expert_info import ExpertInfo
 from curation.findings import Findings
 from curation.items import StudyItem, source_path
 from curation.manifest import BuildSpec
+
+TMP = "_tmp"  # the cache's folder for files being written
 
 
 def content_hash(item: StudyItem, root: Path) -> str:
@@ -47,7 +55,24 @@ def content_hash(item: StudyItem, root: Path) -> str:
 
 
 class DiedHere(Exception):
-    """A process of this build died running this before (see `FindingsCache.running`)."""
+    """Processes of this build died running this before, as often as allowed (see
+    `FindingsCache.running`)."""
+
+    def __init__(self, what: str, deaths: int):
+        super().__init__(f"{what}: {deaths} worker process(es) died running it")
+        self.deaths = deaths
+
+
+def _alive_here(mark: dict[str, Any]) -> bool:
+    """Whether the process that wrote a mark is still running on this machine (then the mark
+    is a concurrent run of the same step, not a death)."""
+    if mark.get("host") != socket.gethostname() or mark.get("pid") == os.getpid():
+        return False
+    try:
+        os.kill(int(mark["pid"]), 0)
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 class FindingsCache:
@@ -55,6 +80,14 @@ class FindingsCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def _write(self, path: Path, data: Any) -> None:
+        write_json(path, data, tmp_dir=self.root / TMP)
+
+    def sweep_tmp(self, *, older_than: float = 600.0) -> int:
+        """Remove temporary files of killed writers (older than `older_than` seconds: a live
+        writer holds one for milliseconds); returns how many."""
+        return sweep(self.root / TMP, older_than=older_than)
 
     def path(self, content: str, fingerprint: str, args: str = "") -> Path:
         arg = hashlib.sha256(args.encode()).hexdigest()[:8]
@@ -72,7 +105,7 @@ class FindingsCache:
 
     def put(self, content: str, fingerprint: str, findings: Findings, args: str = "") -> Path:
         path = self.path(content, fingerprint, args)
-        _write_json(path, findings.to_dict(with_png=True))
+        self._write(path, findings.to_dict(with_png=True))
         self.error_path(content, fingerprint, args).unlink(missing_ok=True)
         return path
 
@@ -80,12 +113,23 @@ class FindingsCache:
         path = self.path(content, fingerprint, args)
         return path.with_name(path.name.removesuffix(".json") + ".error.json")
 
-    def put_error(self, content: str, fingerprint: str, reason: str, args: str = "", *, status: str = "quarantined") -> Path:
+    def put_error(self, content: str, fingerprint: str, reason: str, args: str = "", *, status: str = "quarantined",
+                  transient: bool = False) -> Path:
         """Record why there are no findings (`status`: `quarantined` for a failure, `skipped`
-        for an item the expert does not take). Builds retry these; render reports them."""
+        for an item the expert does not take; `transient`: the environment's failure, which a
+        later build tries again). Render reports them."""
         path = self.error_path(content, fingerprint, args)
-        _write_json(path, {"status": status, "reason": reason})
+        self._write(path, {"status": status, "reason": reason, "transient": transient})
         return path
+
+    def settled(self, content: str, fingerprint: str, args: str = "") -> bool:
+        """Findings are cached, or a failure that running again would repeat."""
+        if self.has(content, fingerprint, args):
+            return True
+        try:
+            return not json.loads(self.error_path(content, fingerprint, args).read_text()).get("transient", True)
+        except (FileNotFoundError, ValueError):
+            return False
 
     def get_error(self, content: str, fingerprint: str, args: str = "") -> tuple[str, str] | None:
         """(status, reason) of a recorded failure, or None."""
@@ -101,24 +145,29 @@ class FindingsCache:
         path = self.path(content, fingerprint, args)
         return path.with_name(path.name.removesuffix(".json") + ".running.json")
 
-    def mark_running(self, content: str, fingerprint: str, build: str, args: str = "") -> None:
-        _write_json(self.running_path(content, fingerprint, args), {"build": build, "pid": os.getpid()})
+    def mark_running(self, content: str, fingerprint: str, build: str, args: str = "", *, tries: int = 1) -> None:
+        """Mark the step as running for `build`, as its `tries`-th try."""
+        mark = {"build": build, "tries": tries, "host": socket.gethostname(), "pid": os.getpid()}
+        self._write(self.running_path(content, fingerprint, args), mark)
 
     @contextmanager
-    def running(self, content: str, fingerprint: str, build: str, args: str = "") -> Iterator[None]:
+    def running(self, content: str, fingerprint: str, build: str, args: str = "", *, tries: int = 1) -> Iterator[None]:
         """Mark the run while the block runs. A mark of this build found when it starts means a
         process died in it before (out of memory, a crash in native code; Ray restarted the
-        worker and retried): `DiedHere` instead of running into the next crash. A mark of an
-        earlier build, killed as a whole, does not count: a resumed build runs the item again."""
+        worker and retried): after `tries` deaths, `DiedHere` instead of running into the next
+        crash. A mark of an earlier build, killed as a whole, does not count (a resumed build
+        runs the item again), nor does one whose process is still running here (the same step
+        of another item with the same files, at the same time)."""
         path = self.running_path(content, fingerprint, args)
         try:
-            died = json.loads(path.read_text()).get("build") == build
-        except (FileNotFoundError, ValueError, AttributeError):
-            died = False
-        if died:
+            mark = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            mark = {}
+        deaths = int(mark.get("tries", 1)) if isinstance(mark, dict) and mark.get("build") == build and not _alive_here(mark) else 0
+        if deaths >= tries:
             path.unlink(missing_ok=True)
-            raise DiedHere(content)
-        self.mark_running(content, fingerprint, build, args)
+            raise DiedHere(content, deaths)
+        self.mark_running(content, fingerprint, build, args, tries=deaths + 1)
         try:
             yield
         finally:
@@ -141,19 +190,11 @@ class FindingsCache:
         """Record expert configurations (dicts with at least `spec` and `fingerprint`); an
         entry with the same spec and fingerprint replaces the old one."""
         keep = [e for e in self.experts() if not any(_same(e, n) for n in entries)]
-        _write_json(self.registry_path, keep + entries)
+        self._write(self.registry_path, keep + entries)
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("spec") == b.get("spec") and a.get("fingerprint") == b.get("fingerprint")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write beside the final name and rename: readers see a whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))  # dict order kept: a legend is in drawing order
-    os.replace(tmp, path)
 
 
 def expert_infos_from_cache(spec: BuildSpec, cache: FindingsCache) -> dict[str, ExpertInfo]:

@@ -11,7 +11,6 @@ reason). The card's file counts add up: discovered = used + skipped + quarantine
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Any
 import pyarrow as pa
 
 from curation import __version__
+from curation.atomic import write_json as _write_json
 from curation.items import LEDGER_SCHEMA, LedgerEntry
 from curation.manifest import BuildSpec
-from curation.build.plan import ItemPlan, Plan, task_name
 from curation.rows import SCHEMA_VERSION, grounding_category, meta_counts
 from curation.store.public import Redactor, public_counts, public_manifest
-from curation.build.stages import Report
+from curation.store.report import ItemEntry, ItemReport
 
 BUILD_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("rows", pa.int64()))
 PACKAGES = ("curation", "expert_runners")
@@ -55,12 +54,18 @@ class ItemOutcome:
     rows: int
 
 
+@dataclass(slots=True, frozen=True)
+class ExpertEntry:
+    """An expert as the card names it."""
+
+    runner: str
+    fingerprint: str
+
+
 @dataclass
 class Tally:
     """Collects each item's report and rows as results stream in."""
 
-    plan: Plan
-    spec: BuildSpec
     outcomes: dict[str, ItemOutcome] = field(default_factory=dict)
     rows: dict[str, Counter[str]] = field(default_factory=lambda: {k: Counter() for k in ("split", "task", "expert", "modality", "source")})
     items_by_split: Counter[str] = field(default_factory=Counter)
@@ -72,7 +77,7 @@ class Tally:
     templates: dict[str, str] = field(default_factory=dict)
     answers: Counter[str] = field(default_factory=Counter)  # grounding: rows per answer source, hint disagreements
 
-    def record(self, plan: ItemPlan, report: Report, rows: pa.Table | None) -> ItemOutcome:
+    def record(self, entry: ItemEntry, report: ItemReport, rows: pa.Table | None) -> ItemOutcome:
         n = rows.num_rows if rows is not None else 0
         for name in ("split", "task", "modality", "source"):
             if n:
@@ -83,24 +88,24 @@ class Tally:
                 counts = meta_counts(rows["meta"].to_pylist())  # type: ignore[index]
                 self.answers.update({f"answer_from:{k}": v for k, v in counts["answer_from"].items()})
                 self.answers["hint_disagrees"] += counts["hint_disagrees"]
-            self.items_by_split[plan.split] += 1
-            self.patients_by_split.setdefault(plan.split, set()).add(plan.item.patient_key)
+            self.items_by_split[entry.split] += 1
+            self.patients_by_split.setdefault(entry.split, set()).add(entry.patient_key)
         self.seconds.update(report.seconds)
         self.runs.update(report.runs)
         self.cached.update(report.cached)
         self.templates.update(report.templates)
-        failed = [(status, reason) for _, _, status, reason in report.units if status != "used"]
+        failed = [(o.status, o.reason) for o in report.set_aside()]
         for status, reason in failed:
             self.set_aside[f"{status}: {reason}"] += 1
-        if not plan.units:
-            outcome = ItemOutcome("skipped", "; ".join(plan.notes) or "no conversation planned", 0)
+        if not entry.planned:
+            outcome = ItemOutcome("skipped", "; ".join(entry.notes) or "no conversation planned", 0)
         elif n:
-            note = f"{len(failed)} of {len(plan.units)} conversations set aside, e.g. {failed[0][1]}" if failed else ""
+            note = f"{len(failed)} of {entry.planned} conversations set aside, e.g. {failed[0][1]}" if failed else ""
             outcome = ItemOutcome("used", note, n)
         else:
             status = "quarantined" if any(s == "quarantined" for s, _ in failed) else "skipped"
             outcome = ItemOutcome(status, failed[0][1] if failed else "no rows", 0)
-        self.outcomes[plan.item.item_id] = outcome
+        self.outcomes[entry.item_id] = outcome
         return outcome
 
     @property
@@ -127,8 +132,8 @@ def build_ledger(index_ledger: list[LedgerEntry], tally: Tally, limited: set[str
 
 
 def dataset_card(
-    *, spec: BuildSpec, plan: Plan, tally: Tally, ledger: pa.Table, shards: list[Path], out: Path,
-    manifest_hash: str, code: str, wall: dict[str, float], actors: dict[str, dict[str, Any]],
+    *, spec: BuildSpec, indexed: int, planned_rows: int, experts: dict[str, ExpertEntry], tally: Tally, ledger: pa.Table,
+    shards: list[Path], out: Path, manifest_hash: str, code: str, wall: dict[str, float], actors: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     files = Counter(ledger["status"].to_pylist())
     items = Counter(o.status for o in tally.outcomes.values())
@@ -137,10 +142,10 @@ def dataset_card(
         "schema_version": SCHEMA_VERSION,
         "counts": {
             "files": {"discovered": ledger.num_rows, **{s: files.get(s, 0) for s in ("used", "skipped", "quarantined")}},
-            "items": {"indexed": len(plan.items), **{s: items.get(s, 0) for s in ("used", "skipped", "quarantined")},
+            "items": {"indexed": indexed, **{s: items.get(s, 0) for s in ("used", "skipped", "quarantined")},
                       "by_split": dict(sorted(tally.items_by_split.items()))},
             "patients": {"by_split": {s: len(p) for s, p in sorted(tally.patients_by_split.items())}},
-            "rows": {"total": tally.total_rows, "planned": plan.planned_rows(),
+            "rows": {"total": tally.total_rows, "planned": planned_rows,
                      **{f"by_{k}": dict(sorted(v.items())) for k, v in tally.rows.items()}},
             "shards": {"total": len(shards), "rows_per_shard": spec.output.rows_per_shard,
                        "files": [p.relative_to(out).as_posix() for p in shards]},
@@ -151,7 +156,7 @@ def dataset_card(
             name: {"runner": info.runner, "fingerprint": info.fingerprint, "runs": tally.runs.get(name, 0),
                    "cached": tally.cached.get(name, 0), "seconds": round(tally.seconds.get(f"expert:{name}", 0.0), 3),
                    **actors.get(name, {})}
-            for name, info in plan.experts.items()
+            for name, info in experts.items()
         },
         "timing": {
             "wall_s": {k: round(v, 3) for k, v in wall.items()},
@@ -160,9 +165,9 @@ def dataset_card(
         "provenance": {
             "code_version": code,
             "manifest_hash": manifest_hash,
-            "expert_fingerprints": {n: i.fingerprint for n, i in plan.experts.items()},
+            "expert_fingerprints": {n: i.fingerprint for n, i in experts.items()},
             "template_hashes": dict(sorted(tally.templates.items())),
-            "tasks": [task_name(t) for t in spec.tasks],
+            "tasks": [t.template for t in spec.tasks],
         },
         "manifest": public_manifest(spec),
     }
@@ -183,9 +188,5 @@ def grounding_section(tally: Tally) -> dict[str, Any]:
 
 
 def write_json(data: Any, path: Path) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """The card as people read it: indented, keys in the card's order."""
+    _write_json(path, data, indent=1)

@@ -10,6 +10,11 @@
         index.parquet, ledger.parquet   items and every discovered file with its fate
         cache/                          expert findings (`output.cache` moves it)
         preview_cache/                  findings `m3-curate preview` computed itself
+        build.lock                      held by the build writing this folder
+        plan/, spill/                   while a build runs: the items' input blocks for Ray, and
+                                        rows waiting for their shard
+      .dataset.new/, .dataset.old/      while a build runs: the dataset being written, and the
+                                        one it replaces for the instant of the swap
 
 Every command finds these paths here, so the build, `render`, `preview`, `export`, `finetune`
 and `eval` agree on them (`output.cache`, when the manifest sets it, wins over `--out`).
@@ -17,11 +22,11 @@ and `eval` agree on them (`output.cache`, when the manifest sets it, wins over `
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from curation.atomic import write_text
 from curation.errors import CurationError
 
 SHARD_GLOB = "part-*.parquet"
@@ -40,6 +45,7 @@ class Layout:
 
     out: Path
     cache_dir: Path | None = None
+    dataset_name: str = "dataset"
 
     @classmethod
     def of(cls, spec: Any, out: str | Path | None = None) -> Layout:
@@ -49,7 +55,17 @@ class Layout:
 
     @property
     def dataset(self) -> Path:
-        return self.out / "dataset"
+        return self.out / self.dataset_name
+
+    def staged(self) -> Layout:
+        """The same layout with the dataset in its staging folder, where a build writes it
+        before it replaces `dataset/` whole (`curation.store.output.publish`)."""
+        return replace(self, dataset_name=".dataset.new")
+
+    @property
+    def retired(self) -> Path:
+        """Where the replaced dataset waits for the instant of the swap."""
+        return self.out / ".dataset.old"
 
     @property
     def data(self) -> Path:
@@ -83,20 +99,24 @@ class Layout:
     def preview_cache(self) -> Path:
         return self.internal / "preview_cache"
 
+    @property
+    def lock(self) -> Path:
+        return self.internal / "build.lock"
+
+    @property
+    def spill(self) -> Path:
+        return self.internal / "spill"
+
+    @property
+    def plan_inputs(self) -> Path:
+        return self.internal / "plan"
+
     def mark_internal(self) -> None:
         """Write the note that tells a reader of `internal/` not to share it."""
         self.internal.mkdir(parents=True, exist_ok=True)
         note = self.internal / "README.md"
         if not note.is_file() or note.read_text() != INTERNAL_NOTE:
-            note.write_text(INTERNAL_NOTE)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the final name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            write_text(note, INTERNAL_NOTE)
 
 
 def shards_root(path: str | Path) -> Path:

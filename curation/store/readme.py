@@ -23,7 +23,8 @@ import yaml
 
 from curation.rows import ROW_SCHEMA
 from curation.store.hf import hf_yaml_features
-from curation.store.layout import SHARD_GLOB, Layout, write_atomic
+from curation.atomic import write_text
+from curation.store.layout import SHARD_GLOB, Layout
 
 SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
          (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
@@ -134,5 +135,5 @@ def dataset_readme(card: dict[str, Any], schema: pa.Schema = ROW_SCHEMA) -> str:
 def write_dataset_card(card: dict[str, Any], layout: Layout) -> None:
     """README.md, then dataset_card.json: the JSON card is written last, as the mark of a
     finished build."""
-    write_atomic(layout.readme, dataset_readme(card))
-    write_atomic(layout.card, json.dumps(card, indent=1) + "\n")
+    write_text(layout.readme, dataset_readme(card))
+    write_text(layout.card, json.dumps(card, indent=1) + "\n")

@@ -1,35 +1,38 @@
-"""Shard writing: `shards/<split>/part-NNNNN.parquet`, each written whole or not at all.
+"""Shard writing: `<split>/part-NNNNN.parquet`, each written whole, in position order, or not
+at all.
 
-The plan gives every conversation its shard and its position there before anything runs
-(a shard holds consecutive positions of one lane), so results may arrive in any order. Per
-shard the writer keeps a cursor: the next position to write. A row that arrives ahead of the
-cursor waits; when the cursor's conversation is accounted for (made, or set aside), the rows
-from the cursor on are appended in position order, `ROW_GROUP` rows per Parquet row group, to
-a temporary file that is renamed when the shard's last position is done. So:
+The plan gives every conversation its shard and its position before anything runs, so rows
+may arrive in any order; a shard is written when the last of its planned conversations is
+accounted for (made, or set aside). Until then its rows wait — in memory up to a budget of
+bytes for all shards together (`memory`), beyond it in spill files (Arrow IPC, one per spill,
+in `spill`), largest waiting sets first. So:
 
-- a half-written shard is never visible under its final name;
-- the same rows give the same bytes, whatever the arrival order (row groups are cut at fixed
-  counts of rows);
-- memory holds only rows that arrived ahead of a cursor (items still in flight before them)
-  plus less than one row group per open shard — not the shard, not the archive
-  (`peak_rows` records the most held at once);
+- memory holds at most `memory` bytes of waiting rows plus the shard being written (read
+  back from its spill files through a memory map): bounded by configuration, not by the
+  archive, however far a fast lane runs ahead of a slow one;
+- a half-written shard is never visible under its final name (`curation.atomic`);
+- the same rows give the same bytes, whatever the arrival order: rows are sorted by position
+  and cut into row groups of `ROW_GROUP` rows;
 - at the end, part files the plan does not have (an earlier build of another plan) go.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.atomic import replacing, storage_error
 from curation.rows import ROW_SCHEMA
 from curation.store.hf import schema_with_hf_metadata
 
 PART = "part-{:05d}.parquet"
 ROW_GROUP = 128
+SPILL_BYTES = 256 << 20  # rows waiting in memory, all shards together, before the largest sets spill
+PLACE = ("_shard", "_pos")  # the columns that say where a row goes; dropped when written
 
 
 def shard_path(root: Path, split: str, shard: int) -> Path:
@@ -37,117 +40,145 @@ def shard_path(root: Path, split: str, shard: int) -> Path:
 
 
 @dataclass
-class _Open:
-    """One shard being written."""
+class _Waiting:
+    """A shard's rows that wait for the rest of it: in memory (`tables`) and spilled."""
 
-    path: Path
-    start: int  # first position
-    count: int  # planned conversations
-    cursor: int  # next position to write
-    waiting: dict[int, pa.Table] = field(default_factory=dict)  # position → its row, ahead of the cursor
-    done: set[int] = field(default_factory=set)  # positions accounted for, ahead of the cursor
-    ready: list[pa.Table] = field(default_factory=list)  # rows in order, not yet in a row group
-    writer: pq.ParquetWriter | None = None
+    left: int  # planned conversations not yet accounted for
+    tables: list[pa.Table] = field(default_factory=list)
+    nbytes: int = 0
     rows: int = 0
-
-    @property
-    def tmp(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-
-    def ready_rows(self) -> int:
-        return sum(t.num_rows for t in self.ready)
-
-    def write(self, final: bool) -> None:
-        """Append full row groups (and, when `final`, the rest)."""
-        if not self.ready:
-            return
-        table = pa.concat_tables(self.ready)
-        cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP
-        if cut == 0:
-            return
-        if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, schema_with_hf_metadata(ROW_SCHEMA), compression="zstd")
-        self.writer.write_table(table.slice(0, cut).drop_columns(["_shard", "_pos"]).cast(ROW_SCHEMA), row_group_size=ROW_GROUP)
-        self.rows += cut
-        self.ready = [table.slice(cut)] if cut < table.num_rows else []
+    spills: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class ShardWriter:
-    """Writes placed rows (`stages.PLACED_SCHEMA`) into their shards.
+    """Writes placed rows (`stages.PLACED_SCHEMA`: the shard row plus `_shard`, `_pos`) into
+    their shards under `root`.
 
-    `planned`: (split, shard) → (first position, conversations planned).
+    `planned`: (split, shard) → (first position, conversations planned); `spill`: a folder
+    for rows that wait beyond `memory` bytes (default: `root/.spill`).
     """
 
     root: Path
     planned: dict[tuple[str, int], tuple[int, int]]
+    spill: Path | None = None
+    memory: int = SPILL_BYTES
     written: dict[tuple[str, int], int] = field(default_factory=dict)  # shard → rows written
-    peak_rows: int = 0
-    _open: dict[tuple[str, int], _Open] = field(default_factory=dict)
-    _held: int = 0
+    peak_rows: int = 0  # rows held in memory at most
+    spilled_rows: int = 0
+    _waiting: dict[tuple[str, int], _Waiting] = field(default_factory=dict)
+    _held_bytes: int = 0
+    _held_rows: int = 0
 
-    def _shard(self, key: tuple[str, int]) -> _Open:
-        if key not in self._open:
+    def _shard(self, key: tuple[str, int]) -> _Waiting:
+        found = self._waiting.get(key)
+        if found is None:
             if key in self.written:
                 raise RuntimeError(f"shard {key} is already written; a conversation was reported twice")
-            start, count = self.planned[key]
-            self._open[key] = _Open(path=shard_path(self.root, *key), start=start, count=count, cursor=start)
-        return self._open[key]
+            found = self._waiting[key] = _Waiting(left=self.planned[key][1])
+        return found
 
     def add(self, split: str, rows: pa.Table) -> None:
         """Rows of one item (any number, any shards of `split`); call `resolve` for the item next."""
-        for i in range(rows.num_rows):
-            row = rows.slice(i, 1)
-            self._shard((split, row["_shard"][0].as_py())).waiting[row["_pos"][0].as_py()] = row
-            self._held += 1
-        self.peak_rows = max(self.peak_rows, self._held)
+        if not rows.num_rows:
+            return
+        shards = rows.column("_shard").to_pylist()
+        groups: dict[int, list[int]] = {}
+        for i, shard in enumerate(shards):
+            groups.setdefault(shard, []).append(i)
+        for shard, indices in groups.items():
+            part = rows if len(groups) == 1 else rows.take(indices)
+            size = part.get_total_buffer_size()
+            w = self._shard((split, shard))
+            w.tables.append(part)
+            w.nbytes += size
+            w.rows += part.num_rows
+            self._held_bytes += size
+            self._held_rows += part.num_rows
+        self.peak_rows = max(self.peak_rows, self._held_rows)
+        if self._held_bytes > self.memory:
+            self._spill_largest()
 
-    def resolve(self, split: str, units: list[tuple[int, int]]) -> None:
+    def resolve(self, split: str, places: list[tuple[int, int]]) -> None:
         """(shard, position) of every planned conversation of an item, made or set aside."""
         touched = set()
-        for shard, pos in units:
+        for shard, _ in places:
             key = (split, shard)
-            self._shard(key).done.add(pos)
+            w = self._shard(key)
+            w.left -= 1
+            if w.left < 0:
+                raise RuntimeError(f"shard {key}: more conversations accounted for than planned (one reported twice)")
             touched.add(key)
         for key in sorted(touched):
-            self._advance(key)
+            if self._waiting[key].left == 0:
+                self._write(key)
 
-    def _advance(self, key: tuple[str, int]) -> None:
-        s = self._open[key]
-        while s.cursor in s.done:
-            s.done.remove(s.cursor)
-            row = s.waiting.pop(s.cursor, None)
-            if row is not None:
-                s.ready.append(row)
-            s.cursor += 1
-        if s.cursor == s.start + s.count:
-            before = s.ready_rows()
-            s.write(final=True)
-            self._held -= before
-            if s.writer is not None:
-                s.writer.close()
-                os.replace(s.tmp, s.path)
-            self.written[key] = s.rows  # 0: every conversation set aside, no file
-            del self._open[key]
-        elif s.ready_rows() >= ROW_GROUP:
-            before = s.ready_rows()
-            s.write(final=False)
-            self._held -= before - s.ready_rows()
+    def _spill_largest(self) -> None:
+        """Move waiting rows to disk, largest sets first, until half the budget is free."""
+        folder = self.spill or self.root / ".spill"
+        for key, w in sorted(self._waiting.items(), key=lambda kv: -kv[1].nbytes):
+            if self._held_bytes <= self.memory // 2:
+                break
+            if not w.tables:
+                continue
+            path = folder / f"{key[0]}-{key[1]:05d}-{len(w.spills):04d}.arrow"
+            table = pa.concat_tables(w.tables)
+            with replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+                out.write_table(table)
+            w.spills.append(path)
+            self.spilled_rows += table.num_rows
+            self._held_bytes -= w.nbytes
+            self._held_rows -= table.num_rows
+            w.tables, w.nbytes = [], 0
+
+    def _write(self, key: tuple[str, int]) -> None:
+        """The shard's rows, sorted by position, written in row groups and renamed into place."""
+        w = self._waiting.pop(key)
+        self._held_bytes -= w.nbytes
+        self._held_rows -= sum(t.num_rows for t in w.tables)
+        self.written[key] = w.rows  # 0: every conversation set aside, no file
+        if w.rows:
+            mapped = [pa.memory_map(str(p)) for p in w.spills]
+            try:
+                parts = [pa.ipc.open_file(m).read_all() for m in mapped] + w.tables
+                _write_sorted(pa.concat_tables(parts), shard_path(self.root, *key))
+            finally:
+                for m in mapped:
+                    m.close()
+        for p in w.spills:
+            p.unlink(missing_ok=True)
 
     def finish(self) -> list[Path]:
         """Check every shard was written and remove part files the plan does not have.
         Returns the shard files."""
         missing = sorted(k for k in self.planned if k not in self.written)
         if missing:
-            for s in self._open.values():
-                if s.writer is not None:
-                    s.writer.close()
-                    s.tmp.unlink(missing_ok=True)
+            self.abort()
             raise RuntimeError(f"shards never completed: {missing[:5]} (conversations lost between the stages and the writer)")
         keep = {shard_path(self.root, s, n) for (s, n), rows in self.written.items() if rows}
         if self.root.is_dir():
             for path in sorted(self.root.glob("*/*")):
-                if path.is_file() and path not in keep and (path.name.startswith("part-") or path.name.endswith(".tmp")):
+                if path.is_file() and path not in keep and path.name.startswith("part-"):
                     path.unlink()
         return sorted(keep)
+
+    def abort(self) -> None:
+        """Drop every waiting row and spill file (the build failed)."""
+        for w in self._waiting.values():
+            for p in w.spills:
+                p.unlink(missing_ok=True)
+        self._waiting.clear()
+        self._held_bytes = self._held_rows = 0
+
+
+def _write_sorted(table: pa.Table, path: Path) -> None:
+    table = table.combine_chunks()  # one chunk per column: `take` over thousands of small chunks is slow
+    order = pc.sort_indices(table["_pos"])
+    try:
+        with replacing(path) as tmp:
+            with pq.ParquetWriter(tmp, schema_with_hf_metadata(ROW_SCHEMA), compression="zstd") as writer:
+                for start in range(0, table.num_rows, ROW_GROUP):
+                    group = table.take(order.slice(start, ROW_GROUP)).drop_columns(list(PLACE)).cast(ROW_SCHEMA)
+                    writer.write_table(group, row_group_size=ROW_GROUP)
+    except OSError as e:  # pyarrow raises its own OSError subclasses without an errno
+        raise storage_error(path, e) from None

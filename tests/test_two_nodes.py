@@ -1,0 +1,89 @@
+"""A build on a two-node Ray cluster: two `ray start` processes on this machine with their own
+resources (a head and a worker, 2 CPUs each, one temp folder of their own so no other Ray on
+the machine sees them), the build run with `--address` from outside the cluster, as the
+README's cluster recipe does. Both nodes must have run experts, and the shards must be
+byte-identical to those of a build on an embedded local Ray.
+
+Inputs, the output folder and the cache are paths on this machine's file system, which both
+"nodes" see at the same paths, as shared storage mounted at one path on every node would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from build_helpers import demo_manifest
+from test_ray_job import free_ports, stop_head
+
+from curation.demo import write_demo_archive
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+BIN = Path(sys.executable).parent
+
+
+def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int) -> None:
+    """`ray start` for the head (`head`) or a worker joining it, every port its own."""
+    ports = iter(free_ports(8))
+    common = [f"--num-cpus={cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+              f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
+              f"--dashboard-agent-listen-port={next(ports)}", f"--dashboard-agent-grpc-port={next(ports)}",
+              f"--metrics-export-port={next(ports)}", f"--runtime-env-agent-port={next(ports)}",
+              "--object-store-memory=200000000"]
+    role = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={next(ports)}"] if head
+            else [f"--address=127.0.0.1:{gcs}"])
+    subprocess.run([str(BIN / "ray"), "start", *role, *common], env=env, check=True, capture_output=True, timeout=180)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    data = out / "dataset" / "data"
+    return {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.glob("*/part-*.parquet"))}
+
+
+def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(tmp_path):
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=2, seed=0)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    nodes_log = tmp_path / "nodes.log"
+    manifests = {}
+    for name in ("local", "cluster"):
+        data = demo_manifest(archive, tmp_path / name, counting=True)
+        for e in data["experts"]:  # a pool of two actors each: room for both nodes
+            e["actors"] = 2
+        manifests[name] = tmp_path / f"{name}.yaml"
+        manifests[name].write_text(yaml.safe_dump(data, sort_keys=False))
+
+    local = subprocess.run([sys.executable, "-m", "curation", "-q", "build", str(manifests["local"])], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    (gcs,) = free_ports(1)
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
+    try:
+        start_node(temp_dir, {**env, "M3_TEST_NODE_LOG": str(nodes_log)}, head=True, gcs=gcs, cpus=2)
+        start_node(temp_dir, {**env, "M3_TEST_NODE_LOG": str(nodes_log)}, head=False, gcs=gcs, cpus=2)
+        built = subprocess.run([sys.executable, "-m", "curation", "-q", "build", str(manifests["cluster"]),
+                                "--address", f"127.0.0.1:{gcs}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    ran_on = set(nodes_log.read_text().split())
+    assert len(ran_on) == 2, f"experts ran on {len(ran_on)} node(s)"
+    cluster, local_shards = shard_bytes(tmp_path / "cluster"), shard_bytes(tmp_path / "local")
+    assert cluster and cluster == local_shards
+    card = json.loads((tmp_path / "cluster" / "dataset" / "dataset_card.json").read_text())
+    assert card["counts"]["rows"]["total"] == json.loads((tmp_path / "local" / "dataset" / "dataset_card.json").read_text())["counts"]["rows"]["total"]
