@@ -1,4 +1,4 @@
-"""The shard row: one conversation, as trainers read it (DESIGN.md "Shard row").
+"""The shard row: one conversation, as trainers read it.
 
 `Conversation` is what a template renders; the pipeline adds the row's keys, split, findings
 and provenance and writes `ROW_SCHEMA` Parquet. Messages follow the multimodal chat format of

@@ -13,7 +13,7 @@ import pytest
 from render_factory import Demo
 
 from curation.audit import CALL_CLASH, audit, table
-from curation.build.plan import ItemPlan, Unit
+from curation.build.plan import ItemPlan, PlannedConversation
 from curation.build.stages import BuildContext, make_row
 from curation.cli import main
 from curation.render.renderer import Renderer, TemplateSkip
@@ -37,7 +37,7 @@ def rows(render_demo: Demo) -> list[dict]:
                 except TemplateSkip:
                     continue
                 plan = ItemPlan(item=item, split="train", lane=0)
-                row = make_row(ctx, plan, Unit(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, f)
+                row = make_row(ctx, plan, PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, f)
                 out.append({k: v for k, v in row.items() if not k.startswith("_")})
     return out
 

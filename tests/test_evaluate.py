@@ -15,7 +15,8 @@ from curation.finetune import closed as closed_module
 from curation.finetune import evaluate as ev
 from curation.finetune import scoring
 from curation.finetune.closed import Closed, closed_from_meta, closed_question
-from curation.finetune.data import iter_rows, shard_files
+from curation.finetune.data import iter_rows
+from curation.store.layout import shard_files
 from curation.finetune.scoring import TurnScorer, expectations, parse_calls
 from shards_factory import write_shards
 

@@ -14,10 +14,11 @@ import torch
 
 from curation.cli import main
 from curation.finetune.chat import ChatCollator
-from curation.finetune.data import ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.data import ShardStream, count_rows, iter_rows
+from curation.store.layout import shard_files
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
 from curation.finetune.machine import available_cpus, cpu_threads
-from curation.finetune.train import Progress, TrainConfig, checkpoints, prepare, steps_per_epoch, train
+from curation.finetune.train import StepLog, TrainConfig, checkpoints, prepare, steps_per_epoch, train
 from shards_factory import write_shards
 from vlm_families import labelled_runs, one_thread  # noqa: F401 (a fixture)
 
@@ -262,7 +263,7 @@ def test_cpu_threads_default_to_the_idle_cpus_this_process_may_use(monkeypatch):
 
 
 def test_progress_checkpoints_every_epoch_and_logs_the_time_left():
-    progress = Progress(start=2, steps=10, per_epoch=4, log_steps=5, save_steps=500, world_size=1)
+    progress = StepLog(start=2, steps=10, per_epoch=4, log_steps=5, save_steps=500, world_size=1)
     assert [d for d in range(3, 11) if progress.save_due(d)] == [4, 8, 10]
     assert [d for d in range(3, 11) if progress.log_due(d)] == [5, 10]
     metrics = progress.metrics(6, 1.5, 1e-3, rows=8)

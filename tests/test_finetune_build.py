@@ -17,7 +17,8 @@ from build_helpers import demo_manifest
 from curation.cli import main
 from curation.demo import write_demo_archive
 from curation.finetune.chat import ChatCollator
-from curation.finetune.data import count_rows, iter_rows, shard_files
+from curation.finetune.data import count_rows, iter_rows
+from curation.store.layout import shard_files
 from curation.finetune.train import TrainConfig, prepare, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

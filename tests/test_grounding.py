@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from render_factory import Demo
 
-from curation.build.plan import ItemPlan, Unit
-from curation.build.stages import BuildContext, Report, render_item
+from curation.build.plan import ItemPlan, PlannedConversation
+from curation.build.stages import BuildContext, render_item
 from curation.findings import png_digest
 from curation.manifest import BuildSpec, TaskSpec
 from curation.render import grounding
@@ -20,6 +20,7 @@ from curation.render.renderer import GroundingError, Renderer
 from curation.rows import grounding_category
 from curation.store.cache import FindingsCache, content_hash
 from curation.store.card import Tally, grounding_section
+from curation.store.report import ItemReport
 
 HEAD = "{#- declare\nkind: probe\nmodality: [CT]\nneeds: [structures, key_slice, overlay]\nimages: 2\n-#}\n"
 TRIGGER = ('{% turn "user" %}{{ model_card }}{{ image(scan) }}This is a CT image.\nWhat is there?{% endturn %}'
@@ -115,17 +116,18 @@ def test_the_build_sets_ungrounded_conversations_aside_and_counts_them(demo: Dem
     cache.put(content, "fp", demo.get(good, item, 0), "everything")
     ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={e.name: "fp" for e in spec.experts}, manifest_hash="m",
                        code_version="c", experts=demo.experts)
-    plan = ItemPlan(item=item, split="train", lane=0, units=[Unit(task=0, variant=0, arg="everything", shard=0, pos=0),
-                                                               Unit(task=1, variant=0, arg="everything", shard=0, pos=1)])
-    report = Report()
+    plan = ItemPlan(item=item, split="train", lane=0,
+                    conversations=[PlannedConversation(task=0, variant=0, arg="everything", shard=0, pos=0),
+                                   PlannedConversation(task=1, variant=0, arg="everything", shard=0, pos=1)])
+    report = ItemReport()
     rows = render_item(plan, content, ctx, report)
     assert rows.num_rows == 1 and rows["task"].to_pylist() == ["vista3d/segment_and_answer.j2"]
     meta = json.loads(rows["meta"][0].as_py())
     assert meta["answer_from"] is None and meta["calls"][0] == "<VISTA3D(everything)>"
-    (unit, status, reason), = [(u[:2], u[2], u[3]) for u in report.units if u[2] != "used"]
-    assert status == "quarantined" and grounding_category(reason) == category
-    tally = Tally(plan=None, spec=spec)  # type: ignore[arg-type]
-    tally.set_aside[f"{status}: {reason}"] += 1
+    aside, = report.set_aside()
+    assert (aside.task, aside.status) == (0, "quarantined") and grounding_category(aside.reason) == category
+    tally = Tally()
+    tally.set_aside[f"{aside.status}: {aside.reason}"] += 1
     assert grounding_section(tally)["set_aside"] == {category: 1}
 
 

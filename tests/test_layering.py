@@ -14,7 +14,6 @@ import ast
 from functools import cache
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("curation", "expert_runners")
@@ -32,9 +31,6 @@ SHARED = ("curation.manifest", "curation.items", "curation.findings", "curation.
           "curation.rows", "curation.expert_info")
 RULES.update({m: ("curation.ingest", "curation.render", "curation.build", "curation.store", "curation.finetune",
                   "expert_runners", "torch", "ray") for m in SHARED})
-
-# Edges that break a rule today, each with the work that removes it. Empty this list; never grow it.
-KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
@@ -91,7 +87,7 @@ def violations() -> list[tuple[str, str, str]]:
                 continue
             for target, via in reached(module).items():
                 bad = next((f for f in forbidden if _under(target, f)), None)
-                if bad and not _under(target, layer) and (module, bad) not in KNOWN:
+                if bad and not _under(target, layer):
                     found.setdefault((module, bad), via if _under(via, layer) or via == module else f"{via}, through {module}")
     return sorted((m, b, v) for (m, b), v in found.items())
 
@@ -100,11 +96,6 @@ def test_layers_import_only_what_lies_below_them():
     bad = violations()
     assert not bad, "layering broken:\n" + "\n".join(f"  {m} reaches {t} (imported by {v})" for m, t, v in bad)
 
-
-@pytest.mark.parametrize("module, target", sorted(KNOWN))
-def test_known_exceptions_still_exist(module, target):
-    """An entry of KNOWN that no longer breaks the rule must be removed from the list."""
-    assert any(_under(t, target) for t in reached(module)), f"{module} no longer reaches {target}: remove it from KNOWN"
 
 
 def test_the_rules_see_every_layer():

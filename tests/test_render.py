@@ -205,7 +205,7 @@ def fact_tumor_count(c, f, item, where):
 
 
 def fact_brats(c, f, item, where):
-    whole, core = f.structure("whole tumor"), f.structure("tumor core")
+    whole = f.structure("whole tumor")
     answer = last_answer(c)
     drawn = legend_stated(c, f, where)
     if len(drawn) == 3:

@@ -142,7 +142,7 @@ def test_plan_puts_a_patient_of_every_source_in_every_split(tmp_path):
     items = [item(i, n) for i, n in enumerate(hashed_train[:4])] + [item(10 + i, n, "ct", "CT") for i, n in enumerate(hashed_train[4:8])]
     plan = make_plan(s, items, INFOS)
     for source in ("cxr", "ct"):
-        assert {p.split for p in plan.items if p.item.source == source and p.units} == {"train", "val", "test"}
+        assert {p.split for p in plan.iter_items() if p.item.source == source and p.conversations} == {"train", "val", "test"}
 
 
 def test_fractional_weight_samples_with_the_seed():

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import torch
 
-from curation.finetune.data import iter_rows, shard_files
+from curation.finetune.data import iter_rows
+from curation.store.layout import shard_files
 from curation.finetune.tiny import build_tiny, message_texts, train_tokenizer
 
 HIDDEN = 64  # text width

@@ -176,14 +176,14 @@ def load_item(work: WorkItem, ctx: BuildContext) -> WorkItem:
     try:
         work.content = content_hash(plan.item, src.root)
     except OSError as e:
-        report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
+        report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e.strerror or e}"  # the ledger names the item
     else:
         work.missing = missing_findings(plan, work.content, ctx, cache, report)
         if work.missing:
             try:
                 work.volume = _voxels(plan, src, work.content, ctx, cache)
             except ItemError as e:
-                reason = f"load failed: {e}"
+                reason = f"load failed: {e.reason}"  # the ledger names the item
                 report.errors["load"] = reason
                 for expert, args in work.missing.items():
                     for arg in args:

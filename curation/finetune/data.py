@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from curation.errors import CurationError
-from curation.store.layout import shard_files
 
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 

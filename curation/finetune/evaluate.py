@@ -103,7 +103,8 @@ def evaluate(
     """Generate on the split's rows with the model in folder `model` and score every turn."""
     import pyarrow.parquet as pq
 
-    from curation.finetune.data import iter_rows, shard_files
+    from curation.finetune.data import iter_rows
+    from curation.store.layout import shard_files
 
     files = shard_files(data, split)
     net, processor = load_model(model, cpu_threads)

@@ -144,7 +144,8 @@ def build_tiny(
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from curation.finetune.data import iter_rows, shard_files
+    from curation.finetune.data import iter_rows
+    from curation.store.layout import shard_files
 
     out = Path(out)
     files = shard_files(data, "train")

@@ -19,7 +19,7 @@ position and the Ray wrapping stay in one place that reads top to bottom:
   checkpoint is never picked up) every `save_steps` steps, at the end of every epoch and at the
   end; `resume=True` continues from the newest one at its step and data position; the final
   model (LoRA merged) goes to `OUT/` with `train_summary.json`;
-- log lines give the step, epoch, loss, rows/s and the time left (`Progress`).
+- log lines give the step, epoch, loss, rows/s and the time left (`StepLog`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import torch
 
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
-from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows, shard_files
+from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows
+from curation.store.layout import shard_files
 from curation.finetune.machine import cpu_threads
 from curation.finetune.memory import gib, state_bytes
 from curation.finetune.processors import load_processor, save_processor
@@ -322,7 +323,7 @@ def _clock(seconds: float) -> str:
 
 
 @dataclass(slots=True)
-class Progress:
+class StepLog:
     """When to log and checkpoint, and the log line: step, epoch, loss, speed, time left."""
 
     start: int
@@ -362,7 +363,7 @@ class Run:
     collator: ChatCollator
     stepper: Stepper
     batches: Iterator[dict[str, Any]]
-    progress: Progress
+    progress: StepLog
 
 
 def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device, wrap: Callable | None) -> Run:
@@ -387,7 +388,7 @@ def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device
     return Run(
         rows, state, model, processor, collator, Stepper(model, optimizer, scheduler, config=config, device=device, world_size=world_size),
         iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)),
-        Progress(state["step"], steps, steps_per_epoch(config, rows, world_size), config.log_steps, config.save_steps, world_size),
+        StepLog(state["step"], steps, steps_per_epoch(config, rows, world_size), config.log_steps, config.save_steps, world_size),
     )
 
 

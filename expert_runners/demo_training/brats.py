@@ -23,7 +23,7 @@ import torch
 from curation.demo import SEQUENCES, brain_phantom
 from curation.demo.brain import BRAIN_SHAPE, BRAIN_SPACING
 from expert_runners.bundle import TransformStep
-from expert_runners.demo_training.common import (Progress, draws, fit, half_state_dict, metadata, seed_everything,
+from expert_runners.demo_training.common import (LossLog, draws, fit, half_state_dict, metadata, seed_everything,
                                                  training_record, write_bundle_folder)
 from expert_runners.volumetric import KEY, build_preprocessing, to_meta_tensor
 
@@ -64,7 +64,7 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
     """Train on brain phantoms `(seed, 0…cases−1)` and write the bundle folder `out`."""
     from monai.losses import DiceLoss
 
-    progress = Progress(NAME, steps)
+    progress = LossLog(NAME, steps)
     seed_everything(seed)
     pre = build_preprocessing(STEPS)
     data = [training_case(seed, c, pre) for c in range(cases)]

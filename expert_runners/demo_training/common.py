@@ -49,7 +49,7 @@ def check_seed(seed: int) -> None:
 
 
 @dataclass(slots=True)
-class Progress:
+class LossLog:
     """Prints `[name] step 40/300 loss 0.512 lr 1.9e-03 12 s` every `every` steps."""
 
     name: str
@@ -95,7 +95,7 @@ def draws(rng: np.random.Generator, count: int, size: int) -> Iterator[list[int]
 
 def fit(net: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float, weight_decay: float,
-        progress: Progress) -> None:
+        progress: LossLog) -> None:
     """`steps` steps of AdamW on the cosine schedule, one (input, target) batch each; the
     network is left in eval mode."""
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)

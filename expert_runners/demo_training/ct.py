@@ -33,7 +33,7 @@ import torch
 
 from curation.demo import CT_LABELS, ct_phantom
 from expert_runners.bundle import TransformStep
-from expert_runners.demo_training.common import (Progress, draws, fit, half_state_dict, metadata, seed_everything,
+from expert_runners.demo_training.common import (LossLog, draws, fit, half_state_dict, metadata, seed_everything,
                                                  training_record, write_bundle_folder)
 from expert_runners.vista3d import DEFAULT_SUBCLASS
 from expert_runners.volumetric import KEY, build_preprocessing, to_meta_tensor
@@ -99,7 +99,7 @@ def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path
     """Train on CT phantoms `(seed, 0…cases−1)` and write the bundle folder `out`."""
     from monai.losses import DiceLoss
 
-    progress = Progress(NAME, steps)
+    progress = LossLog(NAME, steps)
     seed_everything(seed)
     lut = np.zeros(256, dtype=np.int64)
     lut[CLASSES] = np.arange(len(CLASSES))

@@ -22,7 +22,7 @@ import torch
 
 from curation.demo import CXR_LABELS, FINDINGS, cxr_phantom
 from expert_runners.cxr import model_input, unit_scale
-from expert_runners.demo_training.common import (Progress, draws, fit, metadata, seed_everything, training_record,
+from expert_runners.demo_training.common import (LossLog, draws, fit, metadata, seed_everything, training_record,
                                                  write_bundle_folder)
 
 NAME = "cxr_demo"
@@ -56,7 +56,7 @@ def training_images(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(out: Path, *, seed: int, cases: int, steps: int = TRAIN_STEPS) -> Path:
     """Train on `IMAGES_PER_CASE × cases` chest X-ray phantoms of `seed` and write the bundle."""
-    progress = Progress(NAME, steps)
+    progress = LossLog(NAME, steps)
     seed_everything(seed)
     count = IMAGES_PER_CASE * cases
     inputs, labels = training_images(seed, count)
