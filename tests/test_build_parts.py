@@ -142,6 +142,7 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
     assert lines[0].endswith("eta ?") and lines[-1].endswith("eta 0:00")  # no estimate from the first item
 
 
+@pytest.mark.slow
 def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     """`--limit 0`: no item goes to Ray (none is started); the ledger says why each file is left."""
     archive = tmp_path / "archive"
@@ -169,6 +170,7 @@ def prepared(tmp_path):
     return spec, _prepare(spec, Layout(tmp_path / "out"), limit=None, infos=None)
 
 
+@pytest.mark.slow
 def test_an_item_whose_loading_killed_workers_of_this_build_is_set_aside(tmp_path):
     """Ray retries a load task whose process died; the retry finds the mark the dead process
     left and, after RUN_TRIES deaths, quarantines the item instead of loading it into the
@@ -194,6 +196,7 @@ def test_an_item_whose_loading_killed_workers_of_this_build_is_set_aside(tmp_pat
     assert not cache.running_path(content, LOADING).exists()
 
 
+@pytest.mark.slow
 def test_an_item_whose_rendering_killed_workers_of_this_build_is_set_aside(tmp_path):
     from curation.build.stages import RENDERING, RUN_TRIES, WorkItem, render_batch, table_from_bytes, work_items, work_table
 
@@ -207,6 +210,7 @@ def test_an_item_whose_rendering_killed_workers_of_this_build_is_set_aside(tmp_p
     assert not prep.ctx.cache().running_path(plan.item.item_id, RENDERING).exists()
 
 
+@pytest.mark.slow
 def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_path, monkeypatch):
     """A set-up that raises, or an actor that died SETUP_TRIES times setting up (Ray restarts
     it each time), leaves the stage broken: its items are set aside with the reason instead of
@@ -229,6 +233,7 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     assert stage.broken == "setting up the expert failed: RuntimeError: no such device"
 
 
+@pytest.mark.slow
 def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_path):
     """The driver writes each lane's working items as row groups of one file (one block per
     load task) instead of holding every block of the archive."""

@@ -58,6 +58,7 @@ def read_series(archive: Path, files: list[str]) -> list[pydicom.Dataset]:
 
 # --- determinism -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(archive: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     write_demo_archive(again, cases=CASES, seed=0)
@@ -97,6 +98,7 @@ def test_a_case_does_not_depend_on_the_archive_size(archive: Path, tmp_path: Pat
     assert case0 and all(a[k] == b[k] for k in case0)
 
 
+@pytest.mark.slow
 def test_rewriting_a_demo_archive_replaces_it_and_a_foreign_folder_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "a"
     write_demo_archive(out, cases=1, seed=3, cxr_images=2)

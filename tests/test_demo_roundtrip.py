@@ -27,6 +27,7 @@ def demo(tmp_path_factory) -> tuple[Path, object]:
     return root, load_manifest(manifest)
 
 
+@pytest.mark.slow
 def test_every_file_is_ledgered_exactly_once(demo):
     root, spec = demo
     index = build_index(spec)
@@ -53,6 +54,7 @@ def test_set_aside_files_have_distinct_reasons(demo):
     assert sum("truncated" in e.reason for e in ledger) == 1
 
 
+@pytest.mark.slow
 def test_ct_converts_to_the_generators_volume(demo, tmp_path):
     _, spec = demo
     index = build_index(spec)

@@ -22,6 +22,8 @@ from curation.items import source_path
 from fault_archive import (clean, corrupt_rle_series, files_under, huge_nifti_header, huge_rle_series, ledger, media_directory, png,
                            radiograph, run_cli, shareable_bytes, small_nifti, small_png)
 
+pytestmark = pytest.mark.slow  # every test runs `m3-curate index` or `convert` as a command on a hostile archive
+
 INDEX_TIMEOUT = 120  # seconds; a healthy index of these archives takes 1-3 s
 INDEX_PEAK_MIB = 700  # the command, its header-reading processes included (~100-150 MiB each)
 IDENTIFIERS = ("DOE", "JOHN", "MRN12345")

@@ -172,6 +172,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
     config = _config(shards, tiny, tmp_path / "straight", save_total_limit=5)
     straight = train(config)
@@ -221,6 +222,7 @@ def test_finetune_command_with_tiny_model(shards, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 3
 
 
+@pytest.mark.slow
 def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
     pytest.importorskip("peft")
     config = _config(shards, tiny, tmp_path / "lora", lora=True, lora_rank=4, max_steps=3, save_steps=2, gradient_checkpointing=True)

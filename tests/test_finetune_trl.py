@@ -27,6 +27,7 @@ def load_shards(data: Path, split: str):
     return ds
 
 
+@pytest.mark.slow
 def test_sft_trainer_trains_on_the_shards_unchanged(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer

@@ -65,6 +65,7 @@ def fill_build_cache(demo: Demo, out: Path) -> None:
             cache.put(content_hash(item, reader.root), runner.fingerprint(), f, args)
 
 
+@pytest.mark.slow
 def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path, capsys) -> None:
     fill_build_cache(demo, tmp_path / "out")
     page = tmp_path / "p.html"
@@ -133,6 +134,7 @@ def test_command_line(manifest: Path, tmp_path: Path, capsys) -> None:
         run(manifest, tmp_path / "x.html", template=str(tmp_path / "missing.j2"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
 def test_page_opens_in_headless_chromium_with_its_images(manifest: Path, tmp_path: Path) -> None:
     page = tmp_path / "p.html"

@@ -367,6 +367,7 @@ def test_images_follow_the_slots(renderer: Renderer, demo: Demo) -> None:
     assert c.images == [sequences["T1c"], sequences["T1"], sequences["T2"], sequences["FLAIR"], overlay]
 
 
+@pytest.mark.slow
 def test_same_seed_same_rows_other_seed_other_text(demo: Demo) -> None:
     a, b = Renderer(demo.spec, experts=demo.experts), Renderer(demo.spec, experts=demo.experts)
     other = Renderer(BuildSpec.model_validate({**demo.spec.model_dump(), "seed": demo.spec.seed + 1}), experts=demo.experts)
@@ -397,6 +398,7 @@ def normalised_question(c: Conversation) -> str:
     return q
 
 
+@pytest.mark.slow
 def test_at_least_five_question_phrasings_per_kind(demo: Demo) -> None:
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     for seed in range(4):

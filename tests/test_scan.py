@@ -52,6 +52,7 @@ def scan_bytes(manifest: Path, out: Path, runner) -> tuple[str, str]:
     return digest(index), digest(ledger)
 
 
+@pytest.mark.slow
 def test_same_bytes_whatever_the_cut_and_the_processes(manifest: Path, tmp_path: Path, monkeypatch) -> None:
     """One batch and one group task in this process, against batches of 7 files (every CT series
     spans several) and group tasks of 20 records in a pool of 2 processes, with row groups of 50."""

@@ -87,6 +87,7 @@ def run_bounded(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_a_hostile_template_ends_as_a_template_error_in_bounded_memory(tmp_path: Path, name: str) -> None:
     body, message = ATTACKS[name]
@@ -101,6 +102,7 @@ def test_a_hostile_template_ends_as_a_template_error_in_bounded_memory(tmp_path:
     assert result["peak_mb"] < RSS_LIMIT_MB, f"{name}: peak memory {result['peak_mb']:.0f} MB"
 
 
+@pytest.mark.slow
 def test_a_hostile_template_through_preview_is_a_failing_sample(render_demo, tmp_path: Path) -> None:
     """The command line: `preview --template` of a template whose loops never end shows the
     error on its sample, and the command says a sample failed (exit status 1) instead of hanging."""

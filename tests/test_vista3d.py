@@ -73,6 +73,7 @@ def test_reads_the_published_config(tmp_path):
     assert set(r.arguments()) == {"everything", *label_groups()}
 
 
+@pytest.mark.slow  # the full-size vista3d network: 870 MB of weights to make and load
 def test_hepatic_tumor_findings(runner, ct):
     item, volume = ct
     findings = runner.run(ExpertInput(item, volume), "hepatic tumor")
@@ -91,6 +92,7 @@ def test_hepatic_tumor_findings(runner, ct):
         assert all(0 <= lo < hi <= n for lo, hi, n in zip(s["bbox"][:3], s["bbox"][3:], volume.array.shape))
 
 
+@pytest.mark.slow  # the full-size vista3d network: 870 MB of weights to make and load
 def test_label_map_on_original_grid_with_subclasses(runner, ct):
     _, volume = ct
     arg, prompt = runner.prompt("lung tumor")
@@ -100,6 +102,7 @@ def test_label_map_on_original_grid_with_subclasses(runner, ct):
     assert set(np.unique(label_map).tolist()) <= {0, 23, 28, 29, 30, 31, 32}  # 20 expanded to its lobes
 
 
+@pytest.mark.slow  # the full-size vista3d network: 870 MB of weights to make and load
 def test_unknown_argument_names_item_and_choices(runner, ct):
     item, volume = ct
     with pytest.raises(ItemError) as e:
