@@ -25,9 +25,10 @@ the keys of `META_KEYS` (the README's "Rows" section shows an example):
 - `facts`: every fact an answer states: `{"turn", "text", "shown": {"image", "label", "colour",
   "absent"} or null, "given": {"turn"} or null}` — shown in a picture (index into the row's
   `images`) before that turn, or given by the text of an earlier turn;
-- `images`: per image of the row, the picture it is: `{"kind", "slice", "of", "labels",
-  "truth", "digest", "turn"}` (`labels`: structures on it in the expert's label map, the
-  ones drawn on an overlay; `truth`: those in the reference, or null);
+- `images`: per image of the row, in order, the picture it is: `{"kind", "slice", "of",
+  "labels", "truth", "digest", "turn", "index"}` (`labels`: structures on it in the expert's
+  label map, the ones drawn on an overlay; `truth`: those in the reference, or null; `index`:
+  which of the findings' pictures it is, so audit can compare it with them);
 - `legends`: each colour legend a user turn states: `{"turn", "image", "entries": [[colour,
   names], …]}`;
 - `prompt`: `{"card": the model card opens the first user turn, "results": the first user
