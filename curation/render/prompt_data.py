@@ -17,6 +17,7 @@ import hashlib
 import logging
 import re
 import string
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,11 @@ def load_cards(roots: list[Path]) -> dict[str, dict[str, dict[str, str]]]:
     return merged
 
 
+@cache  # once per process: the driver makes more than one renderer
+def _say_no_card(name: str, runner: str) -> None:
+    log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", name, runner)
+
+
 def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str, str]]],
                  called: set[str] | None = None, families: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The cards of the manifest's experts that some task calls (all of them when `called` is
@@ -130,7 +136,7 @@ def expert_cards(experts: list[ExpertSpec], cards: dict[str, dict[str, dict[str,
         found = (("experts", e.name) if e.name in cards["experts"] else ("runners", e.runner) if e.runner in cards["runners"]
                  else ("runners", family) if family in cards["runners"] else None)
         if found is None:
-            log.info("expert %s (runner %s) has no model card, so it is not listed in the model card", e.name, e.runner)
+            _say_no_card(e.name, e.runner)
             continue
         if called is not None and e.name not in called:
             continue
