@@ -5,10 +5,11 @@
 For each task (all of the manifest's, the one named by `--task`, or a template file that no task
 names yet, `--template`), the first N items of its source are rendered: per sample the images
 (overlays included) beside the turns, the meta, the findings, and the template's source once
-per task. Findings come from the build's cache (`<out>/cache`, as `m3-curate build` left it)
-when it has them; otherwise the experts run here, in this process, on those items only, and the
-results are kept in `<out>/preview_cache` for the next preview (never in the build's cache: a
-build computes its own). Template errors are shown on the page, at the sample they hit.
+per task. Findings come from the build's cache (`Layout.cache`: `<out>/internal/cache` or the
+manifest's `output.cache`, as `m3-curate build` left it) when it has them; otherwise the
+experts run here, in this process, on those items only, and the results are kept in
+`<out>/internal/preview_cache` for the next preview (never in the build's cache: a build
+computes its own). Template errors are shown on the page, at the sample they hit.
 
 The page is one self-contained file (images inline as data: URIs); a line at the top counts the
 images the browser loaded.
