@@ -176,6 +176,7 @@ def test_card_counts_add_up_and_match_shards(built):
     assert c["rows"]["planned"] == table.num_rows + sum(c["set_aside"].values())
     assert c["shards"]["files"] == [f.relative_to(built.out / "dataset").as_posix() for f in files] and c["shards"]["total"] == len(files)
     assert all(pq.read_metadata(f).num_rows <= card["manifest"]["output"]["rows_per_shard"] for f in files)
+    assert set(c["shards"]["bytes_by_split"]) == {f.parent.name for f in files} and all(n > 0 for n in c["shards"]["bytes_by_split"].values())
     items = c["items"]
     assert items["indexed"] == items["used"] + items["skipped"] + items["quarantined"]
     assert sum(items["by_split"].values()) == items["used"] == len(set(table["item_id"].to_pylist()))

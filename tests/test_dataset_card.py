@@ -56,7 +56,7 @@ def card(splits=("train", "val")) -> dict:
         "counts": {"files": {"discovered": 9, "used": 7, "skipped": 1, "quarantined": 1},
                    "items": {"used": 4, "by_split": {s: 2 for s in splits}}, "patients": {"by_split": {s: 1 for s in splits}},
                    "rows": {"total": sum(rows.values()), "by_split": rows, "by_task": {"findings/volume.j2": 6}, "by_modality": {"CT": 6}},
-                   "shards": {"files": [f"data/{s}/part-00000.parquet" for s in splits]},
+                   "shards": {"files": [f"data/{s}/part-00000.parquet" for s in splits], "bytes_by_split": {s: 1000 for s in splits}},
                    "set_aside": {"quarantined: <path>: truncated": 1}},
         "experts": {"CTTissue": {"runner": "ct_tissue", "fingerprint": "0123456789abcdef", "runs": 4, "cached": 0}},
         "provenance": {"code_version": "0.1.0+abc", "manifest_hash": "feedface"},
@@ -73,7 +73,10 @@ def test_the_readme_front_matter_is_a_valid_hub_card():
     assert meta["license"] == "cc-by-4.0" and meta["size_categories"] == ["n<1K"]
     assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train/part-*.parquet"},
                                                                           {"split": "val", "path": "data/val/part-*.parquet"}]}]
-    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_examples": 3}, {"name": "val", "num_examples": 3}]
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 1000, "num_examples": 3},
+                                              {"name": "val", "num_bytes": 1000, "num_examples": 3}]
+    info = datasets.DatasetInfo._from_yaml_dict(meta["dataset_info"])  # what load_dataset reads (no "malformed splits" warning)
+    assert {name: (s.num_examples, s.num_bytes) for name, s in info.splits.items()} == {"train": (3, 1000), "val": (3, 1000)}
     assert datasets.Features._from_yaml_list(meta["dataset_info"]["features"]) == datasets.Features.from_dict(hf_features(ROW_SCHEMA))
     body = parsed.text
     for needle in ("Phantoms only.", "`findings/volume.j2`", "`0123456789abcdef`", "split by patient", "`cc-by-4.0`", "1 × quarantined"):

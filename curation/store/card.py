@@ -131,6 +131,18 @@ def build_ledger(index_ledger: list[LedgerEntry], tally: Tally, limited: set[str
     return pa.Table.from_pylist(rows, schema=BUILD_LEDGER_SCHEMA)
 
 
+def split_bytes(shards: list[Path]) -> dict[str, int]:
+    """Uncompressed bytes of each split's rows (from the Parquet footers): the `num_bytes` the
+    Hub's split metadata asks for, which is the rows' size in memory, not on disk."""
+    import pyarrow.parquet as pq
+
+    out: Counter[str] = Counter()
+    for shard in shards:
+        meta = pq.read_metadata(shard)
+        out[shard.parent.name] += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    return dict(sorted(out.items()))
+
+
 def dataset_card(
     *, spec: BuildSpec, indexed: int, planned_rows: int, experts: dict[str, ExpertEntry], tally: Tally, ledger: pa.Table,
     shards: list[Path], out: Path, manifest_hash: str, code: str, wall: dict[str, float], actors: dict[str, dict[str, Any]],
@@ -148,7 +160,7 @@ def dataset_card(
             "rows": {"total": tally.total_rows, "planned": planned_rows,
                      **{f"by_{k}": dict(sorted(v.items())) for k, v in tally.rows.items()}},
             "shards": {"total": len(shards), "rows_per_shard": spec.output.rows_per_shard,
-                       "files": [p.relative_to(out).as_posix() for p in shards]},
+                       "files": [p.relative_to(out).as_posix() for p in shards], "bytes_by_split": split_bytes(shards)},
             "set_aside": public_counts(tally.set_aside, Redactor.of(spec, ledger["uri"].to_pylist())),
         },
         "grounding": grounding_section(tally),

@@ -44,6 +44,7 @@ def front_matter(card: dict[str, Any], schema: pa.Schema = ROW_SCHEMA) -> dict[s
     """The card's YAML metadata: licence, configs with the split files, features, splits."""
     splits = sorted({Path(f).parent.name for f in card["counts"]["shards"]["files"]})
     by_split = card["counts"]["rows"]["by_split"]
+    sizes = card["counts"]["shards"].get("bytes_by_split", {})
     manifest = card.get("manifest", {})
     meta: dict[str, Any] = {
         "pretty_name": card["name"],
@@ -57,7 +58,7 @@ def front_matter(card: dict[str, Any], schema: pa.Schema = ROW_SCHEMA) -> dict[s
         meta["configs"] = [{"config_name": "default",
                             "data_files": [{"split": s, "path": f"data/{s}/{SHARD_GLOB}"} for s in splits]}]
     meta["dataset_info"] = {"features": hf_yaml_features(schema),
-                            "splits": [{"name": s, "num_examples": by_split.get(s, 0)} for s in splits]}
+                            "splits": [{"name": s, "num_bytes": sizes.get(s, 0), "num_examples": by_split.get(s, 0)} for s in splits]}
     return meta
 
 
