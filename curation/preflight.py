@@ -1,8 +1,8 @@
 """Every mistake a manifest or a command line can hold that shows without running an expert,
 found in a second, before Ray or any model starts.
 
-A build used to meet a missing folder 10–80 s in, after Ray had started, with a message that
-did not say which key of which manifest was wrong. Here each check is cheap (a `stat`, a walk
+Without it a build would meet a missing folder only once Ray had started and the experts were
+loading, tens of seconds in. Here each check is cheap (a `stat`, a walk
 that stops at the first file it would use, reading template declarations) and its message is one
 line naming the manifest file and the key, e.g.
 
