@@ -15,10 +15,10 @@ import torch
 from curation.cli import main
 from curation.finetune.chat import ChatCollator
 from curation.finetune.data import ShardStream, count_rows, iter_rows
-from curation.store.layout import shard_files
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
 from curation.finetune.machine import available_cpus, cpu_threads
 from curation.finetune.train import StepLog, TrainConfig, checkpoints, prepare, steps_per_epoch, train
+from curation.store.layout import shard_files
 from shards_factory import write_shards
 from vlm_families import labelled_runs, one_thread  # noqa: F401 (a fixture)
 

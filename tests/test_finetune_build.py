@@ -18,8 +18,8 @@ from curation.cli import main
 from curation.demo import write_demo_archive
 from curation.finetune.chat import ChatCollator
 from curation.finetune.data import count_rows, iter_rows
-from curation.store.layout import shard_files
 from curation.finetune.train import TrainConfig, prepare, train
+from curation.store.layout import shard_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]

@@ -22,10 +22,10 @@ from curation.cli import main
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import iter_rows
-from curation.store.layout import shard_files
 from curation.finetune.lora import lora_config, model_parts
 from curation.finetune.processors import has_torchvision, load_processor, save_processor
 from curation.finetune.train import TrainConfig, prepare, train
+from curation.store.layout import shard_files
 
 NAMES = list(FAMILIES)
 

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from curation.finetune.data import iter_rows
-from curation.store.layout import shard_files
 from curation.finetune.tiny import build_tiny, message_texts, train_tokenizer
+from curation.store.layout import shard_files
 
 HIDDEN = 64  # text width
 VISION = 32  # vision width (≠ HIDDEN, as in real models)

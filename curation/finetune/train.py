@@ -40,10 +40,10 @@ import torch
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows
-from curation.store.layout import shard_files
 from curation.finetune.machine import cpu_threads
 from curation.finetune.memory import gib, state_bytes
 from curation.finetune.processors import load_processor, save_processor
+from curation.store.layout import shard_files
 
 log = logging.getLogger(__name__)
 
