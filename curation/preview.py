@@ -186,9 +186,9 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
             return TaskSpec(template=name, source=source.name, weight=1.0)
         used = [t.expert for t in spec.tasks if t.source == source.name and t.expert]
         for expert in sorted(spec.experts, key=lambda e: (e.name not in used, used.index(e.name) if e.name in used else 0)):
-            from expert_runners.base import runner_class
+            from expert_runners.base import make_runner
 
-            got = runner_class(expert.runner).PROVIDES
+            got = make_runner(expert.without_placement(), image_max_side=spec.output.image_max_side).provides()  # its options count
             if got is not None and not set(d.needs) <= got:
                 continue
             args = next((t.args for t in spec.tasks if t.source == source.name and t.expert == expert.name

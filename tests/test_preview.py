@@ -20,10 +20,14 @@ from curation.store.cache import FindingsCache, content_hash
 from curation.cli import main
 from curation.errors import CurationError
 from curation.ingest import readers_for
+from curation.manifest import BuildSpec
 from curation.build.plan import ExpertInfo, spec_json
 from curation.preview import preview_command
+from curation.render.renderer import Renderer
 from curation.render.templates import BUILTIN_PROMPTS
 from expert_runners.base import ExpertInput, make_runner
+
+BUNDLES = Path(__file__).resolve().parents[1] / "expert_runners" / "demo_bundles"
 
 CHROMIUM = Path("/usr/bin/chromium")
 TASKS = [
@@ -114,6 +118,26 @@ def test_one_task_and_a_template_file_no_task_names(demo: Demo, manifest: Path, 
     text = page.read_text()
     assert "<h2>tumour_draft.j2</h2>" in text and "expert VISTA3D, args [&#x27;hepatic tumor&#x27;" in text
     assert text.count("class='sample'") == 2 and "class='error'" not in text
+
+
+def test_a_template_file_goes_only_to_an_expert_whose_options_give_what_it_needs(demo: Demo) -> None:
+    """BRATS without sequence pictures (`sequence_images: false`) cannot give four_sequences'
+    `sequence`: what an expert gives is asked of the configured runner, not of its class."""
+    from curation.preview import _task_for
+
+    def spec(sequence_images: bool) -> BuildSpec:
+        data = demo.spec.model_dump(mode="json")
+        data["experts"] = [{"name": "CT_TISSUE", "runner": "ct_tissue"},
+                           {"name": "BRATS", "runner": "brats", "bundle": str(BUNDLES / "brats_demo"),
+                            "options": {"sequence_images": sequence_images}}]
+        data["tasks"] = [{"template": "findings/volume.j2", "source": "ct", "expert": "CT_TISSUE"}]
+        return BuildSpec.model_validate(data)
+
+    with_sequences = spec(True)
+    assert _task_for(with_sequences, Renderer(with_sequences), "brats/four_sequences.j2").expert == "BRATS"
+    without = spec(False)
+    with pytest.raises(CurationError, match="no source and expert of manifest .* fit its declaration"):
+        _task_for(without, Renderer(without), "brats/four_sequences.j2")
 
 
 def test_template_errors_show_on_the_page(manifest: Path, tmp_path: Path) -> None:
