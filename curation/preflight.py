@@ -182,10 +182,11 @@ def _taker(s: Any) -> Callable[[str], bool]:
         from curation.ingest.nifti import NIFTI_SUFFIXES
 
         return lambda rel: rel.lower().endswith(NIFTI_SUFFIXES)
-    if kind == "image2d":
+    if kind == "image2d":  # pictures by suffix; DICOM by suffix, or any file not named as something else
+        from curation.ingest.dicom import NOT_DICOM_SUFFIXES
         from curation.ingest.image2d import PICTURE_SUFFIXES
 
-        return lambda rel: rel.lower().endswith((*PICTURE_SUFFIXES, ".dcm", ".dicom"))
+        return lambda rel: rel.lower().endswith(PICTURE_SUFFIXES) or not rel.lower().endswith(NOT_DICOM_SUFFIXES)
     if kind == "nifti_group":
         from curation.ingest.nifti import pattern_regex
 

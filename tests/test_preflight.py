@@ -104,3 +104,12 @@ def test_a_build_stops_on_a_mistake_before_ray_starts(scene, monkeypatch):
     monkeypatch.setattr(pipeline, "ray_session", lambda *a, **k: pytest.fail("Ray started before the manifest was checked"))
     with pytest.raises(CurationError, match=r"tasks\[0\].template: no template 'findings/nope.j2'"):
         pipeline.build(manifest(scene, x=lambda d: d["tasks"][0].update(template="findings/nope.j2")), progress=False)
+
+
+def test_a_source_is_looked_for_with_its_readers_own_file_rule(scene):
+    """image2d takes DICOM files without an extension (`IM0001`), as its reader does."""
+    from curation.preflight import _taker
+
+    takes = _taker(load_manifest(manifest(scene)).source("cxr"))
+    assert takes("a.png") and takes("IM0001") and takes("b.dcm")
+    assert not takes("labels.csv") and not takes("notes.txt")
