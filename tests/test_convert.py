@@ -66,3 +66,18 @@ def test_compressed_bytes_depend_on_the_voxels_alone(tmp_path: Path) -> None:
     b = write_nifti(tmp_path / "b.nii.gz", data, np.eye(4)).read_bytes()
     assert a == b and a[:2] == b"\x1f\x8b"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["x.nii", "x.nii.gz"])
+def test_a_write_that_fails_midway_leaves_no_file_behind(tmp_path: Path, name: str, monkeypatch) -> None:
+    """`convert` sets such an item aside and goes on: neither a partial NIfTI nor a temporary file stays."""
+    from curation.ingest import nifti_write
+
+    def fail(out, header, array):
+        out.write(header)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nifti_write, "_write_all", fail)
+    with pytest.raises(Exception, match="No space left on device"):
+        write_nifti(tmp_path / name, np.zeros((4, 4, 4), np.int16), np.eye(4))
+    assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from curation.atomic import replacing
+
 HEADER_SIZE = 348
 VOX_OFFSET = 352  # the header and four bytes saying "no extensions"
 DATATYPES: dict[str, int] = {"uint8": 2, "int16": 4, "int32": 8, "float32": 16, "float64": 64, "int8": 256, "uint16": 512,
@@ -92,14 +94,12 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, *, compress: 
     if compress is None:
         compress = path.name.endswith(".gz")
     header = nifti1_header(array.shape, array.dtype, affine)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as raw:
+    with replacing(path) as tmp, open(tmp, "wb") as raw:  # a failed write leaves no partial file
         if compress:
             with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:  # no name, no time
                 _write_all(out, header, array)
         else:
             _write_all(raw, header, array)
-    tmp.replace(path)
     return path
 
 
