@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from curation.findings import Findings, Image
-from curation.imaging import axial, ct_window, encode_png, percentile_normalise
+from curation.imaging import ct_window, encode_png, percentile_normalise, reorient
 from expert_runners.base import ExpertInput, ExpertRunner, phase
 
 
@@ -65,9 +65,10 @@ class PictureRunner(ExpertRunner):
                 picture, z, caption = picture_2d(array), None, "the image"
             else:
                 volume = array if array.ndim == 3 else array[..., 0]
-                z = volume.shape[2] // 2  # the middle slice (axial: LPS keeps the slice axis)
                 gray = ct_window(volume) if inp.item.modality == "CT" else percentile_normalise(volume)
-                picture, caption = axial(gray, np.asarray(inp.volume.affine), z), f"axial slice {z}"
+                lps, _ = reorient(gray, np.asarray(inp.volume.affine), "LPS")  # whatever axis the series was stored along
+                z = lps.shape[2] // 2  # the middle axial slice
+                picture, caption = np.ascontiguousarray(lps[:, :, z].T), f"axial slice {z}"
             png = encode_png(picture, self.image_max_side)
         return Findings(expert=self.name, runner=self.runner, arg=arg, modality=inp.item.modality,
                         images=[Image(kind="key_slice", png=png, slice=z, caption=caption)])

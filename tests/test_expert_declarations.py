@@ -105,6 +105,18 @@ def test_picture_runner_gives_the_item_picture() -> None:
         assert PILImage.open(io.BytesIO(f.images[0].png)).size[::-1] == size  # (rows, columns)
 
 
+def test_picture_runner_shows_the_middle_axial_slice_whatever_axis_the_series_is_stored_along() -> None:
+    """A sagittal series (first voxel axis: left–right, last: anterior–posterior): the picture is
+    the middle slice along the patient's head–foot axis, shown as an axial picture."""
+    runner = make_runner(ExpertSpec(name="Picture", runner="picture"))
+    sagittal = np.array([[0, 0, -1, 0], [0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # i → S, j → P, k → L (RAS)
+    volume = np.zeros((30, 20, 10), np.float32)  # 30 head–foot, 20 front–back, 10 left–right
+    volume[15] = 100.0  # the middle axial plane lit
+    f = runner.run(ExpertInput(item(), Volume(volume, sagittal)))
+    picture = np.asarray(PILImage.open(io.BytesIO(f.images[0].png)))
+    assert f.images[0].slice == 15 and picture.shape[:2] == (20, 10) and picture.min() > 0  # all of it in the lit plane
+
+
 def test_a_plug_in_subclass_keeps_its_built_in_family() -> None:
     from expert_runners.base import family
     from expert_runners.ct_tissue import CtTissueRunner
