@@ -180,5 +180,5 @@ def _write_sorted(table: pa.Table, path: Path) -> None:
                 for start in range(0, table.num_rows, ROW_GROUP):
                     group = table.take(order.slice(start, ROW_GROUP)).drop_columns(list(PLACE)).cast(ROW_SCHEMA)
                     writer.write_table(group, row_group_size=ROW_GROUP)
-    except OSError as e:  # pyarrow raises its own OSError subclasses without an errno
+    except OSError as e:  # a storage failure whatever its errno: pyarrow's may carry none (an error on close)
         raise storage_error(path, e) from None
