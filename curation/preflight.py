@@ -58,8 +58,8 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
     the template check learns what each expert gives — from the runners themselves (`describe`:
     constructed, options validated, weight files hashed for the fingerprint but never loaded;
     each file once per process), only from what a build recorded in the cache (`cached`:
-    `render` constructs no runner), or the cache first and the runners for experts it has not
-    recorded (`cached_or_describe`: `build`)."""
+    `render` constructs no runner), or the cache when it has every expert recorded, else the
+    runners (`cached_or_describe`: `build`)."""
     memo = json.dumps([spec.model_dump(mode="json"), str(manifest), str(out), rows, outputs, experts], sort_keys=True)
     if memo in _PASSED:
         return
