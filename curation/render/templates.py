@@ -186,13 +186,13 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         if budget is None:
             return super().call(context, obj, *args, **kwargs)
         budget.step()
+        if getattr(obj, "checks_its_budget", False):  # `wrap_str_format`'s wrapper checks its own
+            return super().call(context, obj, *args, **kwargs)
         name = str(getattr(obj, "__name__", "a call")).removeprefix("safe_")
         check_arguments(args, kwargs, name)
         if isinstance(owner, (str, bytes)):
             if name == "replace" and len(args) >= 2:
                 check_replace(owner, *args[:3])
-            elif name in ("format", "format_map"):
-                check_format(owner, name)
             elif name == "join" and args:
                 args = (list(args[0]), *args[1:])
                 check_join(args[0], owner, "join")
@@ -223,6 +223,8 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
             result = wrapped(*args, **kwargs)
             return result if budget is None else budget.value(result, name)  # type: ignore[no-any-return]
 
+        checked.__name__ = name  # errors name the method the template called
+        checked.checks_its_budget = True  # type: ignore[attr-defined]
         return checked
 
     def output_buffer(self) -> OutputBuffer:
