@@ -118,8 +118,6 @@ class Findings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Findings:
         d = dict(d)
-        if "args" in d:  # written before the field was named for what it holds: one argument
-            d["arg"] = d.pop("args")
         d["structures"] = [Structure(**s) for s in d.get("structures", [])]
         d["classes"] = [ClassResult(**c) for c in d.get("classes", [])]
         d["images"] = [

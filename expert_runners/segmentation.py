@@ -77,6 +77,7 @@ def segmentation_findings(
     others = {s.key_slice for s in structures} | {s.key_slice for s in (truth.structures if truth else [])}
     gray = display_volume(image_lps, window)
     drawn = {s.label: s.colour for s in structures if s.colour}
+    coloured = {s.name for s in structures if s.colour}
     images = []
     for z in [main, *sorted(others - {main})]:
         plain = np.ascontiguousarray(gray[:, :, z].T)
@@ -86,7 +87,7 @@ def segmentation_findings(
         images += [
             Image(kind="key_slice", png=encode_png(plain, image_max_side), slice=z, caption=f"axial slice {z}", labels=shown, truth=known),
             Image(kind="overlay", png=encode_png(over, image_max_side), slice=z, caption=f"{expert} result on axial slice {z}",
-                  labels=[n for n in shown if n in {s.name for s in structures if s.colour}], truth=known),
+                  labels=[n for n in shown if n in coloured], truth=known),
         ]
     return Findings(
         expert=expert,

@@ -96,14 +96,12 @@ def assign_splits(patients: Iterable[tuple[str, str]], spec: SplitSpec, keyer: K
     draw = {p: unit_interval(keyer("split", seed, p)) for ps in by_source.values() for p in ps}
     split = {p: split_at(u, spec) for p, u in sorted(draw.items())}
     sources_of: dict[str, list[str]] = defaultdict(list)
-    done: list[str] = []
     moved: set[str] = set()
     for source in sorted(by_source, key=lambda s: (len(by_source[s]), s)):  # the most constrained first
         if len(by_source[source]) < MIN_PATIENTS:
             continue
         for p in by_source[source]:
             sources_of[p].append(source)
-        done.append(source)
         for missing in _empty_splits(by_source[source], split, spec):
             candidates = [p for p in by_source[source] if p not in moved and _movable(p, split, by_source, sources_of)]
             if not candidates:

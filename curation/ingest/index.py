@@ -15,10 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import write_parquet
 from curation.ingest import SourceReader
 from curation.ingest.runners import Runner
 from curation.ingest.scan import ScanSummary, scan_archive
@@ -66,11 +64,6 @@ def scan_source(reader: SourceReader, runner: Runner | None = None) -> tuple[lis
         index_path, ledger_path = Path(tmp) / "index.parquet", Path(tmp) / "ledger.parquet"
         scan_archive([reader.spec], reader.keyer.secret, index_path, ledger_path, runner)
         return items_from_table(pq.read_table(index_path)), ledger_from_table(pq.read_table(ledger_path))
-
-
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write beside the final name, then rename: a reader never sees half a file."""
-    write_parquet(table, path)
 
 
 def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:

@@ -19,7 +19,6 @@ from typing import Any
 import pyarrow as pa
 
 from curation import __version__
-from curation.atomic import write_json as _write_json
 from curation.items import LEDGER_SCHEMA, LedgerEntry
 from curation.manifest import BuildSpec
 from curation.rows import SCHEMA_VERSION, grounding_category, meta_counts
@@ -198,7 +197,3 @@ def grounding_section(tally: Tally) -> dict[str, Any]:
     sources = {k.removeprefix("answer_from:"): v for k, v in sorted(tally.answers.items()) if k.startswith("answer_from:")}
     return {"answer_from": sources, "hint_disagrees": tally.answers.get("hint_disagrees", 0), "set_aside": dict(set_aside.most_common())}
 
-
-def write_json(data: Any, path: Path) -> None:
-    """The card as people read it: indented, keys in the card's order."""
-    _write_json(path, data, indent=1)
