@@ -252,6 +252,17 @@ def test_prepare_names_the_missing_thing(tmp_path, shards):
 # --- defaults for the machine ----------------------------------------------------------------
 
 
+def test_the_cpus_a_process_may_use_are_capped_by_a_containers_quota(tmp_path):
+    from curation.ingest.runners import LocalRunner
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")  # no quota
+    assert available_cpus(cpu_max) == len(os.sched_getaffinity(0)) and LocalRunner().workers == available_cpus()
+    cpu_max.write_text("150000 100000\n")  # `docker run --cpus 1.5`
+    assert available_cpus(cpu_max) == 1
+    assert available_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))  # cgroup v1 or none: the affinity
+
+
 def test_cpu_threads_default_to_the_idle_cpus_this_process_may_use(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))

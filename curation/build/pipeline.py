@@ -56,6 +56,7 @@ from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary
 from curation.build.scan import scan_index
 from curation.build.stages import BuildContext, WorkItem, missing_findings, render_item, table_from_bytes, work_items
+from curation.cpus import available_cpus
 from curation.errors import CurationError
 from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
@@ -200,7 +201,7 @@ def _looked_up(prep: _Prepared, *, chunk: int = 256) -> Iterator[WorkItem]:
     (hashing reads every file)."""
     roots = {name: r.root for name, r in readers_for(prep.spec).items()}
     cache, working = prep.ctx.cache(), prep.plan.iter_working()
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
         while block := list(itertools.islice(working, chunk)):
             yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), block)
 

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from curation.cpus import available_cpus
 from curation.errors import ItemError
 from curation.ingest.dicom_headers import Header, mosaic_grid, one_line, open_header
 from curation.ingest.dicom_pixel_element import fragments_end
@@ -192,7 +193,7 @@ def read_slices(root: Path, uris: Sequence[str], workers: int | None = None, *, 
             slot[...] = _fit(values, stack.dtype, uris[k], f"slice {k + 1} of {n}")
         headers[k] = h
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
         list(pool.map(one, range(1, n)))
     return headers, stack
 

@@ -7,11 +7,12 @@ know which it was given.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
+
+from curation.cpus import available_cpus
 
 R = TypeVar("R")
 
@@ -31,7 +32,7 @@ class LocalRunner:
     (the fork server's workers import the main module); `m3-curate` and `python -m curation` do."""
 
     def __init__(self, workers: int | None = None):
-        self.workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self.workers = max(1, workers if workers is not None else available_cpus())
         self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:
