@@ -177,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
     s = command("index", "discover items: internal/index.parquet and internal/ledger.parquet")
     s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
-    s.add_argument("--workers", type=int, help="processes reading headers (default: this machine's cores)")
+    s.add_argument("--workers", type=int, help="processes reading headers (default: the CPUs this process may use, a container's quota counted)")
     s.set_defaults(run=_index)
 
     s = command("convert", "write every indexed item as NIfTI (RAS, CT in HU): what the experts see")
