@@ -18,7 +18,6 @@ reader takes; every output folder or file writable.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,7 +31,6 @@ BUNDLE_RUNNERS = ("vista3d", "brats", "monai_bundle")
 BUNDLE_FILES = (("configs/metadata.json",), ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml"),
                 ("models/model.pt",))
 PROBE_FILES = 100_000  # a source walk stops here and leaves the verdict to the index
-_PASSED: set[str] = set()  # checks that passed in this process (the CLI checks, then `build` again)
 
 
 class _Where:
@@ -60,9 +58,6 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
     each file once per process), only from what a build recorded in the cache (`cached`:
     `render` constructs no runner), or the cache when it has every expert recorded, else the
     runners (`cached_or_describe`: `build`)."""
-    memo = json.dumps([spec.model_dump(mode="json"), str(manifest), str(out), rows, outputs, experts], sort_keys=True)
-    if memo in _PASSED:
-        return
     where = _Where(manifest)
     check_sources(spec, where)
     check_prompts(spec, where)
@@ -76,7 +71,6 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
             writable_folder(Path(spec.output.cache), f"{where.prefix}output.cache")
     if rows:
         check_tasks(spec, where, lambda: _expert_infos(spec, out, experts))
-    _PASSED.add(memo)
 
 
 def check_sources(spec: BuildSpec, where: _Where) -> None:

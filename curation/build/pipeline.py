@@ -326,11 +326,13 @@ def _owning(layout: Layout, command: str) -> Iterator[None]:
 
 
 def build(manifest: str | Path, *, out: str | Path | None = None, address: str | None = None, limit: int | None = None,
-          force: bool = False, progress: bool = True) -> BuildResult:
-    """The whole pipeline. See the module docstring."""
+          force: bool = False, progress: bool = True, checked: bool = False) -> BuildResult:
+    """The whole pipeline. See the module docstring. `checked`: the caller has run this
+    build's `preflight` (the CLI does, before importing this module)."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    preflight(spec, manifest, out=out, rows=True, experts="cached_or_describe")
+    if not checked:
+        preflight(spec, manifest, out=out, rows=True, experts="cached_or_describe")
     layout = Layout.of(spec, out)
     with _owning(layout, "build"):
         _refuse_partial_over_complete(layout, limit, force)
@@ -358,11 +360,13 @@ def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int |
     return _on_ray(spec, layout, address=address, limit=limit, prep=prep, show=show, t0=t0)
 
 
-def render(manifest: str | Path, *, out: str | Path | None = None, progress: bool = True) -> BuildResult:
-    """Every shard again from cached findings only: no Ray, no expert is constructed."""
+def render(manifest: str | Path, *, out: str | Path | None = None, progress: bool = True, checked: bool = False) -> BuildResult:
+    """Every shard again from cached findings only: no Ray, no expert is constructed
+    (`checked` as for `build`)."""
     t0 = time.perf_counter()
     spec = load_manifest(manifest)
-    preflight(spec, manifest, out=out, rows=True, experts="cached")
+    if not checked:
+        preflight(spec, manifest, out=out, rows=True, experts="cached")
     layout = Layout.of(spec, out)
     with _owning(layout, "render"):
         prep = _prepare(spec, layout, limit=None, infos=expert_infos_from_cache(spec, FindingsCache(layout.cache)))
@@ -373,10 +377,11 @@ def render(manifest: str | Path, *, out: str | Path | None = None, progress: boo
 
 
 def build_command(args: argparse.Namespace) -> None:
-    result = build(args.manifest, out=args.out, address=args.address, limit=args.limit, force=args.force, progress=not args.quiet)
+    result = build(args.manifest, out=args.out, address=args.address, limit=args.limit, force=args.force, progress=not args.quiet,
+                   checked=True)  # the CLI checked it before importing the build (`cli._check_build`)
     print(result.summary)
 
 
 def render_command(args: argparse.Namespace) -> None:
-    result = render(args.manifest, out=args.out, progress=not args.quiet)
+    result = render(args.manifest, out=args.out, progress=not args.quiet, checked=True)  # `cli._check_render`
     print(result.summary)
