@@ -35,8 +35,10 @@ from curation.errors import CurationError
 
 TMP_SUFFIX = ".tmp"
 # errno values that mean "this storage cannot take the write" (no room, a size limit, no
-# permission): the user can act on them, so they are one line, not a traceback
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+# permission, a path that cannot be a file, a failing device): the user can act on them, so
+# they are one line naming the path, not a traceback (here and in `curation.cli`)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
 
 
 def tmp_name(path: Path) -> str:

@@ -11,7 +11,6 @@ starts.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -19,11 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from curation.atomic import STORAGE_ERRNOS
 from curation.errors import CurationError
 
-# Failures of the environment to take a write: reported as one line, not as a traceback.
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                  errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
 
 
 def _demo_archive(args: argparse.Namespace) -> None:
@@ -267,7 +264,7 @@ def write_failure(e: OSError, args: argparse.Namespace) -> str | None:
     """One line for an OS-level write failure (full disk, quota, read-only or forbidden output),
     naming the path: the file when the error carries it (Python's own I/O), else the command's
     output (pyarrow's errors carry none). None for any other OSError: a bug keeps its traceback."""
-    if e.errno not in WRITE_FAILURES:
+    if e.errno not in STORAGE_ERRNOS:
         return None
     reason = os.strerror(e.errno)
     if e.filename is not None:
