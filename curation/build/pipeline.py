@@ -55,7 +55,7 @@ from curation.build.cluster import (
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary
 from curation.build.scan import scan_index
-from curation.build.stages import BuildContext, WorkItem, missing_findings, render_item, table_from_bytes, work_items
+from curation.build.stages import BuildContext, WorkItem, look_up, missing_findings, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
 from curation.errors import CurationError
 from curation.expert_info import ExpertInfo
@@ -64,7 +64,7 @@ from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
 from curation.preflight import preflight
 from curation.render.renderer import Renderer
-from curation.store.cache import FindingsCache, content_hash, expert_infos_from_cache
+from curation.store.cache import FindingsCache, expert_infos_from_cache
 from curation.store.card import ExpertEntry, Tally, build_ledger, code_version, dataset_card
 from curation.store.layout import Layout
 from curation.store.output import OutputLock, complete_card, publish, recover
@@ -187,12 +187,7 @@ def _finish(collector: _Collector, prep: _Prepared, wall: dict[str, float], plac
 def _look_up(plan: ItemPlan, ctx: BuildContext, roots: dict[str, Path], cache: FindingsCache) -> WorkItem:
     """An item's content hash and the expert results it still lacks (cache hits counted)."""
     work = WorkItem(plan=plan)
-    try:
-        work.content = content_hash(plan.item, roots[plan.item.source])
-    except OSError as e:
-        work.report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e}"
-    else:
-        work.missing = missing_findings(plan, work.content, ctx, cache, work.report)
+    look_up(work, roots[plan.item.source], ctx, cache)
     return work
 
 

@@ -168,27 +168,32 @@ def missing_findings(plan: ItemPlan, content: str, ctx: BuildContext, cache: Fin
     return missing
 
 
+def look_up(work: WorkItem, root: Path, ctx: BuildContext, cache: FindingsCache) -> None:
+    """The item's content hash and the expert results it still lacks (cache hits counted)."""
+    try:
+        work.content = content_hash(work.plan.item, root)
+    except OSError as e:
+        work.report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e.strerror or e}"  # the ledger names the item
+    else:
+        work.missing = missing_findings(work.plan, work.content, ctx, cache, work.report)
+
+
 def load_item(work: WorkItem, ctx: BuildContext) -> WorkItem:
     """Hash the item's files; load its voxels only if some expert result is not cached."""
     started = time.perf_counter()
     plan, report, cache = work.plan, work.report, ctx.cache()
     src = reader(ctx, plan.item.source)
-    try:
-        work.content = content_hash(plan.item, src.root)
-    except OSError as e:
-        report.errors["load"] = f"cannot read the item's files: {type(e).__name__}: {e.strerror or e}"  # the ledger names the item
-    else:
-        work.missing = missing_findings(plan, work.content, ctx, cache, report)
-        if work.missing:
-            try:
-                work.volume = _voxels(plan, src, work.content, ctx, cache)
-            except ItemError as e:
-                reason = f"load failed: {e.reason}"  # the ledger names the item
-                report.errors["load"] = reason
-                for expert, args in work.missing.items():
-                    for arg in args:
-                        cache.put_error(work.content, ctx.fingerprints[expert], reason, arg, transient=_transient(e))
-                work.missing = {}
+    look_up(work, src.root, ctx, cache)
+    if work.missing:
+        try:
+            work.volume = _voxels(plan, src, work.content, ctx, cache)
+        except ItemError as e:
+            reason = f"load failed: {e.reason}"  # the ledger names the item
+            report.errors["load"] = reason
+            for expert, args in work.missing.items():
+                for arg in args:
+                    cache.put_error(work.content, ctx.fingerprints[expert], reason, arg, transient=_transient(e))
+            work.missing = {}
     report.add_seconds("load", time.perf_counter() - started)
     return work
 
