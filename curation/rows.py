@@ -23,7 +23,7 @@ the keys of `META_KEYS` (the README's "Rows" section shows an example):
 - `calls`: one entry per assistant turn, in order: the exact call that turn makes
   (`<VISTA3D(hepatic tumor)>`) or null;
 - `facts`: every fact an answer states: `{"turn", "text", "shown": {"image", "label", "colour",
-  "absent"} or null, "given": {"turn"} or null}` — shown in a picture (index into the row's
+  "absent"} or null, "given": {"turn", "text"} or null}` — shown in a picture (index into the row's
   `images`) before that turn, or given by the text of an earlier turn;
 - `images`: per image of the row, in order, the picture it is: `{"kind", "slice", "of",
   "labels", "truth", "digest", "turn", "index"}` (`labels`: structures on it in the expert's

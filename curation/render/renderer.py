@@ -389,8 +389,9 @@ class Renderer:
         )
 
     def _context(self, state: RenderState, task: TaskSpec, item: StudyItem, variant: int) -> dict[str, Any]:
-        """What the template sees beside the compiled template's `parent`: the data and the
-        helpers bound to this rendering (the context's `vars`, where `{% set %}` writes too)."""
+        """What the template sees beside the compiled template's `parent` (which holds the
+        helpers: they find this rendering's state themselves): this rendering's data, as the
+        context's `vars`, where `{% set %}` writes too."""
         sub = state.subject
         expert = None if task.expert is None else self._expert_view(task.expert, sub.arg, state.call)
         return {

@@ -1,6 +1,7 @@
 """What a template is made of, apart from rendering: its declaration, the sandboxed environment
-that loads it, the `{% turn %}` tag and the filters templates may use (phrasings, model cards and
-expert capabilities are in `curation.render.prompt_data`).
+that loads it and the `{% turn %}` tag (the filters templates may use are in
+`curation.render.filters`, phrasings and model cards in `curation.render.prompt_data`, what
+each expert gives in `curation.expert_info`).
 
 A template starts with a declaration in a Jinja comment, read without rendering:
 
@@ -448,8 +449,8 @@ TURN_FILTERS = {"_turn_begin": _turn_begin, "_turn_end": _turn_end, "_steps": _s
 
 class PromptContext(Context):
     """Jinja's template context, built without copying: `parent` is the compiled template's
-    shared, never-changed dict (its globals, the model card, the static helpers) and `vars`
-    this rendering's own data and helpers (Jinja writes `{% set %}` there too)."""
+    shared, never-changed dict (its globals, the model card, the helpers) and `vars` this
+    rendering's own data (Jinja writes `{% set %}` there too)."""
 
     def __init__(self, environment: Any, parent: dict[str, Any], name: str | None, blocks: dict[str, Any], vars: dict[str, Any] | None = None,
                  globals: Any = None):
