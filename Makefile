@@ -24,8 +24,9 @@ demo: $(STAMP) $(DEMO)/ground_truth.json
 	$(VENV)/bin/m3-curate build manifests/demo.yaml
 	@echo "share out/demo/dataset as it is (README.md dataset card, dataset_card.json, rows in data/<split>/part-NNNNN.parquet); out/demo/internal names source files (index, ledger, cache): never share it"
 
+# PYTHONFAULTHANDLER: a crash in native code, even after the last test, prints its stack.
 test: $(STAMP)
-	$(PY) -m pytest
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest
 
 # The Dockerfile, linted (no image can be built here): hadolint from its PyPI wheel (dev extras).
 lint: $(STAMP)

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+# Nothing here reaches the network: tests make their own models and data. Without these,
+# `datasets` and transformers start a daemon thread that tries to send Hugging Face telemetry
+# and is still waiting on the network when the interpreter shuts down (a background thread in C
+# at shutdown is how a finished test session can still crash on exit).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
@@ -28,3 +36,16 @@ def render_demo(tmp_path_factory: pytest.TempPathFactory):
     from render_factory import build_demo
 
     return build_demo(tmp_path_factory.mktemp("render-demo"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """tqdm's monitor threads (started by progress bars in datasets and transformers) are
+    stopped before the interpreter shuts down, for the same reason."""
+    import sys
+    import threading
+
+    monitor = getattr(sys.modules.get("tqdm._monitor"), "TMonitor", None)
+    for thread in threading.enumerate():
+        if monitor is not None and isinstance(thread, monitor):
+            thread.exit()
+
