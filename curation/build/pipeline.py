@@ -62,7 +62,7 @@ from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
-from curation.preflight import preflight
+from curation.preflight import ExpertsFrom, preflight
 from curation.render.renderer import Renderer
 from curation.store.cache import FindingsCache, expert_infos_from_cache
 from curation.store.card import ExpertEntry, Tally, build_ledger, code_version, dataset_card
@@ -320,15 +320,21 @@ def _owning(layout: Layout, command: str) -> Iterator[None]:
             raise
 
 
+def _load(manifest: str | Path, out: str | Path | None, *, checked: bool, experts: ExpertsFrom) -> tuple[BuildSpec, Layout]:
+    """The manifest, checked unless the caller did (`preflight`, with what the command learns
+    of its experts from), and its output layout."""
+    spec = load_manifest(manifest)
+    if not checked:
+        preflight(spec, manifest, out=out, rows=True, experts=experts)
+    return spec, Layout.of(spec, out)
+
+
 def build(manifest: str | Path, *, out: str | Path | None = None, address: str | None = None, limit: int | None = None,
           force: bool = False, progress: bool = True, checked: bool = False) -> BuildResult:
     """The whole pipeline. See the module docstring. `checked`: the caller has run this
     build's `preflight` (the CLI does, before importing this module)."""
     t0 = time.perf_counter()
-    spec = load_manifest(manifest)
-    if not checked:
-        preflight(spec, manifest, out=out, rows=True, experts="cached_or_describe")
-    layout = Layout.of(spec, out)
+    spec, layout = _load(manifest, out, checked=checked, experts="cached_or_describe")
     with _owning(layout, "build"):
         _refuse_partial_over_complete(layout, limit, force)
         return _build(spec, layout, address=address, limit=limit, show=progress, t0=t0)
@@ -359,10 +365,7 @@ def render(manifest: str | Path, *, out: str | Path | None = None, progress: boo
     """Every shard again from cached findings only: no Ray, no expert is constructed
     (`checked` as for `build`)."""
     t0 = time.perf_counter()
-    spec = load_manifest(manifest)
-    if not checked:
-        preflight(spec, manifest, out=out, rows=True, experts="cached")
-    layout = Layout.of(spec, out)
+    spec, layout = _load(manifest, out, checked=checked, experts="cached")
     with _owning(layout, "render"):
         prep = _prepare(spec, layout, limit=None, infos=expert_infos_from_cache(spec, FindingsCache(layout.cache)))
         return _render_from_cache(prep, _looked_up(prep), "render", progress, t0)
