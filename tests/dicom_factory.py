@@ -8,6 +8,7 @@ test can compare what the reader loads with what is known to be true.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +225,68 @@ def write_multiframe(
     ds.set_pixel_data(stored, "MONOCHROME2", 16, generate_instance_uid=False)
     write(ds, path)
     return Series(series_uid, study_uid, [path], hu, positions, orientation, pixel_spacing)
+
+
+def csa_header(tags: list[tuple[str, str, list[str]]], version: int = 2) -> bytes:
+    """A Siemens CSA header holding `tags` (name, VR, values as text), in the CSA2 ("SV10")
+    layout or the older CSA1 one (whose item lengths count the first tag's items too)."""
+    out = [b"SV10\x04\x03\x02\x01" if version == 2 else b"", struct.pack("<2I", len(tags), 77)]
+    first_items = len(tags[0][2])
+    for name, vr, values in tags:
+        out.append(struct.pack("<64si4s3i", name.encode(), len(values), vr.encode(), 6, len(values), 77))
+        for value in values:
+            data = value.encode() + b"\0" if value else b""  # an empty item has no bytes at all
+            words = (len(data), len(data), 77, len(data)) if version == 2 else (len(data) + first_items, 0, 77, 0)
+            out.append(struct.pack("<4i", *words) + data + bytes(-len(data) % 4))
+    return b"".join(out)
+
+
+def write_mosaic(
+    path: Path,
+    *,
+    tiles: int = 7,
+    rows: int = 6,
+    cols: int = 8,
+    orientation: tuple[float, ...] = AXIAL,
+    origin: tuple[float, float, float] = (-20.0, 15.0, 40.0),
+    pixel_spacing: tuple[float, float] = (3.0, 2.5),
+    step: float = 3.5,
+    csa: int | None = 2,
+    implicit_vr: bool = False,
+    seed: int = 0,
+) -> Series:
+    """A Siemens MR mosaic: `tiles` slices of rows × cols tiled row by row into one square-ish
+    frame, the tile count and slice direction in a CSA image header (version `csa`, or none).
+    ImagePositionPatient is, as Siemens writes it, that of the whole frame's corner (see
+    nibabel's "dicom_mosaic" notes); `origin` is the first tile's, the truth a reader must find."""
+    rng = np.random.default_rng(seed)
+    row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array(origin) + np.arange(tiles)[:, None] * step * normal
+    values = rng.integers(0, 4000, size=(cols, rows, tiles)).astype(np.int16)
+    grid = int(np.ceil(np.sqrt(tiles)))
+    frame = np.zeros((grid * rows, grid * cols), np.uint16)
+    for k in range(tiles):
+        r, c = divmod(k, grid)
+        frame[r * rows : (r + 1) * rows, c * cols : (c + 1) * cols] = values[:, :, k].T
+    shift = (np.array(frame.shape, float) - np.array([rows, cols], float)) / 2
+    corner = np.array(origin) - col_dir * pixel_spacing[0] * shift[0] - row_dir * pixel_spacing[1] * shift[1]
+    ds = base_dataset(sop_class="1.2.840.10008.5.1.4.1.1.4", modality="MR", series_uid=generate_uid(), study_uid=generate_uid(),
+                      image_type=("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"))
+    ds.ImagePositionPatient = [float(v) for v in corner]
+    ds.ImageOrientationPatient = list(orientation)
+    ds.PixelSpacing = list(pixel_spacing)
+    ds.SpacingBetweenSlices = step
+    ds.SliceThickness = step - 0.5
+    if csa is not None:
+        header = csa_header([("ImaCoilString", "LO", ["HEA;HEP"]), ("NumberOfImagesInMosaic", "US", [str(tiles)]),
+                             ("SliceNormalVector", "FD", [f"{v:.8f}" for v in normal])], version=csa)
+        ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "OB", header)
+    if implicit_vr:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    set_pixels(ds, frame)
+    write(ds, path)
+    return Series(ds.SeriesInstanceUID, ds.StudyInstanceUID, [path], values, positions, orientation, pixel_spacing)
 
 
 def write_radiograph(path: Path, *, rows: int = 20, cols: int = 24, seed: int = 2, monochrome1: bool = False) -> Series:

@@ -20,6 +20,7 @@ from curation.ingest import dicom, dicom_geometry, dicom_headers, dicom_pixels
 from curation.ingest.base import Scan
 from curation.ingest.dicom import DicomReader
 from curation.ingest.dicom_geometry import is_uneven, order_slices
+from curation.ingest.dicom_csa import CsaError, read_csa
 from curation.ingest.dicom_headers import Header, read_header
 from curation.ingest.dicom_pixels import rescale
 from curation.ingest.dicom_quick import quick_header
@@ -401,3 +402,74 @@ def test_reader_counts(archive: Archive) -> None:
     expected = Counter(indexed=10 + 10 + 10 + 10 + 10 + 9 + 10 + 10 + 1 + 1 + 8, skipped=1 + 1 + 10 + 3 + 10 + 1 + 1 + 7, quarantined=3)
     assert Counter(e.status for e in archive.scan.ledger) == expected
     assert len(archive.scan.items) == 11
+
+
+# -- Siemens mosaics: the CSA header read without pydicom, the geometry as nibabel computes it ----
+
+
+def nibabel_tile_positions(path: Path) -> np.ndarray:
+    """The reference: nibabel's MosaicWrapper over pydicom's reading of the file."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nibabel.nicom.dicomwrappers import MosaicWrapper
+
+        wrapper = MosaicWrapper(dcmread(path, stop_before_pixels=True))
+        lps = np.asarray(wrapper.affine, float)
+    return lps[:3, 3] + np.arange(wrapper.n_mosaic)[:, None] * lps[:3, 2]
+
+
+@pytest.mark.parametrize("csa, implicit_vr, orientation", [(2, False, OBLIQUE), (2, True, CORONAL), (1, False, fac.AXIAL)],
+                         ids=["csa2-oblique", "csa2-implicit-coronal", "csa1-axial"])
+def test_mosaic_is_read_without_pydicom_and_placed_like_nibabel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, csa: int,
+                                                               implicit_vr: bool, orientation: tuple[float, ...]) -> None:
+    truth = fac.write_mosaic(tmp_path / "m" / "mosaic.dcm", csa=csa, implicit_vr=implicit_vr, orientation=orientation)
+    fast = read_header(tmp_path, "m/mosaic.dcm")
+    monkeypatch.setattr(dicom_headers, "quick_header", lambda fp, size: None)
+    slow = read_header(tmp_path, "m/mosaic.dcm")  # the pydicom path: the same CSA code over a Dataset
+    monkeypatch.undo()
+    assert fast.unsupported is None and fast.tiles == 7
+    assert header_fields(fast) == header_fields(slow)
+    np.testing.assert_allclose(fast.positions, truth.positions, atol=1e-6)
+    if csa == 2:  # nibabel reads CSA1 only when the first tag has no items (it takes the second tag's count)
+        np.testing.assert_allclose(fast.positions, nibabel_tile_positions(truth.paths[0]), atol=1e-9)
+
+    def no_pydicom(fp: object) -> None:
+        raise AssertionError("a plain mosaic must not need a pydicom Dataset")
+
+    monkeypatch.setattr(dicom_headers, "_read_dataset", no_pydicom)
+    reader = DicomReader(DicomSourceSpec(name="mr", kind="dicom", root=tmp_path, select=SeriesRules(min_slices=1)), Keyer("k"))
+    (item,) = reader.scan(["m/mosaic.dcm"]).items
+    assert item.shape == [8, 6, 7] and item.attrs["mosaic"] is True and item.spacing == pytest.approx([2.5, 3.0, 3.5])
+    volume = as_written(reader, item)
+    np.testing.assert_array_equal(volume.array, truth.hu)
+    assert_affine_places_voxels(volume.affine, truth)
+
+
+def test_mosaic_without_csa_header_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    fac.write_mosaic(tmp_path / "mosaic.dcm", csa=None)
+    reader = DicomReader(DicomSourceSpec(name="mr", kind="dicom", root=tmp_path, select=SeriesRules(min_slices=1)), Keyer("k"))
+    scan = reader.scan(["mosaic.dcm"])
+    assert not scan.items
+    assert reason_of(scan, "mosaic.dcm") == ("skipped", "unsupported: mosaic without usable CSA header (no CSA image header)")
+
+
+def test_csa_reader_agrees_with_nibabel() -> None:
+    """Text and numbers, several values, a numeric tag cut short by an empty item, and a tag
+    with no items: what nibabel's csareader makes of the same bytes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader
+
+    header = fac.csa_header([("ImaCoilString", "LO", ["HEA;HEP"]), ("NumberOfImagesInMosaic", "US", ["35"]),
+                             ("SliceNormalVector", "FD", ["0.0", "-0.25", "0.968"]), ("B_value", "IS", []),
+                             ("MosaicRefAcqTimes", "FD", ["12.5", "", ""])])
+    ours = read_csa(header)
+    theirs = {name: tag["items"] for name, tag in csareader.read(header)["tags"].items()}
+    assert ours == theirs
+    assert ours["NumberOfImagesInMosaic"] == [35] and ours["MosaicRefAcqTimes"] == [12.5]
+    with pytest.raises(CsaError, match="cut short|runs past"):
+        read_csa(header[:-20])

@@ -10,7 +10,6 @@ pixels (headers intact) is quarantined at scan time instead of failing a build l
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from curation.ingest.dicom_pixel_element import check_pixel_element
-from curation.ingest.dicom_quick import quick_header
+from curation.ingest.dicom_csa import CREATOR as CSA_CREATOR, IMAGE_INFO as CSA_IMAGE_INFO, CsaError, mosaic_geometry
+from curation.ingest.dicom_quick import private_value, quick_header
 from curation.ingest.dicom_values import as_list, floats, integer, number, positive, positive_pair, text
 from curation.ingest.reasons import describe
 from curation.items import source_path
@@ -118,18 +118,22 @@ def read_header(root: Path, uri: str) -> Header:
 def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
     """The header of an open file of `size` bytes, and a check that its pixel data fits.
 
-    Plain single-frame files take the fast path (`dicom_quick`); multi-frame and mosaic files
-    need pydicom's Dataset for their functional groups and CSA header, and anything the fast
-    path does not handle falls back to pydicom too."""
+    Plain files take the fast path (`dicom_quick`), Siemens mosaics included (their CSA
+    header is found by the same walk); multi-frame files need pydicom's Dataset for their
+    functional groups, and anything the fast path does not handle falls back to pydicom too."""
     quick = quick_header(fp, size)
     if quick is not None:
         values = quick.values
         if quick.media_sop_class and "SOPClassUID" not in values:
             values = {**values, "SOPClassUID": quick.media_sop_class}
         h = header_from_values(values.get, uri, quick.transfer_syntax, quick.implicit_vr, True)
-        if not _needs_dataset(h):
+        mosaic = _needs_dataset(h) and h.n_frames == 1
+        csa = private_value(fp, size, 0x0029, CSA_CREATOR, CSA_IMAGE_INFO) if mosaic else None
+        if not _needs_dataset(h) or csa is not None:
             h.has_pixels = h.has_pixels and quick.pixel_offset is not None
             h.pixel_offset = quick.pixel_offset if quick.pixel_offset is not None else size
+            if csa is not None:
+                _add_mosaic_geometry(h, csa)
             return _checked(fp, h, size)
     fp.seek(0)
     ds = _read_dataset(fp)
@@ -147,7 +151,7 @@ def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
         if h.n_frames > 1:
             _add_frame_geometry(ds, h)
         elif h.image_type and "MOSAIC" in h.image_type:
-            _add_mosaic_geometry(ds, h)
+            _add_mosaic_geometry(h, _csa_of(ds))
     return _checked(fp, h, size)
 
 
@@ -237,24 +241,24 @@ def header_from_values(get: Callable[[str], Any], uri: str, syntax: str, implici
     return h
 
 
-def _add_mosaic_geometry(ds: Any, h: Header) -> None:
-    """Tile positions of a Siemens mosaic from its CSA header (nibabel computes them the way
-    dcm2niix does: the mosaic's ImagePositionPatient is that of the whole tiled frame)."""
-    with warnings.catch_warnings():
-        # nibabel labels all its DICOM wrappers experimental; we use only the mosaic geometry,
-        # which tests/test_realdata.py checks against dcm2niix
-        warnings.filterwarnings("ignore", message="The DICOM readers are highly experimental", category=UserWarning)
-        from nibabel.nicom.dicomwrappers import MosaicWrapper
+def _add_mosaic_geometry(h: Header, csa: bytes | None) -> None:
+    """Tile positions of a Siemens mosaic from its CSA header (`dicom_csa`)."""
     try:
-        wrapper = MosaicWrapper(ds)
-        lps = np.asarray(wrapper.affine, float)  # nibabel's voxel order: (row, column, slice)
-    except Exception as e:  # nibabel raises WrapperError, KeyError, ValueError on odd CSA data
-        h.unsupported = f"unsupported: mosaic without usable CSA header ({one_line(e)})"
+        h.tiles, h.positions, h.slice_gap = mosaic_geometry(
+            csa, (h.rows, h.cols), h.orientation, h.pixel_spacing, None if h.positions is None else h.positions[0], h.slice_gap)
+    except CsaError as e:
+        h.unsupported = f"unsupported: mosaic without usable CSA header ({e})"
         return
-    h.tiles = int(wrapper.n_mosaic)
-    h.positions = lps[:3, 3] + np.arange(h.tiles)[:, None] * lps[:3, 2]
-    h.slice_gap = float(np.linalg.norm(lps[:3, 2]))
     h.slopes, h.intercepts = np.resize(h.slopes, h.tiles), np.resize(h.intercepts, h.tiles)
+
+
+def _csa_of(ds: Any) -> bytes | None:
+    """The CSA image header of a pydicom Dataset, or None."""
+    try:
+        value = ds.private_block(0x0029, CSA_CREATOR)[CSA_IMAGE_INFO].value
+    except (KeyError, ValueError):
+        return None
+    return value.encode("latin-1") if isinstance(value, str) else value
 
 
 def _add_frame_geometry(ds: Any, h: Header) -> None:

@@ -98,6 +98,42 @@ def quick_header(fp: BinaryIO, size: int) -> QuickHeader | None:
     return None
 
 
+def private_value(fp: BinaryIO, size: int, group: int, creator: str, element: int) -> bytes | None:
+    """The value of private element (`group`, xx`element`) in the block that `creator` reserved,
+    found by walking the top-level elements of a plain file (as `quick_header` reads it); None
+    when the file holds no such element, or is not the plain case (pydicom then reads it)."""
+    for chunk in CHUNKS:
+        fp.seek(0)
+        buf = fp.read(min(chunk, size))
+        try:
+            return _private(buf, len(buf) >= size, group, creator, element)
+        except _Bail:
+            return None
+        except (IndexError, struct.error):  # ran off the buffer: the header is longer
+            if len(buf) >= size:
+                return None
+    return None
+
+
+def _private(buf: bytes, at_end: bool, group: int, creator: str, element: int) -> bytes | None:
+    pos, _, syntax = _file_meta(buf, [])
+    implicit, block = syntax == IMPLICIT_VR_LE, None
+    while pos < len(buf):
+        tag, value, pos = _element(buf, pos, implicit)
+        found_group, found = tag >> 16, tag & 0xFFFF
+        if found_group < group:
+            continue
+        if found_group > group or tag in PIXEL_TAGS:
+            return None
+        if 0x10 <= found <= 0xFF and value is not None and value.decode("latin-1").strip(" \x00") == creator:
+            block = found
+        elif block is not None and found == (block << 8) | element:
+            return value
+    if not at_end:
+        raise IndexError("the header runs past the buffer")
+    return None
+
+
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHI")
 _LENGTH = struct.Struct("<I")
