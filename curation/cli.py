@@ -50,9 +50,9 @@ def _checked(args: argparse.Namespace, *, rows: bool, outputs: bool = True, expe
 
 
 def _index(args: argparse.Namespace) -> None:
-    from curation.ingest.lean import arrow_without_pandas
+    from curation.ingest.lean import keep_out_unused
 
-    arrow_without_pandas()
+    keep_out_unused()
     spec = _checked(args, rows=False)
     from curation.ingest.index import scan_to_files
     from curation.ingest.runners import LocalRunner
@@ -70,10 +70,10 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from curation.ingest.lean import arrow_without_pandas
+    from curation.ingest.lean import keep_out_unused
     from curation.preflight import writable_folder
 
-    arrow_without_pandas()
+    keep_out_unused()
     spec = _checked(args, rows=False, outputs=False)
     out = Path(args.out)
     writable_folder(out, "--out")

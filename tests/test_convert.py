@@ -81,3 +81,33 @@ def test_a_write_that_fails_midway_leaves_no_file_behind(tmp_path: Path, name: s
     with pytest.raises(Exception, match="No space left on device"):
         write_nifti(tmp_path / name, np.zeros((4, 4, 4), np.int16), np.eye(4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_command_leaves_unused_libraries_out(tmp_path: Path, write_manifest) -> None:
+    """`m3-curate convert` races dcm2niix, so its process imports only what converting needs:
+    a mosaic's CSA header and an RLE series (pydicom's decoders) bring in neither nibabel nor
+    pandas (pyarrow's probe) nor requests (pydicom's downloader). Run as a user runs it, in a
+    process of its own."""
+    import subprocess
+    import sys
+
+    from pydicom import dcmread
+    from pydicom.uid import RLELossless
+
+    import dicom_factory as fac
+
+    fac.write_mosaic(tmp_path / "in" / "mosaic" / "m.dcm")
+    for path in fac.write_series(tmp_path / "in" / "rle", n_slices=4).paths:
+        ds = dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+    manifest = write_manifest({"name": "c", "sources": [{"name": "s", "kind": "dicom", "root": str(tmp_path / "in"),
+                                                         "select": {"min_slices": 1}}]})
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['m3-curate', '-q', 'convert', {str(manifest)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+             "try:\n    runpy.run_module('curation', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+             "print(sorted(m for m in ('nibabel', 'pandas', 'requests', 'pydicom') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "['pydicom']"
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
