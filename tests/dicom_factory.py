@@ -289,16 +289,18 @@ def write_mosaic(
     return Series(ds.SeriesInstanceUID, ds.StudyInstanceUID, [path], values, positions, orientation, pixel_spacing)
 
 
-def write_radiograph(path: Path, *, rows: int = 20, cols: int = 24, seed: int = 2, monochrome1: bool = False) -> Series:
+def write_radiograph(path: Path, *, rows: int = 20, cols: int = 24, seed: int = 2, monochrome1: bool = False,
+                     slope: float = 1.0, intercept: float = 0.0) -> Series:
     """A single-frame DX image (2D): no slice geometry, just ImagerPixelSpacing; `monochrome1`
-    marks it as MONOCHROME1 (high values dark), as many CR/DX devices write."""
+    marks it as MONOCHROME1 (high values dark), as many CR/DX devices write. `hu` holds the
+    stored values; `slope` and `intercept`, when given, are written as the rescale."""
     rng = np.random.default_rng(seed)
     series_uid, study_uid = generate_uid(), generate_uid()
     ds = base_dataset(sop_class=DX_IMAGE, modality="DX", series_uid=series_uid, study_uid=study_uid,
                       image_type=("ORIGINAL", "PRIMARY"))
     ds.ImagerPixelSpacing = [0.15, 0.2]
     stored = rng.integers(0, 4000, size=(rows, cols)).astype(np.uint16)
-    set_pixels(ds, stored)
+    set_pixels(ds, stored, slope=slope, intercept=intercept)
     if monochrome1:
         ds.PhotometricInterpretation = "MONOCHROME1"
     write(ds, path)

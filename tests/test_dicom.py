@@ -24,10 +24,11 @@ from curation.ingest.dicom_csa import CsaError, read_csa
 from curation.ingest.dicom_headers import Header, read_header
 from curation.ingest.dicom_pixels import rescale
 from curation.ingest.dicom_quick import quick_header
+from curation.ingest.image2d import Image2DReader
 from curation.imaging import flip_axis
 from curation.items import StudyItem, Volume
 from curation.keys import Keyer
-from curation.manifest import DicomSourceSpec, SeriesRules
+from curation.manifest import DicomSourceSpec, Image2DSourceSpec, SeriesRules
 
 OBLIQUE = fac.oblique_orientation(20.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -247,6 +248,21 @@ def test_monochrome1_radiograph_is_inverted(tmp_path: Path) -> None:
     assert item.attrs == {"monochrome1_inverted": True}
     stored = truth.hu[:, :, 0].astype(np.int64)
     np.testing.assert_array_equal(reader.load(item).array, stored.max() + stored.min() - stored)
+
+
+@pytest.mark.parametrize("monochrome1", [False, True])
+def test_a_radiograph_loads_alike_from_a_dicom_and_an_image2d_source(tmp_path: Path, monochrome1: bool) -> None:
+    """One 2D DICOM file, one way to load it: rescaled, and inverted within its range when
+    MONOCHROME1, whichever kind of source names it."""
+    truth = fac.write_radiograph(tmp_path / "x.dcm", monochrome1=monochrome1, slope=2.0, intercept=-100.0)
+    shown = truth.hu[:, :, 0].astype(np.int64) * 2 - 100
+    if monochrome1:
+        shown = shown.max() + shown.min() - shown
+    as_series = reader_for(tmp_path)
+    as_picture = Image2DReader(Image2DSourceSpec(name="cxr", kind="image2d", root=tmp_path), Keyer("test-secret"))
+    for reader in (as_series, as_picture):
+        (item,) = reader.scan(["x.dcm"]).items
+        np.testing.assert_array_equal(reader.load(item).array, shown, err_msg=type(reader).__name__)
 
 
 def test_attrs_hold_no_identifiers(archive: Archive) -> None:

@@ -30,7 +30,7 @@ from curation.imaging import flip_axis
 from curation.ingest.base import Record, Scan, SourceReader
 from curation.ingest.dicom_geometry import affine_ras, order_slices, same_orientation, slice_normal, slice_vector
 from curation.ingest.dicom_headers import Header, read_header
-from curation.ingest.dicom_pixels import read_file, read_slices, rescale
+from curation.ingest.dicom_pixels import read_file, read_image_2d, read_slices, rescale
 from curation.ingest.reasons import describe
 from curation.ingest.dicom_series import SubSeries, in_plane_spacing, item_facts, skip_reason, split_series
 from curation.items import StudyItem, Volume
@@ -184,15 +184,12 @@ class DicomReader(SourceReader):
         return Volume(array=array, affine=affine)
 
     def _load_image2d(self, item: StudyItem) -> Volume:
-        h, stored = read_file(self.root, item.uris[0], frame=(item.shape[1], item.shape[0]))
-        image = rescale(stored, h.slopes, h.intercepts)[0]
-        if h.photometric == "MONOCHROME1":  # high values are dark: invert within the same range
-            image = (float(image.max()) + float(image.min()) - image.astype(np.float64)).astype(image.dtype)
+        h, image = read_image_2d(self.root, item.uris[0], frame=(item.shape[1], item.shape[0]))
         if h.orientation is not None and h.positions is not None:
             affine = affine_ras(h.orientation, h.pixel_spacing or (1.0, 1.0), h.positions[0], slice_normal(h.orientation))
         else:  # a radiograph has no patient frame: just the pixel spacing
             affine = np.diag([*in_plane_spacing(h), 1.0, 1.0])
-        return Volume(array=image.T, affine=affine)
+        return Volume(array=image, affine=affine)
 
 
 def _check_same_geometry(headers: list[Header]) -> None:

@@ -87,6 +87,17 @@ def read_file(root: Path, uri: str, out: np.ndarray | None = None, *, frame: tup
     return h, frames
 
 
+def read_image_2d(root: Path, uri: str, frame: tuple[int, int]) -> tuple[Header, np.ndarray]:
+    """A single-frame image (a radiograph) as it is meant to be seen, (columns, rows): rescaled,
+    and MONOCHROME1 (high values dark) inverted within its own range. The one way both readers
+    of 2D DICOM (`dicom` series and `image2d` pictures) load one."""
+    h, stored = read_file(root, uri, frame=frame)
+    image = rescale(stored, h.slopes, h.intercepts)[0]
+    if h.photometric == "MONOCHROME1":
+        image = (float(image.max()) + float(image.min()) - image.astype(np.float64)).astype(image.dtype)
+    return h, image.T
+
+
 def _check_size(h: Header, frame: tuple[int, int] | None, max_values: int | None) -> None:
     if frame is not None and (h.rows, h.cols) != tuple(frame):
         raise PixelError(f"a {h.rows}x{h.cols} frame where the index planned {frame[0]}x{frame[1]}: the files changed since indexing")

@@ -29,6 +29,7 @@ from curation.errors import CurationError, ItemError
 from curation.ingest.base import Record, Scan, SourceReader
 from curation.ingest.dicom import NOT_DICOM_SUFFIXES
 from curation.ingest.dicom_headers import MEDIA_DIRECTORY, NOT_DICOM, Header, read_header
+from curation.ingest.dicom_pixels import read_image_2d
 from curation.ingest.dicom_series import MEDIA_DIRECTORY_REASON, burned_in_reason
 from curation.ingest.reasons import describe
 from curation.items import StudyItem, Volume
@@ -154,16 +155,6 @@ def load_picture(path: Path, max_pixels: int) -> np.ndarray:
             return np.asarray(img).T.copy()
 
 
-def load_dicom_2d(path: Path) -> np.ndarray:
-    import pydicom  # here: its import costs ~0.3 s, and picture-only sources never need it
-
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float32)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    return pixels.T.copy()
-
-
 class Image2DReader(SourceReader):
     """Each picture or CR/DX/MG DICOM file is an item; the labels table, if any, gives each its
     patient and its ground-truth labels."""
@@ -267,11 +258,10 @@ class Image2DReader(SourceReader):
             if _suffix(where) in PICTURE_SUFFIXES:
                 array = load_picture(path, self.spec.max_pixels)
             else:
-                h = read_header(self.root, where)
-                if (h.cols, h.rows) != tuple(item.shape):
-                    raise ValueError(f"a {h.cols}x{h.rows} image where the index planned {item.shape[0]}x{item.shape[1]}: the file changed since indexing")
-                array = load_dicom_2d(path)
-        except Exception as e:  # PIL and pydicom raise many types; bombs and MemoryError included
+                _, array = read_image_2d(self.root, where, frame=(item.shape[1], item.shape[0]))
+        except ItemError:
+            raise
+        except Exception as e:  # PIL raises many types; bombs and MemoryError included
             raise ItemError(where, f"cannot read pixels ({describe(e, path, where)})") from e
         affine = np.diag([item.spacing[0], item.spacing[1], 1.0, 1.0])
         return Volume(array=array, affine=affine)
