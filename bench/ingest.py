@@ -1,6 +1,6 @@
 """Ingest speed: `convert` against dcm2niix, and the index scan on a large archive.
 
-    python bench/ingest.py convert [--repeat 5] [--keep DIR] [--synthetic]
+    python bench/ingest.py convert [--repeat 5] [--keep DIR] [--synthetic [N]]
     python bench/ingest.py scan [--repeat 3] [--workers N] [--sizes 0.25,1] [--archive DIR] [--keep DIR]
 
 convert: on the real Siemens series of `../shared/realdata/dcm_qa_ts` (nine files, 64×64×35
@@ -18,8 +18,9 @@ After one untimed warm-up each, the four run `--repeat` times, alternating; the 
 time, CPU time (user + system, all threads and child processes) and peak memory (the process
 tree's resident set) are printed, with the warm time split into index / load / save, and
 Python's start-up (interpreter + imports of `convert`; the interpreter and numpy alone, the
-floor of any Python converter) measured alone. `--synthetic` adds the old
-2 × 240-slice 512×512 series written by tests/dicom_factory.py.
+floor of any Python converter) measured alone. `--synthetic N` adds an archive of N series of
+240 slices of 512×512 written by tests/dicom_factory.py (2 when N is left out): one command over
+many series, as a user converts an archive, where Python's start-up is paid once.
 
 scan: `m3-curate index --workers N` on demo archives of several sizes (`--sizes` are fractions
 of 500 CT series + 200 brain cases + 20,000 chest X-rays, drawn with `--distinct 16`: ~45,000
@@ -149,13 +150,13 @@ def full_size_ct(work: Path) -> Path:
     return series
 
 
-def synthetic_ct(work: Path) -> Path:
-    """2 series × 240 slices of 512×512, headers of scanner size (tests/dicom_factory.py)."""
+def synthetic_ct(work: Path, series: int) -> Path:
+    """`series` × 240 slices of 512×512, headers of scanner size (tests/dicom_factory.py)."""
     import dicom_factory as fac
 
-    root = work / "synthetic"
+    root = work / f"synthetic-{series}"
     if not root.is_dir():
-        for s in range(2):
+        for s in range(series):
             fac.write_series(root / f"series{s + 1}", rows=512, cols=512, n_slices=240, slice_steps=[1.25] * 239,
                              pixel_spacing=(0.703125, 0.703125), origin=(-180.0, -180.0, -300.0), seed=s, intercept=-1024.0,
                              series_number=s + 2, patient_id=f"BENCH{s}", name="IM")
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert")
     c.add_argument("--repeat", type=int, default=5)
     c.add_argument("--keep", type=Path, help="write archives and outputs here and keep them")
-    c.add_argument("--synthetic", action="store_true", help="also the 2 x 240-slice synthetic series")
+    c.add_argument("--synthetic", type=int, nargs="?", const=2, default=0, metavar="N",
+                   help="also an archive of N synthetic 240-slice series (2 when N is left out)")
     s = sub.add_parser("scan")
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--workers", type=int, help="header-reading processes (default: all cores)")
@@ -356,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"dcm_qa_ts not found at {DCM_QA_TS}: skipped")
             convert_case("ct500", full_size_ct(work), work / "ct500-out", repeat)
-            if getattr(args, "synthetic", False):
-                convert_case("synthetic", synthetic_ct(work), work / "synthetic-out", repeat)
+            if getattr(args, "synthetic", 0):
+                convert_case(f"synthetic-{args.synthetic}", synthetic_ct(work, args.synthetic), work / f"synthetic-{args.synthetic}-out", repeat)
         else:
             archives = [args.archive] if args.archive else [large_archive(work, float(f)) for f in args.sizes.split(",")]
             for archive in archives:
