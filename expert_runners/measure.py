@@ -37,44 +37,31 @@ def measure_structures(labels: np.ndarray, affine: np.ndarray, names: dict[int, 
     return measure_label_map(labels, affine, names, midline_mm=midline_mm)[1]
 
 
-def drop_small_parts(labels: np.ndarray, affine: np.ndarray, min_ml: float) -> np.ndarray:
-    """The label map without the connected parts (per label) smaller than `min_ml`: a speck is
-    not a finding, so it is neither measured, counted nor drawn. A copy where a part is dropped;
-    `min_ml` 0 keeps all. To measure the result too, `measure_label_map` does both with one
-    labelling of each structure.
-
-    >>> m = np.zeros((6, 6, 1), np.uint8); m[0:3, 0:3] = 1; m[5, 5] = 1; m[4, 0] = 2
-    >>> kept = drop_small_parts(m, np.eye(4) * [1000, 1, 1, 1], 2.0)   # 1 mL voxels
-    >>> int((kept == 1).sum()), int((kept == 2).sum())
-    (9, 0)
-    """
-    min_voxels = _min_voxels(affine, min_ml)
-    out = labels
-    for _, box, parts, sizes in _parts(labels) if min_voxels > 0 else ():
-        out = _drop(out, labels, box, parts, _small(sizes, min_voxels))
-    return out
-
-
 def measure_label_map(labels: np.ndarray, affine: np.ndarray, names: dict[int, str], *, min_ml: float = 0.0,
                       midline_mm: float = 10.0) -> tuple[np.ndarray, list[Structure]]:
-    """`drop_small_parts` and `measure_structures` of what is left, in one pass: each structure's
-    connected parts are labelled once, and serve both the drop and the component count.
+    """The label map without the connected parts (per label) smaller than `min_ml`, and the
+    measurements of what is left (`measure_structures`). A speck is not a finding, so it is
+    neither measured, counted nor drawn. The map is a copy where a part is dropped; `min_ml` 0
+    keeps all. Each structure's parts are labelled once, for the drop and the count alike.
 
-    >>> m = np.zeros((6, 6, 1), np.uint8); m[0:3, 0:3] = 1; m[5, 5] = 1
-    >>> kept, (s,) = measure_label_map(m, np.eye(4) * [1000, 1, 1, 1], {1: "liver"}, min_ml=2.0)
-    >>> int((kept == 1).sum()), s.voxels, s.components, s.bbox
-    (9, 9, 1, [0, 0, 0, 3, 3, 1])
+    >>> m = np.zeros((6, 6, 1), np.uint8); m[0:3, 0:3] = 1; m[5, 5] = 1; m[4, 0] = 2
+    >>> kept, (s,) = measure_label_map(m, np.eye(4) * [1000, 1, 1, 1], {1: "liver"}, min_ml=2.0)  # 1 mL voxels
+    >>> int((kept == 1).sum()), int((kept == 2).sum()), s.voxels, s.components, s.bbox
+    (9, 0, 9, 1, [0, 0, 0, 3, 3, 1])
     """
-    voxel_ml = _voxel_ml(affine)
-    min_voxels = _min_voxels(affine, min_ml)
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    min_voxels = min_ml / voxel_ml if min_ml > 0 and voxel_ml > 0 else 0.0
     centre_x = float((affine @ np.array([(labels.shape[0] - 1) / 2, (labels.shape[1] - 1) / 2, (labels.shape[2] - 1) / 2, 1.0]))[0])
     out, structures = labels, []
     for label, box, parts, sizes in _parts(labels):
-        small = _small(sizes, min_voxels)
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small > 0]
         mask = parts > 0
         if small.size:
-            out = _drop(out, labels, box, parts, small)
-            mask &= ~np.isin(parts, small)
+            dropped = np.isin(parts, small)
+            out = np.array(labels, copy=True) if out is labels else out
+            out[box][dropped] = 0
+            mask &= ~dropped
             if not mask.any():
                 continue
         kept_sizes = np.delete(sizes, np.concatenate([[0], small]))
@@ -90,29 +77,6 @@ def _parts(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndar
         if box is not None:
             parts, n = ndimage.label(labels[box] == label)
             yield label, box, parts, np.bincount(parts.ravel(), minlength=n + 1)
-
-
-def _small(sizes: np.ndarray, min_voxels: float) -> np.ndarray:
-    """The numbers of the parts smaller than `min_voxels`."""
-    small = np.flatnonzero(sizes < min_voxels)
-    return small[small > 0]
-
-
-def _drop(out: np.ndarray, labels: np.ndarray, box: tuple[slice, ...], parts: np.ndarray, small: np.ndarray) -> np.ndarray:
-    """`out` with the `small` parts zeroed (copied from `labels` on the first drop)."""
-    if small.size:
-        out = np.array(labels, copy=True) if out is labels else out
-        out[box][np.isin(parts, small)] = 0
-    return out
-
-
-def _voxel_ml(affine: np.ndarray) -> float:
-    return float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-
-
-def _min_voxels(affine: np.ndarray, min_ml: float) -> float:
-    voxel_ml = _voxel_ml(affine)
-    return min_ml / voxel_ml if min_ml > 0 and voxel_ml > 0 else 0.0
 
 
 def _structure(label: int, name: str, mask: np.ndarray, offset: np.ndarray, part_sizes: np.ndarray, affine: np.ndarray,
