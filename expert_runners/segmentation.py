@@ -77,22 +77,7 @@ def segmentation_findings(
     if truth_map is not None:
         truth_lps, truth_structures = measure_label_map(reorient(truth_map, affine, "LPS")[0], affine_lps, names, min_ml=min_size_ml)
         truth = Truth(structures=truth_structures)
-    main = main_slice(labels_lps, truth_lps)
-    others = {s.key_slice for s in structures} | {s.key_slice for s in (truth.structures if truth else [])}
-    gray = display_volume(image_lps, window)
-    drawn = {s.label: s.colour for s in structures if s.colour}
-    coloured = {s.name for s in structures if s.colour}
-    images = []
-    for z in [main, *sorted(others - {main})]:
-        plain = np.ascontiguousarray(gray[:, :, z].T)
-        shown = on_slice(labels_lps, z, structures)
-        known = None if truth is None else on_slice(truth_lps, z, truth.structures)  # type: ignore[arg-type]
-        over = overlay(plain, np.ascontiguousarray(labels_lps[:, :, z].T), drawn)
-        images += [
-            Image(kind="key_slice", png=encode_png(plain, image_max_side), slice=z, caption=f"axial slice {z}", labels=shown, truth=known),
-            Image(kind="overlay", png=encode_png(over, image_max_side), slice=z, caption=f"{expert} result on axial slice {z}",
-                  labels=[n for n in shown if n in coloured], truth=known),
-        ]
+    images = slice_pictures(expert, display_volume(image_lps, window), labels_lps, structures, truth_lps, truth, image_max_side)
     if derived is not None:
         structures = structures + derived(labels_lps, affine_lps)
         if truth is not None:
@@ -107,6 +92,28 @@ def segmentation_findings(
         images=images,
         truth=truth,
     )
+
+
+def slice_pictures(expert: str, gray: np.ndarray, labels_lps: np.ndarray, structures: list[Structure], truth_lps: np.ndarray | None,
+                   truth: Truth | None, max_side: int) -> list[Image]:
+    """The main slice, then every structure's own largest cross-section (the expert's and the
+    reference's), each plain and as an overlay, each with the structures on it."""
+    main = main_slice(labels_lps, truth_lps)
+    others = {s.key_slice for s in structures} | {s.key_slice for s in (truth.structures if truth else [])}
+    drawn = {s.label: s.colour for s in structures if s.colour}
+    coloured = {s.name for s in structures if s.colour}
+    images = []
+    for z in [main, *sorted(others - {main})]:
+        plain = np.ascontiguousarray(gray[:, :, z].T)
+        shown = on_slice(labels_lps, z, structures)
+        known = None if truth is None else on_slice(truth_lps, z, truth.structures)  # type: ignore[arg-type]
+        over = overlay(plain, np.ascontiguousarray(labels_lps[:, :, z].T), drawn)
+        images += [
+            Image(kind="key_slice", png=encode_png(plain, max_side), slice=z, caption=f"axial slice {z}", labels=shown, truth=known),
+            Image(kind="overlay", png=encode_png(over, max_side), slice=z, caption=f"{expert} result on axial slice {z}",
+                  labels=[n for n in shown if n in coloured], truth=known),
+        ]
+    return images
 
 
 def legend(structures: list[Structure]) -> dict[str, str]:
