@@ -42,12 +42,11 @@ from pydantic import Field
 
 from curation.errors import CurationError, ItemError
 from curation.findings import Findings, Structure
-from curation.imaging import reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, phase
 from expert_runners.bundle import TransformStep, read_bundle
 from expert_runners.labels import truth_map
-from expert_runners.measure import drop_small_parts, measure_structures
+from expert_runners.measure import measure_structures
 from expert_runners.segmentation import segmentation_findings, sequence_pictures
 from expert_runners.volumetric import BundleRunner, InferenceOptions, invert, parse_options
 
@@ -200,8 +199,6 @@ def brats_findings(
     at the main slice. `truth_map`, the reference on the same grid (BraTS ids), is measured the
     same way. Parts under `min_size_ml` are dropped first, so the derived regions agree with
     their parts."""
-    label_map = drop_small_parts(label_map, affine, min_size_ml)
-    truth_map = None if truth_map is None else drop_small_parts(truth_map, affine, min_size_ml)
     findings = segmentation_findings(
         expert=expert,
         runner=BratsRunner.runner,
@@ -214,11 +211,10 @@ def brats_findings(
         window=None,
         colours=COLOURS,
         image_max_side=image_max_side,
+        min_size_ml=min_size_ml,
         truth_map=truth_map,
+        derived=derived_structures,
     )
-    findings.structures.extend(derived_structures(label_map, affine))
-    if findings.truth is not None and truth_map is not None:
-        findings.truth.structures.extend(derived_structures(truth_map, affine))
     for img in findings.images:
         img.labels = with_derived(img.labels)
         img.truth = None if img.truth is None else with_derived(img.truth)
@@ -242,10 +238,9 @@ def with_derived(names: list[str]) -> list[str]:
     return out
 
 
-def derived_structures(label_map: np.ndarray, affine: np.ndarray) -> list[Structure]:
-    """Tumour core (101) and whole tumour (102) measured like any structure (on the LPS grid,
-    as `segmentation_findings` measures), uncoloured."""
-    labels_lps, affine_lps = reorient(label_map, affine, "LPS")
+def derived_structures(labels_lps: np.ndarray, affine_lps: np.ndarray) -> list[Structure]:
+    """Tumour core (101) and whole tumour (102) measured like any structure, uncoloured, on the
+    LPS label map `segmentation_findings` measured (its small parts already dropped)."""
     out = []
     for label, (name, parts) in DERIVED.items():
         mask = np.isin(labels_lps, parts)

@@ -13,11 +13,13 @@ plain slice and as an overlay, and each records which structures are on it (`Ima
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from curation.findings import Findings, Image, Structure, Truth
 from curation.imaging import assign_colours, ct_window, encode_png, key_slice, overlay, percentile_normalise, reorient
-from expert_runners.measure import drop_small_parts, measure_structures
+from expert_runners.measure import measure_label_map
 
 
 def display_volume(volume: np.ndarray, window: str | None) -> np.ndarray:
@@ -54,6 +56,7 @@ def segmentation_findings(
     image_max_side: int = 512,
     min_size_ml: float = 0.0,
     truth_map: np.ndarray | None = None,
+    derived: Callable[[np.ndarray, np.ndarray], list[Structure]] | None = None,
 ) -> Findings:
     """Measure every label present (parts under `min_size_ml` dropped), colour it, and draw the
     pictures described in the module docstring.
@@ -61,34 +64,24 @@ def segmentation_findings(
     `image` and `label_map` (and `truth_map`, the reference on the same grid with the same
     label ids, when there is one) are (x, y, z) on the grid of `affine`. `colours` fixes a
     label's colour (BRATS names its sub-regions by colour); other labels take the fixed table
-    in order.
+    in order. `derived` measures regions made of labels (BRATS's tumour core) on a map without
+    its small parts (LPS, and its affine); they follow the labels' structures, uncoloured and
+    without pictures of their own.
     """
     image_lps, affine_lps = reorient(image, affine, "LPS")
-    labels_lps = drop_small_parts(reorient(label_map, affine, "LPS")[0], affine_lps, min_size_ml)
-    structures = measure_structures(labels_lps, affine_lps, names)
+    labels_lps, structures = measure_label_map(reorient(label_map, affine, "LPS")[0], affine_lps, names, min_ml=min_size_ml)
     palette = colours or assign_colours([s.label for s in structures])
     for s in structures:
         s.colour = palette.get(s.label)
     truth_lps, truth = None, None
     if truth_map is not None:
-        truth_lps = drop_small_parts(reorient(truth_map, affine, "LPS")[0], affine_lps, min_size_ml)
-        truth = Truth(structures=measure_structures(truth_lps, affine_lps, names))
-    main = main_slice(labels_lps, truth_lps)
-    others = {s.key_slice for s in structures} | {s.key_slice for s in (truth.structures if truth else [])}
-    gray = display_volume(image_lps, window)
-    drawn = {s.label: s.colour for s in structures if s.colour}
-    coloured = {s.name for s in structures if s.colour}
-    images = []
-    for z in [main, *sorted(others - {main})]:
-        plain = np.ascontiguousarray(gray[:, :, z].T)
-        shown = on_slice(labels_lps, z, structures)
-        known = None if truth is None else on_slice(truth_lps, z, truth.structures)  # type: ignore[arg-type]
-        over = overlay(plain, np.ascontiguousarray(labels_lps[:, :, z].T), drawn)
-        images += [
-            Image(kind="key_slice", png=encode_png(plain, image_max_side), slice=z, caption=f"axial slice {z}", labels=shown, truth=known),
-            Image(kind="overlay", png=encode_png(over, image_max_side), slice=z, caption=f"{expert} result on axial slice {z}",
-                  labels=[n for n in shown if n in coloured], truth=known),
-        ]
+        truth_lps, truth_structures = measure_label_map(reorient(truth_map, affine, "LPS")[0], affine_lps, names, min_ml=min_size_ml)
+        truth = Truth(structures=truth_structures)
+    images = slice_pictures(expert, display_volume(image_lps, window), labels_lps, structures, truth_lps, truth, image_max_side)
+    if derived is not None:
+        structures = structures + derived(labels_lps, affine_lps)
+        if truth is not None:
+            truth.structures += derived(truth_lps, affine_lps)  # type: ignore[arg-type]
     return Findings(
         expert=expert,
         runner=runner,
@@ -99,6 +92,28 @@ def segmentation_findings(
         images=images,
         truth=truth,
     )
+
+
+def slice_pictures(expert: str, gray: np.ndarray, labels_lps: np.ndarray, structures: list[Structure], truth_lps: np.ndarray | None,
+                   truth: Truth | None, max_side: int) -> list[Image]:
+    """The main slice, then every structure's own largest cross-section (the expert's and the
+    reference's), each plain and as an overlay, each with the structures on it."""
+    main = main_slice(labels_lps, truth_lps)
+    others = {s.key_slice for s in structures} | {s.key_slice for s in (truth.structures if truth else [])}
+    drawn = {s.label: s.colour for s in structures if s.colour}
+    coloured = {s.name for s in structures if s.colour}
+    images = []
+    for z in [main, *sorted(others - {main})]:
+        plain = np.ascontiguousarray(gray[:, :, z].T)
+        shown = on_slice(labels_lps, z, structures)
+        known = None if truth is None else on_slice(truth_lps, z, truth.structures)  # type: ignore[arg-type]
+        over = overlay(plain, np.ascontiguousarray(labels_lps[:, :, z].T), drawn)
+        images += [
+            Image(kind="key_slice", png=encode_png(plain, max_side), slice=z, caption=f"axial slice {z}", labels=shown, truth=known),
+            Image(kind="overlay", png=encode_png(over, max_side), slice=z, caption=f"{expert} result on axial slice {z}",
+                  labels=[n for n in shown if n in coloured], truth=known),
+        ]
+    return images
 
 
 def legend(structures: list[Structure]) -> dict[str, str]:

@@ -1,10 +1,12 @@
 import json
 
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from curation.findings import ClassResult, Findings, png_digest
 from expert_runners.brats import brats_findings
-from expert_runners.measure import drop_small_parts, measure_structures
+from expert_runners.measure import measure_label_map, measure_structures
 from expert_runners.segmentation import segmentation_findings
 
 AFFINE = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS-ordered voxels, 2×2×3 mm → 12 µL… 0.012 mL per voxel
@@ -72,7 +74,7 @@ def test_every_structure_has_its_own_slice_and_each_picture_knows_what_it_shows(
 def test_specks_are_not_findings():
     labels = label_map()
     labels[30, 28, 11] = 26  # one voxel, 0.012 mL: a speck far from the tumours
-    kept = drop_small_parts(labels, AFFINE, 0.1)
+    kept = measure_label_map(labels, AFFINE, NAMES, min_ml=0.1)[0]
     assert kept[30, 28, 11] == 0 and (kept == 26).sum() == 50 and (kept == 1).sum() == 480
     f = findings(labels, min_size_ml=0.1)
     tumour = f.structure("hepatic tumor")
@@ -117,3 +119,54 @@ def test_brats_derived_regions_on_pictures_and_reference():
     assert at_core.labels == names and at_core.truth == names
     assert [i.caption for i in f.images if i.kind == "sequence"] == ["T1c", "T1", "T2", "FLAIR"]
     assert all(i.slice == main.slice and i.labels == main.labels for i in f.images if i.kind == "sequence")
+
+
+def masks_with_specks() -> list[np.ndarray]:
+    """Label maps whose structures have large parts and specks (0.012 mL voxels): a speck far out
+    (it would widen the box), a label made of specks only, a part just over the cut, random blobs."""
+    first = np.zeros((20, 18, 12), np.uint8)
+    first[2:8, 2:8, 2:6] = 1  # 144 voxels
+    first[10:12, 10:12, 8:10] = 1  # 8 voxels, 0.096 mL: under 0.1 mL
+    first[10:13, 2:5, 8:10] = 1  # 18 voxels, 0.216 mL: kept
+    first[19, 17, 11] = 1  # a speck in the far corner
+    first[15, 3, 3] = first[15, 6, 3] = 2  # specks only: the label goes
+    first[14:18, 12:16, 1:4] = 3
+    rng = np.random.default_rng(7)
+    blobs = [ndimage.label(rng.random((16, 14, 10)) > t)[0].clip(0, 5).astype(np.uint8) for t in (0.6, 0.75)]
+    return [first, *blobs]
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_dropping_and_measuring_in_one_pass_equals_dropping_then_measuring(n):
+    labels = masks_with_specks()[n]
+    kept, structures = measure_label_map(labels, AFFINE, NAMES, min_ml=0.1)
+    assert kept.dtype == labels.dtype and ((kept == labels) | (kept == 0)).all()  # parts are dropped, nothing else changes
+    assert structures == measure_structures(kept, AFFINE, NAMES)  # what dropping then measuring gave, measured afresh
+    assert measure_label_map(kept, AFFINE, NAMES, min_ml=0.1)[0] is kept  # nothing left to drop
+    for s in structures:
+        assert min(s.component_volumes_ml) >= 0.1
+    assert measure_label_map(labels, AFFINE, NAMES)[0] is labels  # 0 keeps all
+    if n == 0:
+        liver = structures[0]
+        assert [s.label for s in structures] == [1, 3] and not (kept == 2).any()
+        assert liver.voxels == 144 + 18 and liver.components == 2 and liver.component_volumes_ml == [1.73, 0.22]
+        assert liver.bbox == [2, 2, 2, 13, 8, 10]  # the corner speck no longer widens it
+        assert kept[19, 17, 11] == 0 and (kept[10:12, 10:12, 8:10] == 0).all()
+
+
+def test_each_structure_is_labelled_once(monkeypatch):
+    labels = masks_with_specks()[0]
+    calls: list[int] = []
+    label = ndimage.label
+    monkeypatch.setattr(ndimage, "label", lambda mask, *a, **k: calls.append(int(mask.sum())) or label(mask, *a, **k))
+    f = findings(labels, min_size_ml=0.1, truth_map=labels)
+    assert len(calls) == 2 * 3  # labels 1, 2 and 3, in the expert's map and the reference
+    assert len(f.structures) == len(f.truth.structures) == 2
+    calls.clear()
+    brats = np.zeros((20, 20, 10), np.uint8)
+    brats[5:15, 5:15, 2:8], brats[8:12, 8:12, 3:7], brats[9:11, 9:11, 4:6], brats[0, 0, 0] = 2, 1, 4, 1
+    array = np.random.default_rng(0).random((20, 20, 10, 4)).astype(np.float32) * 100
+    f = brats_findings(expert="BRATS", arg="", modality="MR", array=array, affine=np.diag([2.0, 2.0, 2.0, 1.0]),
+                       label_map=brats, truth_map=brats, min_size_ml=0.1)
+    assert len(calls) == 2 * (3 + 2)  # three sub-regions and two derived regions, in each map
+    assert f.structure("necrotic tumor core").components == 1

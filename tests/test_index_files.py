@@ -144,3 +144,44 @@ def test_user_errors(tmp_path: Path, write_manifest):
     badcsv = write_manifest({"name": "m", "sources": [{"name": "c", "kind": "image2d", "root": "c", "labels": "labels.csv"}]}, "csv.yaml")
     with pytest.raises(CurationError, match="needs a header row with an 'image' column"):
         build_index(load_manifest(badcsv))
+
+
+def test_a_case_set_aside_has_the_status_of_the_check_it_failed(tmp_path: Path, write_manifest, monkeypatch):
+    """A case without all its sequences or over the size cap is skipped; one with an unreadable
+    file or sequences that disagree is quarantined. The status follows the check, not its words."""
+    from curation.ingest import base
+    from curation.ingest.index import list_files
+    from curation.ingest.nifti import NiftiGroupReader
+
+    brain, rng = tmp_path / "brain", np.random.default_rng(1)
+    cases = {"missing": {"t1": (4, 4, 4)}, "unreadable": {"t1": (4, 4, 4), "t2": None}, "four_d": {"t1": (4, 4, 4), "t2": (4, 4, 4, 2)},
+             "shape": {"t1": (4, 4, 4), "t2": (4, 4, 5)}, "affine": {"t1": (4, 4, 4), "t2": "moved"}, "large": {"t1": (10, 10, 10), "t2": (10, 10, 10)},
+             "fine": {"t1": (4, 4, 4), "t2": (4, 4, 4)}}
+    for case, files in cases.items():
+        for channel, shape in files.items():
+            path = brain / case / f"{case}_{channel}.nii.gz"
+            if shape is None:
+                path.write_bytes(b"not a nifti file")
+            else:
+                moved = shape == "moved"
+                save(path, rng.normal(size=(4, 4, 4) if moved else shape).astype(np.float32), AFFINE + (np.eye(4, k=1) if moved else 0))
+    spec = load_manifest(write_manifest({"name": "m", "sources": [
+        {"name": "brain", "kind": "nifti_group", "root": "brain", "channels": ["t1", "t2"], "max_voxels": 1000}]}))
+    expected = {"missing": "skipped", "unreadable": "quarantined", "four_d": "quarantined", "shape": "quarantined",
+                "affine": "quarantined", "large": "skipped", "fine": "indexed"}
+
+    def statuses() -> dict[str, str]:
+        scan = readers_for(spec)["brain"].scan(list_files(brain))
+        by_case: dict[str, set[str]] = {}
+        for e in scan.ledger:
+            by_case.setdefault(e.uri.split("/")[0], set()).add(e.status)
+        assert all(len(s) == 1 for s in by_case.values()), by_case  # a case's files share its fate
+        return {case: s.pop() for case, s in by_case.items()}
+
+    assert statuses() == expected
+    disagreement = NiftiGroupReader._disagreement  # the same findings, other words
+    monkeypatch.setattr(NiftiGroupReader, "_disagreement", staticmethod(
+        lambda headers: None if (p := disagreement(headers)) is None else p.replace("disagree", "differ").replace("not 3D", "4D")))
+    size_problem = base.size_problem
+    monkeypatch.setattr(base, "size_problem", lambda *a, **k: None if (p := size_problem(*a, **k)) is None else f"sequences disagree with the cap: {p}")
+    assert statuses() == expected

@@ -148,3 +148,41 @@ def test_clean_question() -> None:
     assert clean_question("<image>\nWhat is this?") == "What is this?"
     assert clean_question("What is this?\n<image>") == "What is this?"
     assert clean_question("Look <image> here") == "Look  here"
+
+
+def test_an_image_no_record_names_is_skipped_as_not_named_without_being_read(pictures: Path, write_manifest, monkeypatch) -> None:
+    """Whatever else is wrong with an image no record names (cut short, a decompression bomb, a
+    damaged DICOM) does not matter to this source: it is skipped as not named, its header unread.
+    A file that is no image stays unsupported."""
+    from fault_archive import png, radiograph
+
+    from curation.ingest import image2d
+    from curation.ingest.index import list_files
+
+    images = pictures / "images"
+    png(images / "bomb.png", 12000, 12000, complete=False)  # a header claiming 144 M pixels
+    (images / "cut.png").write_bytes((images / "img1.png").read_bytes()[:-20])
+    radiograph(images / "scan.dcm", patient_id="P1")
+    (images / "damaged.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10")
+    radiograph(images / "extensionless", patient_id="P2")
+    (images / "readme").write_text("not an image")
+    (pictures / "a.json").write_text(json.dumps([{"image": "images/img0.png", "question": "q", "answer": "a"}]))
+    spec = load_manifest(manifest(write_manifest, "vqa/a.json"))
+    not_named = ("skipped", "not named in the question–answer file a.json")
+    unnamed = ["bomb.png", "broken.png", "cut.png", "damaged.dcm", "extensionless", "img1.png", "img2.png", "scan.dcm", "unused.jpg"]
+    rows = ledger(build_index(spec))
+    assert rows == {
+        "a.json": ("indexed", "question–answer table"),
+        "images/img0.png": ("indexed", "image of 1 question–answer record"),
+        **{f"images/{name}": not_named for name in unnamed},
+        "images/readme": ("skipped", rows["images/readme"][1]),
+    }
+    assert rows["images/readme"][1].startswith("unsupported")
+
+    read: list[str] = []  # the headers read, in this process
+    for name in ("picture_size", "read_header"):
+        original = getattr(image2d, name)
+        monkeypatch.setattr(image2d, name, lambda *a, _f=original: read.append(str(a[-1]).rsplit("/", 1)[-1]) or _f(*a))
+    reader = readers_for(spec)["vqa"]
+    reader.scan(list_files(pictures))
+    assert read == ["img0.png"]

@@ -9,7 +9,14 @@
 
 `scan(files)` is `group(read(files))` in one process. The base class owns the safety net: a file
 whose reading raises anything is a quarantined record, a group whose grouping raises is set aside
-whole, each with a path-free reason (`curation.ingest.reasons`); neither stops the scan.
+whole, each with a path-free reason (`curation.ingest.reasons`); neither stops the scan. A
+`SetAside` error carries its own ledger status (a valid file this source does not use is
+skipped, not quarantined), so no reader decides a status by reading its own messages.
+
+One rule decides whether a declared size is too large, and words it: `size_problem`, against the
+source's `SizeCaps`. The scan asks it of headers (`too_large`) and every loader asks it again of
+the file it opens (`SizeCaps.refuse`), so the same oversize file reads the same in the ledger
+wherever it is caught.
 
 Readers are looked up in an explicit table (`READERS`, filled in `curation.ingest`), keyed by the
 manifest's `kind`.
@@ -85,7 +92,7 @@ class SourceReader(ABC):
             try:
                 record = self.read_one(uri)
             except ItemError as e:
-                record = Record(uri, uri, "quarantined", e.reason)
+                record = Record(uri, uri, status_of(e), e.reason)
             except CurationError:
                 raise  # the user's input (a manifest, a labels table) is wrong: stop and say so
             except Exception as e:  # a per-file boundary: whatever a library raises, the file is set aside
@@ -117,7 +124,7 @@ class SourceReader(ABC):
             except CurationError as e:
                 if not isinstance(e, ItemError):
                     raise
-                part = Scan(ledger=[self.entry(m.uri, "quarantined", e.reason) for m in members])
+                part = Scan(ledger=[self.entry(m.uri, status_of(e), e.reason) for m in members])
             except Exception as e:  # a per-group boundary
                 reason = f"could not be grouped: {describe(e, *(m.uri for m in members))}"
                 part = Scan(ledger=[self.entry(m.uri, "quarantined", reason) for m in members])
@@ -145,40 +152,76 @@ class SourceReader(ABC):
 
         if not item.label_uri:
             return None
-        return load_nifti(self.path(item.label_uri), where=item.label_uri, max_voxels=self.spec.max_voxels)
+        return load_nifti(self.path(item.label_uri), where=item.label_uri, caps=self.caps)
 
     # -- helpers ----------------------------------------------------------------------------------
 
     def entry(self, uri: str, status: str, reason: str, item_id: str | None = None) -> LedgerEntry:
         return LedgerEntry(uri=uri, source=self.spec.name, status=status, reason=reason, item_id=item_id)  # type: ignore[arg-type]
 
+    @property
+    def caps(self) -> SizeCaps:
+        return SizeCaps(max_voxels=self.spec.max_voxels, max_pixels=self.spec.max_pixels)
+
     def too_large(self, shape: Sequence[int], channels: int = 1) -> str | None:
-        """The reason an item of this declared shape is set aside, or None: 2D images against
-        `max_pixels`, volumes against `max_voxels` (channels counted)."""
-        return size_problem(shape, channels, max_voxels=self.spec.max_voxels, max_pixels=self.spec.max_pixels)
+        """The reason an item of this declared shape is set aside, or None (`size_problem`)."""
+        return self.caps.problem(shape, channels)
 
     def refuse_too_large(self, where: str, shape: Sequence[int], channels: int = 1) -> None:
-        """The same check at load time, before anything is allocated: the files may have changed
-        since indexing, or an index may have been written by hand."""
-        problem = self.too_large(shape, channels)
-        if problem:
-            raise ItemError(where, problem)
+        """The same check at load time, on the shape the index holds, before anything is
+        allocated (an index may have been written under other caps, or by hand)."""
+        self.caps.refuse(where, shape, channels)
+
+
+class SetAside(ItemError):
+    """An `ItemError` that knows its ledger status: `skipped` for a file that is fine but not
+    used (over a size cap, a decompression bomb, a case without all its sequences),
+    `quarantined` for one that is damaged or inconsistent. Where items are loaded it is an
+    `ItemError` like any other."""
+
+    def __init__(self, where: str, reason: str, status: Status):
+        super().__init__(where, reason)
+        self.status: Status = status
+
+
+def status_of(error: ItemError) -> Status:
+    """The ledger status of a file set aside by `error`: its own for a `SetAside`, else quarantined."""
+    return error.status if isinstance(error, SetAside) else "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class SizeCaps:
+    """A source's caps on declared sizes (the manifest's `max_voxels`, `max_pixels`), as readers
+    and their loaders carry them."""
+
+    max_voxels: int
+    max_pixels: int
+
+    def problem(self, shape: Sequence[int], channels: int = 1) -> str | None:
+        return size_problem(shape, channels, max_voxels=self.max_voxels, max_pixels=self.max_pixels)
+
+    def refuse(self, where: str, shape: Sequence[int], channels: int = 1) -> None:
+        """Raise the `size_problem` of this declared shape as a skipped `SetAside`, if it has one."""
+        if problem := self.problem(shape, channels):
+            raise SetAside(where, problem, "skipped")
 
 
 def size_problem(shape: Sequence[int], channels: int, *, max_voxels: int, max_pixels: int) -> str | None:
-    """Why a declared size is refused, or None.
+    """Why a declared size is refused, or None: the one place that decides and words it. Two
+    dimensions are a 2D image, checked against `max_pixels`; any other shape is a volume (its
+    channels counted), checked against `max_voxels`.
 
     >>> size_problem([65535, 65535, 1], 1, max_voxels=1 << 30, max_pixels=50_000_000)
     'declared size 65535×65535×1 (4.29 G voxels) exceeds max_voxels (1.07 G)'
     >>> size_problem([12000, 12000], 1, max_voxels=1 << 30, max_pixels=50_000_000)
     'declared size 12000×12000 (144 M pixels) exceeds max_pixels (50 M)'
+    >>> size_problem([240, 240, 155], 4, max_voxels=30_000_000, max_pixels=50_000_000)
+    'declared size 240×240×155×4 channels (35.7 M voxels) exceeds max_voxels (30 M)'
     """
     dims = [int(s) for s in shape]
     total = channels
     for d in dims:
         total *= d
-    if total <= (max_pixels if len(dims) == 2 else max_voxels):
-        return None
     shown = "×".join(str(d) for d in dims) + (f"×{channels} channels" if channels > 1 else "")
     if len(dims) == 2:
         if total > max_pixels:

@@ -6,8 +6,9 @@ on the diagonal of the affine; a plain PNG has no patient geometry, so its spaci
 
 Scanning reads headers only: a picture's size from its first bytes and its end marker (a cut
 file is quarantined), a DICOM file's header through the DICOM reader's fast path. A declared size
-over `max_pixels` is set aside before anything is decoded, and the loader checks again before
-decoding: a 140 KB PNG can claim 12000 × 12000 pixels (a decompression bomb). The patient of an
+over `max_pixels` is set aside before anything is decoded, and the loader reads and checks the
+size again, the same way, before decoding: a 140 KB PNG can claim 12000 × 12000 pixels (a
+decompression bomb). The patient of an
 image is, in order: the labels table's `patient_id`, the DICOM PatientID, the file's stem.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from curation.errors import CurationError, ItemError
-from curation.ingest.base import Record, Scan, SourceReader
+from curation.ingest.base import Record, Scan, SetAside, SizeCaps, SourceReader
 from curation.ingest.dicom import NOT_DICOM_SUFFIXES
 from curation.ingest.dicom_headers import MEDIA_DIRECTORY, NOT_DICOM, Header, read_header
 from curation.ingest.dicom_pixels import read_image_2d
@@ -142,14 +143,43 @@ def looks_like_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def load_picture(path: Path, max_pixels: int) -> np.ndarray:
+def declared_picture_size(path: Path, where: str) -> tuple[int, int]:
+    """`picture_size`, or a `SetAside` with the reason and status the ledger gives a picture that
+    cannot be read: a decompression bomb (PIL's own limit, for pictures whose header PIL reads)
+    is skipped, anything else quarantined as corrupt. The scan and the loader both ask this, so a
+    picture reads the same wherever it is caught."""
+    try:
+        return picture_size(path)
+    except Exception as e:  # PIL raises many types for files it cannot read, bombs among them
+        if type(e).__name__ == "DecompressionBombError":
+            raise SetAside(where, f"decompression bomb: {describe(e, path, where)}", "skipped") from e
+        raise SetAside(where, f"corrupt: {describe(e, path, where)}", "quarantined") from e
+
+
+def image_kind(path: Path, uri: str) -> str | None:
+    """"picture", "dicom", or None for a file that is no image of a 2D source: by its name, and
+    for a name without a known suffix by its first 132 bytes (`looks_like_dicom`). Nothing is
+    parsed."""
+    suffix = _suffix(uri)
+    if suffix in PICTURE_SUFFIXES:
+        return "picture"
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if not uri.lower().endswith(NOT_DICOM_SUFFIXES) and looks_like_dicom(path):
+        return "dicom"
+    return None
+
+
+def load_picture(path: Path, *, where: str, caps: SizeCaps) -> np.ndarray:
+    """A PNG or JPEG as (x, y). Its size is read and checked as the scan reads and checks it
+    (`declared_picture_size`, `SizeCaps`), before anything is decoded: a picture that grew
+    since indexing is refused in the scan's words."""
+    caps.refuse(where, declared_picture_size(path, where))
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise ValueError(f"declared size {img.width}×{img.height} exceeds max_pixels ({max_pixels})")
             if img.mode not in ("L", "I;16", "I", "F"):
                 img = img.convert("L")
             return np.asarray(img).T.copy()
@@ -164,47 +194,38 @@ class Image2DReader(SourceReader):
     def read_one(self, uri: str) -> Record | None:
         if uri == self._table_uri:
             return Record(uri, uri, "indexed", "labels table")
-        found = self.image_header(uri)
-        if found is None:
-            return None
-        if isinstance(found, Record):
-            return found
-        return Record(uri, uri, facts=found)
+        facts = self.image_header(uri)
+        return None if facts is None else Record(uri, uri, facts=facts)
 
-    def image_header(self, uri: str) -> ImageFacts | Record | None:
-        """The image's facts; a Record with its fate when it is not usable; None when the file is
-        not an image this reader claims."""
-        suffix = _suffix(uri)
+    def image_header(self, uri: str) -> ImageFacts | None:
+        """The image's facts, or None when the file is not an image this reader claims; an image
+        that cannot be used raises a `SetAside` with its reason and status."""
         path = self.path(uri)
-        if suffix in PICTURE_SUFFIXES:
-            try:
-                width, height = picture_size(path)
-            except Exception as e:  # PIL raises many types for files it cannot read, bombs among them
-                if type(e).__name__ == "DecompressionBombError":
-                    return Record(uri, uri, "skipped", f"decompression bomb: {describe(e, path, uri)}")
-                return Record(uri, uri, "quarantined", f"corrupt: {describe(e, path, uri)}")
-            return ImageFacts((width, height), (1.0, 1.0), self.spec.modality)
-        if suffix in DICOM_SUFFIXES:
-            return self._dicom_facts(read_header(self.root, uri))
-        if not uri.lower().endswith(NOT_DICOM_SUFFIXES) and looks_like_dicom(path):
+        kind = image_kind(path, uri)
+        if kind == "picture":
+            return ImageFacts(declared_picture_size(path, uri), (1.0, 1.0), self.spec.modality)
+        if kind == "dicom":
             h = read_header(self.root, uri)
-            return None if h.problem == f"corrupt: {NOT_DICOM}" else self._dicom_facts(h)
+            if h.problem == f"corrupt: {NOT_DICOM}" and _suffix(uri) not in DICOM_SUFFIXES:
+                return None  # it only started like DICOM
+            return self._dicom_facts(h)
         return None
 
-    def _dicom_facts(self, h: Header) -> ImageFacts | Record:
+    def _dicom_facts(self, h: Header) -> ImageFacts:
         uri = h.uri
         if h.problem:
-            return Record(uri, uri, "quarantined", h.problem)
+            raise SetAside(uri, h.problem, "quarantined")
         if h.sop_class == MEDIA_DIRECTORY:
-            return Record(uri, uri, "skipped", MEDIA_DIRECTORY_REASON)
+            raise SetAside(uri, MEDIA_DIRECTORY_REASON, "skipped")
         if not h.has_pixels:
-            return Record(uri, uri, "skipped", f"no pixel data (SOPClassUID {h.sop_class or 'missing'})")
+            raise SetAside(uri, f"no pixel data (SOPClassUID {h.sop_class or 'missing'})", "skipped")
         if h.n_frames != 1 or h.modality not in DICOM_2D_MODALITIES:
-            return Record(uri, uri, "skipped", f"not a single-frame {'/'.join(DICOM_2D_MODALITIES)} image (Modality {h.modality or 'none'}, {h.n_frames} frames)")
+            raise SetAside(uri, f"not a single-frame {'/'.join(DICOM_2D_MODALITIES)} image (Modality {h.modality or 'none'}, {h.n_frames} frames)",
+                           "skipped")
         if h.samples != 1:
-            return Record(uri, uri, "skipped", f"unsupported: SamplesPerPixel {h.samples} (colour image)")
+            raise SetAside(uri, f"unsupported: SamplesPerPixel {h.samples} (colour image)", "skipped")
         if not getattr(self.spec, "keep_burned_in", False) and (reason := burned_in_reason(h)):
-            return Record(uri, uri, "skipped", reason)
+            raise SetAside(uri, reason, "skipped")
         row_spacing, col_spacing = h.pixel_spacing or (1.0, 1.0)
         return ImageFacts((h.cols, h.rows), (float(col_spacing), float(row_spacing)), h.modality, h.patient_id.strip())
 
@@ -256,7 +277,7 @@ class Image2DReader(SourceReader):
         path = self.path(where)
         try:
             if _suffix(where) in PICTURE_SUFFIXES:
-                array = load_picture(path, self.spec.max_pixels)
+                array = load_picture(path, where=where, caps=self.caps)
             else:
                 _, array = read_image_2d(self.root, where, frame=(item.shape[1], item.shape[0]))
         except ItemError:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from curation.errors import ItemError
-from curation.ingest.base import Record, Scan, SourceReader
+from curation.ingest.base import Record, Scan, SetAside, SizeCaps, SourceReader
 from curation.ingest.reasons import describe
 from curation.items import StudyItem, Volume
 
@@ -75,18 +75,18 @@ def read_header(path: Path, where: str) -> NiftiHeader:
     return NiftiHeader(shape, zooms, affine)  # type: ignore[arg-type]
 
 
-def load_nifti(path: Path, frame: int | None = None, *, where: str | None = None, max_voxels: int | None = None) -> Volume:
-    """Voxels with the file's scaling applied, and its (RAS) affine. The declared shape is
-    checked against `max_voxels` before any voxel is read."""
+def load_nifti(path: Path, frame: int | None = None, *, where: str | None = None, caps: SizeCaps | None = None) -> Volume:
+    """Voxels with the file's scaling applied, and its (RAS) affine. The shape its header
+    declares (`frame`'s volume, or the whole file with any 4th dimension as channels) is
+    checked against `caps` before any voxel is read, in the scan's words (`size_problem`)."""
     import nibabel as nib
 
     where = where or path.name
     try:
         img = nib.load(path)
-        shape = img.header.get_data_shape()
-        voxels = math.prod(shape[:3]) * (1 if frame is not None or len(shape) < 4 else math.prod(shape[3:]))
-        if max_voxels is not None and voxels > max_voxels:
-            raise ItemError(where, f"declared shape {list(shape)} exceeds max_voxels ({max_voxels})")
+        if caps is not None:
+            shape = img.header.get_data_shape()
+            caps.refuse(where, shape[:3], 1 if frame is not None else math.prod(shape[3:]))
         data = np.asanyarray(img.dataobj[..., frame] if frame is not None else img.dataobj)
     except ItemError:
         raise
@@ -188,7 +188,7 @@ class NiftiReader(SourceReader):
     def load(self, item: StudyItem) -> Volume:
         where = item.uris[0]
         self.refuse_too_large(where, item.shape)
-        return load_nifti(self.path(where), item.frame, where=where, max_voxels=self.spec.max_voxels)
+        return load_nifti(self.path(where), item.frame, where=where, caps=self.caps)
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -245,19 +245,10 @@ class NiftiGroupReader(SourceReader):
                 out.ledger.append(self.entry(r.uri, "skipped", f"a second file for channel {channel!r} of the case"))
             else:
                 found[channel] = r
-        uris = [r.uri for r in found.values()]
-        missing = [c for c in self.spec.channels if c not in found]
-        if missing:
-            out.ledger.extend(self.entry(u, "skipped", f"incomplete case: missing {', '.join(missing)}") for u in uris)
-            return
-        headers = {c: r.facts[1] for c, r in found.items()}
-        broken = next(((c, h) for c, h in headers.items() if isinstance(h, str)), None)
-        if broken:
-            out.ledger.extend(self.entry(u, "quarantined", f"case has an unreadable file (sequence {broken[0]}): {broken[1]}") for u in uris)
-            return
-        problem = self._disagreement(headers) or self.too_large(headers[self.spec.channels[0]].shape, len(self.spec.channels))
-        if problem:
-            out.ledger.extend(self.entry(u, "quarantined" if "disagree" in problem or "not 3D" in problem else "skipped", problem) for u in uris)
+        try:
+            headers = self._case_headers(found)
+        except SetAside as e:
+            out.ledger.extend(self.entry(r.uri, e.status, e.reason) for r in found.values())
             return
         first = headers[self.spec.channels[0]]
         item = StudyItem(
@@ -279,6 +270,23 @@ class NiftiGroupReader(SourceReader):
             reason = "ground-truth label map" if c == self.spec.labels else f"sequence {c}"
             out.ledger.append(self.entry(r.uri, "indexed", reason, item.item_id))
 
+    def _case_headers(self, found: dict[str, Record]) -> dict[str, NiftiHeader]:
+        """The case's headers by channel, or a `SetAside` with why the case is no item and its
+        status: a case without all its sequences or over the size cap is skipped, one with an
+        unreadable file or with sequences that disagree is quarantined."""
+        where = next(iter(found.values())).uri
+        missing = [c for c in self.spec.channels if c not in found]
+        if missing:
+            raise SetAside(where, f"incomplete case: missing {', '.join(missing)}", "skipped")
+        headers = {c: r.facts[1] for c, r in found.items()}
+        broken = next(((c, h) for c, h in headers.items() if isinstance(h, str)), None)
+        if broken:
+            raise SetAside(where, f"case has an unreadable file (sequence {broken[0]}): {broken[1]}", "quarantined")
+        if problem := self._disagreement(headers):
+            raise SetAside(where, problem, "quarantined")
+        self.refuse_too_large(where, headers[self.spec.channels[0]].shape, len(self.spec.channels))
+        return headers
+
     @staticmethod
     def _disagreement(headers: dict[str, NiftiHeader]) -> str | None:
         ref_name, ref = next(iter(headers.items()))
@@ -293,7 +301,7 @@ class NiftiGroupReader(SourceReader):
 
     def load(self, item: StudyItem) -> Volume:
         self.refuse_too_large(item.uris[0], item.shape, len(item.channels))
-        vols = [load_nifti(self.path(u), where=u, max_voxels=self.spec.max_voxels) for u in item.uris]
+        vols = [load_nifti(self.path(u), where=u, caps=self.caps) for u in item.uris]
         shapes = {c: v.array.shape for c, v in zip(item.channels, vols)}
         if len(set(shapes.values())) > 1 or next(iter(shapes.values())) != tuple(item.shape):
             raise ItemError(item.uris[0], f"sequences have shapes {shapes}, the index says {list(item.shape)}: the files changed since indexing")

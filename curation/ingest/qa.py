@@ -19,9 +19,10 @@ Accepted files (`file:` in the manifest):
 
 Ledger: the file itself (when under the root) is "question–answer table"; each referenced
 image is "image of N question–answer records"; an image no record names is skipped as
-"not named in the question–answer file"; an unreadable image is quarantined. Records naming a
-list of images or no image are left out, counted in one warning; records naming an image that is
-not under the root make no item. The patient of a record is its `patient_id`, else the DICOM
+"not named in the question–answer file", without being opened (a file without a picture or
+DICOM suffix has its first 132 bytes read, to tell DICOM from other files); a named image that
+cannot be read is quarantined. Records naming a list of images or no image are left out,
+counted in one warning; records naming an image that is not under the root make no item. The patient of a record is its `patient_id`, else the DICOM
 PatientID of its image, else the image's stem.
 """
 
@@ -31,13 +32,13 @@ import csv
 import json
 import logging
 from collections import Counter
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 from curation.errors import CurationError
 from curation.ingest.base import Record, Scan
-from curation.ingest.image2d import Image2DReader, ImageFacts, _stem, relative_uri
+from curation.ingest.image2d import Image2DReader, ImageFacts, _stem, image_kind, relative_uri
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,19 @@ def read_records(path: Path, columns: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
+def image_uri(record: dict[str, Any]) -> str | None:
+    """The uri of a record's one image (relative to the root), or None (no image, or several)."""
+    image = record["image"]
+    return Path(image).as_posix().lstrip("/") if isinstance(image, str) and image else None
+
+
+@lru_cache(maxsize=4)
+def named_images(path: Path, stamp: tuple[int, int], columns: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The uris of the images the file's records name, kept per process for the file's
+    (mtime, size): every batch of a scan asks, and a worker process reads many batches."""
+    return frozenset(uri for rec in read_records(path, dict(columns)) if (uri := image_uri(rec)))
+
+
 class QaReader(Image2DReader):
     """Each record of the question–answer file is an item; its image loads like any 2D image."""
 
@@ -157,10 +171,10 @@ class QaReader(Image2DReader):
         dropped: Counter[str] = Counter()
         examples: dict[str, str] = {}
         for rec in self._records:
-            image = rec["image"]
-            if not isinstance(image, str) or not image:
+            image, uri = rec["image"], image_uri(rec)
+            if uri is None:
                 reason = "several images" if isinstance(image, list) else "no image"
-            elif not self.path(Path(image).as_posix().lstrip("/")).is_file():
+            elif not self.path(uri).is_file():
                 reason = "image not found under the root"
             else:
                 continue
@@ -178,26 +192,37 @@ class QaReader(Image2DReader):
         """Records by the uri of their image (one image, named relative to the root)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for rec in self._records:
-            if isinstance(rec["image"], str) and rec["image"]:
-                out.setdefault(Path(rec["image"]).as_posix().lstrip("/"), []).append(rec)
+            if uri := image_uri(rec):
+                out.setdefault(uri, []).append(rec)
         return out
+
+    @cached_property
+    def _named(self) -> frozenset[str]:
+        """The uris of the images some record names (what reading a file needs to know)."""
+        path = Path(self.spec.file)
+        st = path.stat() if path.is_file() else None  # a missing file: read_records says so
+        stamp = (st.st_mtime_ns, st.st_size) if st else (0, 0)
+        return named_images(path, stamp, tuple(sorted(self.spec.columns.items())))
 
     @cached_property
     def _table_uri(self) -> str:
         return relative_uri(Path(self.spec.file), self.root)
 
     def read_one(self, uri: str) -> Record | None:
+        """An image no record names is skipped as not named without reading its header (whatever
+        else is wrong with it does not matter to this source); a named one is read as any 2D image."""
         if uri == self._table_uri:
             return Record(uri, uri, "indexed", "question–answer table")
-        found = self.image_header(uri)
-        return found if found is None or isinstance(found, Record) else Record(uri, uri, facts=found)
+        if uri not in self._named:
+            if image_kind(self.path(uri), uri) is None:
+                return None
+            return Record(uri, uri, "skipped", f"not named in the question–answer file {Path(self.spec.file).name}")
+        facts = self.image_header(uri)
+        return None if facts is None else Record(uri, uri, facts=facts)
 
     def combine(self, key: str, records: list[Record], out: Scan) -> None:
         (record,) = records
-        named = self._by_image.get(record.uri, [])
-        if not named:
-            out.ledger.append(self.entry(record.uri, "skipped", f"not named in the question–answer file {Path(self.spec.file).name}"))
-            return
+        named = self._by_image[record.uri]
         facts: ImageFacts = record.facts
         if too_large := self.too_large(facts.shape):
             out.ledger.append(self.entry(record.uri, "skipped", too_large))
