@@ -254,3 +254,41 @@ def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_pat
         assert given.largest > 0
         seen += ids
     assert sorted(seen) == sorted(order)
+
+
+def run_experts_here(prep) -> int:
+    """Every expert result the plan needs, made in this process by the build's own stages (the
+    weight-free runners of `demo_manifest`) and cached; returns how many there are."""
+    from curation.build.stages import ExpertStage, WorkItem, load_item
+
+    stages = [ExpertStage(prep.ctx, e.name, gpus=0.0, last=False) for e in prep.spec.experts]
+    needed = 0
+    for plan in prep.plan.iter_working():
+        work = load_item(WorkItem(plan=plan), prep.ctx)
+        for stage in stages:
+            stage.run_item(work)
+        needed += sum(len(args) for args in plan.needs(prep.spec).values())
+    return needed
+
+
+def test_a_build_whose_findings_are_all_cached_looks_each_result_up_once(tmp_path, monkeypatch):
+    """The render path after the cache check: each result is looked up once (by the check,
+    whose hits the accounts keep), not again before rendering."""
+    from collections import Counter
+
+    from curation.build import pipeline
+
+    _, prep = prepared(tmp_path)
+    needed = run_experts_here(prep)
+    looked: Counter[tuple[str, str, str]] = Counter()
+    has = FindingsCache.has
+
+    def counted(self, content, fingerprint, args=""):
+        looked[(content, fingerprint, args)] += 1
+        return has(self, content, fingerprint, args)
+
+    monkeypatch.setattr(FindingsCache, "has", counted)
+    monkeypatch.setattr(pipeline, "_on_ray", lambda *a, **k: pytest.fail("Ray was used"))
+    result = build(tmp_path / "m.yaml", progress=False)
+    assert len(looked) == needed and set(looked.values()) == {1}
+    assert sum(e["cached"] for e in result.card["experts"].values()) == needed and result.card["counts"]["rows"]["total"] > 0
