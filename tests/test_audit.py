@@ -14,7 +14,7 @@ from render_factory import Demo
 
 from curation.audit import CALL_CLASH, audit, table
 from curation.build.plan import ItemPlan, PlannedConversation
-from curation.build.stages import BuildContext, make_row
+from curation.build.stages import BuildContext, findings_json, make_row
 from curation.cli import main
 from curation.render.renderer import Renderer, TemplateSkip
 from curation.rows import ROW_SCHEMA
@@ -37,7 +37,8 @@ def rows(render_demo: Demo) -> list[dict]:
                 except TemplateSkip:
                     continue
                 plan = ItemPlan(item=item, split="train", lane=0)
-                row = make_row(ctx, plan, PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, f)
+                text = None if f is None else findings_json(renderer.findings_data(f, item))
+                row = make_row(ctx, plan, PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, text)
                 out.append({k: v for k, v in row.items() if not k.startswith("_")})
     return out
 
