@@ -114,3 +114,44 @@ def test_legend_colours_are_read_off_the_pixels() -> None:
     drawn = encode_png(overlay(grey, labels, {1: "red"}))
     assert drawn_in(drawn, "red") and not drawn_in(drawn, "blue") and not drawn_in(drawn, "green")
     assert not any(drawn_in(encode_png(grey), colour) for colour in ("red", "blue", "yellow", "magenta", "teal"))
+
+
+def test_each_picture_a_legend_names_is_decoded_once_per_row(rows: list[dict], tmp_path: Path, monkeypatch) -> None:
+    """A legend names several colours on one picture (and a row may carry several legends):
+    the picture is decoded once for all of them, not once per colour."""
+    from collections import Counter
+
+    import curation.audit as audit_module
+
+    pictures = [len({e["image"] for e in json.loads(r["meta"]).get("legends") or []}) for r in rows]
+    colours = [sum(len(e["entries"]) for e in json.loads(r["meta"]).get("legends") or []) for r in rows]
+    assert sum(colours) >= 2 * sum(pictures) > 0  # several colours a picture: the case of the fault
+    decoded: Counter[bytes] = Counter()
+    decode = audit_module.decode_rgb
+    monkeypatch.setattr(audit_module, "decode_rgb", lambda png: decoded.update([png]) or decode(png))
+    result = audit(write(tmp_path / "good", rows))
+    assert result.ungrounded == 0 and sum(decoded.values()) == sum(pictures)
+
+
+def test_every_colour_a_legend_names_but_the_picture_lacks_is_reported_from_one_decoding(monkeypatch) -> None:
+    import numpy as np
+
+    import curation.audit as audit_module
+    from curation.imaging import encode_png, overlay
+
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (25, 1))
+    labels = np.zeros(grey.shape, np.int32)
+    labels[5:9, 5:9] = 1
+    row = {"images": [{"bytes": encode_png(overlay(grey, labels, {1: "red"}))}]}
+    meta = {"legends": [{"turn": 2, "image": 0, "entries": [["red", "liver"], ["blue", "spleen"]]},
+                        {"turn": 4, "image": 0, "entries": [["green", "aorta"], ["red", "liver"], ["mauve", "not a colour we draw"]]},
+                        {"turn": 4, "image": 3, "entries": [["green", "aorta"]]}]}  # no such picture: the grounding check reports it
+    decoded = []
+    decode = audit_module.decode_rgb
+    monkeypatch.setattr(audit_module, "decode_rgb", lambda png: decoded.append(png) or decode(png))
+    found = audit_module._legend_pixels(row, meta)
+    assert [(p.category, p.detail, p.turn) for p in found] == [
+        ("legend not on picture", "image 0 has no blue pixel, yet turn 2 says blue: spleen", 2),
+        ("legend not on picture", "image 0 has no green pixel, yet turn 4 says green: aorta", 4),
+    ]
+    assert len(decoded) == 1
