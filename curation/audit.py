@@ -76,13 +76,16 @@ def decode_rgb(png: bytes) -> np.ndarray:
 
 def drawn_colours(png: bytes, colours: Iterable[str], alpha: float = 0.5) -> set[str]:
     """Which of `colours` a PNG holds a pixel of, blended over grey as `curation.imaging.overlay`
-    draws it (pixel = (1 - alpha) · grey + alpha · colour, for some grey); the picture is decoded
-    once for all of them."""
-    rgb, palette = decode_rgb(png), dict(COLOURS)
+    draws it (pixel = (1 - alpha) · grey + alpha · colour, for some grey: the grey each channel
+    gives back agrees within 3 and lies in [-2, 257]). The picture is decoded once for all of
+    them, and the channels are compared as planes (a reduction over the last axis of three is
+    dozens of times slower)."""
+    planes, palette = np.ascontiguousarray(np.moveaxis(decode_rgb(png), -1, 0)), dict(COLOURS)
     found = set()
     for colour in colours:
-        grey = (rgb - alpha * np.array(palette[colour], np.float32)) / (1 - alpha)
-        if ((np.ptp(grey, axis=-1) <= 3.0) & (grey.min(axis=-1) >= -2.0) & (grey.max(axis=-1) <= 257.0)).any():
+        r, g, b = ((plane - offset) / (1 - alpha) for plane, offset in zip(planes, alpha * np.array(palette[colour], np.float32)))
+        high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+        if ((high - low <= 3.0) & (low >= -2.0) & (high <= 257.0)).any():
             found.add(colour)
     return found
 

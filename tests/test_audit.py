@@ -155,3 +155,29 @@ def test_every_colour_a_legend_names_but_the_picture_lacks_is_reported_from_one_
         ("legend not on picture", "image 0 has no green pixel, yet turn 4 says green: aorta", 4),
     ]
     assert len(decoded) == 1
+
+
+def test_drawn_colours_agree_with_the_per_pixel_definition() -> None:
+    """`drawn_colours` against the rule written out pixel by pixel (the grey of each channel,
+    (pixel - alpha · colour) / (1 - alpha), agrees within 3 and lies in [-2, 257]), for every
+    palette colour, on overlays, greys and noise."""
+    import numpy as np
+
+    from curation.audit import drawn_colours
+    from curation.imaging import COLOURS, encode_png, overlay
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 40)).astype(np.uint8)
+    labels = rng.integers(0, 4, grey.shape)
+    pictures = [overlay(grey, labels, {1: "red", 2: "teal", 3: "lime"}), overlay(grey, labels, {2: "blue"}, alpha=0.3),
+                np.repeat(grey[..., None], 3, axis=-1), rng.integers(0, 256, (30, 20, 3)).astype(np.uint8)]
+    for picture in pictures:
+        for alpha in (0.5, 0.3):
+            pixels = picture.astype(np.float32)
+            want = set()
+            for name, rgb in COLOURS:
+                g = (pixels - alpha * np.array(rgb, np.float32)) / (1 - alpha)
+                if ((np.ptp(g, axis=-1) <= 3.0) & (g.min(axis=-1) >= -2.0) & (g.max(axis=-1) <= 257.0)).any():
+                    want.add(name)
+            assert drawn_colours(encode_png(picture), [name for name, _ in COLOURS], alpha) == want
+    assert {"red", "teal", "lime"} <= drawn_colours(encode_png(pictures[0]), [name for name, _ in COLOURS])
