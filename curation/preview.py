@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Sample:
     conversation: Conversation | None = None
     findings: Findings | None = None
     findings_from: str = ""  # "build cache", "preview cache", "expert run", ""
+    findings_text: str = ""  # the findings as the page shows them (JSON, run timings left out)
     error: str = ""
     render_ms: float = 0.0
 
@@ -106,7 +108,8 @@ def preview_command(args: argparse.Namespace) -> int:
 
 
 def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: str | None = None, n: int = 8) -> list[Section]:
-    """Render up to `n` samples for each chosen task; never raises for one sample's error."""
+    """Render up to `n` samples for each chosen task; never raises for one sample's error.
+    The samples are chosen task by task (the page's order) and rendered item by item."""
     if n < 1:
         raise CurationError(f"-n must be at least 1, got {n}")
     renderer, tasks = _tasks(spec, task, template)
@@ -114,9 +117,9 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
     layout = Layout.of(spec, out)
     build_cache = FindingsCache(layout.cache)
     experts: dict[str, _Expert] = {}
-    own_cache = FindingsCache(layout.preview_cache)
     items: dict[str, list[StudyItem]] = {}
     sections = []
+    by_item: dict[str, list[tuple[TaskSpec, Sample]]] = {}  # item id → its samples, in page order
     for t in tasks:
         d = renderer.declaration(t.template)
         section = Section(task=t, source_text=renderer.compiled(t.template).source, description=d.description)
@@ -134,19 +137,40 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
         for k, item in enumerate(chosen):
             sample = Sample(item=item, variant=k % variants, args=t.args[(k % variants) % len(t.args)])
             section.samples.append(sample)
-            if expert is not None:
-                try:
-                    sample.findings, sample.findings_from = _findings(readers[t.source], expert, item, sample.args, build_cache, own_cache)
-                except (ItemError, CurationError) as e:
-                    sample.error = f"expert {t.expert}: {e}"
-                    continue
-            began = time.perf_counter()
-            try:
-                sample.conversation = renderer.render(t, item, sample.findings, variant=sample.variant)
-            except TemplateError as e:
-                sample.error = str(e)
-            sample.render_ms = (time.perf_counter() - began) * 1000
+            by_item.setdefault(item.item_id, []).append((t, sample))
+    own_cache = FindingsCache(layout.preview_cache)
+    for samples in by_item.values():
+        item = samples[0][1].item
+        _render_item(renderer, samples, _fetcher(item, readers[item.source], experts, build_cache, own_cache))
     return sections
+
+
+def _render_item(renderer: Renderer, samples: list[tuple[TaskSpec, Sample]], fetch: Callable[[str, str], tuple[Findings, str]]) -> None:
+    """The samples of one item, one after another (the renderer keeps what it derives from an
+    item's findings while it stays on the item): each expert result they use is fetched
+    (`fetch(expert, args)`), and serialised for the page, once for them all."""
+    results: dict[tuple[str, str], tuple[Findings | None, str, str, str]] = {}  # (expert, args) → (findings, from, JSON, error)
+    for t, sample in samples:
+        item = sample.item
+        if t.expert:
+            key = (t.expert, sample.args)
+            if key not in results:
+                try:
+                    findings, where = fetch(t.expert, sample.args)
+                except (ItemError, CurationError) as e:
+                    results[key] = (None, "", "", f"expert {t.expert}: {e}")
+                else:
+                    data = {k: v for k, v in renderer.findings_data(findings, item).items() if k != "timing"}
+                    results[key] = (findings, where, json.dumps(data, indent=1), "")
+            sample.findings, sample.findings_from, sample.findings_text, sample.error = results[key]
+            if sample.error:
+                continue
+        began = time.perf_counter()
+        try:
+            sample.conversation = renderer.render(t, item, sample.findings, variant=sample.variant)
+        except TemplateError as e:
+            sample.error = str(e)
+        sample.render_ms = (time.perf_counter() - began) * 1000
 
 
 def _tasks(spec: BuildSpec, task: str | None, template: str | None) -> tuple[Renderer, list[TaskSpec]]:
@@ -237,9 +261,24 @@ class _Expert:
         return self.info if self.info is not None else self.runner.describe(args)  # type: ignore[no-any-return]
 
 
-def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, args: str, build_cache: FindingsCache,
+def _fetcher(item: StudyItem, reader: SourceReader, experts: dict[str, _Expert], build_cache: FindingsCache,
+             own_cache: FindingsCache) -> Callable[[str, str], tuple[Findings, str]]:
+    """`fetch(expert, args)`: an expert result of `item` (`_findings`); the item's files are
+    hashed once for all its results, when the first is fetched."""
+    content: list[str] = []
+
+    def fetch(name: str, args: str) -> tuple[Findings, str]:
+        if not content:
+            content.append(content_hash(item, reader.root))
+        return _findings(reader, experts[name], item, content[0], args, build_cache, own_cache)
+
+    return fetch
+
+
+def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, content: str, args: str, build_cache: FindingsCache,
               own_cache: FindingsCache) -> tuple[Findings, str]:
-    content = content_hash(item, reader.root)
+    """The findings from the build's cache, preview's own, or the expert run here (and kept in
+    preview's cache), and which it was."""
     fingerprint = expert.fingerprint()
     for cache, label in ((build_cache, "build cache"), (own_cache, "preview cache")):
         found = cache.get(content, fingerprint, args)
@@ -359,9 +398,7 @@ def _sample_html(s: Sample, k: int, card: str) -> str:
             + (f" · rendered in {s.render_ms:.1f} ms" if s.conversation else "") + "</div>")
     findings = ""
     if s.findings is not None:
-        d = s.findings.to_dict()
-        d.pop("timing", None)
-        findings = f"<details><summary>findings</summary><pre>{_e(json.dumps(d, indent=1))}</pre></details>"
+        findings = f"<details><summary>findings</summary><pre>{_e(s.findings_text)}</pre></details>"
     if s.conversation is None:
         return (f"<div class='sample failed'><div>{head}</div><div><div class='error'>failed: {_e(s.error)}</div>"
                 f"{findings}</div></div>")

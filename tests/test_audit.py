@@ -14,7 +14,7 @@ from render_factory import Demo
 
 from curation.audit import CALL_CLASH, audit, table
 from curation.build.plan import ItemPlan, PlannedConversation
-from curation.build.stages import BuildContext, make_row
+from curation.build.stages import BuildContext, findings_json, make_row
 from curation.cli import main
 from curation.render.renderer import Renderer, TemplateSkip
 from curation.rows import ROW_SCHEMA
@@ -37,7 +37,8 @@ def rows(render_demo: Demo) -> list[dict]:
                 except TemplateSkip:
                     continue
                 plan = ItemPlan(item=item, split="train", lane=0)
-                row = make_row(ctx, plan, PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, f)
+                text = None if f is None else findings_json(renderer.findings_data(f, item))
+                row = make_row(ctx, plan, PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0, pos=len(out)), conv, text)
                 out.append({k: v for k, v in row.items() if not k.startswith("_")})
     return out
 
@@ -113,3 +114,70 @@ def test_legend_colours_are_read_off_the_pixels() -> None:
     drawn = encode_png(overlay(grey, labels, {1: "red"}))
     assert drawn_in(drawn, "red") and not drawn_in(drawn, "blue") and not drawn_in(drawn, "green")
     assert not any(drawn_in(encode_png(grey), colour) for colour in ("red", "blue", "yellow", "magenta", "teal"))
+
+
+def test_each_picture_a_legend_names_is_decoded_once_per_row(rows: list[dict], tmp_path: Path, monkeypatch) -> None:
+    """A legend names several colours on one picture (and a row may carry several legends):
+    the picture is decoded once for all of them, not once per colour."""
+    from collections import Counter
+
+    import curation.audit as audit_module
+
+    pictures = [len({e["image"] for e in json.loads(r["meta"]).get("legends") or []}) for r in rows]
+    colours = [sum(len(e["entries"]) for e in json.loads(r["meta"]).get("legends") or []) for r in rows]
+    assert sum(colours) >= 2 * sum(pictures) > 0  # several colours a picture: the case of the fault
+    decoded: Counter[bytes] = Counter()
+    decode = audit_module.decode_rgb
+    monkeypatch.setattr(audit_module, "decode_rgb", lambda png: decoded.update([png]) or decode(png))
+    result = audit(write(tmp_path / "good", rows))
+    assert result.ungrounded == 0 and sum(decoded.values()) == sum(pictures)
+
+
+def test_every_colour_a_legend_names_but_the_picture_lacks_is_reported_from_one_decoding(monkeypatch) -> None:
+    import numpy as np
+
+    import curation.audit as audit_module
+    from curation.imaging import encode_png, overlay
+
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (25, 1))
+    labels = np.zeros(grey.shape, np.int32)
+    labels[5:9, 5:9] = 1
+    row = {"images": [{"bytes": encode_png(overlay(grey, labels, {1: "red"}))}]}
+    meta = {"legends": [{"turn": 2, "image": 0, "entries": [["red", "liver"], ["blue", "spleen"]]},
+                        {"turn": 4, "image": 0, "entries": [["green", "aorta"], ["red", "liver"], ["mauve", "not a colour we draw"]]},
+                        {"turn": 4, "image": 3, "entries": [["green", "aorta"]]}]}  # no such picture: the grounding check reports it
+    decoded = []
+    decode = audit_module.decode_rgb
+    monkeypatch.setattr(audit_module, "decode_rgb", lambda png: decoded.append(png) or decode(png))
+    found = audit_module._legend_pixels(row, meta)
+    assert [(p.category, p.detail, p.turn) for p in found] == [
+        ("legend not on picture", "image 0 has no blue pixel, yet turn 2 says blue: spleen", 2),
+        ("legend not on picture", "image 0 has no green pixel, yet turn 4 says green: aorta", 4),
+    ]
+    assert len(decoded) == 1
+
+
+def test_drawn_colours_agree_with_the_per_pixel_definition() -> None:
+    """`drawn_colours` against the rule written out pixel by pixel (the grey of each channel,
+    (pixel - alpha · colour) / (1 - alpha), agrees within 3 and lies in [-2, 257]), for every
+    palette colour, on overlays, greys and noise."""
+    import numpy as np
+
+    from curation.audit import drawn_colours
+    from curation.imaging import COLOURS, encode_png, overlay
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 40)).astype(np.uint8)
+    labels = rng.integers(0, 4, grey.shape)
+    pictures = [overlay(grey, labels, {1: "red", 2: "teal", 3: "lime"}), overlay(grey, labels, {2: "blue"}, alpha=0.3),
+                np.repeat(grey[..., None], 3, axis=-1), rng.integers(0, 256, (30, 20, 3)).astype(np.uint8)]
+    for picture in pictures:
+        for alpha in (0.5, 0.3):
+            pixels = picture.astype(np.float32)
+            want = set()
+            for name, rgb in COLOURS:
+                g = (pixels - alpha * np.array(rgb, np.float32)) / (1 - alpha)
+                if ((np.ptp(g, axis=-1) <= 3.0) & (g.min(axis=-1) >= -2.0) & (g.max(axis=-1) <= 257.0)).any():
+                    want.add(name)
+            assert drawn_colours(encode_png(picture), [name for name, _ in COLOURS], alpha) == want
+    assert {"red", "teal", "lime"} <= drawn_colours(encode_png(pictures[0]), [name for name, _ in COLOURS])

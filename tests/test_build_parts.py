@@ -254,3 +254,87 @@ def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_pat
         assert given.largest > 0
         seen += ids
     assert sorted(seen) == sorted(order)
+
+
+def run_experts_here(prep) -> int:
+    """Every expert result the plan needs, made in this process by the build's own stages (the
+    weight-free runners of `demo_manifest`) and cached; returns how many there are."""
+    from curation.build.stages import ExpertStage, WorkItem, load_item
+
+    stages = [ExpertStage(prep.ctx, e.name, gpus=0.0, last=False) for e in prep.spec.experts]
+    needed = 0
+    for plan in prep.plan.iter_working():
+        work = load_item(WorkItem(plan=plan), prep.ctx)
+        for stage in stages:
+            stage.run_item(work)
+        needed += sum(len(args) for args in plan.needs(prep.spec).values())
+    return needed
+
+
+def test_a_build_whose_findings_are_all_cached_looks_each_result_up_once(tmp_path, monkeypatch):
+    """The render path after the cache check: each result is looked up once (by the check,
+    whose hits the accounts keep), not again before rendering."""
+    from collections import Counter
+
+    from curation.build import pipeline
+
+    _, prep = prepared(tmp_path)
+    needed = run_experts_here(prep)
+    looked: Counter[tuple[str, str, str]] = Counter()
+    has = FindingsCache.has
+
+    def counted(self, content, fingerprint, args=""):
+        looked[(content, fingerprint, args)] += 1
+        return has(self, content, fingerprint, args)
+
+    monkeypatch.setattr(FindingsCache, "has", counted)
+    monkeypatch.setattr(pipeline, "_on_ray", lambda *a, **k: pytest.fail("Ray was used"))
+    result = build(tmp_path / "m.yaml", progress=False)
+    assert len(looked) == needed and set(looked.values()) == {1}
+    assert sum(e["cached"] for e in result.card["experts"].values()) == needed and result.card["counts"]["rows"]["total"] > 0
+
+
+def test_each_expert_result_of_an_item_is_read_and_serialised_once_for_all_its_conversations(render_demo, tmp_path, monkeypatch):
+    """`render_item` over an item whose conversations share expert results in any order (the
+    variants of a task cycle through its arguments; several tasks use one result): each result
+    is read from the cache once, the renderer derives its views and data once, and the rows'
+    `findings` are serialised from that data, not from a second `to_dict`."""
+    from collections import Counter
+
+    from curation.build.plan import ItemPlan, PlannedConversation
+    from curation.build.stages import BuildContext, render_item
+    from curation.findings import Findings
+    from curation.render import renderer as renderer_module
+    from curation.store.report import ItemReport
+
+    demo = render_demo
+    cache = FindingsCache(tmp_path / "cache")
+    ctx = BuildContext(spec=demo.spec, cache_root=str(cache.root), fingerprints={e.name: f"fp-{e.name}" for e in demo.spec.experts},
+                       manifest_hash="m", code_version="c", experts=demo.experts)
+    item, content = demo.items_of("ct")[0], "0123456789abcdef" * 2
+    for (item_id, expert, args), f in demo.findings.items():
+        if item_id == item.item_id:
+            cache.put(content, ctx.fingerprints[expert], f, args)
+    plan = ItemPlan(item=item, split="train", lane=0)
+    for t, task in enumerate(demo.spec.tasks):
+        if task.source == "ct":
+            for v in range(2 * len(task.args)):
+                plan.conversations.append(PlannedConversation(task=t, variant=v, arg=task.args[v % len(task.args)], shard=0,
+                                                              pos=len(plan.conversations)))
+    results = {(demo.spec.tasks[c.task].expert, c.arg) for c in plan.conversations}
+    assert len(plan.conversations) >= 3 * len(results)  # results shared, and not in runs: the case of the fault
+
+    reads, calls = Counter(), Counter()
+    get, to_dict, view = FindingsCache.get, Findings.to_dict, renderer_module.findings_view
+    monkeypatch.setattr(FindingsCache, "get", lambda self, c, fp, args="": reads.update([(fp, args)]) or get(self, c, fp, args))
+    monkeypatch.setattr(Findings, "to_dict", lambda self, **kw: calls.update(["to_dict"]) or to_dict(self, **kw))
+    monkeypatch.setattr(renderer_module, "findings_view", lambda f: calls.update(["view"]) or view(f))
+    report = ItemReport()
+    rows = render_item(plan, content, ctx, report).to_pylist()
+    assert len(reads) == len(results) and set(reads.values()) == {1}
+    assert calls == {"to_dict": len(results), "view": len(results)}
+    monkeypatch.undo()
+    assert len(rows) == sum(o.status == "used" for o in report.outcomes) >= len(plan.conversations) // 2
+    for row in rows:  # the bytes a row held before: the findings its template saw, less the run timings
+        f = cache.get(content, row["provenance"]["expert_fingerprint"], json.loads(row["meta"])["args"])
+        assert row["findings"] == json.dumps({k: v for k, v in f.to_dict().items() if k != "timing"}, sort_keys=True)

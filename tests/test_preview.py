@@ -107,6 +107,44 @@ def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path
     assert text.count("findings from build cache") == 2 and "findings from expert run" not in text
 
 
+def test_an_items_findings_are_read_and_serialised_once_for_all_its_samples(demo: Demo, manifest: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """Three tasks ask about the same expert result of each item: preview hashes the item's files,
+    reads the result and serialises it once per item (the renderer's data shown on the page),
+    not once per sample; the page shows the findings as before."""
+    import html
+    import json
+    from collections import Counter
+
+    from curation import preview as preview_module
+    from curation.findings import Findings
+
+    data = yaml.safe_load(manifest.read_text())
+    data["tasks"] = [{"template": t, "source": "ct", "expert": "VISTA3D", "args": ["everything"]}
+                     for t in ("vista3d/segment_and_answer.j2", "findings/presence.j2", "findings/side.j2")]
+    manifest.write_text(yaml.safe_dump(data))
+    fingerprint = make_runner(next(e for e in demo.spec.experts if e.name == "VISTA3D")).fingerprint()
+    reader, cache = readers_for(demo.spec)["ct"], FindingsCache(tmp_path / "out" / "internal" / "cache")
+    found = [demo.findings[(item.item_id, "VISTA3D", "everything")] for item in demo.items_of("ct")[:2]]
+    for item, f in zip(demo.items_of("ct"), found):
+        cache.put(content_hash(item, reader.root), fingerprint, f, "everything")
+
+    calls: Counter[str] = Counter()
+    hashed, get, to_dict = preview_module.content_hash, FindingsCache.get, Findings.to_dict
+    monkeypatch.setattr(preview_module, "content_hash", lambda *a: calls.update(["hash"]) or hashed(*a))
+    monkeypatch.setattr(FindingsCache, "get", lambda self, *a: calls.update(["get"]) or get(self, *a))
+    monkeypatch.setattr(Findings, "to_dict", lambda self, **kw: calls.update(["to_dict"]) or to_dict(self, **kw))
+    page = tmp_path / "p.html"
+    run(manifest, page, n=2)
+    assert calls == {"hash": 2, "get": 2, "to_dict": 2}
+    monkeypatch.undo()
+    text = page.read_text()
+    assert text.count("findings from build cache") == 6 and "class='error'" not in text
+    for f in found:
+        shown = json.dumps({k: v for k, v in f.to_dict().items() if k != "timing"}, indent=1)
+        assert text.count(f"<summary>findings</summary><pre>{html.escape(shown, quote=True)}</pre>") == 3
+
+
 def test_one_task_and_a_template_file_no_task_names(demo: Demo, manifest: Path, tmp_path: Path) -> None:
     page = tmp_path / "p.html"
     run(manifest, page, task="cxr/expert_hint_vqa.j2", n=3)

@@ -55,7 +55,7 @@ from curation.build.cluster import (
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary
 from curation.build.scan import scan_index
-from curation.build.stages import BuildContext, WorkItem, look_up, missing_findings, render_item, table_from_bytes, work_items
+from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
 from curation.errors import CurationError
 from curation.expert_info import ExpertInfo
@@ -201,27 +201,37 @@ def _looked_up(prep: _Prepared, *, chunk: int = 256) -> Iterator[WorkItem]:
             yield from pool.map(lambda p: _look_up(p, prep.ctx, roots, cache), block)
 
 
-def _all_cached(prep: _Prepared) -> list[tuple[str | None, str | None]] | None:
-    """Each working item's (content hash, why it could not be read), in build order, if no
-    expert result is missing; None at the first miss. Only the hashes are kept: the items'
-    plans are made again for rendering (`_again`)."""
+@dataclass(slots=True, frozen=True)
+class _Found:
+    """What the look-up found of one working item: its content hash (None: its files could not
+    be read, `error` says why) and its cache hits per expert, so the render that follows
+    neither reads the files nor looks a result up again."""
+
+    content: str | None
+    error: str | None
+    cached: tuple[tuple[str, int], ...]
+
+
+def _all_cached(prep: _Prepared) -> list[_Found] | None:
+    """What `_looked_up` found of each working item, in build order, if no expert result is
+    missing; None at the first miss. Only these are kept: the items' plans are made again for
+    rendering (`_again`)."""
     found = []
     for work in _looked_up(prep):
         if work.missing:
             return None
-        found.append((work.content, work.report.errors.get("load")))
+        found.append(_Found(work.content, work.report.errors.get("load"), tuple(work.report.cached.items())))
     return found
 
 
-def _again(prep: _Prepared, looked_up: list[tuple[str | None, str | None]]) -> Iterator[WorkItem]:
-    """The work items `_all_cached` looked up, without reading the files again."""
-    cache = prep.ctx.cache()
-    for plan, (content, error) in zip(prep.plan.iter_working(), looked_up):
-        work = WorkItem(plan=plan, content=content)
-        if content is None:
-            work.report.errors["load"] = error or "the item's files could not be read"
-        else:
-            missing_findings(plan, content, prep.ctx, cache, work.report)  # counts the cache hits
+def _again(prep: _Prepared, looked_up: list[_Found]) -> Iterator[WorkItem]:
+    """The work items `_all_cached` looked up, with what it found: no file is read and no
+    result looked up again."""
+    for plan, found in zip(prep.plan.iter_working(), looked_up):
+        work = WorkItem(plan=plan, content=found.content)
+        if found.content is None:
+            work.report.errors["load"] = found.error or "the item's files could not be read"
+        work.report.cached.update(found.cached)
         yield work
 
 

@@ -347,17 +347,16 @@ def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) ->
 # -- render --------------------------------------------------------------------------------------
 
 
-def findings_json(findings: Any) -> str | None:
-    """The expert output a template saw, as the row's `findings` (run timings left out: they
-    differ between runs and are not findings)."""
-    if findings is None:
+def findings_json(data: dict[str, Any] | None) -> str | None:
+    """The expert output a template saw (`Findings.to_dict`), as the row's `findings` (run
+    timings left out: they differ between runs and are not findings)."""
+    if data is None:
         return None
-    d = findings.to_dict()
-    d.pop("timing", None)
-    return json.dumps(d, sort_keys=True)
+    return json.dumps({k: v for k, v in data.items() if k != "timing"}, sort_keys=True)
 
 
-def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, conv: Conversation, findings: Any) -> dict[str, Any]:
+def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, conv: Conversation, findings: str | None) -> dict[str, Any]:
+    """The shard row of a conversation; `findings` is its `findings_json`."""
     item, task = plan.item, ctx.spec.tasks[planned.task]
     rid = row_id(item.item_id, task_name(task), planned.variant)
     messages = [
@@ -369,7 +368,7 @@ def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, co
         "item_id": item.item_id, "patient_key": item.patient_key, "modality": item.modality, "expert": conv.expert,
         "images": [{"bytes": png, "path": f"{rid}-{k}.png"} for k, png in enumerate(conv.images)],
         "messages": messages,
-        "findings": findings_json(findings),
+        "findings": findings,
         "meta": json.dumps(conv.meta, sort_keys=True),
         "provenance": {
             "expert_fingerprint": ctx.fingerprints.get(task.expert) if task.expert else None,
@@ -379,41 +378,53 @@ def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, co
     }
 
 
-def _cached_findings(planned: PlannedConversation, content: str | None, ctx: BuildContext, cache: FindingsCache,
-                     report: ItemReport) -> tuple[Any, ConversationOutcome | None]:
-    """The findings a conversation's template gets, or the outcome that sets it aside."""
-    task = ctx.spec.tasks[planned.task]
-    if task.expert is None:
-        return None, None
-    aside = lambda status, reason: ConversationOutcome(planned.task, planned.variant, status, reason)  # noqa: E731
+@dataclass(slots=True)
+class _Result:
+    """One expert result of an item, as every conversation that uses it gets it: its findings
+    (None without an expert), or the outcome (`status`, `reason`) that sets those
+    conversations aside; `text`, its `findings_json`, once a row has needed it."""
+
+    findings: Any = None
+    status: str = ""
+    reason: str = ""
+    text: str | None = None
+
+
+def _cached_result(expert: str, arg: str, content: str | None, ctx: BuildContext, cache: FindingsCache, report: ItemReport) -> _Result:
+    """An expert result of the item, read from the cache (or why there is none)."""
     if content is None:
-        return None, aside("quarantined", report.errors.get("load", "the item could not be read"))
-    findings = cache.get(content, ctx.fingerprints[task.expert], planned.arg)
+        return _Result(status="quarantined", reason=report.errors.get("load", "the item could not be read"))
+    findings = cache.get(content, ctx.fingerprints[expert], arg)
     if findings is not None:
-        return findings, None
-    call = f"{task.expert}({planned.arg})"
-    error = cache.get_error(content, ctx.fingerprints[task.expert], planned.arg)
+        return _Result(findings=findings)
+    call = f"{expert}({arg})"
+    error = cache.get_error(content, ctx.fingerprints[expert], arg)
     if error is None:
-        return None, aside("quarantined", f"no cached findings of {call}: run `m3-curate build`")
-    return None, aside(error[0], f"{call}: {error[1]}")
+        return _Result(status="quarantined", reason=f"no cached findings of {call}: run `m3-curate build`")
+    return _Result(status=error[0], reason=f"{call}: {error[1]}")
 
 
 def render_item(plan: ItemPlan, content: str | None, ctx: BuildContext, report: ItemReport) -> pa.Table:
     """Every planned conversation of an item from cached findings: the rows that could be
-    made (as `PLACED_SCHEMA`), and an outcome per planned conversation in `report.outcomes`."""
+    made (as `PLACED_SCHEMA`), and an outcome per planned conversation in `report.outcomes`.
+    Each expert result is read from the cache and serialised once for the item, however many
+    conversations use it, and handed to the renderer as one object (its memo is by identity)."""
     from curation.render.renderer import TemplateSkip
 
     started = time.perf_counter()
-    cache, made = ctx.cache(), []
+    cache, made, results = ctx.cache(), [], {}
     render = renderer(ctx)
     for planned in plan.conversations:
         task = ctx.spec.tasks[planned.task]
-        findings, aside = _cached_findings(planned, content, ctx, cache, report)
-        if aside is not None:
-            report.outcomes.append(aside)
+        if task.expert is None:
+            got = _Result()
+        elif (got := results.get((task.expert, planned.arg))) is None:
+            got = results[(task.expert, planned.arg)] = _cached_result(task.expert, planned.arg, content, ctx, cache, report)
+        if got.reason:
+            report.outcomes.append(ConversationOutcome(planned.task, planned.variant, got.status, got.reason))
             continue
         try:
-            conv = render.render(task, plan.item, findings, variant=planned.variant)
+            conv = render.render(task, plan.item, got.findings, variant=planned.variant)
             if conv.image_parts() != len(conv.images):
                 raise ItemError(plan.item.item_id, f"{conv.image_parts()} image parts but {len(conv.images)} images")
         except ItemError as e:  # TemplateError and its TemplateSkip among them
@@ -421,9 +432,11 @@ def render_item(plan: ItemPlan, content: str | None, ctx: BuildContext, report: 
             status = "skipped" if isinstance(e, TemplateSkip) else "quarantined"
             report.outcomes.append(ConversationOutcome(planned.task, planned.variant, status, reason))
             continue
+        if got.text is None and got.findings is not None:
+            got.text = findings_json(render.findings_data(got.findings, plan.item))
         report.templates[task.template] = conv.template_hash
         report.outcomes.append(ConversationOutcome(planned.task, planned.variant, "used"))
-        made.append(make_row(ctx, plan, planned, conv, findings))
+        made.append(make_row(ctx, plan, planned, conv, got.text))
     report.add_seconds("render", time.perf_counter() - started)
     return pa.Table.from_pylist(made, schema=PLACED_SCHEMA)
 

@@ -90,6 +90,17 @@ class _Compiled:
     parent: dict[str, Any]  # what every rendering of it sees alike: its globals, the model card, the helpers
 
 
+@dataclass(slots=True, frozen=True)
+class _Derived:
+    """What the renderer derives from one item's findings, once: the views templates see and
+    the findings as data (`Findings.to_dict`) for the grounding check and the row."""
+
+    findings: Findings | None  # kept, so the memo's key (its id) is not reused while it lives
+    view: Any
+    truth: Any
+    data: dict[str, Any] | None
+
+
 def conversation_seed(seed: int, item_id: str, template: str, variant: int) -> int:
     """The RNG seed of one conversation.
 
@@ -140,10 +151,12 @@ class Renderer:
         self._shared = Shared(Markers("0"), {})
         self._helpers = helpers()
         self._experts = {e.name: e for e in self.spec.experts}
-        # one-entry memos (variants of an item share its findings), each swapped as one tuple:
-        # (findings, item, findings view, truth view, findings as JSON for the grounding check)
-        self._last_view: tuple[Any, ...] = (None, None, None, None, None)
-        self._last_item: tuple[StudyItem | None, dict[str, Any] | None] = (None, None)
+        # what is derived from the current item and each of its findings (`_Derived`), made once
+        # per item: its conversations are rendered one after another (a build renders an item's
+        # every variant of every task in turn), whatever order their findings come in
+        self._item: StudyItem | None = None
+        self._item_data: dict[str, Any] = {}
+        self._derived: dict[int, _Derived] = {}
         self._experts_seen: dict[tuple[str, str], dict[str, str]] = {}
         self._calls_any = tuple(f"<{e.name}(" for e in self.spec.experts)
         self._source_kinds = {s.name: s.kind for s in self.spec.sources}
@@ -354,15 +367,16 @@ class Renderer:
         Raises `TemplateError` (or `TemplateSkip`, or `GroundingError` for a conversation the
         grounding check refuses) naming the item, template and line."""
         c = self.compiled(task.template)
-        view, truth, as_json = self._views(findings, item)
-        subject = Subject(task=task, arg=task.args[variant % len(task.args)], item=item, findings=findings, view=view, truth=truth)
+        derived = self._views(findings, item)
+        subject = Subject(task=task, arg=task.args[variant % len(task.args)], item=item, findings=findings, view=derived.view,
+                          truth=derived.truth)
         state = RenderState(self._shared, c.name, c.source, c.declaration.kind, subject, variant,
                             conversation_seed(self.spec.seed, item.item_id, task.template, variant))
         token = CURRENT_STATE.set(state)
         try:
             context = PromptContext(self._env, c.parent, c.name, c.template.blocks, self._context(state, task, item, variant))
             state.finish_output(c.template.root_render_func(context))
-            finish(state, c.declaration, card=self._card_text, callable_prefixes=self._calls_any, findings=as_json)
+            finish(state, c.declaration, card=self._card_text, callable_prefixes=self._calls_any, findings=derived.data)
         except Skip as e:
             name, line, chain = self.locate(e.__traceback__, c.name)
             raise TemplateSkip(name, line, item.item_id, f"skipped{chain}: {e}") from None
@@ -411,22 +425,34 @@ class Renderer:
         return view
 
     def _item_view(self, item: StudyItem) -> dict[str, Any]:
-        last, view = self._last_item
-        if last is not item:  # one-entry memo, as for findings
-            view = item_view(item, self._source_kinds[item.source])
-            self._last_item = (item, view)
-        return view  # type: ignore[return-value]
+        if item is not self._item:
+            self._start_item(item)
+        return self._item_data
 
-    def _views(self, findings: Findings | None, item: StudyItem) -> tuple[Any, Any, Any]:
-        """(findings view, truth view, findings as JSON for the check), remembered for the last
-        (findings, item): the variants of an item share them."""
-        last_findings, last_item, view, truth, as_json = self._last_view
-        if last_findings is not findings or last_item is not item:
-            view = None if findings is None else findings_view(findings)
-            truth = truth_view(findings, item)
-            as_json = None if findings is None else findings.to_dict()
-            self._last_view = (findings, item, view, truth, as_json)
-        return view, truth, as_json
+    def _start_item(self, item: StudyItem) -> None:
+        """Drop what was derived for the previous item: the memo holds one item's findings."""
+        self._item, self._derived = item, {}
+        self._item_data = item_view(item, self._source_kinds[item.source])
+
+    def _views(self, findings: Findings | None, item: StudyItem) -> _Derived:
+        """What is derived from (`item`, `findings`), made on first use and kept while the
+        renderer stays on this item. Findings are told apart by identity: a caller hands the
+        same object for every conversation that uses it (`curation.build.stages.render_item`,
+        `curation.preview`)."""
+        if item is not self._item:
+            self._start_item(item)
+        found = self._derived.get(id(findings))
+        if found is None or found.findings is not findings:
+            found = self._derived[id(findings)] = _Derived(
+                findings=findings, view=None if findings is None else findings_view(findings), truth=truth_view(findings, item),
+                data=None if findings is None else findings.to_dict())
+        return found
+
+    def findings_data(self, findings: Findings, item: StudyItem) -> dict[str, Any]:
+        """`findings.to_dict()`, the same data the grounding check reads when `item` is rendered
+        with `findings`, made once per item and findings (the build writes it into each row;
+        preview shows it). Shared: read it, never change it."""
+        return self._views(findings, item).data  # type: ignore[return-value]  (findings given: their data is made)
 
     def vocabulary(self, expert: str, arg: str) -> list[str]:
         """Names the expert reports for `arg` when present (its `ExpertInfo`; empty: unknown)."""
