@@ -27,7 +27,7 @@ import logging
 import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -464,7 +464,13 @@ class PromptContext(Context):
         self.blocks = {k: [v] for k, v in blocks.items()} if blocks else {}
 
 
-def make_environment(roots: list[Path]) -> PromptSandbox:
+def make_environment(roots: list[Path], *, helpers: Mapping[str, Callable[..., Any]] | None = None,
+                     trusted: tuple[type, ...] = ()) -> PromptSandbox:
+    """The sandbox that loads and runs templates from `roots`. `helpers` (the renderer's
+    functions templates call) become globals of the environment, not only of a rendering's
+    context: a macro file imported without context (`{% import "macros.j2" as m %}`, whose
+    module Jinja builds once and caches) sees them as the template that imports it does, as it
+    sees the filters. `trusted`: the types whose bound methods the sandbox calls directly."""
     env = PromptSandbox(
         loader=PromptLoader(roots),
         undefined=StrictUndefined,
@@ -482,6 +488,8 @@ def make_environment(roots: list[Path]) -> PromptSandbox:
     env.filters.update(FILTERS)
     env.filters = {name: _guarded(name, f) for name, f in env.filters.items()}
     env.filters.update(TURN_FILTERS)
+    env.globals.update(helpers or {})
+    env.trusted_owners = trusted
     return env
 
 
