@@ -180,7 +180,6 @@ class LabelsRunner(ExpertRunner):
     modalities: ClassVar[tuple[str, ...]] = ()
     # sequence: on multi-sequence groups; classes: on 2D items with a labels table
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "classes", "sequence"})
-    GROUND_TRUTH: ClassVar[bool] = True
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
