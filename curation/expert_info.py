@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from curation.expert_args import canonical_arg
 from curation.items import StudyItem
 
 # What a runner's findings can hold; a template's `needs:` names some of these.
@@ -51,7 +52,7 @@ class ExpertInfo:
       (it gets a GPU where the cluster has them);
     - `provides`: what its findings hold (`NEEDS`), None when the runner does not say (a
       plug-in), so a template's needs cannot be checked;
-    - `vocabularies`: per argument, the structure names it reports when they are present, so a
+    - `vocabularies`: per argument (`canonical_arg`), the structure names it reports when they are present, so a
       name listed here but missing from the findings is truly absent (empty when unknown);
     - `family`: the built-in runner it is (a plug-in subclass of `ct_tissue` is `ct_tissue`),
       whose model card it gets when it has none of its own.
@@ -78,7 +79,7 @@ class ExpertInfo:
 
     def vocabulary(self, arg: str) -> list[str]:
         """Names it reports for this argument when present (empty: unknown)."""
-        return list(self.vocabularies.get(" ".join(arg.strip().lower().split()), ()))
+        return list(self.vocabularies.get(canonical_arg(arg), ()))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

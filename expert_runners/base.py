@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator
 
 from curation import __version__
 from curation.errors import CurationError, ItemError
+from curation.expert_args import canonical_arg
 from curation.expert_info import ExpertInfo, refusal
 from curation.findings import Findings
 from curation.items import ITEM_KINDS, StudyItem, Volume
@@ -121,7 +122,7 @@ class ExpertRunner(ABC):
         for arg in args:
             names = self.vocabulary(arg)
             if names is not None:
-                vocabularies[" ".join(arg.strip().lower().split())] = tuple(sorted(set(names)))
+                vocabularies[canonical_arg(arg)] = tuple(sorted(set(names)))
         return ExpertInfo(
             name=self.name, runner=self.spec.runner, fingerprint=self.fingerprint(),
             spec=self.spec.without_placement().model_dump(mode="json"), modalities=tuple(self.modalities),

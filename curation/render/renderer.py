@@ -340,9 +340,8 @@ class Renderer:
             accepted = set(info.modalities)
             if accepted and modalities is not None and not accepted & modalities:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(sorted(accepted))}; source {source.name!r} gives {'/'.join(sorted(modalities))}")
-        if d.args is not None:
-            allowed = {a.strip().lower() for a in d.args}
-            bad = [a for a in task.args if a.strip().lower() not in allowed]
+        if d.args is not None:  # both in their canonical spelling (`curation.expert_args`)
+            bad = [a for a in task.args if a not in d.args]
             if bad:
                 raise CurationError(f"argument(s) {bad} not among those it is written for: {d.args}")
 
