@@ -10,8 +10,9 @@ and a task's `Hepatic  Tumor` failed the check against a template written for `h
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
