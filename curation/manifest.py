@@ -135,8 +135,9 @@ class ExpertSpec(_Spec):
 class TaskSpec(_Spec):
     """One kind of conversation: a template over a source's items, optionally through an
     expert called with `args` (one argument, or a list that variants take in turn, e.g.
-    VISTA3D groups; each in its canonical spelling, `curation.expert_args`). `weight` is the upsampling factor of VILA-M3's mixtures: variants per
-    item (a fractional part is sampled with the seed)."""
+    VISTA3D groups; each kept in its one spelling, `curation.expert_args.canonical_arg`).
+    `weight` is the upsampling factor of VILA-M3's mixtures: variants per item (a fractional
+    part is sampled with the seed)."""
 
     template: str
     source: str
