@@ -16,9 +16,10 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from curation.expert_args import canonical_arg
 from curation.items import StudyItem
 
 # What a runner's findings can hold; a template's `needs:` names some of these.
@@ -51,10 +52,8 @@ class ExpertInfo:
       (it gets a GPU where the cluster has them);
     - `provides`: what its findings hold (`NEEDS`), None when the runner does not say (a
       plug-in), so a template's needs cannot be checked;
-    - `vocabularies`: per argument, the structure names it reports when they are present, so a
+    - `vocabularies`: per argument (`canonical_arg`), the structure names it reports when they are present, so a
       name listed here but missing from the findings is truly absent (empty when unknown);
-    - `ground_truth`: its findings are the reference itself (the `labels` runner), so answers
-      taken from them are answers from the truth;
     - `family`: the built-in runner it is (a plug-in subclass of `ct_tissue` is `ct_tissue`),
       whose model card it gets when it has none of its own.
     """
@@ -68,7 +67,6 @@ class ExpertInfo:
     weights: bool = False
     provides: tuple[str, ...] | None = None
     vocabularies: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    ground_truth: bool = False
     family: str = ""
 
     def accepts(self, item: StudyItem) -> str | None:
@@ -81,7 +79,7 @@ class ExpertInfo:
 
     def vocabulary(self, arg: str) -> list[str]:
         """Names it reports for this argument when present (empty: unknown)."""
-        return list(self.vocabularies.get(" ".join(arg.strip().lower().split()), ()))
+        return list(self.vocabularies.get(canonical_arg(arg), ()))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,7 +90,13 @@ class ExpertInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ExpertInfo:
+        """The info `to_json` wrote, by this or an earlier version: a key no field holds any
+        more (a build's cache outlives the code that wrote it) is left out."""
         provides = d.get("provides")
+        d = {k: v for k, v in d.items() if k in FIELDS}
         return cls(**{**d, "modalities": tuple(d.get("modalities", ())), "kinds": tuple(d.get("kinds", ())),
                       "provides": None if provides is None else tuple(provides),
                       "vocabularies": {k: tuple(v) for k, v in (d.get("vocabularies") or {}).items()}})
+
+
+FIELDS = frozenset(f.name for f in fields(ExpertInfo))

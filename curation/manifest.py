@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curation.errors import CurationError, validation_message
+from curation.expert_args import canonical_arg
 
 
 class _Spec(BaseModel):
@@ -134,13 +135,14 @@ class ExpertSpec(_Spec):
 class TaskSpec(_Spec):
     """One kind of conversation: a template over a source's items, optionally through an
     expert called with `args` (one argument, or a list that variants take in turn, e.g.
-    VISTA3D groups). `weight` is the upsampling factor of VILA-M3's mixtures: variants per
-    item (a fractional part is sampled with the seed)."""
+    VISTA3D groups; each kept in its one spelling, `curation.expert_args.canonical_arg`).
+    `weight` is the upsampling factor of VILA-M3's mixtures: variants per item (a fractional
+    part is sampled with the seed)."""
 
     template: str
     source: str
     expert: str | None = None
-    args: list[str] = [""]
+    args: list[str] = Field([""], min_length=1)
     weight: float = Field(1.0, gt=0)
     # Where closed answers come from when the item has no ground truth: `truth` (default) sets
     # such items aside; `expert` answers from the expert's prediction (counted in the card).
@@ -150,6 +152,11 @@ class TaskSpec(_Spec):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("args")
+    @classmethod
+    def _canonical(cls, value: list[str]) -> list[str]:
+        return [canonical_arg(a) for a in value]
 
 
 class SplitSpec(_Spec):

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator
 
 from curation import __version__
 from curation.errors import CurationError, ItemError
+from curation.expert_args import canonical_arg
 from curation.expert_info import ExpertInfo, refusal
 from curation.findings import Findings
 from curation.items import ITEM_KINDS, StudyItem, Volume
@@ -64,15 +65,15 @@ class ExpertRunner(ABC):
     Declarations (class attributes a subclass sets; `provides()` and `vocabulary()` may
     refine them per instance): `runner` (the manifest's `runner:` value), `modalities` (DICOM
     modalities taken; empty: any), `kinds` (item kinds taken), `PROVIDES` (what the findings
-    hold, from `curation.expert_info.NEEDS`; None: not declared, not checked), `GROUND_TRUTH`
-    (the findings are the reference annotations themselves).
+    hold, from `curation.expert_info.NEEDS`; None: not declared, not checked). A runner that
+    turns reference annotations into findings (`labels`) says so in the findings themselves:
+    their `truth` repeats them (`expert_runners.labels.as_truth`).
     """
 
     runner: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]]
     kinds: ClassVar[tuple[str, ...]] = ITEM_KINDS
     PROVIDES: ClassVar[frozenset[str] | None] = None
-    GROUND_TRUTH: ClassVar[bool] = False
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         self.spec = spec
@@ -121,13 +122,13 @@ class ExpertRunner(ABC):
         for arg in args:
             names = self.vocabulary(arg)
             if names is not None:
-                vocabularies[" ".join(arg.strip().lower().split())] = tuple(sorted(set(names)))
+                vocabularies[canonical_arg(arg)] = tuple(sorted(set(names)))
         return ExpertInfo(
             name=self.name, runner=self.spec.runner, fingerprint=self.fingerprint(),
             spec=self.spec.without_placement().model_dump(mode="json"), modalities=tuple(self.modalities),
             kinds=tuple(self.kinds), weights=bool(self.weight_files()),
             provides=None if provides is None else tuple(sorted(provides)), vocabularies=vocabularies,
-            ground_truth=self.GROUND_TRUTH, family=family(type(self)),
+            family=family(type(self)),
         )
 
     def setup(self, device: str = "cpu") -> None:

@@ -53,6 +53,7 @@ from nibabel import orientations as nib_orient
 from scipy import ndimage
 
 from curation.errors import CurationError
+from curation.expert_args import arg_parts
 from curation.imaging import CT_WINDOWS, reorient
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
@@ -198,7 +199,7 @@ def tissue_labels(hu: np.ndarray, affine: np.ndarray, t: TissueThresholds = Tiss
 
 def selected(arg: str) -> set[str]:
     """Structure names an argument asks for: all for "" or "everything", else a comma list."""
-    names = {n.strip().lower() for n in arg.split(",") if n.strip()}
+    names = set(arg_parts(arg))
     every = set(TISSUE_NAMES.values()) | {BODY_NAME}
     if not names or names == {"everything"}:
         return every

@@ -41,6 +41,7 @@ import numpy as np
 from nibabel import orientations as nib_orient
 
 from curation.errors import CurationError, ItemError
+from curation.expert_args import arg_parts, canonical_arg
 from curation.imaging import COLOURS, CT_WINDOWS, encode_png, reorient
 from curation.items import Volume
 from curation.manifest import ExpertSpec
@@ -108,14 +109,14 @@ def select_labels(args: str, present: list[int], names: dict[int, str], groups: 
     >>> select_labels("hepatic tumor, 1", [1, 3, 26], {1: "liver", 26: "hepatic tumor"}, {})
     [1, 26]
     """
-    arg = args.strip().lower()
+    arg = canonical_arg(args)
     if arg in ("", "everything"):
         return present
     if arg in groups:
         return [label for label in present if label in groups[arg]]
     by_name = {name.lower(): label for label, name in names.items()}
     wanted = set()
-    for part in (p.strip() for p in arg.split(",") if p.strip()):
+    for part in arg_parts(arg):
         if part.isdigit():
             wanted.add(int(part))
         elif part in by_name:
@@ -180,7 +181,6 @@ class LabelsRunner(ExpertRunner):
     modalities: ClassVar[tuple[str, ...]] = ()
     # sequence: on multi-sequence groups; classes: on 2D items with a labels table
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "classes", "sequence"})
-    GROUND_TRUTH: ClassVar[bool] = True
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         super().__init__(spec, image_max_side=image_max_side)
@@ -212,13 +212,13 @@ class LabelsRunner(ExpertRunner):
         `names`); None when the label map's ids are unnamed."""
         if not self.names:
             return None
-        key = " ".join(arg.strip().lower().split())
+        key = canonical_arg(arg)
         if key in ("", "everything"):
             return sorted(set(self.names.values()))
         if key in self.groups:
             return sorted({self.names[i] for i in self.groups[key] if i in self.names})
         by_name = {n.lower(): n for n in self.names.values()}
-        parts = [p.strip() for p in key.split(",") if p.strip()]
+        parts = arg_parts(key)
         return sorted({self.names[int(p)] if p.isdigit() and int(p) in self.names else by_name.get(p, p) for p in parts})
 
     def window(self, modality: str) -> str | None:
@@ -290,7 +290,7 @@ class LabelsRunner(ExpertRunner):
         item = inp.item
         with phase(timing, "preprocess"):
             gray = grayscale(image)
-            wanted = {a.strip().lower() for a in arg.split(",") if a.strip()} - {"everything"}
+            wanted = set(arg_parts(arg)) - {"everything"}
         with phase(timing, "postprocess"):
             if label_array is not None:
                 # A 2D mask: one axial "slice" on an LPS-pointing affine, so pictures keep the

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from curation.errors import CurationError
+from curation.expert_args import canonical_arg
 from curation.findings import Findings
 from curation.imaging import CT_WINDOWS
 from curation.items import Volume
@@ -141,7 +142,7 @@ class Vista3DRunner(BundleRunner):
 
         "" means everything, as in VILA-M3.
         """
-        arg = " ".join(arg.strip().lower().split()) or "everything"
+        arg = canonical_arg(arg) or "everything"
         if arg == "everything":
             return arg, list(self.everything)
         if arg not in self.groups:

@@ -46,13 +46,35 @@ def test_every_builtin_declares_what_it_gives(name: str) -> None:
 def test_describe_is_plain_data_with_vocabularies() -> None:
     labels = make_runner(ExpertSpec(name="CTLabels", runner="labels", options={"preset": "vista3d"}))
     info = labels.describe(["everything", "hepatic tumor", "Hepatic  Tumor"])
-    assert info.ground_truth and info.provides is not None and "classes" in info.provides
+    assert info.provides is not None and "classes" in info.provides
     assert info.vocabulary("hepatic tumor") == ["hepatic tumor", "liver"]
     assert "spleen" in info.vocabulary("everything") and info.vocabulary("organs") == []  # not asked for
     assert ExpertInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
     tissue = make_runner(ExpertSpec(name="CTTissue", runner="ct_tissue")).describe(["everything", "lung, fat"])
     assert tissue.vocabulary("everything") == ["body", "bone", "fat", "lung", "soft tissue"]
-    assert tissue.vocabulary("lung, fat") == ["fat", "lung"] and not tissue.ground_truth and not tissue.weights
+    assert tissue.vocabulary("lung, fat") == ["fat", "lung"] and not tissue.weights
+
+
+def test_every_field_of_expert_info_has_a_reader() -> None:
+    """An `ExpertInfo` field is there for some stage to read (`info.field`); one that is only
+    set is dead weight in every build's record (as `ground_truth` was: the `labels` runner's
+    findings carry their truth themselves)."""
+    import ast
+    from dataclasses import fields
+
+    read = set()
+    for package in ("curation", "expert_runners"):
+        for path in (REPO / package).rglob("*.py"):
+            read |= {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load)}
+    assert [f.name for f in fields(ExpertInfo) if f.name not in read] == []
+
+
+def test_an_earlier_builds_record_still_reads() -> None:
+    """`m3-curate render` and `preview` read the `ExpertInfo` a build recorded in its cache, which
+    may be older than the code: a key no field holds any more is left out."""
+    info = make_runner(ExpertSpec(name="CTTissue", runner="ct_tissue")).describe(["everything"])
+    assert "ground_truth" not in info.to_json()
+    assert ExpertInfo.from_json({**info.to_json(), "ground_truth": False}) == info
 
 
 def test_one_accepts_rule() -> None:

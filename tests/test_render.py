@@ -357,6 +357,68 @@ def test_vila_m3_phrasings_appear(renderer: Renderer, demo: Demo) -> None:
     assert content[8]["text"].startswith(" These are different MRI modalities.\n")
 
 
+# VILA-M3's fixed sentences (a piece of each), written once in prompts/macros.j2; the text a
+# test's copy of the macros writes instead, to see which conversations take it from there.
+VILA_M3_SENTENCES = {
+    "The results are ": "RESULTS-ARE ",
+    "The colors in this image describe ": "COLOURS-DESCRIBE ",
+    "Use this result to respond to this prompt:": "USE-THIS-RESULT:",
+    "The resulting predictions are:": "PREDICTIONS-ARE:",
+    "Analyze the image and take these predictions into account": "TAKE-PREDICTIONS",
+    "When answering the question, please analyze the image and incorporate": "INCORPORATE-HINTS",
+    "T1(contrast enhanced): ": "T1C-IS ",
+    "These are different MRI modalities.": "MRI-MODALITIES.",
+}
+
+
+def _code(path: Path) -> str:
+    """A template's text less its comments (which may quote what it writes)."""
+    return re.sub(r"\{#.*?#\}", "", path.read_text(), flags=re.DOTALL)
+
+
+def test_vila_m3_sentences_are_written_once_in_the_macros() -> None:
+    macros = _code(BUILTIN_PROMPTS / "macros.j2")
+    for sentence in VILA_M3_SENTENCES:
+        assert macros.count(sentence) == 1, sentence
+        writers = [p.relative_to(BUILTIN_PROMPTS).as_posix() for p in BUILTIN_PROMPTS.rglob("*.j2")
+                   if p.name != "macros.j2" and sentence in _code(p)]
+        assert not writers, f"{sentence!r} is written in {writers}: call its macro from prompts/macros.j2"
+
+
+def test_a_sentence_changed_in_the_macros_changes_every_conversation_that_says_it(demo: Demo, tmp_path: Path) -> None:
+    """A copy of macros.j2 with other words, in a folder searched first: every conversation of
+    every template that said a VILA-M3 sentence now says the copy's words instead, and nothing
+    else changes."""
+    text = (BUILTIN_PROMPTS / "macros.j2").read_text()
+    for sentence, other in VILA_M3_SENTENCES.items():
+        text = text.replace(sentence, other)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "macros.j2").write_text(text)
+    builtin = Renderer(demo.spec, experts=demo.experts)
+    changed = Renderer(demo.spec, experts=demo.experts, prompt_dirs=[tmp_path / "mine"])
+    said = set()
+    for task in demo.spec.tasks:
+        for item in demo.items_of(task.source)[:2]:
+            for v in range(len(task.args)):
+                f = demo.get(task, item, v)
+                try:
+                    before = json.dumps(builtin.render(task, item, f, variant=v).messages)
+                except TemplateSkip:
+                    continue
+                after = json.dumps(changed.render(task, item, f, variant=v).messages)
+                expected = before
+                for sentence, other in VILA_M3_SENTENCES.items():
+                    if sentence in before:
+                        said.add((task.template, sentence))
+                    expected = expected.replace(json.dumps(sentence)[1:-1], json.dumps(other)[1:-1])
+                assert after == expected, f"{task.template} on {item.item_id}, variant {v}"
+    templates = {t for t, _ in said}
+    assert {s for _, s in said} == set(VILA_M3_SENTENCES)
+    assert {"vista3d/segment_and_answer.j2", "vista3d/tumor_presence.j2", "findings/larger.j2", "findings/volume.j2",
+            "brats/four_sequences.j2", "cxr/trigger_and_answer.j2", "qa/expert_trigger.j2", "cxr/expert_hint_vqa.j2",
+            "cxr/expert_hint_choice.j2", "qa/expert_hint.j2", "brats/segment_request.j2", "brats/what_is_this.j2"} <= templates
+
+
 def test_images_follow_the_slots(renderer: Renderer, demo: Demo) -> None:
     task = TaskSpec(template="brats/four_sequences.j2", source="brain", expert="BRATS")
     item = demo.items_of("brain")[1]

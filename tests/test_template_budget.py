@@ -104,6 +104,24 @@ def test_a_hostile_template_ends_as_a_template_error_in_bounded_memory(tmp_path:
 
 
 @pytest.mark.slow
+def test_a_hostile_macro_file_ends_as_a_template_error_in_bounded_memory(tmp_path: Path) -> None:
+    """A macro file sees the helpers as globals (`make_environment`), and runs under the same
+    budget as the template that imports it."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "lib.j2").write_text('{% macro grow() %}\n{% set ns = namespace(s=pick(["ab"])) %}{% for i in range(60) %}'
+                                   '{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}\n{% endmacro %}\n')
+    (folder / "probe.j2").write_text(HEAD + '{% import "lib.j2" as lib %}{% turn "user" %}{{ lib.grow() }}{% endturn %}'
+                                     '{% turn "assistant" %}ok{% endturn %}')
+    done = run_bounded([sys.executable, "-c", SCRIPT, str(folder)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None and "limit is 1,000,000" in result["error"], result
+    assert result["error"].startswith("item-7: template lib.j2, line 2: ") and "(called from probe.j2, line 6)" in result["error"]
+    assert result["peak_mb"] < RSS_LIMIT_MB
+
+
+@pytest.mark.slow
 def test_a_hostile_template_through_preview_is_a_failing_sample(render_demo, tmp_path: Path) -> None:
     """The command line: `preview --template` of a template whose loops never end shows the
     error on its sample, and the command says a sample failed (exit status 1) instead of hanging."""

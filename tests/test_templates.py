@@ -254,3 +254,41 @@ def test_a_turn_error_inside_a_macro_file_names_that_file(spec: BuildSpec, tmp_p
         render(spec, folder, '{% import "turns.j2" as t %}{{ t.ask("a") }}{{ t.ask("b") }}')
     assert (e.value.template, e.value.line) == ("turns.j2", 2) and "(called from probe.j2, line 6)" in str(e.value)
     assert "turn 2 is 'user' but should be 'assistant'" in str(e.value)
+
+
+# --- macro files -------------------------------------------------------------------------------
+
+
+def test_an_imported_macro_file_calls_the_helpers(spec: BuildSpec, tmp_path: Path) -> None:
+    """The helpers and filters are the environment's globals: a macro file imported without
+    context (Jinja builds its module once) calls them as the template that imports it does."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "lib.j2").write_text('{% macro shown(pic) %}See {{ image(pic) }}{{ legend(pic) }}. {{ phrase("presence_question", name="liver") }} '
+                                   '{{ pick(["one"]) | upper }}{% endmacro %}\n'
+                                   '{% macro card() %}{{ model_card }}{% endmacro %}\n')
+    head = "{#- declare\nkind: probe\nimages: 1\nneeds: [overlay]\ncalls_expert: false\nmodel_card: false\n-#}\n"
+    body = ('{% import "lib.j2" as lib %}{% turn "user" %}{{ lib.shown(picture("overlay")) }}{% endturn %}'
+            '{% turn "assistant" %}{{ lib.card() | length > 0 }}{% endturn %}')
+    c = render(spec, folder, body, head=head)
+    first = c.messages[0]["content"]
+    assert first[:2] == [{"type": "text", "text": "See "}, {"type": "image", "text": None}] and c.images == [FINDINGS.images[1].png]
+    assert first[2]["text"].startswith(". ") and "liver" in first[2]["text"] and first[2]["text"].endswith(" ONE")
+    assert [g["turn"] for g in c.meta["legends"]] == [0]  # legend() recorded what it said
+    assert c.messages[1]["content"][0]["text"] == "True"  # the model card (VISTA3D has one) is a global too
+
+
+# The escapes that need no data of the rendering (an imported macro file sees none of it)
+IN_MACROS = sorted(n for n, (body, _) in ESCAPES.items() if "item" not in body and "findings" not in body)
+
+
+@pytest.mark.parametrize("name", IN_MACROS)
+def test_escapes_inside_an_imported_macro_file_fail_as_in_a_template(spec: BuildSpec, tmp_path: Path, name: str) -> None:
+    body, message = ESCAPES[name]
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "lib.j2").write_text("{% macro run() %}\n" + body + "\n{% endmacro %}\n")
+    with pytest.raises(TemplateError) as e:
+        render(spec, folder, '{% import "lib.j2" as lib %}{{ lib.run() }}')
+    assert message in str(e.value)
+    assert (e.value.template, e.value.line) == ("lib.j2", 2) and "(called from probe.j2, line 6)" in str(e.value)

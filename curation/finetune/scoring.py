@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from curation.expert_args import canonical_arg
 from curation.finetune.closed import Closed, closed_from_meta, closed_question
 
 CALL_RE = re.compile(r"<([A-Z][A-Za-z0-9_]*)\(([^()<>\n]*)\)>")
@@ -51,7 +52,7 @@ def parse_calls(text: str) -> list[Call]:
     """
     calls = []
     for name, arg in CALL_RE.findall(text):
-        arg = " ".join(arg.strip().strip("'\"").lower().split())
+        arg = canonical_arg(arg)
         calls.append((name, CALL_SYNONYMS.get((name, arg), arg)))
     return calls
 

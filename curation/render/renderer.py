@@ -183,12 +183,12 @@ class Renderer:
     def env(self) -> PromptSandbox:
         if self._env is None:
             roots = self.roots
-            self._env = make_environment(roots)
-            self._env.trusted_owners = (TemplateHelpers,)
+            self._env = make_environment(roots, helpers=self._helpers, trusted=(TemplateHelpers,))
             self._phrasings, self._phrasings_digest = load_phrasings(roots)
             self._shared = Shared(Markers(f"{secrets.randbelow(10**16):016d}"), self._phrasings)
             self._card = self._render_card()
             self._card_text = self._card.rstrip()
+            self._env.globals["model_card"] = self._card
         return self._env
 
     @property
@@ -268,7 +268,7 @@ class Renderer:
         for dep in deps:
             h.update(dep.encode() + b"\0" + env.loader.get_source(env, dep)[0].encode() + b"\0")  # type: ignore[union-attr]
         h.update(self._phrasings_digest.encode() + self._card.encode())
-        parent = {**template.globals, "model_card": self._card, **self._helpers}
+        parent = dict(template.globals)  # the environment's: the helpers and the model card among them
         found = _Compiled(name=name, template=template, declaration=declaration, hash=h.hexdigest()[:16], source=source,
                           parent=parent)
         self._compiled[name] = found
@@ -353,9 +353,8 @@ class Renderer:
             accepted = set(info.modalities)
             if accepted and modalities is not None and not accepted & modalities:
                 raise CurationError(f"expert {task.expert!r} takes {'/'.join(sorted(accepted))}; source {source.name!r} gives {'/'.join(sorted(modalities))}")
-        if d.args is not None:
-            allowed = {a.strip().lower() for a in d.args}
-            bad = [a for a in task.args if a.strip().lower() not in allowed]
+        if d.args is not None:  # both in their canonical spelling (`curation.expert_args`)
+            bad = [a for a in task.args if a not in d.args]
             if bad:
                 raise CurationError(f"argument(s) {bad} not among those it is written for: {d.args}")
 

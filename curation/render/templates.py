@@ -12,7 +12,7 @@ A template starts with a declaration in a Jinja comment, read without rendering:
     sources: [dicom, nifti]      # source kinds (absent: any)
     needs: [structures, overlay] # what the task's expert must give (absent: no expert)
     calls_expert: true           # an assistant turn calls the expert (default: true when it needs one)
-    args: [hepatic tumor, lung tumor]   # expert arguments it is written for (absent: any)
+    args: [hepatic tumor, lung tumor]   # expert arguments it is written for (absent: any; compared canonically)
     images: 2                    # image slots every conversation has
     model_card: true             # the model card opens the first user turn (default true)
     -#}
@@ -27,7 +27,7 @@ import logging
 import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +43,10 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, _PassArg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curation.errors import CurationError, validation_message
+from curation.expert_args import canonical_arg
 from curation.expert_info import NEEDS
 from curation.items import SourceKind
 from curation.render.budget import (
@@ -91,6 +92,11 @@ class TemplateDeclaration(BaseModel):
         if isinstance(data, dict) and "calls_expert" not in data:
             data = {**data, "calls_expert": bool(data.get("needs"))}
         return data
+
+    @field_validator("args")
+    @classmethod
+    def _canonical(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [canonical_arg(a) for a in value]
 
     @property
     def uses_expert(self) -> bool:
@@ -464,7 +470,13 @@ class PromptContext(Context):
         self.blocks = {k: [v] for k, v in blocks.items()} if blocks else {}
 
 
-def make_environment(roots: list[Path]) -> PromptSandbox:
+def make_environment(roots: list[Path], *, helpers: Mapping[str, Callable[..., Any]] | None = None,
+                     trusted: tuple[type, ...] = ()) -> PromptSandbox:
+    """The sandbox that loads and runs templates from `roots`. `helpers` (the renderer's
+    functions templates call) become globals of the environment, not only of a rendering's
+    context: a macro file imported without context (`{% import "macros.j2" as m %}`, whose
+    module Jinja builds once and caches) sees them as the template that imports it does, as it
+    sees the filters. `trusted`: the types whose bound methods the sandbox calls directly."""
     env = PromptSandbox(
         loader=PromptLoader(roots),
         undefined=StrictUndefined,
@@ -482,6 +494,8 @@ def make_environment(roots: list[Path]) -> PromptSandbox:
     env.filters.update(FILTERS)
     env.filters = {name: _guarded(name, f) for name, f in env.filters.items()}
     env.filters.update(TURN_FILTERS)
+    env.globals.update(helpers or {})
+    env.trusted_owners = trusted
     return env
 
 
