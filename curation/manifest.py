@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from curation.errors import CurationError, validation_message
 from curation.expert_args import canonical_arg
@@ -192,6 +192,7 @@ class BuildSpec(_Spec):
     prompts: list[Path] = []  # template folders searched before the built-in prompts/
     split: SplitSpec = SplitSpec()
     output: OutputSpec = OutputSpec()
+    _folder: Path | None = PrivateAttr(default=None)  # the manifest file's folder (set by `load_manifest`)
 
     @model_validator(mode="after")
     def _references(self) -> "BuildSpec":
@@ -259,12 +260,47 @@ def load_manifest(path: str | Path) -> BuildSpec:
         raise CurationError(f"{path}: a manifest is a mapping of keys (name, sources, …), got {type(data).__name__}")
     data = resolve_paths(data, path.parent.resolve())
     try:
-        return BuildSpec.model_validate(data)
+        spec = BuildSpec.model_validate(data)
     except ValidationError as e:
         raise CurationError(f"{path}: {validation_message(e)}") from None
+    spec._folder = path.parent.resolve()
+    return spec
 
 
 def manifest_hash(spec: BuildSpec) -> str:
-    """A stable hash of the resolved manifest: part of every row's provenance."""
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    """A stable hash of the manifest, part of every row's provenance. A path inside the
+    manifest's folder counts as it is relative to that folder (one outside it, as it is): the
+    same recipe checked out in two places, or on two machines, hashes alike (and makes the same
+    rows).
+
+    >>> spec = BuildSpec(name="x", sources=[{"name": "a", "kind": "nifti", "root": "/one/data/a"}])
+    >>> spec._folder = Path("/one")
+    >>> moved = BuildSpec(name="x", sources=[{"name": "a", "kind": "nifti", "root": "/two/data/a"}])
+    >>> moved._folder = Path("/two")
+    >>> manifest_hash(spec) == manifest_hash(moved)
+    True
+    """
+    folder = spec._folder
+    relative = {str(p): p.relative_to(folder).as_posix() for p in manifest_paths(spec) if folder and p.is_relative_to(folder)}
+    text = json.dumps(_replaced(spec.model_dump(mode="json"), relative), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def manifest_paths(model: Any) -> list[Path]:
+    """Every value of a `Path`-typed field in a manifest model (source roots, tables, bundles,
+    folders)."""
+    if isinstance(model, Path):
+        return [model]
+    if isinstance(model, BaseModel):
+        return [p for name in type(model).model_fields for p in manifest_paths(getattr(model, name))]
+    if isinstance(model, (list, tuple)):
+        return [p for v in model for p in manifest_paths(v)]
+    return []
+
+
+def _replaced(data: Any, strings: dict[str, str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _replaced(v, strings) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_replaced(v, strings) for v in data]
+    return strings.get(data, data) if isinstance(data, str) else data

@@ -88,9 +88,10 @@ class ExpertRunner(ABC):
 
     def fingerprint(self) -> str:
         """Weights + configuration + code version: findings cached under another fingerprint
-        are never reused."""
+        are never reused. Where the bundle lies is not part of it (its files' contents are): a
+        cache moved with its bundle, or read on a node that mounts them elsewhere, still hits."""
         h = hashlib.sha256()
-        computed = self.spec.without_placement().model_dump(mode="json", exclude={"name"})
+        computed = self.spec.without_placement().model_dump(mode="json", exclude={"name", "bundle"})
         h.update(json.dumps([self.runner, __version__, computed], sort_keys=True).encode())
         for path in self.weight_files():
             h.update(path.name.encode())

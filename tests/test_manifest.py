@@ -80,6 +80,24 @@ def test_manifest_hash_changes_with_content(write_manifest):
     assert manifest_hash(a) != manifest_hash(b)
 
 
+def test_manifest_hash_is_the_recipe_wherever_it_is_checked_out(tmp_path):
+    """The same manifest and folders in two places hash alike (rows built from either are the
+    same, provenance included); a different folder named in it does not."""
+    import yaml
+
+    recipe = {"name": "r", "sources": [{"name": "ct", "kind": "dicom", "root": "data/ct", "labels": "../labels"},
+                                       {"name": "brain", "kind": "nifti", "root": "/srv/shared/brain"}],
+              "experts": [{"name": "V", "runner": "vista3d", "bundle": "models/vista3d"}], "prompts": ["my_prompts"]}
+    hashes = []
+    for place, root in (("one", "data/ct"), ("two/deeper", "data/ct"), ("three", "data/other")):
+        folder = tmp_path / place
+        folder.mkdir(parents=True)
+        data = {**recipe, "sources": [{**recipe["sources"][0], "root": root}, recipe["sources"][1]]}
+        (folder / "m.yaml").write_text(yaml.safe_dump(data))
+        hashes.append(manifest_hash(load_manifest(folder / "m.yaml")))
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
 def readme_manifest() -> str:
     """The YAML example of README's "The manifest" section."""
     section = (REPO / "README.md").read_text().split("## The manifest", 1)[1]

@@ -134,6 +134,16 @@ def test_fingerprint_follows_weights_config_and_options(tmp_path):
     assert make_runner(spec(bundle)).fingerprint() != second
 
 
+def test_fingerprint_is_the_bundle_wherever_it_lies(tmp_path):
+    """A bundle copied elsewhere (a cache moved with it, a node that mounts it at another path)
+    keeps its fingerprint: its files' contents define it, not their place."""
+    import shutil
+
+    bundle = small_bundle(tmp_path / "here", {"w": torch.zeros(3)})
+    moved = shutil.copytree(bundle, tmp_path / "elsewhere" / "vista3d")
+    assert make_runner(spec(moved)).fingerprint() == make_runner(spec(bundle)).fingerprint()
+
+
 def test_missing_weights_file_is_named(tmp_path):
     ref = REFERENCE / "vista3d"
     bundle = write_bundle(tmp_path, inference=ref / "inference.json", metadata=ref / "metadata.json", weights=None)
