@@ -192,7 +192,7 @@ class BuildSpec(_Spec):
     prompts: list[Path] = []  # template folders searched before the built-in prompts/
     split: SplitSpec = SplitSpec()
     output: OutputSpec = OutputSpec()
-    _folder: Path | None = PrivateAttr(default=None)  # the manifest file's folder (set by `load_manifest`)
+    _written: dict[str, str] = PrivateAttr(default_factory=dict)  # resolved path → as the manifest wrote it (`load_manifest`)
 
     @model_validator(mode="after")
     def _references(self) -> "BuildSpec":
@@ -216,13 +216,19 @@ class BuildSpec(_Spec):
         raise CurationError(f"no source named {name!r} in manifest {self.name!r}")
 
 
-def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_paths(data: dict[str, Any], base: Path, written: dict[str, str] | None = None) -> dict[str, Any]:
     """Make relative paths absolute against the manifest's folder (before validation, so
     error messages still show what the user wrote when a value has the wrong type). Also what
-    makes a copy of a manifest's data work from another folder."""
+    makes a copy of a manifest's data work from another folder. `written` collects each path
+    made absolute and what the manifest wrote for it (what its hash counts)."""
+    written = {} if written is None else written
 
-    def resolve(value: Any) -> Any:
-        return str((base / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
+    def resolve(value: Any, against: Path = base) -> Any:
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return value
+        resolved = str((against / value).resolve())
+        written[resolved] = value
+        return resolved
 
     for src in data.get("sources") or []:
         if isinstance(src, dict):
@@ -230,8 +236,7 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
                 if key in src:
                     src[key] = resolve(src[key])
             if src.get("kind") in ("dicom", "image2d") and "labels" in src and isinstance(src.get("root"), str):
-                # labels resolve against the source root: they usually live inside it
-                src["labels"] = str((Path(src["root"]) / src["labels"]).resolve()) if isinstance(src["labels"], str) else src["labels"]
+                src["labels"] = resolve(src["labels"], Path(src["root"]))  # against the root: labels usually live inside it
     if isinstance(data.get("prompts"), list):
         data["prompts"] = [resolve(p) for p in data["prompts"]]
     for exp in data.get("experts") or []:
@@ -243,7 +248,7 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if key in out:
                 out[key] = resolve(out[key])
     elif out is None:
-        data["output"] = {"dir": str((base / "out" / str(data.get("name", "build"))).resolve())}
+        data["output"] = {"dir": resolve(f"out/{data.get('name', 'build')}")}
     return data
 
 
@@ -258,31 +263,29 @@ def load_manifest(path: str | Path) -> BuildSpec:
         raise CurationError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
     if not isinstance(data, dict):
         raise CurationError(f"{path}: a manifest is a mapping of keys (name, sources, …), got {type(data).__name__}")
-    data = resolve_paths(data, path.parent.resolve())
+    written: dict[str, str] = {}
+    data = resolve_paths(data, path.parent.resolve(), written)
     try:
         spec = BuildSpec.model_validate(data)
     except ValidationError as e:
         raise CurationError(f"{path}: {validation_message(e)}") from None
-    spec._folder = path.parent.resolve()
+    spec._written = written
     return spec
 
 
 def manifest_hash(spec: BuildSpec) -> str:
-    """A stable hash of the manifest, part of every row's provenance. A path inside the
-    manifest's folder counts as it is relative to that folder (one outside it, as it is): the
-    same recipe checked out in two places, or on two machines, hashes alike (and makes the same
-    rows).
+    """A stable hash of the manifest, part of every row's provenance. A path the manifest wrote
+    relative to its folder counts as written (an absolute one, as it is): the same recipe checked
+    out in two places, or on two machines, hashes alike (and makes the same rows).
 
     >>> spec = BuildSpec(name="x", sources=[{"name": "a", "kind": "nifti", "root": "/one/data/a"}])
-    >>> spec._folder = Path("/one")
+    >>> spec._written = {"/one/data/a": "data/a"}
     >>> moved = BuildSpec(name="x", sources=[{"name": "a", "kind": "nifti", "root": "/two/data/a"}])
-    >>> moved._folder = Path("/two")
+    >>> moved._written = {"/two/data/a": "data/a"}
     >>> manifest_hash(spec) == manifest_hash(moved)
     True
     """
-    folder = spec._folder
-    relative = {str(p): p.relative_to(folder).as_posix() for p in manifest_paths(spec) if folder and p.is_relative_to(folder)}
-    text = json.dumps(_replaced(spec.model_dump(mode="json"), relative), sort_keys=True)
+    text = json.dumps(_replaced(spec.model_dump(mode="json"), spec._written), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -81,21 +81,24 @@ def test_manifest_hash_changes_with_content(write_manifest):
 
 
 def test_manifest_hash_is_the_recipe_wherever_it_is_checked_out(tmp_path):
-    """The same manifest and folders in two places hash alike (rows built from either are the
-    same, provenance included); a different folder named in it does not."""
+    """The same manifest in two checkouts (its data beside it, as the demo's) hashes alike, so
+    rows built from either are the same, provenance included; a different folder named in it,
+    or another absolute path, does not."""
     import yaml
 
-    recipe = {"name": "r", "sources": [{"name": "ct", "kind": "dicom", "root": "data/ct", "labels": "../labels"},
-                                       {"name": "brain", "kind": "nifti", "root": "/srv/shared/brain"}],
-              "experts": [{"name": "V", "runner": "vista3d", "bundle": "models/vista3d"}], "prompts": ["my_prompts"]}
+    def recipe(root: str, shared: str = "/srv/shared/brain") -> dict:
+        return {"name": "r", "sources": [{"name": "ct", "kind": "dicom", "root": root, "labels": "../ct_labels"},
+                                         {"name": "brain", "kind": "nifti", "root": shared}],
+                "experts": [{"name": "V", "runner": "vista3d", "bundle": "../models/vista3d"}], "prompts": ["my_prompts"]}
+
     hashes = []
-    for place, root in (("one", "data/ct"), ("two/deeper", "data/ct"), ("three", "data/other")):
-        folder = tmp_path / place
+    for checkout, data in (("one", recipe("../data/ct")), ("two/deeper", recipe("../data/ct")), ("three", recipe("../data/other")),
+                           ("four", recipe("../data/ct", shared="/srv/elsewhere"))):
+        folder = tmp_path / checkout / "manifests"
         folder.mkdir(parents=True)
-        data = {**recipe, "sources": [{**recipe["sources"][0], "root": root}, recipe["sources"][1]]}
         (folder / "m.yaml").write_text(yaml.safe_dump(data))
         hashes.append(manifest_hash(load_manifest(folder / "m.yaml")))
-    assert hashes[0] == hashes[1] != hashes[2]
+    assert hashes[0] == hashes[1] and len(set(hashes)) == 3
 
 
 def readme_manifest() -> str:
