@@ -37,7 +37,7 @@ from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec, load_manifest
 from curation.build.plan import spec_json
 from curation.expert_info import ExpertInfo
-from curation.render.renderer import Renderer, TemplateError
+from curation.render.renderer import Renderer, TemplateError, TemplateSkip
 from curation.rows import Conversation
 from curation.findings import Findings
 from curation.store.layout import Layout
@@ -55,6 +55,7 @@ class Sample:
     findings_from: str = ""  # "build cache", "preview cache", "expert run", ""
     findings_text: str = ""  # the findings as the page shows them (JSON, run timings left out)
     error: str = ""
+    skipped: str = ""  # the template set this item aside on purpose (`skip()`), as a build counts it: not a failure
     render_ms: float = 0.0
 
 
@@ -75,9 +76,11 @@ class Page:
     conversations: int
     tasks: int
     failed: int  # samples that failed, plus tasks with no sample at all
+    skipped: int = 0  # samples their template set aside on purpose
 
     def summary(self, path: Path, seconds: float) -> str:
-        return f"{path}: {self.conversations} conversation(s) from {self.tasks} task(s), {self.failed} error(s), in {seconds:.1f} s"
+        skipped = f", {self.skipped} skipped by their template" if self.skipped else ""
+        return f"{path}: {self.conversations} conversation(s) from {self.tasks} task(s), {self.failed} error(s){skipped}, in {seconds:.1f} s"
 
 
 def make_page(args: argparse.Namespace, *, live: bool = False, version: int = 0) -> Page:
@@ -85,11 +88,12 @@ def make_page(args: argparse.Namespace, *, live: bool = False, version: int = 0)
     `--watch` server, at `version`)."""
     spec = load_manifest(args.manifest)
     out = Path(args.out) if args.out else spec.output.dir
-    sections = preview(spec, out=out, task=args.task, template=args.template, n=args.n)
+    sections, card = preview(spec, out=out, task=args.task, template=args.template, n=args.n)
     made = sum(1 for s in sections for x in s.samples if x.conversation is not None)
     failed = sum(1 for s in sections for x in s.samples if x.error) + sum(1 for s in sections if s.note)
-    html = render_page(spec, sections, Renderer(spec).model_card, live=live, version=version)
-    return Page(html=html, conversations=made, tasks=len(sections), failed=failed)
+    skipped = sum(1 for s in sections for x in s.samples if x.skipped)
+    html = render_page(spec, sections, card, live=live, version=version)
+    return Page(html=html, conversations=made, tasks=len(sections), failed=failed, skipped=skipped)
 
 
 def preview_command(args: argparse.Namespace) -> int:
@@ -107,16 +111,16 @@ def preview_command(args: argparse.Namespace) -> int:
     return 1 if page.failed else 0
 
 
-def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: str | None = None, n: int = 8) -> list[Section]:
-    """Render up to `n` samples for each chosen task; never raises for one sample's error.
-    The samples are chosen task by task (the page's order) and rendered item by item."""
+def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: str | None = None, n: int = 8) -> tuple[list[Section], str]:
+    """Render up to `n` samples for each chosen task, and the model card they open with; never
+    raises for one sample's error. The samples are chosen task by task (the page's order) and
+    rendered item by item."""
     if n < 1:
         raise CurationError(f"-n must be at least 1, got {n}")
-    renderer, tasks = _tasks(spec, task, template)
-    readers = readers_for(spec)
     layout = Layout.of(spec, out)
     build_cache = FindingsCache(layout.cache)
-    experts: dict[str, _Expert] = {}
+    renderer, tasks, experts = _tasks(spec, task, template, build_cache)
+    readers = readers_for(spec)
     items: dict[str, list[StudyItem]] = {}
     sections = []
     by_item: dict[str, list[tuple[TaskSpec, Sample]]] = {}  # item id → its samples, in page order
@@ -126,10 +130,7 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
         sections.append(section)
         if t.source not in items:
             items[t.source] = scan_source(readers[t.source])[0]
-        expert = None
-        if t.expert:
-            expert = experts.setdefault(t.expert, _Expert(spec, t.expert, build_cache))
-            renderer.experts.setdefault(t.expert, expert.describe(t.args))
+        expert = experts[t.expert] if t.expert else None
         chosen = [i for i in items[t.source] if expert is None or expert.accepts(i) is None][:n]
         if not chosen:
             section.note = f"source {t.source!r} has no item that expert {t.expert} accepts"
@@ -142,7 +143,7 @@ def preview(spec: BuildSpec, *, out: Path, task: str | None = None, template: st
     for samples in by_item.values():
         item = samples[0][1].item
         _render_item(renderer, samples, _fetcher(item, readers[item.source], experts, build_cache, own_cache))
-    return sections
+    return sections, renderer.model_card
 
 
 def _render_item(renderer: Renderer, samples: list[tuple[TaskSpec, Sample]], fetch: Callable[[str, str], tuple[Findings, str]]) -> None:
@@ -168,14 +169,19 @@ def _render_item(renderer: Renderer, samples: list[tuple[TaskSpec, Sample]], fet
         began = time.perf_counter()
         try:
             sample.conversation = renderer.render(t, item, sample.findings, variant=sample.variant)
+        except TemplateSkip as e:
+            sample.skipped = str(e)
         except TemplateError as e:
             sample.error = str(e)
         sample.render_ms = (time.perf_counter() - began) * 1000
 
 
-def _tasks(spec: BuildSpec, task: str | None, template: str | None) -> tuple[Renderer, list[TaskSpec]]:
+def _tasks(spec: BuildSpec, task: str | None, template: str | None, build_cache: FindingsCache) -> tuple[Renderer, list[TaskSpec], dict[str, _Expert]]:
+    """The tasks to show, their experts, and a renderer that knows those experts as a build's
+    does (their `ExpertInfo`: what they give, the built-in runner they derive from), so the
+    page's model card and checks are the build's."""
+    extra: list[Path] = []
     if template is None:
-        renderer = Renderer(spec)
         tasks = list(spec.tasks)
         if task is not None:
             tasks = [t for t in tasks if t.template == task]
@@ -183,16 +189,19 @@ def _tasks(spec: BuildSpec, task: str | None, template: str | None) -> tuple[Ren
                 raise CurationError(f"--task {task!r}: no task of manifest {spec.name!r} uses it (tasks: {[t.template for t in spec.tasks]})")
         if not tasks:
             raise CurationError(f"manifest {spec.name!r} has no tasks: name a template with --template FILE")
+    else:
+        path = Path(template).resolve()
+        if not path.is_file():
+            raise CurationError(f"--template: file not found: {template}")
+        name = next((path.relative_to(r.resolve()).as_posix() for r in Renderer(spec).roots if path.is_relative_to(r.resolve())), None)
+        extra = [] if name is not None else [path.parent]
+        tasks = [_task_for(spec, Renderer(spec, prompt_dirs=extra), name or path.name)]
+    experts = {t.expert: _Expert(spec, t.expert, build_cache) for t in tasks if t.expert}
+    infos = {name: e.describe(next(t.args for t in tasks if t.expert == name)) for name, e in experts.items()}
+    renderer = Renderer(spec, experts=infos, prompt_dirs=extra)
+    if template is None:
         renderer.check()
-        return renderer, tasks
-    path = Path(template).resolve()
-    if not path.is_file():
-        raise CurationError(f"--template: file not found: {template}")
-    probe = Renderer(spec)
-    name = next((path.relative_to(r.resolve()).as_posix() for r in probe.roots if path.is_relative_to(r.resolve())), None)
-    renderer = probe if name is not None else Renderer(spec, prompt_dirs=[path.parent])
-    name = name or path.name
-    return renderer, [_task_for(spec, renderer, name)]
+    return renderer, tasks, experts
 
 
 def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
@@ -212,7 +221,8 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
         for expert in sorted(spec.experts, key=lambda e: (e.name not in used, used.index(e.name) if e.name in used else 0)):
             from expert_runners.base import make_runner
 
-            got = make_runner(expert.without_placement(), image_max_side=spec.output.image_max_side).provides()  # its options count
+            runner = make_runner(expert.without_placement(), image_max_side=spec.output.image_max_side)
+            got = runner.provides()  # its options count
             if got is not None and not set(d.needs) <= got:
                 continue
             args = next((t.args for t in spec.tasks if t.source == source.name and t.expert == expert.name
@@ -221,7 +231,7 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
             task = TaskSpec(template=name, source=source.name, expert=expert.name, args=args, weight=len(args))
             try:
                 check = BuildSpec.model_validate({**spec.model_dump(), "tasks": [task.model_dump()]})
-                Renderer(check, prompt_dirs=renderer._extra).check()
+                Renderer(check, experts={expert.name: runner.describe(args)}, prompt_dirs=renderer._extra).check()
             except CurationError:
                 continue
             return task
@@ -315,6 +325,7 @@ figcaption, .small { font-size: 12px; color: #555; }
 .role { font-weight: 700; font-size: 12px; text-transform: uppercase; color: #444; }
 .slot { display: inline-block; padding: 0 4px; border: 1px solid #777; border-radius: 3px; font-size: 12px; }
 .error { border: 2px solid #a00; padding: 8px; font-weight: 600; white-space: pre-wrap; }
+.skip { border: 1px dashed #888; padding: 8px; color: #555; white-space: pre-wrap; }
 pre { background: #f0f0f0; padding: 8px; overflow-x: auto; font-size: 12px; }
 details { margin: 6px 0; } summary { cursor: pointer; color: #333; }
 """
@@ -399,6 +410,8 @@ def _sample_html(s: Sample, k: int, card: str) -> str:
     findings = ""
     if s.findings is not None:
         findings = f"<details><summary>findings</summary><pre>{_e(s.findings_text)}</pre></details>"
+    if s.conversation is None and s.skipped:
+        return f"<div class='sample skipped'><div>{head}</div><div><div class='skip'>{_e(s.skipped)}</div>{findings}</div></div>"
     if s.conversation is None:
         return (f"<div class='sample failed'><div>{head}</div><div><div class='error'>failed: {_e(s.error)}</div>"
                 f"{findings}</div></div>")

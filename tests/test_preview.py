@@ -4,6 +4,7 @@ no task names yet, errors on the page, and the page opened in headless Chromium.
 from __future__ import annotations
 
 import argparse
+import html
 import re
 import shutil
 import subprocess
@@ -186,6 +187,38 @@ def test_template_errors_show_on_the_page(manifest: Path, tmp_path: Path) -> Non
     run(manifest, page, template=str(bad))
     text = page.read_text()
     assert text.count("class='error'") == 2 and "template bad.j2, line 8: &#x27;dict object&#x27; has no attribute &#x27;nope&#x27;" in text
+
+
+def test_a_skip_is_shown_as_a_skip_not_a_failure(manifest: Path, tmp_path: Path, capsys) -> None:
+    """A template that sets an item aside on purpose (`skip()`) is counted by a build as skipped;
+    the preview shows it so, and exits 0."""
+    draft = tmp_path / "choosy.j2"
+    draft.write_text("{#- declare\nkind: choosy\nsources: [image2d]\nneeds: [classes]\ncalls_expert: false\nimages: 0\n-#}\n"
+                     '{{ skip("nothing to ask about here") }}{% turn "user" %}q{% endturn %}{% turn "assistant" %}a{% endturn %}\n')
+    page = tmp_path / "p.html"
+    assert main(["-q", "preview", str(manifest), "--template", str(draft), "-n", "2", "--html", str(page)]) == 0
+    text = page.read_text()
+    assert "class='error'" not in text and text.count("class='skip'") == 2 and "skipped: nothing to ask about here" in text
+    assert "0 error(s), 2 skipped by their template" in capsys.readouterr().out
+
+
+def test_a_plugin_expert_is_carded_as_the_runner_it_derives_from(demo: Demo, tmp_path: Path) -> None:
+    """A plug-in runner deriving from a built-in one (ct_tissue) has no card of its own: the
+    build lists it on the model card under its family's card, and so must the preview, which
+    used to refuse its calling task and show a card without it."""
+    data = demo.spec.model_dump(mode="json")
+    data["experts"] = [{"name": "TISSUE", "runner": "build_helpers:CountingTissueRunner"}]
+    data["tasks"] = [{"template": "findings/volume.j2", "source": "ct", "expert": "TISSUE", "args": ["everything"]}]
+    data["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = BuildSpec.model_validate(data)
+    card = Renderer(spec, experts={"TISSUE": make_runner(spec.experts[0]).describe(["everything"])}).model_card
+    assert "TISSUE" in card
+    page = tmp_path / "p.html"
+    run(path, page, n=1)
+    text = page.read_text()
+    assert "class='error'" not in text and html.escape(card.strip(), quote=True).splitlines()[0] in text
 
 
 def test_command_line(manifest: Path, tmp_path: Path, capsys) -> None:
