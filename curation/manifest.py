@@ -34,6 +34,9 @@ class SeriesRules(_Spec):
 
 DEFAULT_MAX_VOXELS = 1 << 30  # ~1.07 G voxels: 4 GiB as float32; a 512×512×4096 CT fits
 DEFAULT_MAX_PIXELS = 50_000_000  # a 2D image: the largest radiographs and mammograms are ~30 MP
+# PIL, which decodes pictures, refuses one of more pixels than this (2 × Image.MAX_IMAGE_PIXELS,
+# its decompression-bomb guard): a larger `max_pixels` would index pictures no load can decode
+PIL_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 
 class _SourceBase(_Spec):
@@ -46,6 +49,14 @@ class _SourceBase(_Spec):
     follow_links: bool = True  # follow symbolic links (each real file and folder once; see curation.ingest.walk)
     max_voxels: int = Field(DEFAULT_MAX_VOXELS, ge=1)  # per 3D item: x × y × z (× channels)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # per 2D image: width × height
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _decodable(cls, value: int) -> int:
+        if value > PIL_MAX_PIXELS:
+            raise ValueError(f"at most {PIL_MAX_PIXELS:,}: pictures are decoded by PIL, which refuses more pixels "
+                             "(its decompression-bomb guard)")
+        return value
 
 
 class DicomSourceSpec(_SourceBase):

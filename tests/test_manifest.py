@@ -101,6 +101,20 @@ def test_manifest_hash_is_the_recipe_wherever_it_is_checked_out(tmp_path):
     assert hashes[0] == hashes[1] and len(set(hashes)) == 3
 
 
+def test_max_pixels_stops_where_pil_stops_decoding(write_manifest):
+    """A cap above PIL's own would index pictures that no load can decode: one error on the key."""
+    from PIL import Image
+
+    from curation.manifest import PIL_MAX_PIXELS
+
+    assert PIL_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS
+    data = {"name": "x", "sources": [{"name": "c", "kind": "image2d", "root": "cxr", "max_pixels": PIL_MAX_PIXELS}]}
+    assert load_manifest(write_manifest(data, "ok.yaml")).sources[0].max_pixels == PIL_MAX_PIXELS
+    data["sources"][0]["max_pixels"] = PIL_MAX_PIXELS + 1
+    with pytest.raises(CurationError, match=r"sources\[0\]\.image2d\.max_pixels: .*at most 178,956,970: pictures are decoded by PIL"):
+        load_manifest(write_manifest(data, "big.yaml"))
+
+
 def readme_manifest() -> str:
     """The YAML example of README's "The manifest" section."""
     section = (REPO / "README.md").read_text().split("## The manifest", 1)[1]

@@ -41,7 +41,7 @@ def load_reason(r: SourceReader, item: StudyItem, labels: bool = False) -> str:
 def test_a_picture_over_max_pixels(tmp_path: Path) -> None:
     png(tmp_path / "cxr" / "bomb.png", 12000, 12000, complete=False)  # a 12000² header over one row
     source = {"name": "cxr", "kind": "image2d", "root": str(tmp_path / "cxr")}
-    capped, roomy = reader(tmp_path, source), reader(tmp_path, {**source, "name": "roomy", "max_pixels": 10**9})
+    capped, roomy = reader(tmp_path, source), reader(tmp_path, {**source, "name": "roomy", "max_pixels": 150_000_000})
     reason = scan_reasons(capped)["bomb.png"]
     assert reason == "declared size 12000×12000 (144 M pixels) exceeds max_pixels (50 M)"
     assert load_reason(capped, indexed(roomy, "bomb.png")) == reason
