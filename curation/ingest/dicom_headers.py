@@ -127,9 +127,10 @@ def open_header(fp: BinaryIO, uri: str, size: int) -> Header:
         if quick.media_sop_class and "SOPClassUID" not in values:
             values = {**values, "SOPClassUID": quick.media_sop_class}
         h = header_from_values(values.get, uri, quick.transfer_syntax, quick.implicit_vr, True)
-        mosaic = _needs_dataset(h) and h.n_frames == 1
+        needs_dataset = _needs_dataset(h)
+        mosaic = needs_dataset and h.n_frames == 1  # a single frame needs the Dataset only for its CSA header
         csa = private_value(fp, size, 0x0029, CSA_CREATOR, CSA_IMAGE_INFO) if mosaic else None
-        if not _needs_dataset(h) or csa is not None:
+        if not needs_dataset or csa is not None:
             h.has_pixels = h.has_pixels and quick.pixel_offset is not None
             h.pixel_offset = quick.pixel_offset if quick.pixel_offset is not None else size
             if csa is not None:
