@@ -300,18 +300,6 @@ def manifest_hash(spec: BuildSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def manifest_paths(model: Any) -> list[Path]:
-    """Every value of a `Path`-typed field in a manifest model (source roots, tables, bundles,
-    folders)."""
-    if isinstance(model, Path):
-        return [model]
-    if isinstance(model, BaseModel):
-        return [p for name in type(model).model_fields for p in manifest_paths(getattr(model, name))]
-    if isinstance(model, (list, tuple)):
-        return [p for v in model for p in manifest_paths(v)]
-    return []
-
-
 def _replaced(data: Any, strings: dict[str, str]) -> Any:
     if isinstance(data, dict):
         return {k: _replaced(v, strings) for k, v in data.items()}

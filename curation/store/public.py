@@ -24,8 +24,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curation.manifest import manifest_paths
-
 PATH_MARK = "<path>"
 NAME_MARK = "<name>"
 UID_MARK = "<uid>"
@@ -61,6 +59,17 @@ def public_fields(model: BaseModel) -> dict[str, Any]:
     """A pydantic model as JSON-safe data with every `Path` value (and every path-like string in
     a free-form mapping such as expert `options` or `models`) replaced by `<path>`."""
     return {name: _public_value(getattr(model, name), typed=True) for name in type(model).model_fields}
+
+
+def manifest_paths(model: Any) -> list[Path]:
+    """Every path a manifest names (source roots, tables, bundles, folders)."""
+    if isinstance(model, PurePath):
+        return [Path(model)]
+    if isinstance(model, BaseModel):
+        return [p for name in type(model).model_fields for p in manifest_paths(getattr(model, name))]
+    if isinstance(model, (list, tuple)):
+        return [p for v in model for p in manifest_paths(v)]
+    return []
 
 
 def public_manifest(spec: BaseModel) -> dict[str, Any]:
