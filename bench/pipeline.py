@@ -181,14 +181,20 @@ def with_output(manifest: Path, out: Path, folder: Path, *, archive: Path | None
 
 
 def busiest_pool(card: dict) -> tuple[str, float, float]:
-    """(busiest expert, its runner seconds per actor, all experts' runner seconds)."""
-    busiest, busiest_s, total = "", 0.0, 0.0
+    """(busiest pool, its runner seconds per actor thread, all experts' runner seconds). The
+    expert hosts are one pool: their experts' seconds together, over hosts × threads."""
+    pools: dict[str, tuple[float, int]] = {}
+    total = 0.0
     for name, e in card["experts"].items():
         total += e["seconds"]
-        share = e["seconds"] / max(1, e.get("actors", 1) * e.get("pools", 1))
-        if share > busiest_s:
-            busiest, busiest_s = name, share
-    return busiest, busiest_s, total
+        if e.get("in_expert_hosts"):
+            seconds, _ = pools.get("expert hosts", (0.0, 0))
+            pools["expert hosts"] = (seconds + e["seconds"], e["actors"] * e.get("threads_per_actor", 1))
+        else:
+            pools[name] = (e["seconds"], e.get("actors", 1) * e.get("pools", 1))
+    shares = {name: seconds / max(1, slots) for name, (seconds, slots) in pools.items()}
+    busiest = max(shares, key=shares.get, default="")
+    return busiest, shares.get(busiest, 0.0), total
 
 
 def ratio(a: float, b: float) -> float:

@@ -65,7 +65,9 @@ class ExpertRunner(ABC):
     Declarations (class attributes a subclass sets; `provides()` and `vocabulary()` may
     refine them per instance): `runner` (the manifest's `runner:` value), `modalities` (DICOM
     modalities taken; empty: any), `kinds` (item kinds taken), `PROVIDES` (what the findings
-    hold, from `curation.expert_info.NEEDS`; None: not declared, not checked). A runner that
+    hold, from `curation.expert_info.NEEDS`; None: not declared, not checked), `thread_safe`
+    (`run` may be called from several threads at once: it keeps no state between calls; a
+    class declares it for itself, it is not inherited — see `thread_safe()`). A runner that
     turns reference annotations into findings (`labels`) says so in the findings themselves:
     their `truth` repeats them (`expert_runners.labels.as_truth`).
     """
@@ -74,6 +76,7 @@ class ExpertRunner(ABC):
     modalities: ClassVar[tuple[str, ...]]
     kinds: ClassVar[tuple[str, ...]] = ITEM_KINDS
     PROVIDES: ClassVar[frozenset[str] | None] = None
+    thread_safe: ClassVar[bool] = False
 
     def __init__(self, spec: ExpertSpec, *, image_max_side: int = 512):
         self.spec = spec
@@ -154,6 +157,14 @@ class ExpertRunner(ABC):
             raise ItemError(inp.item.item_id, f"expert {self.name} failed: {type(e).__name__}: {e}".replace("\n", " ")) from e
         findings.timing = {k: round(v, 4) for k, v in timing.items()}
         return findings
+
+
+def thread_safe(runner: ExpertRunner) -> bool:
+    """Whether an expert host may run `runner` on several items at once: only if its own
+    class says so. A subclass (a plug-in deriving from a built-in runner) may keep state
+    between calls that its parent does not, so it runs one item at a time until it declares
+    `thread_safe = True` itself."""
+    return bool(type(runner).__dict__.get("thread_safe", False))
 
 
 def family(cls: type) -> str:

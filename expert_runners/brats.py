@@ -105,6 +105,7 @@ def channel_order(have: list[str], overrides: dict[str, str]) -> tuple[list[int]
 
 class BratsRunner(BundleRunner):
     runner: ClassVar[str] = "brats"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ("MR",)
     kinds: ClassVar[tuple[str, ...]] = ("nifti_group",)
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "sequence"})

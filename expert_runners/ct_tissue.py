@@ -215,6 +215,7 @@ class CtTissueRunner(ExpertRunner):
     """Body, lungs, bone, fat and soft tissue of a CT volume from HU thresholds."""
 
     runner: ClassVar[str] = "ct_tissue"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay"})

@@ -344,6 +344,7 @@ class CxrEnsembleRunner(ExpertRunner):
     """Mean of several chest X-ray classifiers per label, thresholded (VILA-M3's `<CXR()>`)."""
 
     runner: ClassVar[str] = "cxr_ensemble"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ("CR", "DX")
     kinds: ClassVar[tuple[str, ...]] = ("image2d",)
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"classes", "key_slice"})

@@ -178,6 +178,7 @@ class LabelsRunner(ExpertRunner):
     """Ground-truth label maps and per-image labels as Findings."""
 
     runner: ClassVar[str] = "labels"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ()
     # sequence: on multi-sequence groups; classes: on 2D items with a labels table
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"structures", "key_slice", "overlay", "classes", "sequence"})

@@ -70,6 +70,7 @@ class MonaiBundleOptions(InferenceOptions):
 
 class MonaiBundleRunner(BundleRunner):
     runner: ClassVar[str] = "monai_bundle"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ()
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti", "nifti_group")
 

@@ -55,6 +55,7 @@ class PictureRunner(ExpertRunner):
     """
 
     runner: ClassVar[str] = "picture"
+    thread_safe: ClassVar[bool] = True  # no state kept between calls (an expert host runs it in threads)
     modalities: ClassVar[tuple[str, ...]] = ()
     PROVIDES: ClassVar[frozenset[str] | None] = frozenset({"key_slice"})
 

@@ -95,6 +95,7 @@ def label_groups() -> dict[str, list[int]]:
 
 class Vista3DRunner(BundleRunner):
     runner: ClassVar[str] = "vista3d"
+    thread_safe: ClassVar[bool] = True  # its one memo (`_last_argmax`) is read once per call and replaced whole
     modalities: ClassVar[tuple[str, ...]] = ("CT",)
     kinds: ClassVar[tuple[str, ...]] = ("dicom", "nifti")
     DOWNSAMPLE: ClassVar[int] = DOWNSAMPLE
@@ -193,10 +194,11 @@ class Vista3DRunner(BundleRunner):
         vista_pre = VistaPreTransformd(keys=KEY, subclass=self.subclass, labels_dict={str(k): v for k, v in self.names.items()})
         # subclasses expanded, repeats dropped
         classes = list(dict.fromkeys(int(c) for c in vista_pre({"label_prompt": list(prompt)})["label_prompt"]))
-        if not self.prompted and self._last_argmax is not None and self._last_argmax[0] is volume:
+        last = self._last_argmax  # read once: an expert host may run this runner in several threads
+        if not self.prompted and last is not None and last[0] is volume:
             # a plain network's output does not depend on the prompt: the build asks for several
             # groups of one item in a row (everything, organs, hepatic tumor), so run it once
-            _, pre, data, argmax = self._last_argmax
+            _, pre, data, argmax = last
             with phase(timing, "postprocess"):
                 return self._plain_labels(pre, data, argmax, prompt, classes)
         return self.segment_array(volume.array, volume.affine, timing, volume=volume, vista_pre=vista_pre, prompt=prompt, classes=classes)

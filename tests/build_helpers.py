@@ -7,6 +7,9 @@
   `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
   while experts are busy; with `M3_TEST_NODE_LOG` set, the Ray node of each run goes there, and
   with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds).
+- `WeightedLabelsRunner`: `CountingLabelsRunner` with the files of its `bundle:` folder as
+  weights, and safe in threads: placed as an expert with weights is (an expert host on a CPU
+  cluster) without loading a model.
 - `FailingRunner`: an expert that fails on every item; `CrashingLabelsRunner`: one whose
   process dies on chosen items; `SetupCrashingLabelsRunner`: one whose process dies while it
   sets up.
@@ -95,6 +98,14 @@ class CountingLabelsRunner(LabelsRunner):
     def predict(self, inp: ExpertInput, args: str, timing: dict[str, float]) -> Findings:
         _count(inp, args, self.name)
         return super().predict(inp, args, timing)
+
+
+class WeightedLabelsRunner(CountingLabelsRunner):
+    runner = "build_helpers:WeightedLabelsRunner"
+    thread_safe = True
+
+    def weight_files(self) -> list[Path]:
+        return sorted(p for p in Path(self.spec.bundle).iterdir() if p.is_file()) if self.spec.bundle else []
 
 
 def demo_manifest(archive: Path, out: Path, *, rows_per_shard: int = 7, counting: bool = False,

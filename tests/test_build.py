@@ -269,6 +269,36 @@ def test_building_twice_gives_identical_rows(built, tmp_path):
     assert again.card["experts"]["CT_TISSUE"]["runs"] == built.card["experts"]["CT_TISSUE"]["runs"]
 
 
+def test_experts_with_weights_run_in_an_expert_host_and_make_the_rows_of_their_own_pools(built, tmp_path):
+    """CPU experts with weights and no `actors` share expert hosts (every model set up once
+    per host, several items at once); the same experts in pools of their own (`actors: 1`,
+    which does not change a fingerprint) make the same shard bytes."""
+    from curation.build.pipeline import build
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(b"not a model: the runner reads the ground truth")
+    data = yaml.safe_load(built.manifest.read_text())
+    for e in data["experts"]:
+        if e["name"] in ("VISTA3D", "CXR"):
+            e.update(runner="build_helpers:WeightedLabelsRunner", bundle=str(weights))
+    results = {}
+    for placement in ("hosts", "pools"):
+        if placement == "pools":
+            for e in data["experts"]:
+                if e["name"] in ("VISTA3D", "CXR"):
+                    e["actors"] = 1
+        manifest = tmp_path / f"{placement}.yaml"
+        manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+        results[placement] = build(manifest, out=tmp_path / placement, progress=False).card["experts"]
+    hosts, pools = results["hosts"], results["pools"]
+    assert hosts["VISTA3D"]["in_expert_hosts"] and hosts["CXR"]["in_expert_hosts"] and hosts["VISTA3D"]["threads_per_actor"] > 1
+    assert not hosts["BRATS"]["in_expert_hosts"] and not any(e["in_expert_hosts"] for e in pools.values())
+    files = lambda out: {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "dataset" / "data").rglob("*.parquet"))}
+    assert files(tmp_path / "hosts") == files(tmp_path / "pools")
+    assert {n: e["runs"] for n, e in hosts.items()} == {n: e["runs"] for n, e in pools.items()}
+
+
 def test_render_after_a_template_change_runs_no_expert(built, tmp_path, monkeypatch):
     from curation.build.pipeline import render
     from expert_runners import base

@@ -70,10 +70,71 @@ def test_manifest_sizes_are_kept_and_checked(tmp_path):
     assert (placed["V"].actors, placed["V"].gpus, placed["V"].batch_size, placed["V"].memory) == (3, 1.0, 2, 1.5 * 2**30)
 
 
-def test_cpu_actors_share_cpus_on_a_small_machine(tmp_path):
+def test_cpu_experts_with_weights_share_one_expert_host_on_a_small_machine(tmp_path):
+    """On 2 CPUs the three experts with weights run in one host process (one import of torch
+    and MONAI, every model loaded once) on two threads, and one CPU stays for load and render
+    tasks."""
+    from curation.build.cluster import actor_cpus
+
     spec = spec_with([{"name": "A", "runner": "vista3d"}, {"name": "B", "runner": "brats"}, {"name": "C", "runner": "cxr_ensemble"}], tmp_path)
     placed = place_experts(spec, plan_for(spec, {"A", "B", "C"}), {"CPU": 2})
-    assert sum(p.cpus * p.actors for p in placed.values()) <= 1.0  # one CPU stays for load and render tasks
+    assert all(p.hosted and (p.actors, p.threads, p.pools) == (1, 2, 1) for p in placed.values())
+    assert actor_cpus(placed) <= 1.0
+
+
+def test_expert_hosts_grow_with_the_cluster_and_leave_sized_pools_alone(tmp_path):
+    """A thread per CPU of a node (HOST_THREADS at most) and hosts for the cluster's CPUs, no
+    more than half its memory holds; an expert the manifest gives `actors` keeps its own pool,
+    and on a cluster with GPUs experts with weights get GPUs, not hosts."""
+    from curation.build.cluster import HOST_THREADS, NodeLimits, actor_cpus
+
+    experts = [{"name": "A", "runner": "vista3d", "memory_gb": 2}, {"name": "B", "runner": "brats", "memory_gb": 2},
+               {"name": "C", "runner": "cxr_ensemble", "actors": 2}]
+    spec = spec_with(experts, tmp_path)
+    plan = plan_for(spec, {"A", "B", "C"})
+    placed = place_experts(spec, plan, {"CPU": 4, "memory": 2**36}, NodeLimits(cpus=2, gpus=0, memory=2**35, count=2))
+    assert [(p.hosted, p.actors, p.threads) for p in placed.values()] == [(True, 2, 2), (True, 2, 2), (False, 2, 1)]
+    assert actor_cpus(placed) <= 4 - 2 * 1.0  # each node keeps room for a task
+    placed = place_experts(spec, plan, {"CPU": 64, "memory": 2**40}, NodeLimits(cpus=64, gpus=0, memory=2**40))
+    assert (placed["A"].actors, placed["A"].threads) == (64 // HOST_THREADS, HOST_THREADS)
+    placed = place_experts(spec, plan, {"CPU": 64, "memory": 17 * 2**30}, NodeLimits(cpus=64, gpus=0, memory=17 * 2**30))
+    assert placed["A"].actors == 2  # 4 GiB a host, 8.5 GiB for hosts
+    placed = place_experts(spec, plan, {"CPU": 16, "GPU": 2})
+    assert not any(p.hosted for p in placed.values()) and placed["A"].gpus > 0
+
+
+def test_an_expert_host_runs_items_at_once_only_when_the_runner_says_it_is_safe_in_threads(tmp_path, monkeypatch):
+    """Two items handed to a host with two threads at once: their runs overlap for a runner
+    that declares `thread_safe` itself, and take turns for one that inherits it (a plug-in
+    deriving from a built-in runner may keep state its parent does not)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from build_helpers import CountingLabelsRunner
+    from curation.build.stages import ExpertStage, WorkItem, load_item
+    from expert_runners.base import thread_safe
+    from expert_runners.labels import LabelsRunner
+
+    assert LabelsRunner.thread_safe and not thread_safe(CountingLabelsRunner.__new__(CountingLabelsRunner))
+    _, prep = prepared(tmp_path, counting=True)
+    pair = [p for p in prep.plan.iter_working() if p.item.source == "cxr"][:2]
+    monkeypatch.setenv("M3_TEST_RUN_SLEEP", "0.3")
+
+    def runs_overlap(k: int) -> bool:
+        ctx = replace(prep.ctx, cache_root=str(tmp_path / f"cache-{k}"))
+        host = ExpertStage(ctx, ("CXR",), gpus=0.0, last=True, threads=2)
+        works = [load_item(WorkItem(plan=p), ctx) for p in pair]
+        timeline = tmp_path / f"timeline-{k}"
+        monkeypatch.setenv("M3_TEST_TIMELINE", str(timeline))
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(host.run_item, works))
+        assert all(w.report.runs == {"CXR": 1} and w.volume is None for w in done)
+        (s1, e1), (s2, e2) = sorted(tuple(map(float, line.split()[2:])) for line in timeline.read_text().splitlines())
+        return s2 < e1
+
+    assert not runs_overlap(0)
+    monkeypatch.setattr(CountingLabelsRunner, "thread_safe", True, raising=False)
+    assert runs_overlap(1)
 
 
 def test_actors_leave_every_node_room_for_a_task_wherever_ray_puts_them(tmp_path):
@@ -158,14 +219,14 @@ def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     assert json.loads((tmp_path / "out" / "dataset" / "dataset_card.json").read_text())["counts"] == result.card["counts"]
 
 
-def prepared(tmp_path):
+def prepared(tmp_path, *, counting: bool = False):
     from curation.build.pipeline import _prepare
     from curation.store.layout import Layout
 
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out", counting=counting)))
     spec = load_manifest(manifest)
     return spec, _prepare(spec, Layout(tmp_path / "out"), limit=None, infos=None)
 
@@ -221,16 +282,16 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     plan = next(p for p in prep.plan.working if p.item.source == "brain")
     cache = prep.ctx.cache()
     cache.mark_running(_setup_key("BRATS"), SETUP, prep.ctx.build_id, tries=SETUP_TRIES)
-    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
-    assert stage.broken and "died 3 times while setting up" in stage.broken
+    stage = ExpertStage(prep.ctx, ("BRATS",), gpus=0.0, last=True)
+    assert stage.experts[0].broken and "died 3 times while setting up" in stage.experts[0].broken
     work = stage.run_item(load_item(WorkItem(plan=plan), prep.ctx))
     assert "died 3 times while setting up" in work.report.errors["BRATS()"] and work.volume is None and not work.report.runs
 
     from expert_runners.labels import LabelsRunner
 
     monkeypatch.setattr(LabelsRunner, "setup", lambda self, device="cpu": (_ for _ in ()).throw(RuntimeError("no such device")))
-    stage = ExpertStage(prep.ctx, "BRATS", gpus=0.0, last=True)
-    assert stage.broken == "setting up the expert failed: RuntimeError: no such device"
+    stage = ExpertStage(prep.ctx, ("BRATS",), gpus=0.0, last=True)
+    assert stage.experts[0].broken == "setting up the expert failed: RuntimeError: no such device"
 
 
 @pytest.mark.slow
@@ -261,12 +322,10 @@ def run_experts_here(prep) -> int:
     weight-free runners of `demo_manifest`) and cached; returns how many there are."""
     from curation.build.stages import ExpertStage, WorkItem, load_item
 
-    stages = [ExpertStage(prep.ctx, e.name, gpus=0.0, last=False) for e in prep.spec.experts]
+    host = ExpertStage(prep.ctx, tuple(e.name for e in prep.spec.experts), gpus=0.0, last=True)
     needed = 0
     for plan in prep.plan.iter_working():
-        work = load_item(WorkItem(plan=plan), prep.ctx)
-        for stage in stages:
-            stage.run_item(work)
+        host.run_item(load_item(WorkItem(plan=plan), prep.ctx))
         needed += sum(len(args) for args in plan.needs(prep.spec).values())
     return needed
 

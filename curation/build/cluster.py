@@ -4,14 +4,17 @@ actor pools' placement, and the Ray Data program itself.
     per lane:  from_blocks(blocks of item plans)
                  → map_batches(load_batch)             CPU tasks, `memory` reserved per task
                  → map_batches(expert_batch)           weight-free experts, fused into the load task
-                 → map_batches(ExpertStage) per expert  actor pool: ActorPoolStrategy(size=…),
-                                                        num_gpus per actor on GPU clusters
-    union of the lanes → map_batches(render_batch)      CPU tasks, one operator for every lane
+                 → map_batches(ExpertStage) per expert  a pool of its own (GPU experts, or `actors`
+                                                        in the manifest): ActorPoolStrategy(size=…)
+    union of the lanes with CPU experts
+                 → map_batches(ExpertStage)            the expert hosts: every CPU expert with weights
+                                                        in each actor, `threads` items at once
+    union of all lanes → map_batches(render_batch)      CPU tasks, one operator for every lane
                        → the driver's iterator
 
 Ray Data streams it: blocks of a few items flow through every operator at once, each
 operator's output is throttled by Ray Data's backpressure (object-store budgets per operator),
-voxels exist only between load and the lane's last expert, and a load task reserves the
+voxels exist only between load and the item's last expert, and a load task reserves the
 memory of the largest item of its lane, so Ray never starts more loads than the node holds.
 
 No reservation exceeds what the cluster has (`NodeLimits`, read from `ray.nodes()`): Ray
@@ -55,10 +58,13 @@ class Placement:
     pools: int = 1  # lanes that use the expert: each has its own pool
     memory: float | None = None  # bytes each actor reserves (None: nothing, Ray's default)
     tasks: bool = False  # no actors: runs in the lane's load tasks (a weight-free expert)
+    hosted: bool = False  # runs in the build's expert hosts (`actors` of them), beside the other CPU experts
+    threads: int = 1  # items each actor runs at once (an expert host: one per CPU it stands for)
 
     def to_json(self) -> dict[str, Any]:
         return {"actors": self.actors, "gpus_per_actor": self.gpus, "cpus_per_actor": self.cpus, "batch_size": self.batch_size,
-                "pools": self.pools, "memory_per_actor": self.memory, "in_load_tasks": self.tasks}
+                "pools": self.pools, "memory_per_actor": self.memory, "in_load_tasks": self.tasks, "in_expert_hosts": self.hosted,
+                "threads_per_actor": self.threads}
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,25 +144,38 @@ def ray_session(address: str | None) -> Iterator[str]:
 
 
 def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float], node: NodeLimits | None = None) -> dict[str, Placement]:
-    """Actor pools: `actors` from the manifest, else one per GPU share (GPU clusters) or one;
-    a GPU each for runners with weights when the cluster has GPUs, shared fractionally when
-    the pools outnumber the GPUs, and CPUs shared fractionally when the actors would leave
-    none for loading and rendering: every pool can start, so the build cannot stall waiting
-    for resources (`resources`: the cluster's totals; `node`: its largest node, by default
-    the whole cluster as one). A runner without weights and without `actors`/`gpus` in the
-    manifest gets no pool: it has nothing to load once, so it runs inside the lane's load
-    tasks (no actor process to start, no extra hop for the voxels)."""
+    """Where each expert runs (`resources`: the cluster's totals; `node`: its largest node, by
+    default the whole cluster as one):
+
+    - a runner without weights, and without `actors`/`gpus` in the manifest, runs inside the
+      lane's load tasks: it has nothing to load once (no actor to start, no hop for the voxels);
+    - a runner with weights gets a GPU share when the cluster has GPUs (shared fractionally when
+      the pools outnumber the GPUs) and an actor pool of its own, as does any expert the
+      manifest gives `actors` or `gpus`;
+    - the other runners with weights run on CPUs, all of them in the build's *expert hosts*
+      (`expert_hosts`): actors that each set up every CPU expert once and run whichever an
+      item needs, several items at once on threads (torch releases the GIL while it
+      computes). Per-expert pools gave the busiest expert one actor however many cores
+      waited, and each pool, once per lane, imported torch and MONAI (about 7 CPU-s each)
+      and loaded its model: on 2 CPUs the build lost to a one-item-at-a-time loop.
+
+    Actors share CPUs fractionally when they would leave none for loading and rendering:
+    every pool can start, so the build cannot stall waiting for resources."""
     gpus_total = float(resources.get("GPU", 0.0))
     cpus_total = float(resources.get("CPU", 1.0))
-    node = node or NodeLimits(cpus=cpus_total, gpus=gpus_total, memory=float(resources.get("memory", 0.0)) or math.inf)
+    memory_total = float(resources.get("memory", 0.0)) or math.inf
+    node = node or NodeLimits(cpus=cpus_total, gpus=gpus_total, memory=memory_total)
     pools = {e.name: sum(e.name in lane.experts for lane in plan.lanes) for e in spec.experts}
     used = [e for e in spec.experts if pools[e.name]]
     auto_gpu = [e for e in used if e.gpus is None and gpus_total > 0 and plan.experts[e.name].weights]
     out: dict[str, Placement] = {}
     share_pools = sum(pools[e.name] for e in auto_gpu)
     for e in used:
-        if not plan.experts[e.name].weights and e.actors is None and not e.gpus:
-            out[e.name] = Placement(actors=0, gpus=0.0, cpus=1.0, batch_size=e.batch_size, pools=pools[e.name], tasks=True)
+        memory = None if e.memory_gb is None else e.memory_gb * (1 << 30)
+        if e.actors is None and not e.gpus and e not in auto_gpu:
+            hosted = plan.experts[e.name].weights
+            out[e.name] = Placement(actors=0, gpus=0.0, cpus=1.0, batch_size=e.batch_size, pools=1 if hosted else pools[e.name],
+                                    memory=memory if hosted else None, tasks=not hosted, hosted=hosted)
             continue
         if e in auto_gpu:
             per_pool = gpus_total / share_pools
@@ -164,17 +183,59 @@ def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float], node
             gpus = _share(per_pool / actors)
         else:
             actors, gpus = e.actors or 1, float(e.gpus or 0.0)
-        memory = None if e.memory_gb is None else e.memory_gb * (1 << 30)
         out[e.name] = Placement(actors=actors, gpus=gpus, cpus=1.0, batch_size=e.batch_size, pools=pools[e.name], memory=memory)
-    _check_fits(spec, out, gpus_total, float(resources.get("memory", 0.0)) or math.inf, node)
+    hosts, threads = expert_hosts(out, cpus_total, memory_total, node)
+    for p in out.values():
+        if p.hosted:
+            p.actors, p.threads, p.cpus = hosts, threads, float(threads)
+    _check_fits(spec, out, gpus_total, memory_total, node)
     # Actors take at most the CPUs that leave one task's worth per node: then, wherever Ray puts
     # them, some node has room for a load or render task (the free CPUs average at least that).
-    actors = sum(p.actors * p.pools for p in out.values())
+    wanted = actor_cpus(out)
     budget = cpus_total - node.count * task_cpus(cpus_total, node.count)
-    if actors > budget:
+    if wanted > budget:
         for p in out.values():
-            p.cpus = _share(budget / actors)
+            if not p.tasks:
+                p.cpus = _share(p.cpus * budget / wanted, most=node.cpus)
     return out
+
+
+def host_memory(placements: dict[str, Placement]) -> float:
+    """Bytes an expert host reserves: the sum of its experts' `memory_gb`."""
+    return sum(p.memory or 0.0 for p in placements.values() if p.hosted)
+
+
+HOST_THREADS = 8  # items an expert host runs at once at most: more CPUs get more hosts, not more threads
+
+
+def expert_hosts(placements: dict[str, Placement], cpus_total: float, memory_total: float, node: NodeLimits) -> tuple[int, int]:
+    """(hosts, threads each): a thread per CPU of a node, up to HOST_THREADS (the runners'
+    Python parts — measuring, drawing — hold the GIL, so one process cannot use many cores),
+    and hosts for the cluster's CPUs, as many as half the memory the other pools leave can
+    hold (the other half stays for loading); at least one. (0, 0): no expert is hosted.
+
+    >>> hosted = {"V": Placement(0, 0.0, 1.0, 1, memory=2**30, hosted=True), "B": Placement(0, 0.0, 1.0, 1, memory=2**30, hosted=True)}
+    >>> two = NodeLimits(cpus=2, gpus=0, memory=2**34)
+    >>> expert_hosts(hosted, 2, 2**34, two), expert_hosts(hosted, 4, 2**35, NodeLimits(cpus=2, gpus=0, memory=2**34, count=2))
+    ((1, 2), (2, 2))
+    >>> expert_hosts(hosted, 64, 2**38, NodeLimits(cpus=64, gpus=0, memory=2**38)), expert_hosts(hosted, 64, 2**33, NodeLimits(cpus=64, gpus=0, memory=2**33))
+    ((8, 8), (2, 8))
+    """
+    if not any(p.hosted for p in placements.values()):
+        return 0, 0
+    threads = max(1, min(HOST_THREADS, math.floor(node.cpus)))
+    hosts = max(1, math.floor(cpus_total / threads))
+    each = host_memory(placements)
+    if each and not math.isinf(memory_total):
+        others = sum((p.memory or 0.0) * p.actors * p.pools for p in placements.values() if not p.hosted)
+        hosts = max(1, min(hosts, math.floor((memory_total / 2 - others) / each)))
+    return hosts, threads
+
+
+def actor_cpus(placements: dict[str, Placement]) -> float:
+    """CPUs the build's actors reserve: every pool's, and the expert hosts' once."""
+    hosts = max((p.actors * p.cpus for p in placements.values() if p.hosted), default=0.0)
+    return hosts + sum(p.actors * p.pools * p.cpus for p in placements.values() if not p.hosted and not p.tasks)
 
 
 def _check_fits(spec: BuildSpec, out: dict[str, Placement], gpus_total: float, memory_total: float, node: NodeLimits) -> None:
@@ -193,15 +254,20 @@ def _check_fits(spec: BuildSpec, out: dict[str, Placement], gpus_total: float, m
         if p.memory and p.memory > node.memory:
             raise CurationError(f"experts[{index[n]}] ({n}): memory_gb: {p.memory / 2**30:g} per actor, but no node offers more "
                                 f"than {node.memory / 2**30:.1f} GiB; lower `memory_gb`")
+    if host_memory(out) > node.memory:
+        names = ", ".join(f"experts[{index[n]}] ({n}) {p.memory / 2**30:g}" for n, p in out.items() if p.hosted and p.memory)
+        raise CurationError(f"an expert host runs every CPU expert and reserves their memory_gb together ({names}: "
+                            f"{host_memory(out) / 2**30:g} GiB), but no node offers more than {node.memory / 2**30:.1f} GiB; "
+                            "lower `memory_gb`, or give an expert `actors` for a pool of its own")
     reserved = sum((p.memory or 0.0) * p.actors * p.pools for p in out.values())
     if reserved > memory_total:
         raise CurationError(f"the expert pools reserve {reserved / 2**30:.1f} GiB and the cluster offers {memory_total / 2**30:.1f} GiB; "
                             "lower `actors` or `memory_gb`")
 
 
-def _share(fraction: float) -> float:
-    """A resource share Ray accepts: at most 1, rounded down to 1/100, never 0."""
-    return max(0.01, math.floor(min(1.0, fraction) * 100) / 100)
+def _share(fraction: float, most: float = 1.0) -> float:
+    """A resource share Ray accepts: at most `most`, rounded down to 1/100, never 0."""
+    return max(0.01, math.floor(min(most, fraction) * 100) / 100)
 
 
 @dataclass(slots=True)
@@ -269,11 +335,12 @@ def load_memory(largest: int) -> float:
 
 def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *,
                      cpus: float = 1.0) -> Any:
-    """The whole build as one Ray Data dataset: one branch per lane up to its last expert,
-    unioned, then rendering. One render operator, not one per lane: Ray Data reserves each
-    operator at least one task's CPUs, and on a node with few CPUs per-lane render operators
-    leave too few for the lanes to stream at once. `inputs`: each lane's blocks
-    (`write_lane_inputs`); `cpus`: what each load and render task reserves (`task_cpus`)."""
+    """The whole build as one Ray Data dataset: one branch per lane up to its own experts; the
+    lanes with CPU experts unioned into the expert hosts; then every lane unioned into
+    rendering. One render operator, not one per lane: Ray Data reserves each operator at least
+    one task's CPUs, and on a node with few CPUs per-lane render operators leave too few for
+    the lanes to stream at once. `inputs`: each lane's blocks (`write_lane_inputs`); `cpus`:
+    what each load and render task reserves (`task_cpus`)."""
     import ray.data
 
     from curation.build.stages import load_planned, render_batch
@@ -281,7 +348,8 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
-    branches = []
+    hosted = tuple(name for name, p in placements.items() if p.hosted)
+    to_hosts, past_hosts = [], []
     # the lane with the most expert runs first: Ray Data breaks ties between operators in
     # topological order, so at the start that lane's experts get their first items soonest
     for lane_index in sorted(inputs, key=lambda k: -inputs[k].runs):
@@ -296,17 +364,25 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
         load_args = {"num_cpus": cpus, "memory": load_memory(given.largest)}
         ds = ds.map_batches(load_planned, fn_kwargs={"ctx": ctx, "path": str(given.path)}, batch_size=None, batch_format="pyarrow",
                             **load_args)
-        for expert, last in _lane_experts(lane.experts, placements):
+        to_host = any(name in hosted for name in lane.experts)
+        for expert, last in _lane_experts(lane.experts, placements, voxels_after=to_host):
             ds = _expert_stage(ds, ctx, expert, last, placements[expert], load_args)
-        branches.append(ds)
-    ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    return ds.map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
+        (to_hosts if to_host else past_hosts).append(ds)
+    if to_hosts:
+        past_hosts.insert(0, _hosts_stage(_union(to_hosts), ctx, {n: placements[n] for n in hosted}))
+    return _union(past_hosts).map_batches(render_batch, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
 
 
-def _lane_experts(experts: tuple[str, ...], placements: dict[str, Placement]) -> list[tuple[str, bool]]:
-    """(expert, is the lane's last) in running order: those in load tasks first."""
-    ordered = sorted(experts, key=lambda name: not placements[name].tasks)
-    return [(name, k == len(ordered) - 1) for k, name in enumerate(ordered)]
+def _union(branches: list[Any]) -> Any:
+    return branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+
+
+def _lane_experts(experts: tuple[str, ...], placements: dict[str, Placement], *, voxels_after: bool) -> list[tuple[str, bool]]:
+    """The lane's own expert stages as (expert, is the last to need the voxels), in running
+    order: those in load tasks first, then the pools; hosted experts are not the lane's
+    (`voxels_after`: the lane goes on to the expert hosts, which need the voxels)."""
+    ordered = sorted((name for name in experts if not placements[name].hosted), key=lambda name: not placements[name].tasks)
+    return [(name, k == len(ordered) - 1 and not voxels_after) for k, name in enumerate(ordered)]
 
 
 def _expert_stage(ds: Any, ctx: BuildContext, expert: str, last: bool, p: Placement, load_args: dict[str, Any]) -> Any:
@@ -319,8 +395,30 @@ def _expert_stage(ds: Any, ctx: BuildContext, expert: str, last: bool, p: Placem
                               batch_format="pyarrow", **load_args)
     return ds.map_batches(
         ExpertStage,
-        fn_constructor_kwargs={"ctx": ctx, "expert": expert, "gpus": p.gpus, "last": last},
+        fn_constructor_kwargs={"ctx": ctx, "experts": (expert,), "gpus": p.gpus, "last": last},
         batch_size=p.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus, num_gpus=p.gpus or None,
         **({"memory": p.memory} if p.memory else {}),
+    )
+
+
+def _hosts_stage(ds: Any, ctx: BuildContext, hosted: dict[str, Placement]) -> Any:
+    """The expert hosts (`place_experts`): each actor sets up every hosted expert and runs the
+    ones an item lacks on `threads` items at once, then drops their voxels. Ray places the
+    hosts by their reservations (a node half full takes no more): Ray Data 2.60 offers a
+    scheduling strategy only through its deprecated `ray_remote_args`."""
+    import ray.data
+
+    from curation.build.stages import ExpertStage
+
+    first = next(iter(hosted.values()))
+    memory = host_memory(hosted)
+    return ds.map_batches(
+        ExpertStage,
+        fn_constructor_kwargs={"ctx": ctx, "experts": tuple(hosted), "gpus": 0.0, "last": True, "threads": first.threads},
+        batch_size=min(p.batch_size for p in hosted.values()), batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=first.actors, max_concurrent_calls_per_actor=first.threads,
+                                           enable_true_multi_threading=True),
+        num_cpus=first.cpus,
+        **({"memory": memory} if memory else {}),
     )

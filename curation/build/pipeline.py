@@ -88,9 +88,12 @@ class BuildResult:
 
 
 def build_hash(spec: BuildSpec) -> str:
-    """The manifest's hash for provenance: the resolved manifest less its `output` section, so
-    the same recipe built into two folders makes the same rows."""
-    return manifest_hash(spec.model_copy(update={"output": type(spec.output)()}))
+    """The manifest's hash for provenance: the resolved manifest less its `output` section and
+    its experts' placement keys (`actors`, `gpus`, …: they place the work and never change a
+    row), so the same recipe built into two folders, or sized for another cluster, makes the
+    same rows."""
+    experts = [e.without_placement() for e in spec.experts]
+    return manifest_hash(spec.model_copy(update={"output": type(spec.output)(), "experts": experts}))
 
 
 def index_items(spec: BuildSpec, layout: Layout, limit: int | None) -> tuple[list[StudyItem], list[LedgerEntry], set[str]]:
@@ -270,10 +273,9 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     limit = item_bytes_limit(node, placements)
     ctx = replace(prep.ctx, item_bytes_limit=limit)
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
-    log.info("building %d items on %s; expert pools: %s", prep.plan.working_count, where,
-             ", ".join(f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
-                       for n, p in placements.items()) or "none")
-    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks]
+    log.info("building %d items on %s; experts: %s", prep.plan.working_count, where, _where_experts_run(placements))
+    hosts = max((p.actors for p in placements.values() if p.hosted), default=0)
+    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks and not p.hosted] + ([f"expert hosts ×{hosts}"] if hosts else [])
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
@@ -290,6 +292,16 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     wall["pipeline"] = time.perf_counter() - t
     shutil.rmtree(prep.layout.plan_inputs, ignore_errors=True)
     return placements
+
+
+def _where_experts_run(placements: dict[str, Placement]) -> str:
+    hosted = [n for n, p in placements.items() if p.hosted]
+    parts = [f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
+             for n, p in placements.items() if not p.hosted]
+    if hosted:
+        first = placements[hosted[0]]
+        parts.append(f"{', '.join(hosted)} in {first.actors} expert host{'s' if first.actors > 1 else ''} (cpu {first.cpus} each)")
+    return "; ".join(parts) or "none"
 
 
 def _user_error(error: BaseException) -> CurationError | None:

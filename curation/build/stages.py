@@ -22,8 +22,11 @@ import io
 import json
 import math
 import pickle
+import sys
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,8 +151,6 @@ def _transient(error: BaseException) -> bool:
     cause = error.__cause__ or error
     if isinstance(error, TransientItemError) or isinstance(cause, MemoryError):
         return True
-    import sys
-
     torch = sys.modules.get("torch")  # only an expert that uses torch can run out of GPU memory
     return torch is not None and isinstance(cause, torch.cuda.OutOfMemoryError)
 
@@ -249,46 +250,46 @@ def _setup_key(expert: str) -> str:
     return f"{expert}-{context.get_actor_id() or 'tasks-' + context.get_node_id()}"
 
 
-class ExpertStage:
-    """One actor of an expert's pool: builds and sets up the runner once, then runs it on every
-    item that still lacks its findings and writes them to the cache. A runner that cannot be
-    set up (an exception, or an actor that died `SETUP_TRIES` times setting up) leaves the
-    stage `broken`: its items are set aside with the reason, the build goes on."""
+class _Expert:
+    """One expert inside a stage: its runner built and set up once, then run on the items that
+    still lack its findings, which go to the cache. A runner that cannot be set up (an
+    exception, or a process that died `SETUP_TRIES` times setting up) leaves it `broken`: its
+    items are set aside with the reason, the build goes on."""
 
-    def __init__(self, ctx: BuildContext, expert: str, *, gpus: float, last: bool):
-        from expert_runners.base import make_runner, pick_device
+    def __init__(self, ctx: BuildContext, name: str, gpus: float):
+        from expert_runners.base import make_runner, pick_device, thread_safe
 
         started = time.perf_counter()
-        spec = next(e for e in ctx.spec.experts if e.name == expert)
-        self.ctx, self.expert, self.last = ctx, expert, last
-        self.fingerprint = ctx.fingerprints[expert]
-        self.cache = ctx.cache()
+        spec = next(e for e in ctx.spec.experts if e.name == name)
+        self.ctx, self.name, self.fingerprint, self.cache = ctx, name, ctx.fingerprints[name], ctx.cache()
         self.broken: str | None = None
+        self.one_at_a_time: threading.Lock | nullcontext[None] = nullcontext()
         try:
-            with self.cache.running(_setup_key(expert), SETUP, ctx.build_id, tries=SETUP_TRIES):
+            with self.cache.running(_setup_key(name), SETUP, ctx.build_id, tries=SETUP_TRIES):
                 self.runner = make_runner(runner_spec(spec), image_max_side=ctx.spec.output.image_max_side)
                 self.runner.setup(pick_device(gpus))
+            if not thread_safe(self.runner):  # a runner that did not declare itself safe in threads runs one item at a time
+                self.one_at_a_time = threading.Lock()
         except DiedHere as e:
             self.broken = f"the expert's worker died {e.deaths} times while setting up (out of memory, or a crash in native code)"
         except Exception as e:  # noqa: BLE001  (any failure to set up is the reason its items are set aside)
             self.broken = f"setting up the expert failed: {type(e).__name__}: {e}".replace("\n", " ")
-        self.setup_seconds: float | None = time.perf_counter() - started  # reported with the first item
+        self.setup_seconds: list[float] = [time.perf_counter() - started]  # reported with the first item (popped once, in any thread)
 
-    def run_item(self, work: WorkItem) -> WorkItem:
-        args = work.missing.get(self.expert)
-        if self.setup_seconds is not None:
-            work.report.add_seconds(f"setup:{self.expert}", self.setup_seconds)
-            self.setup_seconds = None
-        if args and work.volume is not None and work.content is not None:
-            try:
-                with self.cache.running(work.content, f"_batch-{self.fingerprint}", self.ctx.build_id, tries=BATCH_TRIES):
-                    self._run_all(work, args)
-            except DiedHere as e:
-                self._set_aside(work, args, f"the expert's process died {e.deaths} times with this item in its batch "
-                                            "(out of memory, or a crash in native code)")
-        if self.last:
-            work.volume = None
-        return work
+    def run_item(self, work: WorkItem) -> None:
+        args = work.missing.get(self.name)
+        try:
+            work.report.add_seconds(f"setup:{self.name}", self.setup_seconds.pop())
+        except IndexError:
+            pass
+        if not args or work.volume is None or work.content is None:
+            return
+        try:
+            with self.cache.running(work.content, f"_batch-{self.fingerprint}", self.ctx.build_id, tries=BATCH_TRIES):
+                self._run_all(work, args)
+        except DiedHere as e:
+            self._set_aside(work, args, f"the expert's process died {e.deaths} times with this item in its batch "
+                                        "(out of memory, or a crash in native code)")
 
     def _run_all(self, work: WorkItem, args: list[str]) -> None:
         from expert_runners.base import ExpertInput
@@ -304,7 +305,7 @@ class ExpertStage:
     def _set_aside(self, work: WorkItem, args: list[str], reason: str) -> None:
         """Every run of the item by this expert failed for the environment's reason."""
         for arg in args:
-            work.report.errors[f"{self.expert}({arg})"] = reason
+            work.report.errors[f"{self.name}({arg})"] = reason
             self.cache.put_error(work.content, self.fingerprint, reason, arg, transient=True)  # type: ignore[arg-type]
 
     def _run_one(self, inp: Any, content: str, arg: str, report: ItemReport) -> None:
@@ -313,25 +314,49 @@ class ExpertStage:
         is set aside instead of killing the next one too."""
         if self.cache.has(content, self.fingerprint, arg):
             # made since this item was loaded: by another item with the same files (a qa set's
-            # questions share their images) or before a crash, when Ray retries the batch
-            report.count(report.cached, self.expert)
+            # questions share their images, two sources may name one picture) or before a
+            # crash, when Ray retries the batch
+            report.count(report.cached, self.name)
             return
         started = time.perf_counter()
         try:
-            with self.cache.running(content, self.fingerprint, self.ctx.build_id, arg, tries=RUN_TRIES):
+            with self.cache.running(content, self.fingerprint, self.ctx.build_id, arg, tries=RUN_TRIES), self.one_at_a_time:
                 findings = self.runner.run(inp, arg)
         except DiedHere as e:
             reason = f"the expert's process died {e.deaths} times while running on this item (out of memory, or a crash in native code)"
-            report.errors[f"{self.expert}({arg})"] = reason
+            report.errors[f"{self.name}({arg})"] = reason
             self.cache.put_error(content, self.fingerprint, reason, arg, transient=True)
             return
         except ItemError as e:
-            report.errors[f"{self.expert}({arg})"] = e.reason
+            report.errors[f"{self.name}({arg})"] = e.reason
             self.cache.put_error(content, self.fingerprint, e.reason, arg, transient=_transient(e))
         else:
             self.cache.put(content, self.fingerprint, findings, arg)
-        report.add_seconds(f"expert:{self.expert}", time.perf_counter() - started)
-        report.count(report.runs, self.expert)
+        report.add_seconds(f"expert:{self.name}", time.perf_counter() - started)
+        report.count(report.runs, self.name)
+
+
+class ExpertStage:
+    """An actor of an expert pool (`experts`: one name), or an expert host (several: every
+    CPU expert of a build, `cluster.place_experts`): each expert is set up once when the actor
+    starts, then every item runs through the experts it still lacks, in order. `last`: the
+    item's voxels are dropped afterwards (no later stage needs them). `threads`: batches
+    Ray Data hands this actor at once, each in its own thread; torch then computes on one
+    thread per call, so the calls, not torch's intra-op pool, fill the CPUs."""
+
+    def __init__(self, ctx: BuildContext, experts: tuple[str, ...], *, gpus: float, last: bool, threads: int = 1):
+        self.experts = [_Expert(ctx, name, gpus) for name in experts]
+        self.last = last
+        torch = sys.modules.get("torch")
+        if threads > 1 and torch is not None:
+            torch.set_num_threads(1)
+
+    def run_item(self, work: WorkItem) -> WorkItem:
+        for expert in self.experts:
+            expert.run_item(work)
+        if self.last:
+            work.volume = None
+        return work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return work_table([self.run_item(w) for w in work_items(batch)])
@@ -340,7 +365,7 @@ class ExpertStage:
 def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
     """A weight-free expert in a CPU task (fused by Ray Data into the load task): its runner is
     built once per worker process, as an actor builds it once."""
-    stage = per_build(ctx, ("expert", expert, last), lambda: ExpertStage(ctx, expert, gpus=0.0, last=last))
+    stage = per_build(ctx, ("expert", expert, last), lambda: ExpertStage(ctx, (expert,), gpus=0.0, last=last))
     return stage(batch)  # type: ignore[no-any-return]
 
 
