@@ -102,7 +102,7 @@ def _delegate(target: str, check: Callable[[argparse.Namespace], None] | None = 
 
 
 def _check_build(args: argparse.Namespace) -> None:
-    _checked(args, rows=True, experts="cached_or_describe")
+    _checked(args, rows=True, experts="cached_or_build")
 
 
 def _check_render(args: argparse.Namespace) -> None:

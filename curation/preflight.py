@@ -43,7 +43,7 @@ class _Where:
         return CurationError(f"{self.prefix}{key}: {problem}")
 
 
-ExpertsFrom = Literal["describe", "cached", "cached_or_describe"]
+ExpertsFrom = Literal["describe", "cached", "cached_or_describe", "cached_or_build"]
 
 
 def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path | None = None, rows: bool = False,
@@ -56,8 +56,11 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
     the template check learns what each expert gives — from the runners themselves (`describe`:
     constructed, options validated, weight files hashed for the fingerprint but never loaded;
     each file once per process), only from what a build recorded in the cache (`cached`:
-    `render` constructs no runner), or the cache when it has every expert recorded, else the
-    runners (`cached_or_describe`: `build`)."""
+    `render` constructs no runner), the cache when it has every expert recorded, else the
+    runners (`cached_or_describe`), or as that but with MONAI bundles to describe, not here
+    (`cached_or_build`: `build`, which describes the runners and checks the templates against
+    them as it prepares, while Ray starts: reading a bundle's config imports MONAI, about 4 s
+    that would otherwise come before Ray's start)."""
     where = _Where(manifest)
     check_sources(spec, where)
     check_prompts(spec, where)
@@ -115,8 +118,9 @@ def check_experts(spec: BuildSpec, where: _Where) -> None:
                 raise where.error(f"experts[{i}].models[{j}].path", f"file not found: {e.bundle / path}")
 
 
-def _expert_infos(spec: BuildSpec, out: str | Path | None, source: ExpertsFrom) -> dict[str, Any]:
-    """What the renderer's check needs to know of each expert (see `preflight`)."""
+def _expert_infos(spec: BuildSpec, out: str | Path | None, source: ExpertsFrom) -> dict[str, Any] | None:
+    """What the renderer's check needs to know of each expert (see `preflight`); None: the
+    check is left to the build."""
     from curation.store.cache import FindingsCache, expert_infos_from_cache
     from curation.store.layout import Layout
 
@@ -126,12 +130,14 @@ def _expert_infos(spec: BuildSpec, out: str | Path | None, source: ExpertsFrom) 
         except CurationError:
             if source == "cached":
                 raise
+            if source == "cached_or_build" and any(e.runner in BUNDLE_RUNNERS for e in spec.experts):
+                return None
     from expert_runners.base import describe_experts
 
     return describe_experts(spec)
 
 
-def check_tasks(spec: BuildSpec, where: _Where, expert_infos: Callable[[], dict[str, Any]]) -> None:
+def check_tasks(spec: BuildSpec, where: _Where, expert_infos: Callable[[], dict[str, Any] | None]) -> None:
     if not spec.tasks:
         raise where.error("tasks", "none: a build makes rows from tasks (template, source, expert); add at least one")
     from curation.render.templates import BUILTIN_PROMPTS
@@ -146,12 +152,20 @@ def check_tasks(spec: BuildSpec, where: _Where, expert_infos: Callable[[], dict[
         if t.source not in probed:
             probed.add(t.source)
             _source_has_input(spec, t.source, where, f"tasks[{i}].source")
+    infos = expert_infos()
+    if infos is not None:
+        check_templates(spec, infos, where.prefix)
+
+
+def check_templates(spec: BuildSpec, infos: dict[str, Any], prefix: str = "") -> None:
+    """Every task's template against what its expert gives and takes (`infos`: name →
+    `ExpertInfo`), as the renderer will use it; `prefix` names the manifest in the error."""
     from curation.render.renderer import Renderer
 
     try:
-        Renderer(spec, experts=expert_infos()).check()
+        Renderer(spec, experts=infos).check()
     except CurationError as e:
-        raise CurationError(f"{where.prefix}{e}") from None
+        raise CurationError(f"{prefix}{e}") from None
 
 
 def _source_has_input(spec: BuildSpec, name: str, where: _Where, key: str) -> None:

@@ -106,6 +106,23 @@ def test_a_build_stops_on_a_mistake_before_ray_starts(scene, monkeypatch):
         pipeline.build(manifest(scene, x=lambda d: d["tasks"][0].update(template="findings/nope.j2")), progress=False)
 
 
+def test_with_bundles_to_read_a_build_checks_template_fit_as_it_prepares(scene):
+    """Reading a MONAI bundle imports MONAI (about 4 s): a build's preflight leaves fitting
+    templates to their experts to the build, which does it while Ray starts; the mistake is
+    still one error naming the manifest and the task. Without bundles, preflight checks it."""
+    from curation.build.pipeline import _prepare
+    from curation.store.layout import Layout
+
+    misfit = manifest(scene, x=lambda d: d["tasks"].append({"template": "brats/four_sequences.j2", "source": "ct", "expert": "BRATS"}))
+    check(misfit, experts="cached_or_build")  # left to the build
+    with pytest.raises(CurationError, match=r"m.yaml: tasks\[2\] \(template brats/four_sequences.j2\)"):
+        _prepare(load_manifest(misfit), Layout(scene / "out"), limit=None, infos=None, origin=f"{misfit}: ")
+    weight_free = manifest(scene, x=lambda d: (d["experts"].pop(), d["tasks"].pop(),
+                                               d["tasks"].append({"template": "brats/four_sequences.j2", "source": "ct", "expert": "CTTissue"})))
+    with pytest.raises(CurationError, match=r"m.yaml: tasks\[1\] \(template brats/four_sequences.j2\)"):
+        check(weight_free, experts="cached_or_build")
+
+
 def test_a_source_is_looked_for_with_its_readers_own_file_rule(scene):
     """image2d takes DICOM files without an extension (`IM0001`), as its reader does."""
     from curation.preflight import _taker

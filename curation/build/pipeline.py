@@ -62,8 +62,7 @@ from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
-from curation.preflight import ExpertsFrom, preflight
-from curation.render.renderer import Renderer
+from curation.preflight import ExpertsFrom, check_templates, preflight
 from curation.store.cache import FindingsCache, expert_infos_from_cache
 from curation.store.card import ExpertEntry, Tally, build_ledger, code_version, dataset_card
 from curation.store.layout import Layout
@@ -117,9 +116,10 @@ class _Prepared:
     wall: dict[str, float] = field(default_factory=dict)
 
 
-def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, infos: dict[str, ExpertInfo] | None) -> _Prepared:
+def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, infos: dict[str, ExpertInfo] | None,
+             origin: str = "") -> _Prepared:
     """Index, the experts' fingerprints (`infos`, or from constructed runners), template
-    check, plan."""
+    check (`origin` names the manifest in its error), plan."""
     t = time.perf_counter()
     cache, code = FindingsCache(layout.cache), code_version()
     items, ledger, limited = index_items(spec, layout, limit)
@@ -127,7 +127,7 @@ def _prepare(spec: BuildSpec, layout: Layout, *, limit: int | None, infos: dict[
     t = time.perf_counter()
     if infos is None:
         infos = fingerprints.from_runners(spec, cache, code)
-    Renderer(spec, experts=infos).check()  # the infos say what each expert gives and takes: no runner needed
+    check_templates(spec, infos, origin)  # the infos say what each expert gives and takes: no runner needed
     plan = make_plan(spec, items, infos)
     ctx = BuildContext(spec=spec, cache_root=str(cache.root), fingerprints={n: i.fingerprint for n, i in infos.items()},
                        manifest_hash=build_hash(spec), code_version=code, experts=infos)
@@ -249,11 +249,11 @@ def _render_from_cache(prep: _Prepared, looked_up: Iterable[WorkItem], label: st
 
 
 def _on_ray(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, prep: _Prepared | None,
-            show: bool, t0: float) -> BuildResult:
+            show: bool, t0: float, origin: str = "") -> BuildResult:
     """The build on Ray. Ray starts (or connects) while the driver indexes and plans, so its
     start-up overlaps theirs."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        preparing = pool.submit(_prepare, spec, layout, limit=limit, infos=None) if prep is None else None
+        preparing = pool.submit(_prepare, spec, layout, limit=limit, infos=None, origin=origin) if prep is None else None
         log.info("starting Ray (%s)%s", address or os.environ.get("RAY_ADDRESS") or "a local Ray for this build",
                  " while the archive is indexed" if prep is None else "")
         with ray_session(address) as where:
@@ -356,24 +356,25 @@ def build(manifest: str | Path, *, out: str | Path | None = None, address: str |
     """The whole pipeline. See the module docstring. `checked`: the caller has run this
     build's `preflight` (the CLI does, before importing this module)."""
     t0 = time.perf_counter()
-    spec, layout = _load(manifest, out, checked=checked, experts="cached_or_describe")
+    spec, layout = _load(manifest, out, checked=checked, experts="cached_or_build")
     with _owning(layout, "build"):
         _refuse_partial_over_complete(layout, limit, force)
-        return _build(spec, layout, address=address, limit=limit, show=progress, t0=t0)
+        return _build(spec, layout, address=address, limit=limit, show=progress, t0=t0, origin=f"{manifest}: ")
 
 
-def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, show: bool, t0: float) -> BuildResult:
+def _build(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, show: bool, t0: float,
+           origin: str = "") -> BuildResult:
     """The render path when nothing needs an expert (no task, `--limit 0`, or every result
     settled in the cache), else Ray. With a cache that has never seen these experts, Ray
     starts at once, while the driver indexes and plans."""
     cache = FindingsCache(layout.cache)
     infos = fingerprints.recorded(spec, cache, code_version())
     if not spec.tasks or limit == 0:
-        prep = _prepare(spec, layout, limit=limit, infos=infos)
+        prep = _prepare(spec, layout, limit=limit, infos=infos, origin=origin)
         return _render_from_cache(prep, [], "build", show, t0)
     if infos is None and not fingerprints.seen(spec, cache):  # a new cache: Ray is needed, start it at once
-        return _on_ray(spec, layout, address=address, limit=limit, prep=None, show=show, t0=t0)
-    prep = _prepare(spec, layout, limit=limit, infos=infos)  # infos None: the code or weights changed, runners say
+        return _on_ray(spec, layout, address=address, limit=limit, prep=None, show=show, t0=t0, origin=origin)
+    prep = _prepare(spec, layout, limit=limit, infos=infos, origin=origin)  # infos None: the code or weights changed, runners say
     t = time.perf_counter()
     cached = _all_cached(prep)
     prep.wall["cache_check"] = time.perf_counter() - t
