@@ -1,3 +1,3 @@
-from curation.cli import main
+from curation.cli import run
 
-raise SystemExit(main())
+run()

@@ -129,3 +129,29 @@ def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(tmp_path, w
     assert result.returncode == 2, result.stderr
     line = one_line(result.stderr)
     assert line.startswith(f"m3-curate: error: {tmp_path / 'o'}") and "File too large" in line
+
+
+def test_a_command_ends_without_module_teardown_yet_runs_its_exit_handlers(tmp_path, write_manifest):
+    """`run` (the console script, `python -m curation`) skips the interpreter's module
+    teardown (1.5 s after MONAI was imported) but flushes the output, runs the exit handlers
+    and keeps the status."""
+    import os
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "v").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v" / "a.nii.gz")
+    path = write_manifest({"name": "x", "sources": [{"name": "v", "kind": "nifti", "root": "v"}]})
+    code = ("import atexit, sys; from curation import cli; import monai; "
+            "atexit.register(lambda: print('exit handler ran')); "
+            f"sys.argv = ['m3-curate', 'index', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}]; cli.run()")
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr
+    assert "1 items from 1 files" in result.stdout and result.stdout.rstrip().endswith("exit handler ran")
+    bad = code.replace(str(path), str(tmp_path / "missing.yaml"))
+    result = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2 and one_line(result.stderr).startswith("m3-curate: error:")
