@@ -300,7 +300,8 @@ def _where_experts_run(placements: dict[str, Placement]) -> str:
              for n, p in placements.items() if not p.hosted]
     if hosted:
         first = placements[hosted[0]]
-        parts.append(f"{', '.join(hosted)} in {first.actors} expert host{'s' if first.actors > 1 else ''} (cpu {first.cpus} each)")
+        parts.append(f"{', '.join(hosted)} in {first.actors} expert host{'s' if first.actors > 1 else ''} "
+                     f"({first.threads} items at once, cpu {first.cpus} each)")
     return "; ".join(parts) or "none"
 
 
