@@ -43,7 +43,7 @@ class _Where:
         return CurationError(f"{self.prefix}{key}: {problem}")
 
 
-ExpertsFrom = Literal["describe", "cached", "cached_or_describe", "cached_or_build"]
+ExpertsFrom = Literal["describe", "cached", "cached_or_build"]
 
 
 def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path | None = None, rows: bool = False,
@@ -56,11 +56,11 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
     the template check learns what each expert gives — from the runners themselves (`describe`:
     constructed, options validated, weight files hashed for the fingerprint but never loaded;
     each file once per process), only from what a build recorded in the cache (`cached`:
-    `render` constructs no runner), the cache when it has every expert recorded, else the
-    runners (`cached_or_describe`), or as that but with MONAI bundles to describe, not here
-    (`cached_or_build`: `build`, which describes the runners and checks the templates against
-    them as it prepares, while Ray starts: reading a bundle's config imports MONAI, about 4 s
-    that would otherwise come before Ray's start)."""
+    `render` constructs no runner), or the cache when it has every expert recorded, else the
+    runners — unless some are MONAI bundles, whose check is then left to `build`
+    (`cached_or_build`: the build describes the runners and checks the templates against them
+    as it prepares, while Ray starts: reading a bundle's config imports MONAI, about 4 s that
+    would otherwise come before Ray's start)."""
     where = _Where(manifest)
     check_sources(spec, where)
     check_prompts(spec, where)
@@ -130,7 +130,7 @@ def _expert_infos(spec: BuildSpec, out: str | Path | None, source: ExpertsFrom) 
         except CurationError:
             if source == "cached":
                 raise
-            if source == "cached_or_build" and any(e.runner in BUNDLE_RUNNERS for e in spec.experts):
+            if any(e.runner in BUNDLE_RUNNERS for e in spec.experts):  # cached_or_build
                 return None
     from expert_runners.base import describe_experts
 

@@ -200,6 +200,12 @@ def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float], node
     return out
 
 
+def hosts_placement(placements: dict[str, Placement]) -> Placement | None:
+    """The expert hosts' placement (every hosted expert carries the same: hosts, threads,
+    CPUs), or None when no expert is hosted."""
+    return next((p for p in placements.values() if p.hosted), None)
+
+
 def host_memory(placements: dict[str, Placement]) -> float:
     """Bytes an expert host reserves: the sum of its experts' `memory_gb`."""
     return sum(p.memory or 0.0 for p in placements.values() if p.hosted)
@@ -234,8 +240,8 @@ def expert_hosts(placements: dict[str, Placement], cpus_total: float, memory_tot
 
 def actor_cpus(placements: dict[str, Placement]) -> float:
     """CPUs the build's actors reserve: every pool's, and the expert hosts' once."""
-    hosts = max((p.actors * p.cpus for p in placements.values() if p.hosted), default=0.0)
-    return hosts + sum(p.actors * p.pools * p.cpus for p in placements.values() if not p.hosted and not p.tasks)
+    hosts = hosts_placement(placements)
+    return (hosts.actors * hosts.cpus if hosts else 0.0) + sum(p.actors * p.pools * p.cpus for p in placements.values() if not p.hosted and not p.tasks)
 
 
 def _check_fits(spec: BuildSpec, out: dict[str, Placement], gpus_total: float, memory_total: float, node: NodeLimits) -> None:
@@ -411,7 +417,8 @@ def _hosts_stage(ds: Any, ctx: BuildContext, hosted: dict[str, Placement]) -> An
 
     from curation.build.stages import ExpertStage
 
-    first = next(iter(hosted.values()))
+    first = hosts_placement(hosted)
+    assert first is not None
     memory = host_memory(hosted)
     return ds.map_batches(
         ExpertStage,

@@ -45,6 +45,7 @@ from curation.build import fingerprints
 from curation.build.cluster import (
     NodeLimits,
     Placement,
+    hosts_placement,
     item_bytes_limit,
     pipeline_dataset,
     place_experts,
@@ -274,8 +275,8 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     ctx = replace(prep.ctx, item_bytes_limit=limit)
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
     log.info("building %d items on %s; experts: %s", prep.plan.working_count, where, _where_experts_run(placements))
-    hosts = max((p.actors for p in placements.values() if p.hosted), default=0)
-    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks and not p.hosted] + ([f"expert hosts ×{hosts}"] if hosts else [])
+    hosts = hosts_placement(placements)
+    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks and not p.hosted] + ([f"expert hosts ×{hosts.actors}"] if hosts else [])
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
@@ -295,13 +296,13 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
 
 
 def _where_experts_run(placements: dict[str, Placement]) -> str:
-    hosted = [n for n, p in placements.items() if p.hosted]
     parts = [f"{n} in load tasks" if p.tasks else f"{n} {p.actors}×(cpu {p.cpus}, gpu {p.gpus})"
              for n, p in placements.items() if not p.hosted]
-    if hosted:
-        first = placements[hosted[0]]
-        parts.append(f"{', '.join(hosted)} in {first.actors} expert host{'s' if first.actors > 1 else ''} "
-                     f"({first.threads} items at once, cpu {first.cpus} each)")
+    hosts = hosts_placement(placements)
+    if hosts:
+        hosted = ", ".join(n for n, p in placements.items() if p.hosted)
+        parts.append(f"{hosted} in {hosts.actors} expert host{'s' if hosts.actors > 1 else ''} "
+                     f"({hosts.threads} items at once, cpu {hosts.cpus} each)")
     return "; ".join(parts) or "none"
 
 
