@@ -222,13 +222,11 @@ def size_problem(shape: Sequence[int], channels: int, *, max_voxels: int, max_pi
     total = channels
     for d in dims:
         total *= d
+    unit, cap, key = ("pixels", max_pixels, "max_pixels") if len(dims) == 2 else ("voxels", max_voxels, "max_voxels")
+    if total <= cap:
+        return None  # the usual case, at every scan and load: no message built
     shown = "×".join(str(d) for d in dims) + (f"×{channels} channels" if channels > 1 else "")
-    if len(dims) == 2:
-        if total > max_pixels:
-            return f"declared size {shown} ({_count(total)} pixels) exceeds max_pixels ({_count(max_pixels)})"
-    elif total > max_voxels:
-        return f"declared size {shown} ({_count(total)} voxels) exceeds max_voxels ({_count(max_voxels)})"
-    return None
+    return f"declared size {shown} ({_count(total)} {unit}) exceeds {key} ({_count(cap)})"
 
 
 def _count(n: int) -> str:
