@@ -103,7 +103,7 @@ def _legend_pixels(row: dict[str, Any], meta: dict[str, Any]) -> list[grounding.
         image = entry.get("image")
         if not isinstance(image, int) or not 0 <= image < len(row["images"]):
             continue  # the check above reports it
-        named += [(entry, image, colour, names) for colour, names in entry.get("entries", []) if colour in dict(COLOURS)]
+        named += [(entry, image, colour, names) for colour, names in entry.get("entries", []) if colour in grounding.COLOUR_NAMES]
     wanted: dict[int, set[str]] = {}
     for _, image, colour, _ in named:
         wanted.setdefault(image, set()).add(colour)
