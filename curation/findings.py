@@ -39,6 +39,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def without_timing(data: dict[str, Any]) -> dict[str, Any]:
+    """Findings as a row or a preview shows them (`Findings.to_dict`, or the renderer's
+    `findings_data`): run timings left out, as they differ between runs and are not findings."""
+    return {k: v for k, v in data.items() if k != "timing"}
+
+
 def png_digest(png: bytes) -> str:
     """The digest a picture is known by in rows and meta (sha256, first 16 hex digits)."""
     return hashlib.sha256(png).hexdigest()[:16]

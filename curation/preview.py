@@ -39,7 +39,7 @@ from curation.build.plan import spec_json
 from curation.expert_info import ExpertInfo
 from curation.render.renderer import Renderer, TemplateError, TemplateSkip
 from curation.rows import Conversation
-from curation.findings import Findings
+from curation.findings import Findings, without_timing
 from curation.store.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _render_item(renderer: Renderer, samples: list[tuple[TaskSpec, Sample]], fet
                 except (ItemError, CurationError) as e:
                     results[key] = (None, "", "", f"expert {t.expert}: {e}")
                 else:
-                    data = {k: v for k, v in renderer.findings_data(findings, item).items() if k != "timing"}
+                    data = without_timing(renderer.findings_data(findings, item))
                     results[key] = (findings, where, json.dumps(data, indent=1), "")
             sample.findings, sample.findings_from, sample.findings_text, sample.error = results[key]
             if sample.error:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
 from curation.errors import ItemError
+from curation.findings import without_timing
 from curation.items import StudyItem, Volume
 from curation.manifest import BuildSpec
 from curation.rows import ROW_SCHEMA, Conversation, row_id
@@ -377,7 +378,7 @@ def findings_json(data: dict[str, Any] | None) -> str | None:
     timings left out: they differ between runs and are not findings)."""
     if data is None:
         return None
-    return json.dumps({k: v for k, v in data.items() if k != "timing"}, sort_keys=True)
+    return json.dumps(without_timing(data), sort_keys=True)
 
 
 def make_row(ctx: BuildContext, plan: ItemPlan, planned: PlannedConversation, conv: Conversation, findings: str | None) -> dict[str, Any]:
