@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from curation.errors import CurationError
+from expert_runners.monai_import import import_monai
 
 if TYPE_CHECKING:  # pragma: no cover - imported where used: reading a bundle's configs needs no torch
     import torch
@@ -203,6 +204,7 @@ def _check_keys(path: Path, wanted: Any, found: Any) -> None:
 
 
 def _parser(config_file: Path, root: Path) -> Any:
+    import_monai()
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

@@ -71,6 +71,7 @@ from curation.errors import CurationError
 from curation.imaging import encode_png
 from curation.manifest import ExpertSpec
 from expert_runners.base import ExpertInput, ExpertRunner, phase
+from expert_runners.monai_import import import_monai
 from curation.findings import ClassResult, Findings, Image
 from expert_runners.picture2d import grayscale, picture_2d
 
@@ -298,6 +299,7 @@ def load_member(member: Member, device: str, expert: str) -> Loaded:
         elif member.kind == "torch_export":
             module = torch.export.load(str(member.path)).module()
         elif member.kind == "monai_densenet":
+            import_monai()
             from monai.networks.nets import DenseNet121
 
             sd = _state_dict(member.path)  # type: ignore[arg-type]
