@@ -5,7 +5,7 @@
   manifest by dotted path (`build_helpers:CountingTissueRunner`); each run appends a line
   `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
   `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
-  while experts are busy; with `M3_TEST_NODE_LOG` set, the Ray node of each run goes there, and
+  while experts are busy; with `M3_TEST_NODE_LOG` set, `<Ray node> <expert>` of each run goes there, and
   with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds).
 - `WeightedLabelsRunner`: `CountingLabelsRunner` with the files of its `bundle:` folder as
   weights, and safe in threads: placed as an expert with weights is (an expert host on a CPU
@@ -40,7 +40,7 @@ def _count(inp: ExpertInput, args: str, expert: str = "") -> None:
         import ray
 
         with open(nodes, "a") as f:
-            f.write(ray.get_runtime_context().get_node_id() + "\n")
+            f.write(f"{ray.get_runtime_context().get_node_id()} {expert}\n")
     delay = float(os.environ.get("M3_TEST_RUN_SLEEP", "0") or 0)
     if delay:
         time.sleep(delay)

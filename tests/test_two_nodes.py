@@ -1,8 +1,9 @@
 """A build on a two-node Ray cluster: two `ray start` processes on this machine with their own
 resources (a head and a worker, 2 CPUs each, one temp folder of their own so no other Ray on
 the machine sees them), the build run with `--address` from outside the cluster, as the
-README's cluster recipe does. Both nodes must have run experts, and the shards must be
-byte-identical to those of a build on an embedded local Ray.
+README's cluster recipe does. Two experts have weights and run in the expert hosts (one per
+node here), two in pools of two actors: each kind must have run on both nodes, and the shards
+must be byte-identical to those of a build on an embedded local Ray (one host there).
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 BIN = Path(sys.executable).parent
+HOSTED = ("VISTA3D", "CXR")
 
 
 def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int) -> None:
@@ -57,11 +59,17 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     nodes_log = tmp_path / "nodes.log"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(b"not a model: the runner reads the ground truth")
     manifests = {}
     for name in ("local", "cluster"):
         data = demo_manifest(archive, tmp_path / name, counting=True)
-        for e in data["experts"]:  # a pool of two actors each: room for both nodes
-            e["actors"] = 2
+        for e in data["experts"]:
+            if e["name"] in HOSTED:  # weights and no `actors`: the expert hosts
+                e.update(runner="build_helpers:WeightedLabelsRunner", bundle=str(weights))
+            else:  # a pool of two actors each: room for both nodes
+                e["actors"] = 2
         manifests[name] = tmp_path / f"{name}.yaml"
         manifests[name].write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -81,9 +89,14 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
-    ran_on = set(nodes_log.read_text().split())
-    assert len(ran_on) == 2, f"experts ran on {len(ran_on)} node(s)"
+    nodes: dict[str, set[str]] = {"hosts": set(), "pools": set()}
+    for line in nodes_log.read_text().splitlines():
+        node, expert = line.split()
+        nodes["hosts" if expert in HOSTED else "pools"].add(node)
+    assert {kind: len(found) for kind, found in nodes.items()} == {"hosts": 2, "pools": 2}, "experts did not run on both nodes"
     cluster, local_shards = shard_bytes(tmp_path / "cluster"), shard_bytes(tmp_path / "local")
     assert cluster and cluster == local_shards
-    card = json.loads((tmp_path / "cluster" / "dataset" / "dataset_card.json").read_text())
-    assert card["counts"]["rows"]["total"] == json.loads((tmp_path / "local" / "dataset" / "dataset_card.json").read_text())["counts"]["rows"]["total"]
+    cards = {name: json.loads((tmp_path / name / "dataset" / "dataset_card.json").read_text()) for name in ("local", "cluster")}
+    assert cards["cluster"]["counts"]["rows"]["total"] == cards["local"]["counts"]["rows"]["total"]
+    hosts = {name: {e["actors"] for n, e in card["experts"].items() if n in HOSTED} for name, card in cards.items()}
+    assert hosts == {"local": {1}, "cluster": {2}}
