@@ -90,11 +90,6 @@ def drawn_colours(png: bytes, colours: Iterable[str], alpha: float = 0.5) -> set
     return found
 
 
-def drawn_in(png: bytes, colour: str, alpha: float = 0.5) -> bool:
-    """Whether a PNG holds a pixel of `colour` (`drawn_colours`)."""
-    return colour in drawn_colours(png, [colour], alpha)
-
-
 def _legend_pixels(row: dict[str, Any], meta: dict[str, Any]) -> list[grounding.Problem]:
     """Every colour a legend names is drawn on the picture it names: each picture decoded once,
     for every colour the row's legends name on it."""

@@ -149,7 +149,6 @@ class Renderer:
         self._card_text = ""
         self._carded: set[str] = set()
         self._shared = Shared(Markers("0"), {})
-        self._helpers = helpers()
         self._experts = {e.name: e for e in self.spec.experts}
         # what is derived from the current item and each of its findings (`_Derived`), made once
         # per item: its conversations are rendered one after another (a build renders an item's
@@ -183,7 +182,7 @@ class Renderer:
     def env(self) -> PromptSandbox:
         if self._env is None:
             roots = self.roots
-            self._env = make_environment(roots, helpers=self._helpers, trusted=(TemplateHelpers,))
+            self._env = make_environment(roots, helpers=helpers(), trusted=(TemplateHelpers,))
             self._phrasings, self._phrasings_digest = load_phrasings(roots)
             self._shared = Shared(Markers(f"{secrets.randbelow(10**16):016d}"), self._phrasings)
             self._card = self._render_card()
@@ -437,11 +436,11 @@ class Renderer:
         """What is derived from (`item`, `findings`), made on first use and kept while the
         renderer stays on this item. Findings are told apart by identity: a caller hands the
         same object for every conversation that uses it (`curation.build.stages.render_item`,
-        `curation.preview`)."""
+        `curation.preview`); the entry holds them, so their id cannot be reused while it stays."""
         if item is not self._item:
             self._start_item(item)
         found = self._derived.get(id(findings))
-        if found is None or found.findings is not findings:
+        if found is None:
             found = self._derived[id(findings)] = _Derived(
                 findings=findings, view=None if findings is None else findings_view(findings), truth=truth_view(findings, item),
                 data=None if findings is None else findings.to_dict())
