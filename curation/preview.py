@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import json
 import logging
@@ -36,8 +37,9 @@ from curation.ingest import SourceReader, readers_for
 from curation.items import StudyItem
 from curation.manifest import BuildSpec, TaskSpec, load_manifest
 from curation.build.plan import spec_json
+from curation.expert_args import canonical_arg
 from curation.expert_info import ExpertInfo
-from curation.render.renderer import Renderer, TemplateError, TemplateSkip
+from curation.render.renderer import Renderer, TemplateError, TemplateSkip, template_roots
 from curation.rows import Conversation
 from curation.findings import Findings, without_timing
 from curation.store.layout import Layout
@@ -181,6 +183,11 @@ def _tasks(spec: BuildSpec, task: str | None, template: str | None, build_cache:
     does (their `ExpertInfo`: what they give, the built-in runner they derive from), so the
     page's model card and checks are the build's."""
     extra: list[Path] = []
+
+    @functools.cache
+    def expert(name: str) -> _Expert:  # one per name: the runner a template's search makes is the one that runs
+        return _Expert(spec, name, build_cache)
+
     if template is None:
         tasks = list(spec.tasks)
         if task is not None:
@@ -193,10 +200,10 @@ def _tasks(spec: BuildSpec, task: str | None, template: str | None, build_cache:
         path = Path(template).resolve()
         if not path.is_file():
             raise CurationError(f"--template: file not found: {template}")
-        name = next((path.relative_to(r.resolve()).as_posix() for r in Renderer(spec).roots if path.is_relative_to(r.resolve())), None)
+        name = next((path.relative_to(r.resolve()).as_posix() for r in template_roots(spec) if path.is_relative_to(r.resolve())), None)
         extra = [] if name is not None else [path.parent]
-        tasks = [_task_for(spec, Renderer(spec, prompt_dirs=extra), name or path.name)]
-    experts = {t.expert: _Expert(spec, t.expert, build_cache) for t in tasks if t.expert}
+        tasks = [_task_for(spec, Renderer(spec, prompt_dirs=extra), name or path.name, expert)]
+    experts = {t.expert: expert(t.expert) for t in tasks if t.expert}
     infos = {name: e.describe(next(t.args for t in tasks if t.expert == name)) for name, e in experts.items()}
     renderer = Renderer(spec, experts=infos, prompt_dirs=extra)
     if template is None:
@@ -204,10 +211,10 @@ def _tasks(spec: BuildSpec, task: str | None, template: str | None, build_cache:
     return renderer, tasks, experts
 
 
-def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
+def _task_for(spec: BuildSpec, renderer: Renderer, name: str, expert_of: Callable[[str], _Expert]) -> TaskSpec:
     """A task for a template no task names: the first source and expert its declaration fits,
     with the arguments the manifest's tasks give that expert on that source (else the declared
-    ones, else none)."""
+    ones, else none). Each expert is judged by its description (`expert_of(name).describe`)."""
     d = renderer.declaration(name)
     for source in spec.sources:
         if d.sources and source.kind not in d.sources:
@@ -219,19 +226,16 @@ def _task_for(spec: BuildSpec, renderer: Renderer, name: str) -> TaskSpec:
             return TaskSpec(template=name, source=source.name, weight=1.0)
         used = [t.expert for t in spec.tasks if t.source == source.name and t.expert]
         for expert in sorted(spec.experts, key=lambda e: (e.name not in used, used.index(e.name) if e.name in used else 0)):
-            from expert_runners.base import make_runner
-
-            runner = make_runner(expert.without_placement(), image_max_side=spec.output.image_max_side)
-            got = runner.provides()  # its options count
-            if got is not None and not set(d.needs) <= got:
-                continue
             args = next((t.args for t in spec.tasks if t.source == source.name and t.expert == expert.name
                          and (d.args is None or all(a in d.args for a in t.args))), None)
             args = args or d.args or [""]
+            info = expert_of(expert.name).describe(args)
+            if info.gives(d.needs) is False:  # what its options give, not its class
+                continue
             task = TaskSpec(template=name, source=source.name, expert=expert.name, args=args, weight=len(args))
             try:
                 check = BuildSpec.model_validate({**spec.model_dump(), "tasks": [task.model_dump()]})
-                Renderer(check, experts={expert.name: runner.describe(args)}, prompt_dirs=renderer._extra).check()
+                Renderer(check, experts={expert.name: info}, prompt_dirs=renderer.prompt_dirs).check()
             except CurationError:
                 continue
             return task
@@ -267,22 +271,20 @@ class _Expert:
         return (self.info or self.runner).accepts(item)  # type: ignore[no-any-return]
 
     def describe(self, args: list[str]) -> ExpertInfo:
-        """What the renderer needs to know of it: the build's record when there is one."""
-        return self.info if self.info is not None else self.runner.describe(args)  # type: ignore[no-any-return]
+        """What the renderer needs to know of it: the build's record when it gives the
+        vocabulary of every argument in `args` (a task may name one the build's tasks did not),
+        else the runner's."""
+        if self.info is not None and all(canonical_arg(a) in self.info.vocabularies for a in args):
+            return self.info
+        return self.runner.describe(args)  # type: ignore[no-any-return]
 
 
 def _fetcher(item: StudyItem, reader: SourceReader, experts: dict[str, _Expert], build_cache: FindingsCache,
              own_cache: FindingsCache) -> Callable[[str, str], tuple[Findings, str]]:
     """`fetch(expert, args)`: an expert result of `item` (`_findings`); the item's files are
     hashed once for all its results, when the first is fetched."""
-    content: list[str] = []
-
-    def fetch(name: str, args: str) -> tuple[Findings, str]:
-        if not content:
-            content.append(content_hash(item, reader.root))
-        return _findings(reader, experts[name], item, content[0], args, build_cache, own_cache)
-
-    return fetch
+    content = functools.cache(lambda: content_hash(item, reader.root))
+    return lambda name, args: _findings(reader, experts[name], item, content(), args, build_cache, own_cache)
 
 
 def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, content: str, args: str, build_cache: FindingsCache,

@@ -22,7 +22,7 @@ from curation.cli import main
 from curation.errors import CurationError
 from curation.ingest import readers_for
 from curation.manifest import BuildSpec
-from curation.build.plan import ExpertInfo, spec_json
+from curation.build.plan import spec_json
 from curation.preview import preview_command
 from curation.render.renderer import Renderer
 from curation.render.templates import BUILTIN_PROMPTS
@@ -91,21 +91,44 @@ def test_page_from_cache_and_experts(demo: Demo, manifest: Path, tmp_path: Path,
     assert not (tmp_path / "out" / "internal" / "cache" / make_runner(demo.spec.experts[1]).fingerprint()).exists()  # build cache untouched
 
 
-def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
-    """As `m3-curate render`: the fingerprint a build recorded finds the cached findings without
-    constructing the runner (and importing its model code, seconds for MONAI alone)."""
-    out = tmp_path / "out"
-    fill_build_cache(demo, out)
+def record_vista3d(demo: Demo, out: Path, args: list[str]) -> None:
+    """What a build records of VISTA3D when its tasks give it `args`."""
     spec = next(e for e in demo.spec.experts if e.name == "VISTA3D")
     runner = make_runner(spec)
-    info = ExpertInfo(name=spec.name, runner=spec.runner, fingerprint=runner.fingerprint(), spec=spec_json(spec),
-                      modalities=tuple(runner.modalities), kinds=tuple(runner.kinds))
-    FindingsCache(out / "internal" / "cache").register([{"spec": info.spec, "fingerprint": info.fingerprint, "info": info.to_json()}])
+    FindingsCache(out / "internal" / "cache").register([{"spec": spec_json(spec), "fingerprint": runner.fingerprint(),
+                                                         "info": runner.describe(args).to_json()}])
+
+
+def test_from_what_a_build_recorded_no_runner_is_made(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """As `m3-curate render`: the fingerprint a build recorded finds the cached findings without
+    constructing the runner (and importing its model code, seconds for MONAI alone), for a
+    task of the manifest and for a template file the search sends to the same expert."""
+    out = tmp_path / "out"
+    fill_build_cache(demo, out)
+    record_vista3d(demo, out, ["everything", "organs"])
     monkeypatch.setattr("expert_runners.base.make_runner", lambda *a, **k: pytest.fail("preview constructed a runner"))
     page = tmp_path / "p.html"
     run(manifest, page, task="vista3d/segment_and_answer.j2")
     text = page.read_text()
     assert text.count("findings from build cache") == 2 and "findings from expert run" not in text
+    mine = tmp_path / "drafts" / "segment_draft.j2"
+    mine.parent.mkdir()
+    mine.write_text((BUILTIN_PROMPTS / "vista3d" / "segment_and_answer.j2").read_text())
+    run(manifest, page, template=str(mine), n=2)
+    text = page.read_text()
+    assert "expert VISTA3D" in text and text.count("findings from build cache") == 2 and "class='error'" not in text
+
+
+def test_a_record_without_an_arguments_vocabulary_asks_the_runner(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """A task changed since the build (an argument its tasks did not give) would render with no
+    vocabulary for that argument from the build's record: the runner describes it instead."""
+    from expert_runners import base
+
+    record_vista3d(demo, tmp_path / "out", ["everything"])
+    made = []
+    monkeypatch.setattr(base, "make_runner", lambda *a, **k: made.append(a[0].name) or make_runner(*a, **k))
+    run(manifest, tmp_path / "p.html", task="vista3d/segment_and_answer.j2")  # everything, organs
+    assert made == ["VISTA3D"]
 
 
 def test_an_items_findings_are_read_and_serialised_once_for_all_its_samples(demo: Demo, manifest: Path, tmp_path: Path,
@@ -159,10 +182,10 @@ def test_one_task_and_a_template_file_no_task_names(demo: Demo, manifest: Path, 
     assert text.count("class='sample'") == 2 and "class='error'" not in text
 
 
-def test_a_template_file_goes_only_to_an_expert_whose_options_give_what_it_needs(demo: Demo) -> None:
+def test_a_template_file_goes_only_to_an_expert_whose_options_give_what_it_needs(demo: Demo, tmp_path: Path) -> None:
     """BRATS without sequence pictures (`sequence_images: false`) cannot give four_sequences'
     `sequence`: what an expert gives is asked of the configured runner, not of its class."""
-    from curation.preview import _task_for
+    from curation.preview import _Expert, _task_for
 
     def spec(sequence_images: bool) -> BuildSpec:
         data = demo.spec.model_dump(mode="json")
@@ -172,11 +195,12 @@ def test_a_template_file_goes_only_to_an_expert_whose_options_give_what_it_needs
         data["tasks"] = [{"template": "findings/volume.j2", "source": "ct", "expert": "CT_TISSUE"}]
         return BuildSpec.model_validate(data)
 
-    with_sequences = spec(True)
-    assert _task_for(with_sequences, Renderer(with_sequences), "brats/four_sequences.j2").expert == "BRATS"
-    without = spec(False)
+    def task(s: BuildSpec) -> str | None:
+        return _task_for(s, Renderer(s), "brats/four_sequences.j2", lambda name: _Expert(s, name, FindingsCache(tmp_path))).expert
+
+    assert task(spec(True)) == "BRATS"
     with pytest.raises(CurationError, match="no source and expert of manifest .* fit its declaration"):
-        _task_for(without, Renderer(without), "brats/four_sequences.j2")
+        task(spec(False))
 
 
 def test_template_errors_show_on_the_page(manifest: Path, tmp_path: Path) -> None:

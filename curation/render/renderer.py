@@ -120,6 +120,15 @@ def expert_call(name: str, args: str) -> str:
     return f"<{name}({args})>"
 
 
+def template_roots(spec: BuildSpec, prompt_dirs: Sequence[Path] = ()) -> list[Path]:
+    """Template folders, searched in order: `prompt_dirs`, the manifest's `prompts:`, the
+    built-in `prompts/`."""
+    roots = [*prompt_dirs, *(Path(p) for p in spec.prompts)]
+    if BUILTIN_PROMPTS.is_dir() and BUILTIN_PROMPTS not in roots:
+        roots.append(BUILTIN_PROMPTS)
+    return roots
+
+
 class Renderer:
     """Templates of a manifest, rendered into `Conversation`s.
 
@@ -134,8 +143,8 @@ class Renderer:
     def __init__(self, spec: BuildSpec, *, experts: dict[str, ExpertInfo] | None = None, prompt_dirs: Sequence[Path] = ()):
         self.spec = spec
         self.experts: dict[str, ExpertInfo] = dict(experts or {})
-        self._extra = tuple(Path(p).resolve() for p in prompt_dirs)
-        for folder in (*self._extra, *spec.prompts):
+        self.prompt_dirs = tuple(Path(p).resolve() for p in prompt_dirs)
+        for folder in (*self.prompt_dirs, *spec.prompts):
             if not Path(folder).is_dir():
                 raise CurationError(f"prompts: template folder not found: {folder}")
         self._reset()
@@ -161,22 +170,17 @@ class Renderer:
         self._source_kinds = {s.name: s.kind for s in self.spec.sources}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "experts": self.experts, "_extra": self._extra}
+        return {"spec": self.spec, "experts": self.experts, "prompt_dirs": self.prompt_dirs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.spec = state["spec"]
         self.experts = state["experts"]
-        self._extra = state["_extra"]
+        self.prompt_dirs = state["prompt_dirs"]
         self._reset()
 
     @property
     def roots(self) -> list[Path]:
-        """Template folders, searched in order: `prompt_dirs`, the manifest's `prompts:`, the
-        built-in `prompts/`."""
-        roots = [*self._extra, *(Path(p) for p in self.spec.prompts)]
-        if BUILTIN_PROMPTS.is_dir() and BUILTIN_PROMPTS not in roots:
-            roots.append(BUILTIN_PROMPTS)
-        return roots
+        return template_roots(self.spec, self.prompt_dirs)
 
     @property
     def env(self) -> PromptSandbox:
