@@ -186,3 +186,28 @@ def test_an_image_no_record_names_is_skipped_as_not_named_without_being_read(pic
     reader = readers_for(spec)["vqa"]
     reader.scan(list_files(pictures))
     assert read == ["img0.png"]
+
+
+def test_the_file_is_read_once_per_process_for_all_its_readers_until_it_changes(pictures: Path, write_manifest, monkeypatch) -> None:
+    """Every batch and group task of a scan makes a reader; a worker process runs many. They
+    share one reading of the file (records, and records by image) while its mtime and size stay."""
+    from curation.ingest import qa
+    from curation.ingest.index import list_files
+
+    file = pictures / "a.json"
+    file.write_text(json.dumps([{"image": "images/img0.png", "question": "q", "answer": "a"},
+                                {"image": "images/img1.png", "question": "q", "answer": "b"}]))
+    spec = load_manifest(manifest(write_manifest, "vqa/a.json"))
+    qa.qa_file.cache_clear()
+    reads: list[str] = []
+    monkeypatch.setattr(qa, "read_records", lambda path, columns, _f=qa.read_records: reads.append(path.name) or _f(path, columns))
+
+    def scan_in_a_new_reader() -> list[str]:
+        reader = readers_for(spec)["vqa"]
+        reader.prepare()
+        return sorted(i.attrs["qa"][0]["answer"] for i in reader.scan(list_files(pictures)).items)
+
+    assert scan_in_a_new_reader() == scan_in_a_new_reader() == ["a", "b"]
+    assert reads == ["a.json"]
+    file.write_text(json.dumps([{"image": "images/img2.png", "question": "q", "answer": "changed"}]))
+    assert scan_in_a_new_reader() == ["changed"] and reads == ["a.json", "a.json"]

@@ -32,6 +32,7 @@ import csv
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,25 @@ def image_uri(record: dict[str, Any]) -> str | None:
     return Path(image).as_posix().lstrip("/") if isinstance(image, str) and image else None
 
 
+@dataclass(frozen=True)
+class QaFile:
+    """A question–answer file's records, and those with one image by its uri. Shared by every
+    reader of the file in a process: read it, never change it."""
+
+    records: tuple[dict[str, Any], ...]
+    by_image: dict[str, list[dict[str, Any]]]
+
+
 @lru_cache(maxsize=4)
-def named_images(path: Path, stamp: tuple[int, int], columns: tuple[tuple[str, str], ...]) -> frozenset[str]:
-    """The uris of the images the file's records name, kept per process for the file's
-    (mtime, size): every batch of a scan asks, and a worker process reads many batches."""
-    return frozenset(uri for rec in read_records(path, dict(columns)) if (uri := image_uri(rec)))
+def qa_file(path: Path, stamp: tuple[int, int], columns: tuple[tuple[str, str], ...]) -> QaFile:
+    """The file read once per process for its (mtime, size): every batch and group task of a
+    scan makes a reader, and a worker process runs many of them."""
+    records = read_records(path, dict(columns))
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        if uri := image_uri(rec):
+            by_image.setdefault(uri, []).append(rec)
+    return QaFile(tuple(records), by_image)
 
 
 class QaReader(Image2DReader):
@@ -184,25 +199,21 @@ class QaReader(Image2DReader):
             log.warning("source %s: %s", self.spec.name, "; ".join(f"{n} record(s) left out: {r} (e.g. {examples[r]})" for r, n in dropped.items()))
 
     @cached_property
-    def _records(self) -> list[dict[str, Any]]:
-        return read_records(Path(self.spec.file), dict(self.spec.columns))
-
-    @cached_property
-    def _by_image(self) -> dict[str, list[dict[str, Any]]]:
-        """Records by the uri of their image (one image, named relative to the root)."""
-        out: dict[str, list[dict[str, Any]]] = {}
-        for rec in self._records:
-            if uri := image_uri(rec):
-                out.setdefault(uri, []).append(rec)
-        return out
-
-    @cached_property
-    def _named(self) -> frozenset[str]:
-        """The uris of the images some record names (what reading a file needs to know)."""
+    def _file(self) -> QaFile:
         path = Path(self.spec.file)
         st = path.stat() if path.is_file() else None  # a missing file: read_records says so
         stamp = (st.st_mtime_ns, st.st_size) if st else (0, 0)
-        return named_images(path, stamp, tuple(sorted(self.spec.columns.items())))
+        return qa_file(path, stamp, tuple(sorted(self.spec.columns.items())))
+
+    @property
+    def _records(self) -> tuple[dict[str, Any], ...]:
+        return self._file.records
+
+    @property
+    def _by_image(self) -> dict[str, list[dict[str, Any]]]:
+        """Records by the uri of their image (one image, named relative to the root); its keys
+        are what reading a file needs to know."""
+        return self._file.by_image
 
     @cached_property
     def _table_uri(self) -> str:
@@ -213,7 +224,7 @@ class QaReader(Image2DReader):
         else is wrong with it does not matter to this source); a named one is read as any 2D image."""
         if uri == self._table_uri:
             return Record(uri, uri, "indexed", "question–answer table")
-        if uri not in self._named:
+        if uri not in self._by_image:
             if image_kind(self.path(uri), uri) is None:
                 return None
             return Record(uri, uri, "skipped", f"not named in the question–answer file {Path(self.spec.file).name}")
