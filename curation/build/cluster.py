@@ -322,7 +322,11 @@ def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneI
     return inputs
 
 
-WORKER_BASE_MEMORY = 384 << 20  # a load worker with numpy, pyarrow, pydicom, nibabel, torch, MONAI loaded (measured: 404 MiB peak on a CT item of 8 MB)
+# A load worker's own memory, with the 25 % headroom over its measured peak that Ray Data's
+# memory check asks of a reservation (it warns at the end of a build otherwise, recommending
+# a `memory=` the user cannot set): measured 404 MiB RSS on a CT item of 8 MB, USS up to
+# 330 MiB on demo-24.
+WORKER_BASE_MEMORY = 512 << 20
 COPIES = 3  # copies of an item's voxels a load task holds at once: file bytes, decoded voxels, the pickled work item
 
 
