@@ -1,9 +1,12 @@
 """A build on a two-node Ray cluster: two `ray start` processes on this machine with their own
 resources (a head and a worker, 2 CPUs each, one temp folder of their own so no other Ray on
 the machine sees them), the build run with `--address` from outside the cluster, as the
-README's cluster recipe does. Two experts have weights and run in the expert hosts (one per
-node here), two in pools of two actors: each kind must have run on both nodes, and the shards
-must be byte-identical to those of a build on an embedded local Ray (one host there).
+README's cluster recipe does. Two experts have weights and run in the expert hosts (two on
+this cluster, one locally), two in pools of two actors: the pools must have run on both nodes,
+and the shards must be byte-identical to those of a build on an embedded local Ray. Where the
+hosts go is Ray's default placement (usually one per node, not guaranteed), and a host that
+starts first may take every hosted item of so small an archive, so the test does not ask that
+the hosts ran on both nodes.
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
@@ -93,7 +96,7 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     for line in nodes_log.read_text().splitlines():
         node, expert = line.split()
         nodes["hosts" if expert in HOSTED else "pools"].add(node)
-    assert {kind: len(found) for kind, found in nodes.items()} == {"hosts": 2, "pools": 2}, "experts did not run on both nodes"
+    assert len(nodes["pools"]) == 2 and nodes["hosts"], f"runs by node: {nodes}"
     cluster, local_shards = shard_bytes(tmp_path / "cluster"), shard_bytes(tmp_path / "local")
     assert cluster and cluster == local_shards
     cards = {name: json.loads((tmp_path / name / "dataset" / "dataset_card.json").read_text()) for name in ("local", "cluster")}
