@@ -272,10 +272,12 @@ class _Expert:
 
     def describe(self, args: list[str]) -> ExpertInfo:
         """What the renderer needs to know of it: the build's record when it gives the
-        vocabulary of every argument in `args` (a task may name one the build's tasks did not),
-        else the runner's."""
-        if self.info is not None and all(canonical_arg(a) in self.info.vocabularies for a in args):
-            return self.info
+        vocabulary of every argument in `args` (a task may name one the build's tasks did not)
+        or gives none (a runner that reports no names, as CXR and the picture runner: nothing
+        is missing), else the runner's."""
+        info = self.info
+        if info is not None and (not info.vocabularies or all(canonical_arg(a) in info.vocabularies for a in args)):
+            return info
         return self.runner.describe(args)  # type: ignore[no-any-return]
 
 

@@ -131,6 +131,22 @@ def test_a_record_without_an_arguments_vocabulary_asks_the_runner(demo: Demo, ma
     assert made == ["VISTA3D"]
 
 
+def test_a_record_of_a_runner_that_reports_no_names_is_complete(demo: Demo, manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """A runner without vocabularies (the picture runner, CXR) has nothing a record could lack:
+    its record describes any argument without the runner being made (hashing its weights)."""
+    from curation.preview import _Expert
+    from curation.manifest import load_manifest
+
+    spec = load_manifest(manifest)
+    picture = next(e for e in spec.experts if e.name == "PICTURE")
+    info = make_runner(picture).describe([""])
+    assert not info.vocabularies
+    cache = FindingsCache(tmp_path / "cache")
+    cache.register([{"spec": spec_json(picture), "fingerprint": info.fingerprint, "info": info.to_json()}])
+    monkeypatch.setattr("expert_runners.base.make_runner", lambda *a, **k: pytest.fail("preview constructed a runner"))
+    assert _Expert(spec, "PICTURE", cache).describe(["", "anything"]) == info
+
+
 def test_an_items_findings_are_read_and_serialised_once_for_all_its_samples(demo: Demo, manifest: Path, tmp_path: Path,
                                                                            monkeypatch) -> None:
     """Three tasks ask about the same expert result of each item: preview hashes the item's files,
