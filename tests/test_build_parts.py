@@ -172,6 +172,22 @@ def test_dashboard_address_is_refused_with_the_fix():
         pass
 
 
+@pytest.mark.ray
+def test_local_session_stops_every_ray_process():
+    """The local session's end kills the autoscaler monitor before `ray.shutdown` (which would
+    wait a second for it): no Ray process of the session outlives it."""
+    import ray
+    from ray._private import worker
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    with ray_session(None):
+        processes = [info.process for infos in worker._global_node.all_processes.values() for info in infos]
+        assert any("monitor" in " ".join(p.args) for p in processes)  # what the session stops
+    assert not ray.is_initialized()
+    for p in processes:
+        assert p.wait(timeout=10) is not None, p.args
+
+
 def test_cache_error_entries_and_registry(tmp_path):
     cache = FindingsCache(tmp_path)
     cache.put_error("c0ffee", "fp", "load failed: truncated", "organs")

@@ -57,6 +57,8 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from curation.build.cluster import stop_local_ray
+
     if workers < 1:
         raise CurationError(f"--workers {workers}: must be at least 1")
     started = False
@@ -82,7 +84,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
         trainer.fit()
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
     summary_path = out / "train_summary.json"
     if not summary_path.exists():
         raise CurationError(f"Ray Train finished without {summary_path}; see the workers' logs above")
