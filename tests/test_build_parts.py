@@ -315,20 +315,21 @@ def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_pat
     """The driver writes each lane's working items as row groups of one file (one block per
     load task) instead of holding every block of the archive."""
     from curation.build.cluster import BLOCK_ITEMS, write_lane_inputs
-    from curation.build.stages import read_blocks, work_items
+    from curation.build.stages import read_blocks, voxel_bytes, work_items
 
     _, prep = prepared(tmp_path)
     inputs = write_lane_inputs(prep.plan, tmp_path / "plan", limit=float("inf"))
     order = [p.item.item_id for p in prep.plan.iter_working()]
     seen = []
     for lane, given in inputs.items():
-        ids = []
+        ids, sizes = [], []
         for k in range(given.blocks):
             block = work_items(read_blocks(pa.table({"block": [k]}), str(given.path)))
             assert 0 < len(block) <= BLOCK_ITEMS and all(w.plan.lane == lane for w in block)
             ids += [w.plan.item.item_id for w in block]
+            sizes.append(sum(voxel_bytes(w.plan.item) for w in block))
         assert ids == [i for i in order if i in set(ids)]  # in build order
-        assert given.largest > 0
+        assert given.largest > 0 and given.block_bytes == max(sizes)  # what sizes the object-store budget
         seen += ids
     assert sorted(seen) == sorted(order)
 

@@ -304,6 +304,7 @@ class LaneInput:
     blocks: int = 0
     largest: int = 0  # voxel bytes of the largest item a load task may hold (items over the limit are set aside)
     runs: int = 0  # expert runs its items need (at most: some may be cached)
+    block_bytes: int = 0  # voxel bytes of its largest block
 
 
 def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneInput]:
@@ -318,9 +319,10 @@ def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneI
     pending: dict[int, tuple[list[WorkItem], int]] = {}
 
     def flush(lane: int) -> None:
-        block, _ = pending.pop(lane)
+        block, size = pending.pop(lane)
         writers[lane].write_table(work_table(block), row_group_size=len(block))
         inputs[lane].blocks += 1
+        inputs[lane].block_bytes = max(inputs[lane].block_bytes, size)
 
     for p in plan.iter_working():
         if p.lane not in inputs:
@@ -370,6 +372,24 @@ def load_memory(largest: int) -> float:
 # 470 MiB, with the same wall time (78-97 s against 82-83 s, three and two runs). Ray Data keeps
 # the pipeline live below one block's size (a demo build with a 4 MB budget writes the same shards).
 STORE_FRACTION = 0.1
+BLOCKS_PER_SLOT = 2  # input blocks the budget holds for each expert slot at least: one running, one ready
+
+
+def store_fraction(inputs: dict[int, LaneInput], placements: dict[str, Placement], store_bytes: float) -> float:
+    """The share of the object store (`store_bytes`) the build's blocks may fill: STORE_FRACTION,
+    raised where that would not hold BLOCKS_PER_SLOT of the largest input block for every
+    expert slot (a pool's actor, a host's thread), so no expert waits on a load the budget held
+    back: a full-size CT is a block of 300+ MB; at most Ray Data's default, half.
+
+    >>> hosts = {"V": Placement(1, 0.0, 2.0, 1, hosted=True, threads=2)}
+    >>> small, large = {0: LaneInput(Path("l"), block_bytes=64 << 20)}, {0: LaneInput(Path("l"), block_bytes=315 << 20)}
+    >>> store_fraction(small, hosts, 7.5e9), round(store_fraction(large, hosts, 4e9), 2), store_fraction(large, hosts, 1e9)
+    (0.1, 0.33, 0.5)
+    """
+    hosts = hosts_placement(placements)
+    slots = (hosts.actors * hosts.threads if hosts else 0) + sum(p.actors * p.pools for p in placements.values() if not p.hosted and not p.tasks)
+    largest = max((i.block_bytes for i in inputs.values()), default=0)
+    return min(0.5, max(STORE_FRACTION, BLOCKS_PER_SLOT * max(1, slots) * largest / max(store_bytes, 1.0)))
 
 
 def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *,
@@ -387,7 +407,8 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
-    data_ctx.override_object_store_memory_limit_fraction = STORE_FRACTION
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    data_ctx.override_object_store_memory_limit_fraction = store_fraction(inputs, placements, store)
     hosted = tuple(name for name, p in placements.items() if p.hosted)
     to_hosts, past_hosts = [], []
     # the lane with the most expert runs first: Ray Data breaks ties between operators in
