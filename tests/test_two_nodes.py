@@ -3,8 +3,8 @@ resources (a head and a worker, 2 CPUs each, one temp folder of their own so no 
 the machine sees them), the build run with `--address` from outside the cluster, as the
 README's cluster recipe does. Two experts have weights and run in the expert hosts (two on
 this cluster, one locally), two in pools of two actors: the pools must have run on both nodes,
-and the shards must be byte-identical to those of a build on an embedded local Ray. Where the
-hosts go is Ray's default placement (usually one per node, not guaranteed), and a host that
+and the shards must be byte-identical to those of a build on an embedded local Ray. Ray Data
+spreads the hosts over the nodes on a best-effort basis (SPREAD), and a host that
 starts first may take every hosted item of so small an archive, so the test does not ask that
 the hosts ran on both nodes.
 

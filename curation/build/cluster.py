@@ -465,9 +465,9 @@ def _expert_stage(ds: Any, ctx: BuildContext, expert: str, last: bool, p: Placem
 
 def _hosts_stage(ds: Any, ctx: BuildContext, hosted: dict[str, Placement]) -> Any:
     """The expert hosts (`place_experts`): each actor sets up every hosted expert and runs the
-    ones an item lacks on `threads` items at once, then drops their voxels. Ray places the
-    hosts by their reservations (a node half full takes no more): Ray Data 2.60 offers a
-    scheduling strategy only through its deprecated `ray_remote_args`."""
+    ones an item lacks on `threads` items at once, then drops their voxels. Ray Data creates every
+    actor pool's actors with its default strategy, SPREAD (`DataContext.scheduling_strategy`):
+    the hosts go to different nodes where their reservations fit, best effort."""
     import ray.data
 
     from curation.build.stages import ExpertStage
