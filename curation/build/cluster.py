@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from curation.build.plan import Plan
 from curation.build.stages import WORK_SCHEMA, BuildContext, WorkItem, voxel_bytes, work_table
 from curation.errors import CurationError
+from curation.local_ray import stop_local_ray
 from curation.manifest import BuildSpec
 
 BLOCK_ITEMS = 16  # items per input block at most ...
@@ -144,23 +145,6 @@ def ray_session(address: str | None) -> Iterator[str]:
             ray.shutdown()
         else:
             stop_local_ray()
-
-
-def stop_local_ray() -> None:
-    """`ray.shutdown()` of a Ray this process started, without its one-second wait for the
-    autoscaler monitor. Shutdown stops Ray's GCS before the monitor; the monitor's SIGTERM
-    handler then tries to report its own end to that GCS until shutdown gives up after a second
-    and kills it (1.0-1.7 s of a demo build's last 2 s, measured). A local session has no
-    autoscaler to stop gracefully, so the monitor is killed first. Ray keeps the handle in a
-    private attribute: without it, this is plain `ray.shutdown()`."""
-    import ray
-    from ray._private import ray_constants, worker
-
-    node = getattr(worker, "_global_node", None)
-    processes = getattr(node, "all_processes", None) or {}
-    for info in processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
-        info.process.kill()
-    ray.shutdown()
 
 
 def place_experts(spec: BuildSpec, plan: Plan, resources: dict[str, float], node: NodeLimits | None = None) -> dict[str, Placement]:

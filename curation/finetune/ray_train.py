@@ -57,7 +57,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.build.cluster import stop_local_ray
+    from curation.local_ray import stop_local_ray
 
     if workers < 1:
         raise CurationError(f"--workers {workers}: must be at least 1")
