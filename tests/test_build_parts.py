@@ -188,6 +188,34 @@ def test_local_session_stops_every_ray_process():
         assert p.wait(timeout=10) is not None, p.args
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_small_object_store_gets_a_budget_that_holds_the_blocks(tmp_path):
+    """A store too small for STORE_FRACTION to hold two of the largest input blocks per expert
+    slot (here 80 MiB, brain blocks of 9 MB): the budget is raised, at most to half, and the
+    build writes the same shards as a rebuild from its cache."""
+    import ray
+    import ray.data
+
+    from curation.build.cluster import STORE_FRACTION
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=1, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out")))
+    ray.init(num_cpus=2, object_store_memory=80 << 20, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        first = build(manifest, progress=False)
+        fraction = ray.data.DataContext.get_current().override_object_store_memory_limit_fraction
+    finally:
+        ray.shutdown()
+    assert STORE_FRACTION < fraction <= 0.5
+    shards = {p.relative_to(first.out): p.read_bytes() for p in first.shards}
+    again = build(manifest, progress=False)  # every finding cached: rendered here, without Ray
+    assert len(shards) > 1 and {p.relative_to(again.out): p.read_bytes() for p in again.shards} == shards
+
+
 def test_cache_error_entries_and_registry(tmp_path):
     cache = FindingsCache(tmp_path)
     cache.put_error("c0ffee", "fp", "load failed: truncated", "organs")
