@@ -353,11 +353,11 @@ def load_memory(largest: int) -> float:
 # raised where the plan's blocks need more (`store_fraction`). Loading outruns the experts, so
 # the load operators' finished blocks (voxels) queue for them until this budget stops new loads:
 # at half, a 736-item CPU build on the 2-CPU machine held 730 MiB of queued voxels at its peak and
-# the build's peak grew with the archive; at 0.1, 470 MiB; at 0.05 the whole peak fell by another
-# 200-300 MiB with the same wall time, and a GPU-like build kept its experts as busy (bench/README).
-# Ray Data keeps the pipeline live below one block's size (a demo build with a 4 MB budget writes
-# the same shards).
-STORE_FRACTION = 0.05
+# the build's peak grew with the archive; at 0.1, 470 MiB. At 0.05 the large build's peak fell by
+# another 200-300 MiB, but demo-24 builds took 42.0 s instead of 37.9 (medians of five alternated
+# pairs, slower in every pair): loading stalled the expert host. Ray Data keeps the pipeline live
+# below one block's size (a demo build with a 4 MB budget writes the same shards).
+STORE_FRACTION = 0.1
 BLOCKS_PER_SLOT = 2  # input blocks the budget holds for each expert slot at least: one running, one ready
 
 
@@ -370,7 +370,7 @@ def store_fraction(inputs: dict[int, LaneInput], placements: dict[str, Placement
     >>> hosts = {"V": Placement(1, 0.0, 2.0, 1, hosted=True, threads=2)}
     >>> small, large = {0: LaneInput(Path("l"), block_bytes=64 << 20)}, {0: LaneInput(Path("l"), block_bytes=315 << 20)}
     >>> store_fraction(small, hosts, 7.5e9), round(store_fraction(large, hosts, 4e9), 2), store_fraction(large, hosts, 1e9)
-    (0.05, 0.33, 0.5)
+    (0.1, 0.33, 0.5)
     """
     hosts = hosts_placement(placements)
     slots = (hosts.actors * hosts.threads if hosts else 0) + sum(p.actors * p.pools for p in placements.values() if not p.hosted and not p.tasks)
