@@ -242,10 +242,16 @@ def expert_hosts(placements: dict[str, Placement], cpus_total: float, memory_tot
     return hosts, threads
 
 
+def own_pools(placements: dict[str, Placement]) -> dict[str, Placement]:
+    """The experts with actor pools of their own (`pools` of them, one per lane): neither in
+    the expert hosts nor in the load tasks."""
+    return {n: p for n, p in placements.items() if not p.hosted and not p.tasks}
+
+
 def actor_cpus(placements: dict[str, Placement]) -> float:
     """CPUs the build's actors reserve: every pool's, and the expert hosts' once."""
     hosts = hosts_placement(placements)
-    return (hosts.actors * hosts.cpus if hosts else 0.0) + sum(p.actors * p.pools * p.cpus for p in placements.values() if not p.hosted and not p.tasks)
+    return (hosts.actors * hosts.cpus if hosts else 0.0) + sum(p.actors * p.pools * p.cpus for p in own_pools(placements).values())
 
 
 def _check_fits(spec: BuildSpec, out: dict[str, Placement], gpus_total: float, memory_total: float, node: NodeLimits) -> None:
@@ -373,7 +379,7 @@ def store_fraction(inputs: dict[int, LaneInput], placements: dict[str, Placement
     (0.1, 0.33, 0.5)
     """
     hosts = hosts_placement(placements)
-    slots = (hosts.actors * hosts.threads if hosts else 0) + sum(p.actors * p.pools for p in placements.values() if not p.hosted and not p.tasks)
+    slots = (hosts.actors * hosts.threads if hosts else 0) + sum(p.actors * p.pools for p in own_pools(placements).values())
     largest = max((i.block_bytes for i in inputs.values()), default=0)
     return min(0.5, max(STORE_FRACTION, BLOCKS_PER_SLOT * max(1, slots) * largest / max(store_bytes, 1.0)))
 

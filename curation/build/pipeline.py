@@ -47,6 +47,7 @@ from curation.build.cluster import (
     Placement,
     hosts_placement,
     item_bytes_limit,
+    own_pools,
     pipeline_dataset,
     place_experts,
     ray_session,
@@ -276,7 +277,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
     log.info("building %d items on %s; experts: %s", prep.plan.working_count, where, _where_experts_run(placements))
     hosts = hosts_placement(placements)
-    pools = [f"{n} ×{p.actors}" for n, p in placements.items() if not p.tasks and not p.hosted] + ([f"expert hosts ×{hosts.actors}"] if hosts else [])
+    pools = [f"{n} ×{p.actors}" for n, p in own_pools(placements).items()] + ([f"expert hosts ×{hosts.actors}"] if hosts else [])
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
