@@ -385,13 +385,14 @@ def store_fraction(inputs: dict[int, LaneInput], placements: dict[str, Placement
 
 
 def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext, placements: dict[str, Placement], *,
-                     cpus: float = 1.0) -> Any:
+                     store: float, cpus: float = 1.0) -> Any:
     """The whole build as one Ray Data dataset: one branch per lane up to its own experts; the
     lanes with CPU experts unioned into the expert hosts; then every lane unioned into
     rendering. One render operator, not one per lane: Ray Data reserves each operator at least
     one task's CPUs, and on a node with few CPUs per-lane render operators leave too few for
     the lanes to stream at once. `inputs`: each lane's blocks (`write_lane_inputs`); `cpus`:
-    what each load and render task reserves (`task_cpus`)."""
+    what each load and render task reserves (`task_cpus`); `store`: the cluster's object store
+    in bytes (`store_fraction`)."""
     import ray.data
 
     from curation.build.stages import load_planned, render_batch
@@ -399,7 +400,6 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
     _quiet_ray_data_console()
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
-    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
     data_ctx.override_object_store_memory_limit_fraction = store_fraction(inputs, placements, store)
     hosted = tuple(name for name, p in placements.items() if p.hosted)
     to_hosts, past_hosts = [], []

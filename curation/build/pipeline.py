@@ -270,8 +270,8 @@ def _on_ray(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int 
 def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict[str, float]) -> dict[str, Placement]:
     import ray
 
-    node = NodeLimits.of_cluster()
-    placements = place_experts(prep.spec, prep.plan, ray.cluster_resources(), node)
+    node, resources = NodeLimits.of_cluster(), ray.cluster_resources()
+    placements = place_experts(prep.spec, prep.plan, resources, node)
     limit = item_bytes_limit(node, placements)
     ctx = replace(prep.ctx, item_bytes_limit=limit)
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
@@ -282,8 +282,9 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
     try:
-        cpus = task_cpus(float(ray.cluster_resources().get("CPU", 1.0)), node.count)
-        for batch in pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus).iter_batches(batch_format="pyarrow", batch_size=None):
+        cpus = task_cpus(float(resources.get("CPU", 1.0)), node.count)
+        dataset = pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus, store=float(resources.get("object_store_memory", 0.0)))
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
                 collector.collect(work.plan, table_from_bytes(rows), work.report)
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
