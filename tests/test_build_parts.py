@@ -247,6 +247,26 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_elsewhere():
     assert lines[0].endswith("eta ?") and lines[-1].endswith("eta 0:00")  # no estimate from the first item
 
 
+def test_progress_keeps_its_clock_while_no_item_arrives_and_stops_when_closed():
+    """On a node whose CPUs the expert hosts hold, the first rows reach the driver late in the
+    build: the line is drawn on its clock meanwhile, and nothing is drawn after `close`, which
+    a `with` block calls however it ends."""
+    import time
+
+    log = io.StringIO()
+    with pytest.raises(RuntimeError), BuildProgress(5, stream=log, every=0.02) as p:
+        waited = 0.0
+        while not log.getvalue() and waited < 10:
+            time.sleep(0.02)
+            waited += 0.02
+        raise RuntimeError("the pipeline failed")
+    drawn = log.getvalue()
+    assert drawn.startswith("build: 0/5 items (0%), 0 rows") and drawn.endswith("eta ?\n")
+    time.sleep(0.1)
+    assert log.getvalue() == drawn and p._closed.is_set()
+    p.close()  # again, as the build's end does: nothing more
+
+
 @pytest.mark.slow
 def test_a_build_with_nothing_to_do_still_accounts_for_every_file(tmp_path):
     """`--limit 0`: no item goes to Ray (none is started); the ledger says why each file is left."""

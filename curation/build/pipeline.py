@@ -244,8 +244,9 @@ def _render_from_cache(prep: _Prepared, looked_up: Iterable[WorkItem], label: st
     """Rows of every item from cached findings, in this process: no Ray, no expert."""
     collector = _start(prep, label, show)
     t = time.perf_counter()
-    for work in looked_up:
-        collector.collect(work.plan, render_item(work.plan, work.content, prep.ctx, work.report), work.report)
+    with collector.progress:
+        for work in looked_up:
+            collector.collect(work.plan, render_item(work.plan, work.content, prep.ctx, work.report), work.report)
     wall = {**prep.wall, "render": time.perf_counter() - t}
     return _finish(collector, prep, wall, {}, t0)
 
@@ -263,7 +264,8 @@ def _on_ray(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int 
             prep = prep or preparing.result()  # type: ignore[union-attr]
             wall = {**prep.wall, "ray_start": ray_ready}
             collector = _start(prep, "build", show)
-            placements = _run_pipeline(prep, collector, where, wall)
+            with collector.progress:  # its clock stops however the pipeline ends
+                placements = _run_pipeline(prep, collector, where, wall)
     return _finish(collector, prep, wall, placements, t0)
 
 

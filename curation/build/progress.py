@@ -1,12 +1,16 @@
 """Live progress on the terminal and the closing summary.
 
 On a terminal one line is redrawn in place a few times a second; elsewhere (a `ray job`
-log, CI) a plain line is printed every `every` seconds, so logs stay readable.
+log, CI) a plain line is printed every `every` seconds, so logs stay readable. The line is
+drawn on that clock whether or not an item has arrived: on a node whose CPUs the expert hosts
+hold, Ray Data renders items only once loading ends (bench/README.md, "Where rendering
+runs"), and a large build would otherwise print nothing for most of its run.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -20,7 +24,8 @@ def _clock(seconds: float) -> str:
 
 
 class BuildProgress:
-    """`update()` after each item; `close()` at the end."""
+    """`update()` after each item; `close()` at the end (or leave its `with` block). With
+    `every` above 0 a thread redraws the line on that clock between items."""
 
     def __init__(self, total: int, *, label: str = "build", stream: IO[str] | None = None, every: float | None = None, enabled: bool = True):
         self.total, self.label, self.enabled = total, label, enabled
@@ -30,16 +35,35 @@ class BuildProgress:
         self.started = time.perf_counter()
         self.done = self.rows = self.runs = self.set_aside = 0
         self._last = 0.0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        if self.enabled and self.every > 0:
+            threading.Thread(target=self._beat, name="build-progress", daemon=True).start()
+
+    def __enter__(self) -> BuildProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def update(self, *, rows: int = 0, runs: int = 0, set_aside: int = 0) -> None:
-        self.done += 1
-        self.rows += rows
-        self.runs += runs
-        self.set_aside += set_aside
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.every or self.done == self.total):
-            self._last = now
-            self._draw(now)
+        with self._lock:
+            self.done += 1
+            self.rows += rows
+            self.runs += runs
+            self.set_aside += set_aside
+            now = time.perf_counter()
+            if self.enabled and (now - self._last >= self.every or self.done == self.total):
+                self._last = now
+                self._draw(now)
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.every):
+            with self._lock:
+                now = time.perf_counter()
+                if not self._closed.is_set() and now - self._last >= self.every:
+                    self._last = now
+                    self._draw(now)
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.started
@@ -59,9 +83,13 @@ class BuildProgress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            if self.enabled and self.live:
+                self.stream.write("\n")
+                self.stream.flush()
 
 
 def summary(card: dict[str, Any], layout: Layout, *, limit: int = 8) -> str:
