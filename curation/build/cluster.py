@@ -335,10 +335,11 @@ def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneI
 
 
 # A load worker's own memory, with the 25 % headroom over its measured peak that Ray Data's
-# memory check asks of a reservation (it warns at the end of a build otherwise, recommending
-# a `memory=` the user cannot set): measured 404 MiB RSS on a CT item of 8 MB, USS up to
-# 330 MiB on demo-24.
-WORKER_BASE_MEMORY = 512 << 20
+# memory check asks of a reservation (it warns at the end of a build otherwise, "Found 1
+# issues", recommending a `memory=` the user cannot set): measured 404 MiB RSS on a CT item of
+# 8 MB, USS up to 330 MiB on demo-24, and 420 MiB on the large demo archive, in the CT lane's
+# load tasks that also run its weight-free experts (512 MiB was under 1.25 × that).
+WORKER_BASE_MEMORY = 640 << 20
 COPIES = 3  # copies of an item's voxels a load task holds at once: file bytes, decoded voxels, the pickled work item
 
 
