@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow.parquet as pq
-
-from curation.ingest.index import scan_to_files
+from curation.ingest.index import read_index, scan_to_files
 from curation.ingest.runners import LocalRunner, Runner
 from curation.ingest.scan import ScanSummary
-from curation.items import LedgerEntry, StudyItem, items_from_table, ledger_from_table
+from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec
 from curation.store.layout import Layout
 
@@ -73,8 +71,7 @@ def scan_index(spec: BuildSpec, layout: Layout, runner: Runner | None = None) ->
     ledger_path = layout.internal / ".index-ledger.parquet"
     try:
         summary = scan_to_files(spec, layout.index, ledger_path, runner, spill=layout.internal)
-        items = items_from_table(pq.read_table(layout.index))
-        ledger = ledger_from_table(pq.read_table(ledger_path))
+        items, ledger = read_index(layout.index, ledger_path)
     finally:
         Path(ledger_path).unlink(missing_ok=True)
         getattr(runner, "close", lambda: None)()

@@ -13,6 +13,7 @@ Nothing here reads files, so every rule can be tested with a few numbers.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,7 +113,8 @@ def is_uneven(spacings: np.ndarray) -> bool:
     if len(spacings) < 2:
         return False
     spread = float(spacings.max() - spacings.min())
-    return spread > max(UNEVEN_RELATIVE * float(np.median(spacings)), UNEVEN_ABSOLUTE_MM)
+    # statistics, not np.median: that imports numpy.ma (about 0.015 s of `convert`'s start)
+    return spread > max(UNEVEN_RELATIVE * statistics.median(spacings.tolist()), UNEVEN_ABSOLUTE_MM)
 
 
 def affine_ras(orientation: Sequence[float], pixel_spacing: Sequence[float], origin: Sequence[float], step: np.ndarray) -> np.ndarray:

@@ -50,12 +50,20 @@ def scan_to_files(spec: BuildSpec, index_path: Path, ledger_path: Path, runner: 
     return scan_archive(spec.sources, resolve_secret(spec.key), index_path, ledger_path, runner, spill)
 
 
+def read_index(index_path: Path, ledger_path: Path) -> tuple[list[StudyItem], list[LedgerEntry]]:
+    """The items and ledger of the two files a scan wrote, each read as one file: not through
+    `pq.read_table`, whose dataset layer imports `pyarrow.dataset`, which nothing else in
+    `index` or `convert` needs (about 0.015 s of their start)."""
+    return items_from_table(pq.ParquetFile(index_path).read()), ledger_from_table(pq.ParquetFile(ledger_path).read())
+
+
 def build_index(spec: BuildSpec, runner: Runner | None = None) -> Index:
     """The scan's items and ledger in memory (for archives whose index fits in it)."""
     with tempfile.TemporaryDirectory(prefix="m3-index-") as tmp:
         index_path, ledger_path = Path(tmp) / "index.parquet", Path(tmp) / "ledger.parquet"
         scan_to_files(spec, index_path, ledger_path, runner)
-        return Index(items=items_from_table(pq.read_table(index_path)), ledger=ledger_from_table(pq.read_table(ledger_path)))
+        items, ledger = read_index(index_path, ledger_path)
+        return Index(items=items, ledger=ledger)
 
 
 def scan_source(reader: SourceReader, runner: Runner | None = None) -> tuple[list[StudyItem], list[LedgerEntry]]:
@@ -63,7 +71,7 @@ def scan_source(reader: SourceReader, runner: Runner | None = None) -> tuple[lis
     with tempfile.TemporaryDirectory(prefix="m3-index-") as tmp:
         index_path, ledger_path = Path(tmp) / "index.parquet", Path(tmp) / "ledger.parquet"
         scan_archive([reader.spec], reader.keyer.secret, index_path, ledger_path, runner)
-        return items_from_table(pq.read_table(index_path)), ledger_from_table(pq.read_table(ledger_path))
+        return read_index(index_path, ledger_path)
 
 
 def write_index(index: Index, index_path: Path, ledger_path: Path) -> tuple[Path, Path]:
