@@ -52,18 +52,21 @@ class BuildProgress:
             self.rows += rows
             self.runs += runs
             self.set_aside += set_aside
-            now = time.perf_counter()
-            if self.enabled and (now - self._last >= self.every or self.done == self.total):
-                self._last = now
-                self._draw(now)
+            self._draw_when_due(last_item=self.done == self.total)
 
     def _beat(self) -> None:
         while not self._closed.wait(self.every):
             with self._lock:
-                now = time.perf_counter()
-                if not self._closed.is_set() and now - self._last >= self.every:
-                    self._last = now
-                    self._draw(now)
+                if not self._closed.is_set():
+                    self._draw_when_due()
+
+    def _draw_when_due(self, *, last_item: bool = False) -> None:
+        """Draw if `every` seconds have passed since the last line, or for the last item (the
+        caller holds the lock)."""
+        now = time.perf_counter()
+        if self.enabled and (last_item or now - self._last >= self.every):
+            self._last = now
+            self._draw(now)
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.started
