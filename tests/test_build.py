@@ -4,7 +4,10 @@ failing expert and a failing template to show where failures go."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -49,6 +52,7 @@ class Built:
     prompts: Path
     runs: list[str]  # expert runs of the build, one "<item_id> <args>" each
     card: dict
+    progress: str  # what the build printed to stderr: log lines, then its progress line
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +106,10 @@ def built(runs_log, archive, tmp_path_factory) -> Built:
     root = tmp_path_factory.mktemp("build")
     prompts = write_prompts(root / "prompts")
     manifest = tiny_manifest(archive, root, prompts)
-    result = build(manifest, progress=False)
-    return Built(manifest=manifest, out=root / "out", prompts=prompts, runs=runs_log.read_text().splitlines(), card=result.card)
+    with contextlib.redirect_stderr(io.StringIO()) as printed:
+        result = build(manifest, progress=True)
+    return Built(manifest=manifest, out=root / "out", prompts=prompts, runs=runs_log.read_text().splitlines(), card=result.card,
+                 progress=printed.getvalue())
 
 
 def shard_table(out: Path):
@@ -233,6 +239,19 @@ def test_every_expert_runs_once_per_item_and_argument(built):
     # weight-free experts ran inside the load tasks, except BRATS, which the manifest gives a pool
     assert experts["CT_TISSUE"]["in_load_tasks"] and experts["CT_TISSUE"]["actors"] == 0 and experts["CT_TISSUE"]["runs"]
     assert not experts["BRATS"]["in_load_tasks"] and experts["BRATS"]["actors"] == 1 and experts["BRATS"]["runs"]
+
+
+def test_the_progress_line_counts_items_past_their_experts_in_the_workers(built):
+    """The driver learns of an item only from its rows; the items past their experts come from
+    the files the expert actors and load tasks write in the build's progress folder, which goes
+    with the plan's input blocks. Every source of this build has an expert, so at the end every
+    item is past them."""
+    last = [line for line in built.progress.splitlines() if line.startswith("build: ")][-1]
+    found = re.match(r"build: (\d+)/(\d+) items \(100%\), (\d+)/(\d+) past experts, ", last)
+    assert found, last
+    done, total, passed, needing = map(int, found.groups())
+    assert done == total == passed == needing > 0
+    assert not any((built.out / "internal").glob("plan*"))
 
 
 def test_export_llava_of_a_build(built, tmp_path):

@@ -358,6 +358,61 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     assert stage.experts[0].broken == "setting up the expert failed: RuntimeError: no such device"
 
 
+def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_path):
+    """Items past their experts reach the line from the workers' own files before any item is
+    rendered, with an estimate from their pace; the sum is capped at the total (a batch Ray
+    retries counts again), and what is not a finished count (a temporary name, a torn or foreign
+    file) is skipped."""
+    from curation.build.progress import PassedCount, items_passed
+
+    folder = tmp_path / "progress"
+    folder.mkdir()
+    host = PassedCount.of_process(str(folder))
+    assert PassedCount.of_process(str(folder)) is host and host.path.parent == folder
+    task = PassedCount(folder)
+    task.path = folder / "another-node-123.json"  # as another process would name it
+    host.add(3)
+    host.add(2)
+    task.add(4)
+    (folder / ".x.json.1-ab.tmp").write_text('{"items": 100}')
+    (folder / "torn.json").write_text('{"ite')
+    assert items_passed(folder) == 9 and items_passed(tmp_path / "none yet") == 0
+
+    log = io.StringIO()
+    p = BuildProgress(20, stream=log, every=0)
+    p.watch(10, lambda: items_passed(folder))
+    p.started -= 9.0  # 9 of 10 past their experts in 9 s: one more second
+    assert "0/20 items (0%), 9/10 past experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
+    task.add(5)  # a retried batch: 14 of 10
+    p._read_at = -1e9
+    assert "10/10 past experts" in p.line()
+    p.close()
+
+
+def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
+    """An item is past its experts once, after the lane's last expert stage: a stage that hands
+    the voxels on to another counts nothing, and a stage without a progress folder writes none."""
+    from dataclasses import replace
+
+    from curation.build.progress import items_passed
+    from curation.build.stages import ExpertStage, WorkItem, load_item, work_table
+
+    _, prep = prepared(tmp_path)
+    folder = tmp_path / "progress"
+    folder.mkdir()
+    ctx = replace(prep.ctx, progress_dir=str(folder))
+    plans = [p for p in prep.plan.iter_working() if p.item.source == "ct"]
+
+    def batch():
+        return work_table([load_item(WorkItem(plan=p), ctx) for p in plans])
+
+    ExpertStage(ctx, ("CT_TISSUE",), gpus=0.0, last=False)(batch())
+    ExpertStage(prep.ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
+    assert items_passed(folder) == 0
+    out = ExpertStage(ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
+    assert out.num_rows == len(plans) == items_passed(folder) > 0
+
+
 @pytest.mark.slow
 def test_each_lanes_items_go_to_ray_as_blocks_read_from_a_file_once_each(tmp_path):
     """The driver writes each lane's working items as row groups of one file (one block per

@@ -294,6 +294,7 @@ class LaneInput:
     blocks: int = 0
     largest: int = 0  # voxel bytes of the largest item a load task may hold (items over the limit are set aside)
     runs: int = 0  # expert runs its items need (at most: some may be cached)
+    items: int = 0
     block_bytes: int = 0  # voxel bytes of its largest block
 
 
@@ -324,6 +325,7 @@ def write_lane_inputs(plan: Plan, folder: Path, limit: float) -> dict[int, LaneI
             flush(p.lane)
             block, size = [], 0
         pending[p.lane] = ([*block, WorkItem(plan=p)], size + voxels)
+        inputs[p.lane].items += 1
         inputs[p.lane].runs += sum(len(args) for args in p.needs(plan.spec).values())
         if voxels <= limit:
             inputs[p.lane].largest = max(inputs[p.lane].largest, voxels)

@@ -5,16 +5,30 @@ log, CI) a plain line is printed every `every` seconds, so logs stay readable. T
 drawn on that clock whether or not an item has arrived: on a node whose CPUs the expert hosts
 hold, Ray Data renders items only once loading ends (bench/README.md, "Where rendering
 runs"), and a large build would otherwise print nothing for most of its run.
+
+For the same reason the line also counts the items past their experts, which on CPUs run ahead
+of the rendered ones by most of the build. The driver learns of an item only from its rows, so
+the workers tell it through files: each process that runs a lane's last expert stage rewrites
+one small file of its own (`PassedCount`) in the build's progress folder, beside the plan's
+input blocks that every node reads already, and the driver sums them (`items_passed`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, ClassVar
 
+from curation.atomic import write_json
 from curation.store.layout import Layout
+
+READ_EVERY = 1.0  # seconds between two readings of the workers' counts (a shared folder is listed)
 
 
 def _clock(seconds: float) -> str:
@@ -35,6 +49,8 @@ class BuildProgress:
         self.started = time.perf_counter()
         self.done = self.rows = self.runs = self.set_aside = 0
         self._last = 0.0
+        self._experts: tuple[int, Callable[[], int]] | None = None
+        self._passed, self._read_at = 0, -READ_EVERY
         self._lock = threading.Lock()
         self._closed = threading.Event()
         if self.enabled and self.every > 0:
@@ -54,6 +70,12 @@ class BuildProgress:
             self.set_aside += set_aside
             self._draw_when_due(last_item=self.done == self.total)
 
+    def watch(self, total: int, passed: Callable[[], int]) -> None:
+        """Show the items past their experts too: `passed()` of `total`, read at most every
+        READ_EVERY seconds and capped at `total`."""
+        with self._lock:
+            self._experts = (total, passed) if total else None
+
     def _beat(self) -> None:
         while not self._closed.wait(self.every):
             with self._lock:
@@ -69,14 +91,20 @@ class BuildProgress:
             self._draw(now)
 
     def line(self, now: float | None = None) -> str:
-        elapsed = (now or time.perf_counter()) - self.started
+        now = now or time.perf_counter()
+        elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        # the first items include the experts' start-up: an estimate from them means nothing
-        settled = rate > 0 and self.done >= max(3, self.total // 20)
-        eta = _clock((self.total - self.done) / rate) if settled else "?"
-        return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {self.rows} rows, {self.runs} expert runs, "
-                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta}")
+        eta, experts = _eta(self.done, self.total, elapsed), ""
+        if self._experts is not None:
+            total, passed = self._experts
+            if now - self._read_at >= READ_EVERY or self.done == self.total:  # the last line counts them all
+                self._read_at, self._passed = now, min(total, passed())
+            experts = f"{self._passed}/{total} past experts, "
+            if eta is None:  # no item rendered yet: the experts' pace, which sets the build's
+                eta = _eta(self._passed, total, elapsed)
+        return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
+                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
 
     def _draw(self, now: float) -> None:
         if self.live:
@@ -93,6 +121,54 @@ class BuildProgress:
             if self.enabled and self.live:
                 self.stream.write("\n")
                 self.stream.flush()
+
+
+def _eta(done: int, total: int, elapsed: float) -> str | None:
+    """Time left at the pace so far; None before a twentieth (and 3) of `total` is done: the
+    first items include the experts' start-up, and an estimate from them means nothing."""
+    if done <= 0 or elapsed <= 0 or done < max(3, total // 20):
+        return None
+    return _clock((total - done) * elapsed / done)
+
+
+class PassedCount:
+    """Items this process passed through their lane's last expert stage, in its own file of the
+    build's progress folder, rewritten after every batch (a batch is a CT series or a few
+    dozen X-rays: a few writes a second at most). One per process and folder (`of_process`):
+    a load task's worker and an expert host's threads share it. A batch Ray retries after a
+    crash is counted again; the driver caps the sum."""
+
+    _mine: ClassVar[dict[str, PassedCount]] = {}
+    _made = threading.Lock()
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / f"{socket.gethostname()}-{os.getpid()}.json"
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_process(cls, folder: str) -> PassedCount:
+        with cls._made:
+            found = cls._mine.get(folder)
+            if found is None:
+                found = cls._mine[folder] = cls(folder)
+            return found
+
+    def add(self, items: int) -> None:
+        with self._lock:
+            self.count += items
+            write_json(self.path, {"items": self.count})
+
+
+def items_passed(folder: str | Path) -> int:
+    """The sum of the workers' counts (`PassedCount`) in `folder`; 0 before the first."""
+    total = 0
+    for path in Path(folder).glob("*.json"):  # a count being replaced is a hidden temporary name
+        try:
+            total += int(json.loads(path.read_text())["items"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # removed meanwhile, or not one of ours
+    return total
 
 
 def summary(card: dict[str, Any], layout: Layout, *, limit: int = 8) -> str:

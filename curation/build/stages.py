@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
+from curation.build.progress import PassedCount
 from curation.errors import ItemError
 from curation.findings import without_timing
 from curation.items import StudyItem, Volume
@@ -75,6 +76,9 @@ class BuildContext:
     # worker that serves the next build — the same recipe into another folder, with another
     # cache or image size — builds its own.
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Where each process that runs a lane's last expert stage keeps its count of the items it
+    # passed, for the driver's progress line (`curation.build.progress.PassedCount`). None: not counted.
+    progress_dir: str | None = None
 
     def cache(self) -> FindingsCache:
         return FindingsCache(Path(self.cache_root))
@@ -348,6 +352,7 @@ class ExpertStage:
     def __init__(self, ctx: BuildContext, experts: tuple[str, ...], *, gpus: float, last: bool, threads: int = 1):
         self.experts = [_Expert(ctx, name, gpus) for name in experts]
         self.last = last
+        self.passed = PassedCount.of_process(ctx.progress_dir) if last and ctx.progress_dir else None
         torch = sys.modules.get("torch")
         if threads > 1 and torch is not None:
             torch.set_num_threads(1)
@@ -360,7 +365,10 @@ class ExpertStage:
         return work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return work_table([self.run_item(w) for w in work_items(batch)])
+        out = work_table([self.run_item(w) for w in work_items(batch)])
+        if self.passed is not None:
+            self.passed.add(out.num_rows)
+        return out
 
 
 def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
