@@ -360,7 +360,7 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
 
 def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_path):
     """Items past their experts reach the line from the workers' own files before any item is
-    rendered, with an estimate from their pace; the sum is capped at the total (a batch Ray
+    rendered, and the estimate follows their pace until every item is past them; the sum is capped at the total (a batch Ray
     retries counts again), and what is not a finished count (a temporary name, a torn or foreign
     file) is skipped."""
     from curation.build.progress import PassedCount, items_passed
@@ -383,6 +383,8 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     p.watch(10, lambda: items_passed(folder))
     p.started -= 9.0  # 9 of 10 past their experts in 9 s: one more second
     assert "0/20 items (0%), 9/10 past experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
+    p.done = 4  # 4 of 20 items in 9 s would leave 0:36: until every item is past its experts, they set the pace
+    assert p.line().endswith("eta 0:01")
     task.add(5)  # a retried batch: 14 of 10
     p._read_at = -1e9
     assert "10/10 past experts" in p.line()

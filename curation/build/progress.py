@@ -101,7 +101,7 @@ class BuildProgress:
             if now - self._read_at >= READ_EVERY or self.done == self.total:  # the last line counts them all
                 self._read_at, self._passed = now, min(total, passed())
             experts = f"{self._passed}/{total} past experts, "
-            if eta is None:  # no item rendered yet: the experts' pace, which sets the build's
+            if self._passed < total:  # the experts set the build's pace; rendering follows in bursts
                 eta = _eta(self._passed, total, elapsed)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
                 f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
