@@ -390,6 +390,12 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     assert "10/10 past experts" in p.line()
     p.close()
 
+    gone = PassedCount(tmp_path / "a file, not a folder" / "progress")
+    (tmp_path / "a file, not a folder").write_text("")
+    gone.add(1)
+    gone.add(1)  # the count goes on, unwritten: the build it serves does not fail for it
+    assert gone.count == 2 and gone.failed
+
 
 def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
     """An item is past its experts once, after the lane's last expert stage: a stage that hands

@@ -16,6 +16,7 @@ input blocks that every node reads already, and the driver sums them (`items_pas
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -26,7 +27,10 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from curation.atomic import write_json
+from curation.errors import CurationError
 from curation.store.layout import Layout
+
+log = logging.getLogger(__name__)
 
 READ_EVERY = 1.0  # seconds between two readings of the workers' counts (a shared folder is listed)
 
@@ -144,6 +148,7 @@ class PassedCount:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / f"{socket.gethostname()}-{os.getpid()}.json"
         self.count = 0
+        self.failed = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -155,9 +160,17 @@ class PassedCount:
             return found
 
     def add(self, items: int) -> None:
+        """Count and rewrite the file; a folder it cannot write to only stops the count (the
+        line shows fewer items past their experts), never the build."""
         with self._lock:
             self.count += items
-            write_json(self.path, {"items": self.count})
+            if self.failed:
+                return
+            try:
+                write_json(self.path, {"items": self.count})
+            except (OSError, CurationError) as e:
+                self.failed = True
+                log.warning("cannot count items past their experts for the progress line in %s: %s", self.path.parent, e)
 
 
 def items_passed(folder: str | Path) -> int:
