@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -358,13 +359,15 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     assert stage.experts[0].broken == "setting up the expert failed: RuntimeError: no such device"
 
 
-def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_path):
+def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_path, monkeypatch):
     """Items past their experts reach the line from the workers' own files before any item is
-    rendered, and the estimate follows their pace until every item is past them; the sum is capped at the total (a batch Ray
-    retries counts again), and what is not a finished count (a temporary name, a torn or foreign
-    file) is skipped."""
+    rendered, and the estimate follows their pace until every item is past them; the sum is
+    capped at the total (a batch Ray retries counts again), and what is not a finished count
+    (a temporary name, a torn or foreign file) is skipped."""
+    from curation.build import progress
     from curation.build.progress import PassedCount, items_passed
 
+    monkeypatch.setattr(progress, "WRITE_EVERY", 0.0)
     folder = tmp_path / "progress"
     folder.mkdir()
     host = PassedCount.of_process(str(folder))
@@ -374,7 +377,7 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     host.add(3)
     host.add(2)
     task.add(4)
-    (folder / ".x.json.1-ab.tmp").write_text('{"items": 100}')
+    (folder / ".x.json.tmp").write_text('{"items": 100}')
     (folder / "torn.json").write_text('{"ite')
     assert items_passed(folder) == 9 and items_passed(tmp_path / "none yet") == 0
 
@@ -390,11 +393,41 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     assert "10/10 past experts" in p.line()
     p.close()
 
-    gone = PassedCount(tmp_path / "a file, not a folder" / "progress")
-    (tmp_path / "a file, not a folder").write_text("")
-    gone.add(1)
-    gone.add(1)  # the count goes on, unwritten: the build it serves does not fail for it
-    assert gone.count == 2 and gone.failed
+
+def test_a_workers_count_is_written_at_most_once_a_second_and_never_fails_a_build(tmp_path, monkeypatch, caplog):
+    """The first count at once, the next within WRITE_EVERY even if no batch follows; a folder
+    that cannot be written stops the count with one warning, and once the driver has removed
+    it (the build is over) a late write makes nothing and says nothing."""
+    import time
+
+    from curation.build import progress
+    from curation.build.progress import PassedCount, items_passed
+
+    monkeypatch.setattr(progress, "WRITE_EVERY", 0.3)
+    folder = tmp_path / "progress"
+    folder.mkdir()
+    count = PassedCount(folder)
+    count.add(1)
+    count.add(1)
+    count.add(1)
+    assert items_passed(folder) == 1
+    deadline = time.monotonic() + 10
+    while items_passed(folder) != 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert items_passed(folder) == 3 and not count.failed
+
+    (tmp_path / "a file").write_text("")
+    broken = PassedCount(tmp_path / "a file" / "progress")
+    with caplog.at_level("WARNING"):
+        broken.add(1)
+        broken.add(1)
+    assert broken.count == 2 and broken.failed and len(caplog.records) == 1
+
+    shutil.rmtree(folder)
+    caplog.clear()
+    late = PassedCount(folder)
+    late.add(1)
+    assert late.failed and not folder.exists() and not caplog.records
 
 
 def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):

@@ -294,7 +294,7 @@ class LaneInput:
     blocks: int = 0
     largest: int = 0  # voxel bytes of the largest item a load task may hold (items over the limit are set aside)
     runs: int = 0  # expert runs its items need (at most: some may be cached)
-    items: int = 0
+    items: int = 0  # its working items
     block_bytes: int = 0  # voxel bytes of its largest block
 
 

@@ -9,14 +9,16 @@ runs"), and a large build would otherwise print nothing for most of its run.
 For the same reason the line also counts the items past their experts, which on CPUs run ahead
 of the rendered ones by most of the build. The driver learns of an item only from its rows, so
 the workers tell it through files: each process that runs a lane's last expert stage rewrites
-one small file of its own (`PassedCount`) in the build's progress folder, beside the plan's
-input blocks that every node reads already, and the driver sums them (`items_passed`).
+one small file of its own (`PassedCount`, at most once a second) in the build's progress folder,
+beside the plan's input blocks that every node reads already, and the driver sums them
+(`items_passed`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -26,13 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from curation.atomic import write_json
-from curation.errors import CurationError
 from curation.store.layout import Layout
 
 log = logging.getLogger(__name__)
 
 READ_EVERY = 1.0  # seconds between two readings of the workers' counts (a shared folder is listed)
+WRITE_EVERY = 1.0  # seconds between two writes of one worker's count
 
 
 def _clock(seconds: float) -> str:
@@ -102,7 +103,9 @@ class BuildProgress:
         eta, experts = _eta(self.done, self.total, elapsed), ""
         if self._experts is not None:
             total, passed = self._experts
-            if now - self._read_at >= READ_EVERY or self.done == self.total:  # the last line counts them all
+            if self.done == self.total:  # every item rendered is past its experts (the last counts may be in flight)
+                self._passed = total
+            elif now - self._read_at >= READ_EVERY:
                 self._read_at, self._passed = now, min(total, passed())
             experts = f"{self._passed}/{total} past experts, "
             if self._passed < total:  # the experts set the build's pace; rendering follows in bursts
@@ -137,10 +140,11 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
 
 class PassedCount:
     """Items this process passed through their lane's last expert stage, in its own file of the
-    build's progress folder, rewritten after every batch (a batch is a CT series or a few
-    dozen X-rays: a few writes a second at most). One per process and folder (`of_process`):
-    a load task's worker and an expert host's threads share it. A batch Ray retries after a
-    crash is counted again; the driver caps the sum."""
+    build's progress folder. One per process and folder (`of_process`): a load task's worker
+    and an expert host's threads share it. The first count is written at once, later ones at
+    most every WRITE_EVERY seconds (on a shared file system each write costs round trips, and
+    an X-ray expert on a GPU passes dozens of items a second), the last within WRITE_EVERY of
+    its batch. A batch Ray retries after a crash is counted again; the driver caps the sum."""
 
     _mine: ClassVar[dict[str, PassedCount]] = {}
     _made = threading.Lock()
@@ -149,6 +153,8 @@ class PassedCount:
         self.path = Path(folder) / f"{socket.gethostname()}-{os.getpid()}.json"
         self.count = 0
         self.failed = False
+        self._written_at = -math.inf
+        self._pending: threading.Timer | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -160,17 +166,39 @@ class PassedCount:
             return found
 
     def add(self, items: int) -> None:
-        """Count and rewrite the file; a folder it cannot write to only stops the count (the
-        line shows fewer items past their experts), never the build."""
         with self._lock:
             self.count += items
-            if self.failed:
-                return
-            try:
-                write_json(self.path, {"items": self.count})
-            except (OSError, CurationError) as e:
-                self.failed = True
-                log.warning("cannot count items past their experts for the progress line in %s: %s", self.path.parent, e)
+            wait = self._written_at + WRITE_EVERY - time.monotonic()
+            if wait <= 0:
+                self._write()
+            elif self._pending is None and not self.failed:
+                self._pending = threading.Timer(wait, self._write_pending)
+                self._pending.daemon = True
+                self._pending.start()
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            self._pending = None
+            self._write()
+
+    def _write(self) -> None:
+        """The count, replacing the file whole (the caller holds the lock). The folder is the
+        driver's: once it is gone the build is over, and nothing is written again (a write in
+        the millisecond the driver removes it may leave this file, which the next build's
+        clean-up of the plan's folder takes). A count that cannot be written only stops the
+        count (the line shows fewer items past their experts), never the build."""
+        if self.failed:
+            return
+        self._written_at = time.monotonic()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # hidden: the driver reads *.json
+        try:
+            tmp.write_text(json.dumps({"items": self.count}))
+            os.replace(tmp, self.path)
+        except FileNotFoundError:
+            self.failed = True
+        except OSError as e:
+            self.failed = True
+            log.warning("cannot count items past their experts for the progress line in %s: %s", self.path.parent, e)
 
 
 def items_passed(folder: str | Path) -> int:
