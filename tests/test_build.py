@@ -259,7 +259,7 @@ def test_the_progress_line_counts_items_past_their_experts_in_the_workers(built)
     input blocks. Every source of this build has an expert, so at the end every item is past
     them."""
     last = [line for line in built.progress.splitlines() if line.startswith("build: ")][-1]
-    found = re.match(r"build: (\d+)/(\d+) items \(100%\), (\d+)/(\d+) past experts, ", last)
+    found = re.match(r"build: (\d+)/(\d+) items \(100%\), (\d+)/(\d+) through experts, ", last)
     assert found, last
     done, total, passed, needing = map(int, found.groups())
     assert done == total == passed == needing > 0

@@ -385,12 +385,12 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     p = BuildProgress(20, stream=log, every=0)
     p.watch(10, lambda: items_passed(folder))
     p.started -= 9.0  # 9 of 10 past their experts in 9 s: one more second
-    assert "0/20 items (0%), 9/10 past experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
+    assert "0/20 items (0%), 9/10 through experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
     p.done = 4  # 4 of 20 items in 9 s would leave 0:36: until every item is past its experts, they set the pace
     assert p.line().endswith("eta 0:01")
     task.add(5)  # a retried batch: 14 of 10
     p._read_at = -1e9
-    assert "10/10 past experts" in p.line()
+    assert "10/10 through experts" in p.line()
     p.close()
 
 

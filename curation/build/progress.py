@@ -107,7 +107,7 @@ class BuildProgress:
                 self._passed = total
             elif now - self._read_at >= READ_EVERY:
                 self._read_at, self._passed = now, min(total, passed())
-            experts = f"{self._passed}/{total} past experts, "
+            experts = f"{self._passed}/{total} through experts, "
             if self._passed < total:  # the experts set the build's pace; rendering follows in bursts
                 eta = _eta(self._passed, total, elapsed)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
