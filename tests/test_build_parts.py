@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -359,11 +360,22 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
     assert stage.experts[0].broken == "setting up the expert failed: RuntimeError: no such device"
 
 
-def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_path, monkeypatch):
-    """Items past their experts reach the line from the workers' own files before any item is
-    rendered, and the estimate follows their pace until every item is past them; the sum is
-    capped at the total (a batch Ray retries counts again), and what is not a finished count
-    (a temporary name, a torn or foreign file) is skipped."""
+def _until(check, seconds: float = 10.0) -> bool:
+    """Whether `check()` holds within `seconds` (the workers' counts are written by a timer)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(check())
+
+
+def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_path, monkeypatch):
+    """Items through their experts reach the line from the workers' own files before any item
+    is rendered, and while they are ahead of the rendered items the estimate follows their pace;
+    the sum is capped at the total (a batch Ray retries counts again) and never goes back,
+    what is not a finished count (a temporary name, a torn or foreign file) is skipped, and a
+    folder that cannot be read keeps the last count."""
     from curation.build import progress
     from curation.build.progress import PassedCount, items_passed
 
@@ -379,26 +391,40 @@ def test_progress_counts_items_past_their_experts_from_each_workers_file(tmp_pat
     task.add(4)
     (folder / ".x.json.tmp").write_text('{"items": 100}')
     (folder / "torn.json").write_text('{"ite')
-    assert items_passed(folder) == 9 and items_passed(tmp_path / "none yet") == 0
+    assert _until(lambda: items_passed(folder) == 9) and items_passed(tmp_path / "none yet") == 0
 
     log = io.StringIO()
     p = BuildProgress(20, stream=log, every=0)
     p.watch(10, lambda: items_passed(folder))
-    p.started -= 9.0  # 9 of 10 past their experts in 9 s: one more second
+    p.refresh()
+    p.started -= 9.0  # 9 of 10 through their experts in 9 s: one more second
     assert "0/20 items (0%), 9/10 through experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
-    p.done = 4  # 4 of 20 items in 9 s would leave 0:36: until every item is past its experts, they set the pace
+    p.done = 4  # 4 of 20 items in 9 s would leave 0:36: the experts, ahead, set the pace
     assert p.line().endswith("eta 0:01")
     task.add(5)  # a retried batch: 14 of 10
-    p._read_at = -1e9
+    assert _until(lambda: items_passed(folder) == 14)
+    p.refresh()
     assert "10/10 through experts" in p.line()
+
+    q = BuildProgress(20, stream=log, every=0)
+    readings = iter([5, OSError("stale file handle"), 3])
+    q.watch(10, lambda: (lambda r: (_ for _ in ()).throw(r) if isinstance(r, Exception) else r)(next(readings)))
+    q.started -= 9.0
+    for _ in range(3):
+        q.refresh()
+        assert "5/10 through experts" in q.line()  # the failed read and the lower one keep 5
+    q.done = 8  # a count left behind by the rendered items (a write that failed): their pace again
+    assert q.line().endswith("eta 0:13")
     p.close()
+    q.close()
 
 
-def test_a_workers_count_is_written_at_most_once_a_second_and_never_fails_a_build(tmp_path, monkeypatch, caplog):
-    """The first count at once, the next within WRITE_EVERY even if no batch follows; a folder
-    that cannot be written stops the count with one warning, and once the driver has removed
-    it (the build is over) a late write makes nothing and says nothing."""
-    import time
+def test_a_workers_count_is_written_by_a_timer_at_most_once_a_second_and_never_fails_a_batch(tmp_path, monkeypatch, caplog):
+    """A batch only counts; a timer writes the first count at once and the next within
+    WRITE_EVERY, even if no batch follows. A folder that cannot be written is said once and
+    tried again; once the driver has removed it (the build is over) nothing is written or
+    said; a process that cannot start a thread still counts."""
+    import threading
 
     from curation.build import progress
     from curation.build.progress import PassedCount, items_passed
@@ -406,28 +432,37 @@ def test_a_workers_count_is_written_at_most_once_a_second_and_never_fails_a_buil
     monkeypatch.setattr(progress, "WRITE_EVERY", 0.3)
     folder = tmp_path / "progress"
     folder.mkdir()
+    writes = []
+    replace = os.replace
+    monkeypatch.setattr(progress.os, "replace", lambda a, b: (writes.append(b), replace(a, b)))
     count = PassedCount(folder)
-    count.add(1)
-    count.add(1)
-    count.add(1)
-    assert items_passed(folder) == 1
-    deadline = time.monotonic() + 10
-    while items_passed(folder) != 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert items_passed(folder) == 3 and not count.failed
+    for _ in range(3):
+        count.add(1)
+    assert _until(lambda: items_passed(folder) == 3) and 1 <= len(writes) <= 2
 
     (tmp_path / "a file").write_text("")
     broken = PassedCount(tmp_path / "a file" / "progress")
     with caplog.at_level("WARNING"):
         broken.add(1)
+        assert _until(lambda: broken.warned)
         broken.add(1)
-    assert broken.count == 2 and broken.failed and len(caplog.records) == 1
+        assert _until(lambda: not broken._pending, 5)
+    assert broken.count == 2 and not broken.stopped and len(caplog.records) == 1
 
     shutil.rmtree(folder)
     caplog.clear()
     late = PassedCount(folder)
     late.add(1)
-    assert late.failed and not folder.exists() and not caplog.records
+    assert _until(lambda: late.stopped) and not folder.exists() and not caplog.records
+
+    folder.mkdir()
+    starved = PassedCount(folder)
+    monkeypatch.setattr(threading.Timer, "start", lambda self: (_ for _ in ()).throw(RuntimeError("can't start new thread")))
+    starved.add(2)  # no error reaches the batch
+    monkeypatch.undo()
+    monkeypatch.setattr(progress, "WRITE_EVERY", 0.3)
+    starved.add(1)
+    assert _until(lambda: items_passed(folder) == 3)
 
 
 def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
@@ -451,7 +486,7 @@ def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
     ExpertStage(prep.ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
     assert items_passed(folder) == 0
     out = ExpertStage(ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
-    assert out.num_rows == len(plans) == items_passed(folder) > 0
+    assert _until(lambda: items_passed(folder) == len(plans)) and out.num_rows == len(plans) > 0
 
 
 @pytest.mark.slow

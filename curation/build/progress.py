@@ -76,13 +76,31 @@ class BuildProgress:
             self._draw_when_due(last_item=self.done == self.total)
 
     def watch(self, total: int, passed: Callable[[], int]) -> None:
-        """Show the items past their experts too: `passed()` of `total`, read at most every
-        READ_EVERY seconds and capped at `total`."""
+        """Show the items through their experts too: `passed()` of `total`, read by the line's
+        clock at most every READ_EVERY seconds (`refresh`) and capped at `total`."""
         with self._lock:
             self._experts = (total, passed) if total else None
 
+    def refresh(self) -> None:
+        """Read the workers' count, outside the line's lock: a slow shared folder delays the
+        next line, never the driver's collecting of items. A read that fails keeps the count
+        it had (the count is for the eye; the build goes on), and the count never goes back."""
+        experts, self._read_at = self._experts, time.perf_counter()
+        if experts is None:
+            return
+        total, passed = experts
+        try:
+            value = min(total, passed())
+        except Exception as e:  # noqa: BLE001  (whatever the folder does, the line goes on)
+            log.debug("items through experts not read: %s", e)
+            return
+        with self._lock:
+            self._passed = max(self._passed, value)
+
     def _beat(self) -> None:
         while not self._closed.wait(self.every):
+            if time.perf_counter() - self._read_at >= READ_EVERY:
+                self.refresh()
             with self._lock:
                 if not self._closed.is_set():
                     self._draw_when_due()
@@ -102,14 +120,12 @@ class BuildProgress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta, experts = _eta(self.done, self.total, elapsed), ""
         if self._experts is not None:
-            total, passed = self._experts
-            if self.done == self.total:  # every item rendered is past its experts (the last counts may be in flight)
-                self._passed = total
-            elif now - self._read_at >= READ_EVERY:
-                self._read_at, self._passed = now, min(total, passed())
-            experts = f"{self._passed}/{total} through experts, "
-            if self._passed < total:  # the experts set the build's pace; rendering follows in bursts
-                eta = _eta(self._passed, total, elapsed)
+            total = self._experts[0]
+            # every rendered item is through its experts: the last counts may still be on their way
+            passed = total if self.done == self.total else self._passed
+            experts = f"{passed}/{total} through experts, "
+            if self.done < passed < total:  # the experts ahead of rendering set the pace; rendering follows in bursts
+                eta = _eta(passed, total, elapsed)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
                 f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
 
@@ -141,10 +157,13 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
 class PassedCount:
     """Items this process passed through their lane's last expert stage, in its own file of the
     build's progress folder. One per process and folder (`of_process`): a load task's worker
-    and an expert host's threads share it. The first count is written at once, later ones at
-    most every WRITE_EVERY seconds (on a shared file system each write costs round trips, and
-    an X-ray expert on a GPU passes dozens of items a second), the last within WRITE_EVERY of
-    its batch. A batch Ray retries after a crash is counted again; the driver caps the sum."""
+    and an expert host's threads share it. A batch only counts; a timer thread writes the
+    file, so a slow or failing file system never holds up a batch. The first count is written
+    at once, later ones at most every WRITE_EVERY seconds (on a shared file system each write
+    costs round trips, and an X-ray expert on a GPU passes dozens of items a second). The last
+    is written within WRITE_EVERY of its batch, unless the process ends first (Ray Data lets a
+    pool's actors go when their operator is done): the driver's last line makes up for it. A
+    batch Ray retries after a crash is counted again; the driver caps the sum."""
 
     _mine: ClassVar[dict[str, PassedCount]] = {}
     _made = threading.Lock()
@@ -152,10 +171,12 @@ class PassedCount:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / f"{socket.gethostname()}-{os.getpid()}.json"
         self.count = 0
-        self.failed = False
+        self.stopped = False  # the driver removed the folder: the build is over
+        self.warned = False
         self._written_at = -math.inf
-        self._pending: threading.Timer | None = None
-        self._lock = threading.Lock()
+        self._pending = False
+        self._lock = threading.Lock()  # the count and the schedule
+        self._writing = threading.Lock()  # one write at a time, the newest count last
 
     @classmethod
     def of_process(cls, folder: str) -> PassedCount:
@@ -168,41 +189,41 @@ class PassedCount:
     def add(self, items: int) -> None:
         with self._lock:
             self.count += items
-            wait = self._written_at + WRITE_EVERY - time.monotonic()
-            if wait <= 0:
-                self._write()
-            elif self._pending is None and not self.failed:
-                self._pending = threading.Timer(wait, self._write_pending)
-                self._pending.daemon = True
-                self._pending.start()
-
-    def _write_pending(self) -> None:
-        with self._lock:
-            self._pending = None
-            self._write()
+            if self._pending or self.stopped:
+                return
+            timer = threading.Timer(max(0.0, self._written_at + WRITE_EVERY - time.monotonic()), self._write)
+            timer.daemon = True
+            try:
+                timer.start()
+            except RuntimeError:  # no thread to spare (a process at its limit): a later batch tries again
+                return
+            self._pending = True
 
     def _write(self) -> None:
-        """The count, replacing the file whole (the caller holds the lock). The folder is the
-        driver's: once it is gone the build is over, and nothing is written again (a write in
-        the millisecond the driver removes it may leave this file, which the next build's
-        clean-up of the plan's folder takes). A count that cannot be written only stops the
-        count (the line shows fewer items past their experts), never the build."""
-        if self.failed:
-            return
-        self._written_at = time.monotonic()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # hidden: the driver reads *.json
-        try:
-            tmp.write_text(json.dumps({"items": self.count}))
-            os.replace(tmp, self.path)
-        except FileNotFoundError:
-            self.failed = True
-        except OSError as e:
-            self.failed = True
-            log.warning("cannot count items past their experts for the progress line in %s: %s", self.path.parent, e)
+        """The count, replacing the file whole, into the folder as it is: once the driver has
+        removed it, nothing is written again (a write in the millisecond the driver removes it
+        may leave this file, which the next build's clean-up of the plan's folder takes). Any
+        other failure is said once and tried again a second later, with the next batch."""
+        with self._writing:
+            with self._lock:
+                self._pending, self._written_at, count = False, time.monotonic(), self.count
+            if self.stopped:
+                return
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # hidden: the driver reads *.json
+            try:
+                tmp.write_text(json.dumps({"items": count}))
+                os.replace(tmp, self.path)
+            except FileNotFoundError:
+                self.stopped = True
+            except OSError as e:
+                if not self.warned:
+                    self.warned = True
+                    log.warning("cannot count items through their experts for the progress line in %s: %s", self.path.parent, e)
 
 
 def items_passed(folder: str | Path) -> int:
-    """The sum of the workers' counts (`PassedCount`) in `folder`; 0 before the first."""
+    """The sum of the workers' counts (`PassedCount`) in `folder`; 0 before the first. A folder
+    that cannot be listed raises its OSError (`BuildProgress.refresh` keeps the last count)."""
     total = 0
     for path in Path(folder).glob("*.json"):  # a count being replaced is a hidden temporary name
         try:
