@@ -58,16 +58,19 @@ def storage_error(path: Path, error: OSError) -> CurationError:
 
 
 @contextmanager
-def replacing(path: Path, *, tmp_dir: Path | None = None) -> Iterator[Path]:
+def replacing(path: Path, *, tmp_dir: Path | None = None, parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; when the block ends normally it replaces `path`.
     On any failure the temporary file is removed; a storage error (`STORAGE_ERRNOS`) becomes a
-    `CurationError` naming `path`."""
+    `CurationError` naming `path`. `parents=False`: the folders must exist already, and a
+    missing one raises FileNotFoundError (a writer that must not bring back a folder its owner
+    removed)."""
     path = Path(path)
     folder = tmp_dir or path.parent
     tmp = folder / tmp_name(path)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
@@ -87,19 +90,19 @@ def _remove(tmp: Path) -> None:
         pass
 
 
-def write_bytes(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
-    with replacing(path, tmp_dir=tmp_dir) as tmp:
+def write_bytes(path: Path, data: bytes, *, tmp_dir: Path | None = None, parents: bool = True) -> None:
+    with replacing(path, tmp_dir=tmp_dir, parents=parents) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> None:
-    write_bytes(path, text.encode("utf-8"), tmp_dir=tmp_dir)
+def write_text(path: Path, text: str, *, tmp_dir: Path | None = None, parents: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), tmp_dir=tmp_dir, parents=parents)
 
 
-def write_json(path: Path, data: Any, *, indent: int | None = None, tmp_dir: Path | None = None) -> None:
+def write_json(path: Path, data: Any, *, indent: int | None = None, tmp_dir: Path | None = None, parents: bool = True) -> None:
     """JSON with dict order kept (a legend is in drawing order)."""
     text = json.dumps(data, indent=indent)
-    write_text(path, text + "\n" if indent is not None else text, tmp_dir=tmp_dir)
+    write_text(path, text + "\n" if indent is not None else text, tmp_dir=tmp_dir, parents=parents)
 
 
 def write_parquet(table: Any, path: Path, **options: Any) -> None:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+from curation.atomic import write_json
+from curation.errors import CurationError
 from curation.store.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -209,13 +211,11 @@ class PassedCount:
                 self._pending, self._written_at, count = False, time.monotonic(), self.count
             if self.stopped:
                 return
-            tmp = self.path.with_name(f".{self.path.name}.tmp")  # hidden: the driver reads *.json
             try:
-                tmp.write_text(json.dumps({"items": count}))
-                os.replace(tmp, self.path)
+                write_json(self.path, {"items": count}, parents=False)  # its temporary name is hidden: the driver reads *.json
             except FileNotFoundError:
                 self.stopped = True
-            except OSError as e:
+            except (OSError, CurationError) as e:
                 if not self.warned:
                     self.warned = True
                     log.warning("cannot count items through their experts for the progress line in %s: %s", self.path.parent, e)
