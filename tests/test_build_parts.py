@@ -257,10 +257,7 @@ def test_progress_keeps_its_clock_while_no_item_arrives_and_stops_when_closed():
 
     log = io.StringIO()
     with pytest.raises(RuntimeError), BuildProgress(5, stream=log, every=0.02) as p:
-        waited = 0.0
-        while not log.getvalue() and waited < 10:
-            time.sleep(0.02)
-            waited += 0.02
+        _until(log.getvalue)
         raise RuntimeError("the pipeline failed")
     drawn = log.getvalue()
     assert drawn.startswith("build: 0/5 items (0%), 0 rows") and drawn.endswith("eta ?\n")
@@ -361,7 +358,8 @@ def test_an_expert_that_cannot_set_up_sets_its_items_aside_with_the_reason(tmp_p
 
 
 def _until(check, seconds: float = 10.0) -> bool:
-    """Whether `check()` holds within `seconds` (the workers' counts are written by a timer)."""
+    """Whether `check()` holds within `seconds`: for what a thread does in its own time (the
+    progress line's clock, the timer that writes a worker's count)."""
     import time
 
     deadline = time.monotonic() + seconds
