@@ -107,13 +107,13 @@ def built(runs_log, archive, tmp_path_factory) -> Built:
     root = tmp_path_factory.mktemp("build")
     prompts = write_prompts(root / "prompts")
     manifest = tiny_manifest(archive, root, prompts)
-    from curation.build.progress import items_passed
+    from curation.build.progress import through_experts
 
     counted, remove = [], shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # the driver's removal of the plan's folder, seen first; any other call as it was
         if isinstance(path, (str, Path)) and Path(path) == root / "out" / "internal" / "plan":
-            counted.extend(items_passed(folder) for folder in Path(path).glob("progress-*"))
+            counted.extend(sum(c.items for c in through_experts(folder).values()) for folder in Path(path).glob("progress-*"))
         return remove(path, *args, **kwargs)
 
     with contextlib.redirect_stderr(io.StringIO()) as printed, pytest.MonkeyPatch.context() as patch:

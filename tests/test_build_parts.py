@@ -371,11 +371,11 @@ def _until(check, seconds: float = 10.0) -> bool:
 def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_path, monkeypatch):
     """Items through their experts reach the line from the workers' own files before any item
     is rendered, and while they are ahead of the rendered items the estimate follows their pace;
-    the sum is capped at the total (a batch Ray retries counts again) and never goes back,
-    what is not a finished count (a temporary name, a torn or foreign file) is skipped, and a
-    folder that cannot be read keeps the last count."""
+    each lane's sum is capped at its items (a batch Ray retries counts again) and never goes
+    back, what is not a finished count (a temporary name, a torn or foreign file) is skipped,
+    and a folder that cannot be read keeps the last counts."""
     from curation.build import progress
-    from curation.build.progress import PassedCount, items_passed
+    from curation.build.progress import LaneCount, PassedCount, through_experts
 
     monkeypatch.setattr(progress, "WRITE_EVERY", 0.0)
     folder = tmp_path / "progress"
@@ -384,29 +384,30 @@ def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_
     assert PassedCount.of_process(str(folder)) is host and host.path.parent == folder
     task = PassedCount(folder)
     task.path = folder / "another-node-123.json"  # as another process would name it
-    host.add(3)
-    host.add(2)
-    task.add(4)
-    (folder / ".x.json.tmp").write_text('{"items": 100}')
-    (folder / "torn.json").write_text('{"ite')
-    assert _until(lambda: items_passed(folder) == 9) and items_passed(tmp_path / "none yet") == 0
+    host.add(0, 3, 3.0)
+    host.add(0, 2, 2.0)
+    task.add(0, 4, 4.0)
+    (folder / ".x.json.tmp").write_text('{"lanes": {"0": {"items": 100, "seconds": 1}}}')
+    (folder / "torn.json").write_text('{"lan')
+    (folder / "foreign.json").write_text('{"items": 7}')
+    assert _until(lambda: through_experts(folder) == {0: LaneCount(9, 9.0)}) and through_experts(tmp_path / "none yet") == {}
 
     log = io.StringIO()
     p = BuildProgress(20, stream=log, every=0)
-    p.watch(10, lambda: items_passed(folder))
+    p.watch({0: LaneCount(10, runs=10)}, lambda: through_experts(folder))
     p.refresh()
-    p.started -= 9.0  # 9 of 10 through their experts in 9 s: one more second
+    p._watched -= 9.0  # 9 of 10 through their experts in 9 s: one more second
     assert "0/20 items (0%), 9/10 through experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
     p.done = 4  # 4 of 20 items in 9 s would leave 0:36: the experts, ahead, set the pace
     assert p.line().endswith("eta 0:01")
-    task.add(5)  # a retried batch: 14 of 10
-    assert _until(lambda: items_passed(folder) == 14)
+    task.add(0, 5, 5.0)  # a retried batch: 14 of 10
+    assert _until(lambda: through_experts(folder)[0].items == 14)
     p.refresh()
     assert "10/10 through experts" in p.line()
 
     q = BuildProgress(20, stream=log, every=0)
-    readings = iter([5, OSError("stale file handle"), 3])
-    q.watch(10, lambda: (lambda r: (_ for _ in ()).throw(r) if isinstance(r, Exception) else r)(next(readings)))
+    readings = iter([{0: LaneCount(5, 5.0)}, OSError("stale file handle"), {0: LaneCount(3, 3.0)}])
+    q.watch({0: LaneCount(10, runs=10)}, lambda: (lambda r: (_ for _ in ()).throw(r) if isinstance(r, Exception) else r)(next(readings)))
     q.started -= 9.0
     for _ in range(3):
         q.refresh()
@@ -417,6 +418,34 @@ def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_
     q.close()
 
 
+def test_the_estimate_weighs_each_lanes_items_left_by_what_its_items_cost():
+    """A mixed archive's lanes pass their experts at very different paces: the items left are
+    weighed by what their lane's passed items cost, a lane none of whose items has passed by
+    its planned runs at the seconds per run seen so far, and everything at the expert seconds
+    done per second."""
+    from curation.build.progress import LaneCount
+
+    lanes = {0: LaneCount(100, runs=100), 1: LaneCount(10, runs=30)}  # X-rays, one run each; CT series, three
+    readings = iter([{0: LaneCount(50, 5.0)}, {0: LaneCount(100, 10.0), 1: LaneCount(2, 20.0)}])
+    p = BuildProgress(110, stream=io.StringIO(), every=0)
+    p.watch(lanes, lambda: next(readings))
+    p.refresh()
+    p._watched -= 5.0
+    # X-rays 0.1 s each, CT 3 runs × 0.1 s: 50 × 0.1 + 10 × 0.3 = 8 expert-s left at 1 a second
+    assert "50/110 through experts" in p.line() and p.line().endswith("eta 0:08")
+    p.refresh()
+    p._watched -= 5.0
+    # the CT series cost 10 s each: 8 × 10 = 80 expert-s left, at 30 done in 10 s; by items: 0:00
+    assert "102/110 through experts" in p.line() and p.line().endswith("eta 0:26")
+    cached = BuildProgress(110, stream=io.StringIO(), every=0)
+    cached.watch(lanes, lambda: {0: LaneCount(60, 0.0)})  # every result found in the cache: no expert second to go by
+    cached.refresh()
+    cached._watched -= 5.0
+    assert cached.line().endswith("eta ?")
+    p.close()
+    cached.close()
+
+
 def test_a_workers_count_is_written_by_a_timer_at_most_once_a_second_and_never_fails_a_batch(tmp_path, monkeypatch, caplog):
     """A batch only counts; a timer writes the first count at once and the next within
     WRITE_EVERY, even if no batch follows. A folder that cannot be written is said once and
@@ -425,7 +454,7 @@ def test_a_workers_count_is_written_by_a_timer_at_most_once_a_second_and_never_f
     import threading
 
     from curation.build import progress
-    from curation.build.progress import PassedCount, items_passed
+    from curation.build.progress import LaneCount, PassedCount, through_experts
 
     monkeypatch.setattr(progress, "WRITE_EVERY", 0.3)
     folder = tmp_path / "progress"
@@ -435,32 +464,32 @@ def test_a_workers_count_is_written_by_a_timer_at_most_once_a_second_and_never_f
     monkeypatch.setattr(progress.os, "replace", lambda a, b: (writes.append(b), replace(a, b)))
     count = PassedCount(folder)
     for _ in range(3):
-        count.add(1)
-    assert _until(lambda: items_passed(folder) == 3) and 1 <= len(writes) <= 2
+        count.add(0, 1, 0.5)
+    assert _until(lambda: through_experts(folder) == {0: LaneCount(3, 1.5)}) and 1 <= len(writes) <= 2
 
     (tmp_path / "a file").write_text("")
     broken = PassedCount(tmp_path / "a file" / "progress")
     with caplog.at_level("WARNING"):
-        broken.add(1)
+        broken.add(0, 1, 0.5)
         assert _until(lambda: broken.warned)
-        broken.add(1)
+        broken.add(0, 1, 0.5)
         assert _until(lambda: not broken._pending, 5)
     assert broken.count == 2 and not broken.stopped and len(caplog.records) == 1
 
     shutil.rmtree(folder)
     caplog.clear()
     late = PassedCount(folder)
-    late.add(1)
+    late.add(0, 1, 0.5)
     assert _until(lambda: late.stopped) and not folder.exists() and not caplog.records
 
     folder.mkdir()
     starved = PassedCount(folder)
     monkeypatch.setattr(threading.Timer, "start", lambda self: (_ for _ in ()).throw(RuntimeError("can't start new thread")))
-    starved.add(2)  # no error reaches the batch
+    starved.add(0, 2, 1.0)  # no error reaches the batch
     monkeypatch.undo()
     monkeypatch.setattr(progress, "WRITE_EVERY", 0.3)
-    starved.add(1)
-    assert _until(lambda: items_passed(folder) == 3)
+    starved.add(1, 1, 0.5)
+    assert _until(lambda: through_experts(folder) == {0: LaneCount(2, 1.0), 1: LaneCount(1, 0.5)})
 
 
 def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
@@ -468,7 +497,7 @@ def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
     the voxels on to another counts nothing, and a stage without a progress folder writes none."""
     from dataclasses import replace
 
-    from curation.build.progress import items_passed
+    from curation.build.progress import through_experts
     from curation.build.stages import ExpertStage, WorkItem, load_item, work_table
 
     _, prep = prepared(tmp_path)
@@ -477,14 +506,18 @@ def test_only_a_lanes_last_expert_stage_counts_the_items_it_passes(tmp_path):
     ctx = replace(prep.ctx, progress_dir=str(folder))
     plans = [p for p in prep.plan.iter_working() if p.item.source == "ct"]
 
-    def batch():
+    def batch(ctx=ctx):
         return work_table([load_item(WorkItem(plan=p), ctx) for p in plans])
 
     ExpertStage(ctx, ("CT_TISSUE",), gpus=0.0, last=False)(batch())
     ExpertStage(prep.ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
-    assert items_passed(folder) == 0
-    out = ExpertStage(ctx, ("CT_TISSUE",), gpus=0.0, last=True)(batch())
-    assert _until(lambda: items_passed(folder) == len(plans)) and out.num_rows == len(plans) > 0
+    assert through_experts(folder) == {}
+    fresh = replace(ctx, cache_root=str(tmp_path / "another cache"))  # the runs above are cached: these run again
+    out = ExpertStage(fresh, ("CT_TISSUE",), gpus=0.0, last=True)(batch(fresh))
+    lane = {p.lane for p in plans}.pop()
+    # counted under the items' lane, with the seconds each item's experts took
+    assert _until(lambda: lane in through_experts(folder)) and out.num_rows == len(plans) > 0
+    assert through_experts(folder)[lane].items == len(plans) and through_experts(folder)[lane].seconds > 0
 
 
 @pytest.mark.slow

@@ -11,7 +11,15 @@ of the rendered ones by most of the build. The driver learns of an item only fro
 the workers tell it through files: each process that runs a lane's last expert stage rewrites
 one small file of its own (`PassedCount`, at most once a second) in the build's progress folder,
 beside the plan's input blocks that every node reads already, and the driver sums them
-(`items_passed`).
+(`through_experts`).
+
+The estimate weighs what is left by what each lane's items cost. A mixed archive's lanes pass
+their experts at very different paces (a chest X-ray in hundredths of a second, a CT series
+through three segmentations in seconds), and the lane with the most planned runs starts first,
+so a count of items alone swings either way for most of a build. Each count therefore carries
+its lane's expert seconds: a lane's items cost what its passed ones cost on average, a lane
+none of whose items has passed yet costs its planned runs per item at the seconds per planned
+run seen so far, and what is left goes at the expert seconds the build has done per second.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -44,6 +53,19 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+@dataclass(frozen=True, slots=True)
+class LaneCount:
+    """A lane's items and what they cost: as counted, the expert seconds they took (`seconds`);
+    as planned, the expert runs they need (`runs`)."""
+
+    items: int
+    seconds: float = 0.0
+    runs: int = 0
+
+
+Lanes = Mapping[int, LaneCount]  # lane → its count
+
+
 class BuildProgress:
     """`update()` after each item; `close()` at the end (or leave its `with` block). With
     `every` above 0 a thread redraws the line on that clock between items."""
@@ -56,8 +78,10 @@ class BuildProgress:
         self.started = time.perf_counter()
         self.done = self.rows = self.runs = self.set_aside = 0
         self._last = 0.0
-        self._experts: tuple[int, Callable[[], int]] | None = None
-        self._passed, self._read_at = 0, -READ_EVERY
+        self._experts: tuple[Lanes, Callable[[], Lanes]] | None = None
+        self._watched = 0.0
+        self._passed: dict[int, LaneCount] = {}
+        self._read_at = -READ_EVERY
         self._lock = threading.Lock()
         self._closed = threading.Event()
         if self.enabled and self.every > 0:
@@ -77,27 +101,32 @@ class BuildProgress:
             self.set_aside += set_aside
             self._draw_when_due(last_item=self.done == self.total)
 
-    def watch(self, total: int, passed: Callable[[], int]) -> None:
-        """Show the items through their experts too: `passed()` of `total`, read by the line's
-        clock at most every READ_EVERY seconds (`refresh`) and capped at `total`."""
+    def watch(self, lanes: Lanes, passed: Callable[[], Lanes]) -> None:
+        """Show the items through their experts too: `passed()` of the lanes' items (`lanes`:
+        each lane with experts, its items and planned runs), read by the line's clock at most
+        every READ_EVERY seconds (`refresh`), each lane capped at its items. The experts' pace
+        is timed from here: the experts start with the pipeline."""
         with self._lock:
-            self._experts = (total, passed) if total else None
+            self._experts = (dict(lanes), passed) if any(c.items for c in lanes.values()) else None
+            self._watched = time.perf_counter()
 
     def refresh(self) -> None:
-        """Read the workers' count, outside the line's lock: a slow shared folder delays the
-        next line, never the driver's collecting of items. A read that fails keeps the count
-        it had (the count is for the eye; the build goes on), and the count never goes back."""
+        """Read the workers' counts, outside the line's lock: a slow shared folder delays the
+        next line, never the driver's collecting of items. A read that fails keeps the counts
+        they had (they are for the eye; the build goes on), and no count goes back."""
         experts, self._read_at = self._experts, time.perf_counter()
         if experts is None:
             return
-        total, passed = experts
+        lanes, passed = experts
         try:
-            value = min(total, passed())
+            read = passed()
         except Exception as e:  # noqa: BLE001  (whatever the folder does, the line goes on)
             log.debug("items through experts not read: %s", e)
             return
         with self._lock:
-            self._passed = max(self._passed, value)
+            for lane, plan in lanes.items():
+                got, had = read.get(lane, LaneCount(0)), self._passed.get(lane, LaneCount(0))
+                self._passed[lane] = LaneCount(max(had.items, min(plan.items, got.items)), max(had.seconds, got.seconds))
 
     def _beat(self) -> None:
         while not self._closed.wait(self.every):
@@ -122,12 +151,13 @@ class BuildProgress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta, experts = _eta(self.done, self.total, elapsed), ""
         if self._experts is not None:
-            total = self._experts[0]
+            lanes = self._experts[0]
+            total = sum(c.items for c in lanes.values())
             # every rendered item is through its experts: the last counts may still be on their way
-            passed = total if self.done == self.total else self._passed
+            passed = total if self.done == self.total else sum(c.items for c in self._passed.values())
             experts = f"{passed}/{total} through experts, "
             if self.done < passed < total:  # the experts ahead of rendering set the pace; rendering follows in bursts
-                eta = _eta(passed, total, elapsed)
+                eta = _experts_eta(lanes, self._passed, now - self._watched)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
                 f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
 
@@ -156,23 +186,42 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
     return _clock((total - done) * elapsed / done)
 
 
+def _experts_eta(lanes: Lanes, passed: Lanes, elapsed: float) -> str | None:
+    """Time left for the experts: each lane's items left at what its items cost, at the expert
+    seconds done per second so far (see the module docstring); None before a twentieth (and 3)
+    of the items have passed, or before any expert second is counted (every result cached)."""
+    done = sum(c.items for c in passed.values())
+    spent = sum(c.seconds for c in passed.values())
+    if elapsed <= 0 or spent <= 0 or done < max(3, sum(c.items for c in lanes.values()) // 20):
+        return None
+    planned = sum(c.items * lanes[k].runs / lanes[k].items for k, c in passed.items() if k in lanes and lanes[k].items)
+    per_run = spent / planned if planned else 0.0
+    left = 0.0
+    for lane, plan in lanes.items():
+        got = passed.get(lane, LaneCount(0))
+        cost = got.seconds / got.items if got.items else per_run * plan.runs / max(plan.items, 1)
+        left += (plan.items - got.items) * cost
+    return _clock(left * elapsed / spent)
+
+
 class PassedCount:
-    """Items this process passed through their lane's last expert stage, in its own file of the
-    build's progress folder. One per process and folder (`of_process`): a load task's worker
-    and an expert host's threads share it. A batch only counts; a timer thread writes the
-    file, so a slow or failing file system never holds up a batch. The first count is written
-    at once, later ones at most every WRITE_EVERY seconds (on a shared file system each write
-    costs round trips, and an X-ray expert on a GPU passes dozens of items a second). The last
-    is written within WRITE_EVERY of its batch, unless the process ends first (Ray Data lets a
-    pool's actors go when their operator is done): the driver's last line makes up for it. A
-    batch Ray retries after a crash is counted again; the driver caps the sum."""
+    """Items this process passed through their lane's last expert stage, and the expert seconds
+    they took, per lane, in its own file of the build's progress folder. One per process and
+    folder (`of_process`): a load task's worker and an expert host's threads share it. A batch
+    only counts; a timer thread writes the file, so a slow or failing file system never holds
+    up a batch. The first count is written at once, later ones at most every WRITE_EVERY
+    seconds (on a shared file system each write costs round trips, and an X-ray expert on a
+    GPU passes dozens of items a second). The last is written within WRITE_EVERY of its batch,
+    unless the process ends first (Ray Data lets a pool's actors go when their operator is
+    done): the driver's last line makes up for it. A batch Ray retries after a crash is
+    counted again; the driver caps each lane's sum."""
 
     _mine: ClassVar[dict[str, PassedCount]] = {}
     _made = threading.Lock()
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / f"{socket.gethostname()}-{os.getpid()}.json"
-        self.count = 0
+        self.lanes: dict[int, LaneCount] = {}
         self.stopped = False  # the driver removed the folder: the build is over
         self.warned = False
         self._written_at = -math.inf
@@ -188,9 +237,15 @@ class PassedCount:
                 found = cls._mine[folder] = cls(folder)
             return found
 
-    def add(self, items: int) -> None:
+    @property
+    def count(self) -> int:
+        return sum(c.items for c in self.lanes.values())
+
+    def add(self, lane: int, items: int, seconds: float) -> None:
+        """`items` of `lane` passed, having taken `seconds` of expert time in all."""
         with self._lock:
-            self.count += items
+            had = self.lanes.get(lane, LaneCount(0))
+            self.lanes[lane] = LaneCount(had.items + items, had.seconds + seconds)
             if self._pending or self.stopped:
                 return
             timer = threading.Timer(max(0.0, self._written_at + WRITE_EVERY - time.monotonic()), self._write)
@@ -208,11 +263,12 @@ class PassedCount:
         other failure is said once and tried again a second later, with the next batch."""
         with self._writing:
             with self._lock:
-                self._pending, self._written_at, count = False, time.monotonic(), self.count
+                self._pending, self._written_at = False, time.monotonic()
+                lanes = {str(k): {"items": c.items, "seconds": round(c.seconds, 3)} for k, c in self.lanes.items()}
             if self.stopped:
                 return
             try:
-                write_json(self.path, {"items": count}, parents=False)  # its temporary name is hidden: the driver reads *.json
+                write_json(self.path, {"lanes": lanes}, parents=False)  # its temporary name is hidden: the driver reads *.json
             except FileNotFoundError:
                 self.stopped = True
             except (OSError, CurationError) as e:
@@ -221,15 +277,19 @@ class PassedCount:
                     log.warning("cannot count items through their experts for the progress line in %s: %s", self.path.parent, e)
 
 
-def items_passed(folder: str | Path) -> int:
-    """The sum of the workers' counts (`PassedCount`) in `folder`; 0 before the first. A folder
-    that cannot be listed raises its OSError (`BuildProgress.refresh` keeps the last count)."""
-    total = 0
+def through_experts(folder: str | Path) -> dict[int, LaneCount]:
+    """The workers' counts (`PassedCount`) in `folder` summed per lane; empty before the first.
+    A folder that cannot be listed raises its OSError (`BuildProgress.refresh` keeps the last
+    counts)."""
+    total: dict[int, LaneCount] = {}
     for path in Path(folder).glob("*.json"):  # a count being replaced is a hidden temporary name
         try:
-            total += int(json.loads(path.read_text())["items"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # removed meanwhile, or not one of ours
+            lanes = [(int(k), LaneCount(int(c["items"]), float(c["seconds"]))) for k, c in json.loads(path.read_text())["lanes"].items()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # removed meanwhile, torn, or not one of ours
+        for lane, c in lanes:
+            had = total.get(lane, LaneCount(0))
+            total[lane] = LaneCount(had.items + c.items, had.seconds + c.seconds)
     return total
 
 

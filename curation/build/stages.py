@@ -365,10 +365,11 @@ class ExpertStage:
         return work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = work_table([self.run_item(w) for w in work_items(batch)])
+        done = [self.run_item(w) for w in work_items(batch)]
         if self.passed is not None:
-            self.passed.add(out.num_rows)
-        return out
+            for w in done:  # the item's expert seconds of every stage so far: its report travels with it
+                self.passed.add(w.plan.lane, 1, sum(s for k, s in w.report.seconds.items() if k.startswith("expert:")))
+        return work_table(done)
 
 
 def expert_batch(batch: pa.Table, ctx: BuildContext, expert: str, last: bool) -> pa.Table:
