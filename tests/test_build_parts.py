@@ -394,9 +394,9 @@ def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_
 
     log = io.StringIO()
     p = BuildProgress(20, stream=log, every=0)
-    p.watch({0: LaneCount(10, runs=10)}, lambda: through_experts(folder))
+    p.watch({0: 10}, lambda: through_experts(folder))
     p.refresh()
-    p._watched -= 9.0  # 9 of 10 through their experts in 9 s: one more second
+    p._first = (p._first[0] - 9.0, 0.0)  # 9 of 10 through their experts, 1 s each, in 9 s: one more second
     assert "0/20 items (0%), 9/10 through experts, 0 rows" in p.line() and p.line().endswith("eta 0:01")
     p.done = 4  # 4 of 20 items in 9 s would leave 0:36: the experts, ahead, set the pace
     assert p.line().endswith("eta 0:01")
@@ -407,7 +407,7 @@ def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_
 
     q = BuildProgress(20, stream=log, every=0)
     readings = iter([{0: LaneCount(5, 5.0)}, OSError("stale file handle"), {0: LaneCount(3, 3.0)}])
-    q.watch({0: LaneCount(10, runs=10)}, lambda: (lambda r: (_ for _ in ()).throw(r) if isinstance(r, Exception) else r)(next(readings)))
+    q.watch({0: 10}, lambda: (lambda r: (_ for _ in ()).throw(r) if isinstance(r, Exception) else r)(next(readings)))
     q.started -= 9.0
     for _ in range(3):
         q.refresh()
@@ -420,27 +420,35 @@ def test_progress_counts_items_through_their_experts_from_each_workers_file(tmp_
 
 def test_the_estimate_weighs_each_lanes_items_left_by_what_its_items_cost():
     """A mixed archive's lanes pass their experts at very different paces: the items left are
-    weighed by what their lane's passed items cost, a lane none of whose items has passed by
-    its planned runs at the seconds per run seen so far, and everything at the expert seconds
-    done per second."""
+    weighed by what their lane's passed items cost, at the expert seconds done per second since
+    they were first counted (before, the actors were starting). A lane with items left that has
+    passed none is left out, and the estimate says it is at least that; with nothing but cached
+    results passed there is nothing to go by."""
+    import time
+
     from curation.build.progress import LaneCount
 
-    lanes = {0: LaneCount(100, runs=100), 1: LaneCount(10, runs=30)}  # X-rays, one run each; CT series, three
-    readings = iter([{0: LaneCount(50, 5.0)}, {0: LaneCount(100, 10.0), 1: LaneCount(2, 20.0)}])
+    lanes = {0: 100, 1: 10}  # X-rays; CT series
+    readings = iter([{0: LaneCount(10, 1.0)}, {0: LaneCount(50, 5.0)},
+                     {0: LaneCount(60, 6.0), 1: LaneCount(1, 10.0)}, {0: LaneCount(100, 10.0), 1: LaneCount(2, 20.0)}])
     p = BuildProgress(110, stream=io.StringIO(), every=0)
     p.watch(lanes, lambda: next(readings))
+    p.refresh()  # the first count: 1 expert-s so far, at some moment after the actors started
     p.refresh()
-    p._watched -= 5.0
-    # X-rays 0.1 s each, CT 3 runs × 0.1 s: 50 × 0.1 + 10 × 0.3 = 8 expert-s left at 1 a second
-    assert "50/110 through experts" in p.line() and p.line().endswith("eta 0:08")
+    p._first = (time.perf_counter() - 4.0, 1.0)  # 4 expert-s more in the 4 s since the first count
+    # no CT series through yet: at least the 50 X-rays left, at 0.1 s each
+    assert "50/110 through experts" in p.line() and p.line().endswith("eta >0:05")
     p.refresh()
-    p._watched -= 5.0
-    # the CT series cost 10 s each: 8 × 10 = 80 expert-s left, at 30 done in 10 s; by items: 0:00
-    assert "102/110 through experts" in p.line() and p.line().endswith("eta 0:26")
+    p._first = (time.perf_counter() - 15.0, 1.0)  # 15 expert-s more in 15 s
+    # 40 X-rays at 0.1 s and 9 CT series at 10 s: 94 expert-s left at 1 a second
+    assert "61/110 through experts" in p.line() and p.line().endswith("eta 1:34")
+    p.refresh()
+    p._first = (time.perf_counter() - 29.5, 1.0)  # 29 expert-s more in 29.5 s
+    # 8 CT series at 10 s each: 80 expert-s left; counted by items, 102 of 110 would leave 0:02
+    assert "102/110 through experts" in p.line() and p.line().endswith("eta 1:21")
     cached = BuildProgress(110, stream=io.StringIO(), every=0)
-    cached.watch(lanes, lambda: {0: LaneCount(60, 0.0)})  # every result found in the cache: no expert second to go by
+    cached.watch(lanes, lambda: {0: LaneCount(60, 0.0), 1: LaneCount(5, 0.0)})  # every result found in the cache
     cached.refresh()
-    cached._watched -= 5.0
     assert cached.line().endswith("eta ?")
     p.close()
     cached.close()

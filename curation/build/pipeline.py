@@ -55,7 +55,7 @@ from curation.build.cluster import (
     write_lane_inputs,
 )
 from curation.build.plan import ItemPlan, Plan, make_plan
-from curation.build.progress import BuildProgress, LaneCount, summary, through_experts
+from curation.build.progress import BuildProgress, summary, through_experts
 from curation.build.scan import scan_index
 from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
@@ -279,7 +279,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     progress_dir = prep.layout.plan_inputs / f"progress-{prep.ctx.build_id}"  # removed with the input blocks
     progress_dir.mkdir()
     ctx = replace(prep.ctx, item_bytes_limit=limit, progress_dir=str(progress_dir))
-    collector.progress.watch({k: LaneCount(i.items, runs=i.runs) for k, i in inputs.items() if prep.plan.lanes[k].experts},
+    collector.progress.watch({k: i.items for k, i in inputs.items() if prep.plan.lanes[k].experts},
                              lambda: through_experts(progress_dir))
     log.info("building %d items on %s; experts: %s", prep.plan.working_count, where, _where_experts_run(placements))
     hosts = hosts_placement(placements)

@@ -15,11 +15,13 @@ beside the plan's input blocks that every node reads already, and the driver sum
 
 The estimate weighs what is left by what each lane's items cost. A mixed archive's lanes pass
 their experts at very different paces (a chest X-ray in hundredths of a second, a CT series
-through three segmentations in seconds), and the lane with the most planned runs starts first,
-so a count of items alone swings either way for most of a build. Each count therefore carries
-its lane's expert seconds: a lane's items cost what its passed ones cost on average, a lane
-none of whose items has passed yet costs its planned runs per item at the seconds per planned
-run seen so far, and what is left goes at the expert seconds the build has done per second.
+through three segmentations in seconds), so a count of items alone swings either way for most
+of a build. Each count therefore carries its lane's expert seconds: a lane's items left cost
+what its passed ones cost on average, and they go at the expert seconds done per second since
+the first count came (before it, the actors were starting). While a lane with items left has
+passed none, nothing tells yet what its items cost: the estimate leaves them out and says so,
+`eta >0:22`, at least that long. On CPUs the lanes' loads take turns, so on the large demo
+archive the brain lane's first item came at 60 % of the build.
 """
 
 from __future__ import annotations
@@ -55,15 +57,10 @@ def _clock(seconds: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LaneCount:
-    """A lane's items and what they cost: as counted, the expert seconds they took (`seconds`);
-    as planned, the expert runs they need (`runs`)."""
+    """A lane's items through their experts, and the expert seconds they took."""
 
     items: int
     seconds: float = 0.0
-    runs: int = 0
-
-
-Lanes = Mapping[int, LaneCount]  # lane → its count
 
 
 class BuildProgress:
@@ -78,8 +75,8 @@ class BuildProgress:
         self.started = time.perf_counter()
         self.done = self.rows = self.runs = self.set_aside = 0
         self._last = 0.0
-        self._experts: tuple[Lanes, Callable[[], Lanes]] | None = None
-        self._watched = 0.0
+        self._experts: tuple[dict[int, int], Callable[[], Mapping[int, LaneCount]]] | None = None
+        self._first: tuple[float, float] | None = None  # when expert seconds were first counted, and how many
         self._passed: dict[int, LaneCount] = {}
         self._read_at = -READ_EVERY
         self._lock = threading.Lock()
@@ -101,14 +98,12 @@ class BuildProgress:
             self.set_aside += set_aside
             self._draw_when_due(last_item=self.done == self.total)
 
-    def watch(self, lanes: Lanes, passed: Callable[[], Lanes]) -> None:
+    def watch(self, lanes: Mapping[int, int], passed: Callable[[], Mapping[int, LaneCount]]) -> None:
         """Show the items through their experts too: `passed()` of the lanes' items (`lanes`:
-        each lane with experts, its items and planned runs), read by the line's clock at most
-        every READ_EVERY seconds (`refresh`), each lane capped at its items. The experts' pace
-        is timed from here: the experts start with the pipeline."""
+        each lane with experts and its items), read by the line's clock at most every
+        READ_EVERY seconds (`refresh`), each lane capped at its items."""
         with self._lock:
-            self._experts = (dict(lanes), passed) if any(c.items for c in lanes.values()) else None
-            self._watched = time.perf_counter()
+            self._experts = (dict(lanes), passed) if any(lanes.values()) else None
 
     def refresh(self) -> None:
         """Read the workers' counts, outside the line's lock: a slow shared folder delays the
@@ -124,9 +119,12 @@ class BuildProgress:
             log.debug("items through experts not read: %s", e)
             return
         with self._lock:
-            for lane, plan in lanes.items():
+            for lane, items in lanes.items():
                 got, had = read.get(lane, LaneCount(0)), self._passed.get(lane, LaneCount(0))
-                self._passed[lane] = LaneCount(max(had.items, min(plan.items, got.items)), max(had.seconds, got.seconds))
+                self._passed[lane] = LaneCount(max(had.items, min(items, got.items)), max(had.seconds, got.seconds))
+            spent = sum(c.seconds for c in self._passed.values())
+            if self._first is None and spent > 0:
+                self._first = (time.perf_counter(), spent)
 
     def _beat(self) -> None:
         while not self._closed.wait(self.every):
@@ -152,12 +150,12 @@ class BuildProgress:
         eta, experts = _eta(self.done, self.total, elapsed), ""
         if self._experts is not None:
             lanes = self._experts[0]
-            total = sum(c.items for c in lanes.values())
+            total = sum(lanes.values())
             # every rendered item is through its experts: the last counts may still be on their way
             passed = total if self.done == self.total else sum(c.items for c in self._passed.values())
             experts = f"{passed}/{total} through experts, "
             if self.done < passed < total:  # the experts ahead of rendering set the pace; rendering follows in bursts
-                eta = _experts_eta(lanes, self._passed, now - self._watched)
+                eta = _experts_eta(lanes, self._passed, self._first, now)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
                 f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
 
@@ -186,22 +184,25 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
     return _clock((total - done) * elapsed / done)
 
 
-def _experts_eta(lanes: Lanes, passed: Lanes, elapsed: float) -> str | None:
-    """Time left for the experts: each lane's items left at what its items cost, at the expert
-    seconds done per second so far (see the module docstring); None before a twentieth (and 3)
-    of the items have passed, or before any expert second is counted (every result cached)."""
-    done = sum(c.items for c in passed.values())
-    spent = sum(c.seconds for c in passed.values())
-    if elapsed <= 0 or spent <= 0 or done < max(3, sum(c.items for c in lanes.values()) // 20):
+def _experts_eta(lanes: Mapping[int, int], passed: Mapping[int, LaneCount], first: tuple[float, float] | None, now: float) -> str | None:
+    """Time left for the experts: each lane's items left at what its passed items cost, at the
+    expert seconds counted per second since `first` (when, and how many, they were first
+    counted); `>` before it while a lane with items left has passed none (its items are left
+    out). None before a twentieth (and 3) of the items have passed, or before expert seconds
+    have been counted twice (every result cached, or one reading so far)."""
+    done, spent = sum(c.items for c in passed.values()), sum(c.seconds for c in passed.values())
+    if first is None or spent <= first[1] or now <= first[0] or done < max(3, sum(lanes.values()) // 20):
         return None
-    planned = sum(c.items * lanes[k].runs / lanes[k].items for k, c in passed.items() if k in lanes and lanes[k].items)
-    per_run = spent / planned if planned else 0.0
-    left = 0.0
-    for lane, plan in lanes.items():
+    left, unknown = 0.0, False
+    for lane, items in lanes.items():
         got = passed.get(lane, LaneCount(0))
-        cost = got.seconds / got.items if got.items else per_run * plan.runs / max(plan.items, 1)
-        left += (plan.items - got.items) * cost
-    return _clock(left * elapsed / spent)
+        if got.items < items:
+            unknown = unknown or not got.items
+            left += (items - got.items) * got.seconds / got.items if got.items else 0.0
+    seconds = left * (now - first[0]) / (spent - first[1])
+    if unknown:  # at least this long; "at least 0:00" says nothing
+        return f">{_clock(seconds)}" if seconds >= 1 else None
+    return _clock(seconds)
 
 
 class PassedCount:
