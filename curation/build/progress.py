@@ -187,9 +187,10 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
 def _experts_eta(lanes: Mapping[int, int], passed: Mapping[int, LaneCount], first: tuple[float, float] | None, now: float) -> str | None:
     """Time left for the experts: each lane's items left at what its passed items cost, at the
     expert seconds counted per second since `first` (when, and how many, they were first
-    counted); `>` before it while a lane with items left has passed none (its items are left
-    out). None before a twentieth (and 3) of the items have passed, or before expert seconds
-    have been counted twice (every result cached, or one reading so far)."""
+    counted). While a lane with items left has passed none, its items are left out and the
+    time reads `>0:22`, at least that long. None before a twentieth (and 3) of the items have
+    passed, or before expert seconds have been counted twice (every result cached, or one
+    reading so far)."""
     done, spent = sum(c.items for c in passed.values()), sum(c.seconds for c in passed.values())
     if first is None or spent <= first[1] or now <= first[0] or done < max(3, sum(lanes.values()) // 20):
         return None
