@@ -424,8 +424,6 @@ def test_the_estimate_weighs_each_lanes_items_left_by_what_its_items_cost():
     they were first counted (before, the actors were starting). A lane with items left that has
     passed none is left out, and the estimate says it is at least that; with nothing but cached
     results passed there is nothing to go by."""
-    import time
-
     from curation.build.progress import LaneCount
 
     lanes = {0: 100, 1: 10}  # X-rays; CT series
@@ -434,18 +432,16 @@ def test_the_estimate_weighs_each_lanes_items_left_by_what_its_items_cost():
     p = BuildProgress(110, stream=io.StringIO(), every=0)
     p.watch(lanes, lambda: next(readings))
     p.refresh()  # the first count: 1 expert-s so far, at some moment after the actors started
+    first = p._first[0]
     p.refresh()
-    p._first = (time.perf_counter() - 4.0, 1.0)  # 4 expert-s more in the 4 s since the first count
-    # no CT series through yet: at least the 50 X-rays left, at 0.1 s each
-    assert "50/110 through experts" in p.line() and p.line().endswith("eta >0:05")
+    # 4 expert-s more in 4 s; no CT series through yet: at least the 50 X-rays left, at 0.1 s each
+    assert "50/110 through experts" in p.line(first + 4.0) and p.line(first + 4.0).endswith("eta >0:05")
     p.refresh()
-    p._first = (time.perf_counter() - 15.0, 1.0)  # 15 expert-s more in 15 s
-    # 40 X-rays at 0.1 s and 9 CT series at 10 s: 94 expert-s left at 1 a second
-    assert "61/110 through experts" in p.line() and p.line().endswith("eta 1:34")
+    # 15 expert-s more in 15 s: 40 X-rays at 0.1 s and 9 CT series at 10 s, 94 expert-s left at 1 a second
+    assert "61/110 through experts" in p.line(first + 15.0) and p.line(first + 15.0).endswith("eta 1:34")
     p.refresh()
-    p._first = (time.perf_counter() - 29.5, 1.0)  # 29 expert-s more in 29.5 s
-    # 8 CT series at 10 s each: 80 expert-s left; counted by items, 102 of 110 would leave 0:02
-    assert "102/110 through experts" in p.line() and p.line().endswith("eta 1:21")
+    # 29 expert-s more in 29.5 s: 8 CT series at 10 s each, 80 expert-s left; counted by items, 102 of 110 would leave 0:02
+    assert "102/110 through experts" in p.line(first + 29.5) and p.line(first + 29.5).endswith("eta 1:21")
     cached = BuildProgress(110, stream=io.StringIO(), every=0)
     cached.watch(lanes, lambda: {0: LaneCount(60, 0.0), 1: LaneCount(5, 0.0)})  # every result found in the cache
     cached.refresh()
