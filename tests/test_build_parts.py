@@ -478,7 +478,7 @@ def test_a_workers_count_is_written_by_a_timer_at_most_once_a_second_and_never_f
         assert _until(lambda: broken.warned)
         broken.add(0, 1, 0.5)
         assert _until(lambda: not broken._pending, 5)
-    assert broken.count == 2 and not broken.stopped and len(caplog.records) == 1
+    assert broken.lanes == {0: LaneCount(2, 1.0)} and not broken.stopped and len(caplog.records) == 1
 
     shutil.rmtree(folder)
     caplog.clear()

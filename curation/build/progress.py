@@ -62,6 +62,9 @@ class LaneCount:
     items: int
     seconds: float = 0.0
 
+    def __add__(self, other: LaneCount) -> LaneCount:
+        return LaneCount(self.items + other.items, self.seconds + other.seconds)
+
 
 class BuildProgress:
     """`update()` after each item; `close()` at the end (or leave its `with` block). With
@@ -176,10 +179,15 @@ class BuildProgress:
                 self.stream.flush()
 
 
+def _settled(done: int, total: int) -> bool:
+    """Whether enough is done to estimate from: a twentieth of `total`, and 3. The first items
+    include the experts' start-up, and an estimate from them means nothing."""
+    return done > 0 and done >= max(3, total // 20)
+
+
 def _eta(done: int, total: int, elapsed: float) -> str | None:
-    """Time left at the pace so far; None before a twentieth (and 3) of `total` is done: the
-    first items include the experts' start-up, and an estimate from them means nothing."""
-    if done <= 0 or elapsed <= 0 or done < max(3, total // 20):
+    """Time left at the pace so far; None until it is `_settled`."""
+    if elapsed <= 0 or not _settled(done, total):
         return None
     return _clock((total - done) * elapsed / done)
 
@@ -188,11 +196,10 @@ def _experts_eta(lanes: Mapping[int, int], passed: Mapping[int, LaneCount], firs
     """Time left for the experts: each lane's items left at what its passed items cost, at the
     expert seconds counted per second since `first` (when, and how many, they were first
     counted). While a lane with items left has passed none, its items are left out and the
-    time reads `>0:22`, at least that long. None before a twentieth (and 3) of the items have
-    passed, or before expert seconds have been counted twice (every result cached, or one
-    reading so far)."""
+    time reads `>0:22`, at least that long. None until the items through are `_settled`, or
+    before expert seconds have been counted twice (every result cached, or one reading so far)."""
     done, spent = sum(c.items for c in passed.values()), sum(c.seconds for c in passed.values())
-    if first is None or spent <= first[1] or now <= first[0] or done < max(3, sum(lanes.values()) // 20):
+    if first is None or spent <= first[1] or now <= first[0] or not _settled(done, sum(lanes.values())):
         return None
     left, unknown = 0.0, False
     for lane, items in lanes.items():
@@ -239,15 +246,10 @@ class PassedCount:
                 found = cls._mine[folder] = cls(folder)
             return found
 
-    @property
-    def count(self) -> int:
-        return sum(c.items for c in self.lanes.values())
-
     def add(self, lane: int, items: int, seconds: float) -> None:
         """`items` of `lane` passed, having taken `seconds` of expert time in all."""
         with self._lock:
-            had = self.lanes.get(lane, LaneCount(0))
-            self.lanes[lane] = LaneCount(had.items + items, had.seconds + seconds)
+            self.lanes[lane] = self.lanes.get(lane, LaneCount(0)) + LaneCount(items, seconds)
             if self._pending or self.stopped:
                 return
             timer = threading.Timer(max(0.0, self._written_at + WRITE_EVERY - time.monotonic()), self._write)
@@ -290,8 +292,7 @@ def through_experts(folder: str | Path) -> dict[int, LaneCount]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # removed meanwhile, torn, or not one of ours
         for lane, c in lanes:
-            had = total.get(lane, LaneCount(0))
-            total[lane] = LaneCount(had.items + c.items, had.seconds + c.seconds)
+            total[lane] = total.get(lane, LaneCount(0)) + c
     return total
 
 
