@@ -169,11 +169,6 @@ def test_scheduling_keys_do_not_change_the_runner_spec(tmp_path):
     assert runner_spec(spec.experts[0]) == runner_spec(plain.experts[0]) == plain.experts[0]
 
 
-def test_dashboard_address_is_refused_with_the_fix():
-    with pytest.raises(CurationError, match="ray job submit --address http://head:8265"), ray_session("http://head:8265"):
-        pass
-
-
 @pytest.mark.ray
 def test_local_session_stops_every_ray_process():
     """The local session's end kills the autoscaler monitor before `ray.shutdown` (which would

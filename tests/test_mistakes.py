@@ -1,4 +1,4 @@
-"""Twelve mistakes a user makes, each run as the user would (a real `python -m curation`
+"""Thirteen mistakes a user makes, each run as the user would (a real `python -m curation`
 process): exit status 2, one line on stderr naming the file, key or path, never a traceback.
 
 The README's table "What a mistake prints" is this test's output: the test fails when the table
@@ -109,6 +109,8 @@ MISTAKES = [
     Mistake("a task whose source holds nothing to read", lambda r: ["build", manifest(r, lambda d: (
         d["sources"].append({"name": "notes", "kind": "nifti", "root": "archive/notes"}),
         d["tasks"].append({"template": "findings/volume.j2", "source": "notes", "expert": "CTTissue"})))]),
+    Mistake("a cluster address where no Ray head listens", lambda r: ["build", manifest(r, lambda d: None), "--address", "127.0.0.1:1"],
+            in_manifest=False),
     Mistake("an output folder that is a file", lambda r: ["build", manifest(r, lambda d: None), "--out", "report.csv"]),
     Mistake("an output folder that cannot be written", lambda r: ["index", manifest(r, lambda d: None), "--out", "/sys/m3-curate-out"]),
     Mistake("shards from elsewhere whose id is a path", lambda r: ["export", "llava", _shards(r, "../../outside"), "llava"],
@@ -133,7 +135,7 @@ def run_mistake(m: Mistake, root: Path) -> subprocess.CompletedProcess[str]:
 
 def table(rows: list[tuple[str, str]]) -> str:
     lines = ["| mistake | what `m3-curate` prints (exit status 2) |", "|---|---|"]
-    lines += [f"| {what} | `{line}` |" for what, line in rows]
+    lines += [f"| {what} | `` {line} `` |" if "`" in line else f"| {what} | `{line}` |" for what, line in rows]  # a line with ` in it
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ this cluster, one locally), two in pools of two actors: the pools must have run 
 and the shards must be byte-identical to those of a build on an embedded local Ray. Ray Data
 spreads the hosts over the nodes on a best-effort basis (SPREAD), and a host that
 starts first may take every hosted item of so small an archive, so the test does not ask that
-the hosts ran on both nodes.
+the hosts ran on both nodes. The head has token authentication, Ray's default: a build from a
+shell that sends no token is refused first, in one line that says how to send it.
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
@@ -85,6 +86,11 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     try:
         start_node(temp_dir, {**env, "M3_TEST_NODE_LOG": str(nodes_log)}, head=True, gcs=gcs, cpus=2)
         start_node(temp_dir, {**env, "M3_TEST_NODE_LOG": str(nodes_log)}, head=False, gcs=gcs, cpus=2)
+        without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # Ray would wait 20 s, then a bare ConnectionError
+        refused = subprocess.run([sys.executable, "-m", "curation", "build", str(manifests["cluster"]), "--address", f"127.0.0.1:{gcs}"],
+                                 cwd=REPO, env=without_token, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and f"the Ray cluster at 127.0.0.1:{gcs} uses token authentication: set RAY_AUTH_MODE=token" \
+            in refused.stderr, refused.stderr[-3000:]
         built = subprocess.run([sys.executable, "-m", "curation", "-q", "build", str(manifests["cluster"]),
                                 "--address", f"127.0.0.1:{gcs}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from curation.build.plan import Plan
 from curation.build.stages import WORK_SCHEMA, BuildContext, WorkItem, voxel_bytes, work_table
 from curation.errors import CurationError
 from curation.local_ray import stop_local_ray
+from curation.ray_address import join
 from curation.manifest import BuildSpec
 
 BLOCK_ITEMS = 16  # items per input block at most ...
@@ -116,24 +116,17 @@ def _quiet_ray_data_console() -> None:
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[str]:
-    """Connect to the cluster at `address` (or `RAY_ADDRESS`), or start a local Ray for this
-    build and stop it afterwards; a session this process already has is used as it is.
-    Yields a description of where the build runs."""
+    """Join the cluster at `address` (what `curation.ray_address.cluster_address` returned), or
+    with None start a local Ray for this build and stop it afterwards; a session this process
+    already has is used as it is. Yields a description of where the build runs."""
     import ray
 
     if ray.is_initialized():
         yield "the Ray session of this process"
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith(("http://", "https://")):
-        raise CurationError(
-            f"Ray address {address!r} is the dashboard (jobs API) address: submit with "
-            f"`ray job submit --address {address} --working-dir . -- python -m curation build MANIFEST`, "
-            "or give `--address` the cluster's GCS address (HOST:6379)"
-        )
     _quiet_ray_logs()
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        join(address, logging_level=logging.WARNING)
         where = f"the Ray cluster at {address}"
     else:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

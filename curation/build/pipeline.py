@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -60,6 +59,7 @@ from curation.build.scan import scan_index
 from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
 from curation.errors import CurationError
+from curation.ray_address import cluster_address
 from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
@@ -254,11 +254,11 @@ def _render_from_cache(prep: _Prepared, looked_up: Iterable[WorkItem], label: st
 def _on_ray(spec: BuildSpec, layout: Layout, *, address: str | None, limit: int | None, prep: _Prepared | None,
             show: bool, t0: float, origin: str = "") -> BuildResult:
     """The build on Ray. Ray starts (or connects) while the driver indexes and plans, so its
-    start-up overlaps theirs."""
+    start-up overlaps theirs; a cluster's address is checked before either begins."""
+    address = cluster_address(address)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
         preparing = pool.submit(_prepare, spec, layout, limit=limit, infos=None, origin=origin) if prep is None else None
-        log.info("starting Ray (%s)%s", address or os.environ.get("RAY_ADDRESS") or "a local Ray for this build",
-                 " while the archive is indexed" if prep is None else "")
+        log.info("starting Ray (%s)%s", address or "a local Ray for this build", " while the archive is indexed" if prep is None else "")
         with ray_session(address) as where:
             ray_ready = time.perf_counter() - t0
             prep = prep or preparing.result()  # type: ignore[union-attr]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,14 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     from ray.train.torch import TorchTrainer
 
     from curation.local_ray import stop_local_ray
+    from curation.ray_address import cluster_address, join
 
     if workers < 1:
         raise CurationError(f"--workers {workers}: must be at least 1")
     started = False
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init()  # Ray Train's cleanup queries the state API (dashboard)
+        address = cluster_address(address)
+        join(address) if address else ray.init()  # Ray Train's cleanup queries the state API (dashboard)
         started = not address
     try:
         if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:

@@ -1,0 +1,101 @@
+"""Joining a Ray cluster at an address (`--address` or `RAY_ADDRESS`), checked before Ray tries.
+
+`ray.init(address=HOST:PORT)` waits without end where nothing listens at that address, waits
+minutes where something that is not a Ray head answers (the dashboard's port, say), and prints
+a warning a second for 20 s before a bare `ConnectionError` where the head wants a token this
+shell does not send (Ray's default since 2.5x: an explicit address never turns token
+authentication on by itself). So the address is asked first, with a deadline, the way Ray
+would ask it: a TCP connection, then the head's GCS for its cluster id over gRPC. Each way it
+can fail has its own message saying what to do. Shared by the build and the fine-tune, which
+must not depend on each other.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from curation.errors import CurationError
+
+CONNECT_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 10.0
+TOKEN_HINT = ("set RAY_AUTH_MODE=token in this shell, with the cluster's token (`ray get-auth-token` on the head) in "
+              "RAY_AUTH_TOKEN or ~/.ray/auth_token")
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The address to join (`address`, else `RAY_ADDRESS`), checked; None for a Ray of our own.
+    `auto` and Ray Client (`ray://`) addresses are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        return None
+    if address.startswith(("http://", "https://")):
+        raise CurationError(
+            f"Ray address {address!r} is the dashboard (jobs API) address: submit with "
+            f"`ray job submit --address {address} --working-dir . -- python -m curation build MANIFEST`, "
+            "or give `--address` the cluster's GCS address (HOST:6379)"
+        )
+    if address != "auto" and not address.startswith("ray://"):
+        check_head(address)
+    return address
+
+
+def join(address: str, **init: Any) -> None:
+    """`ray.init(address=...)`, its `ConnectionError` (a token refused, a head gone meanwhile)
+    as a message that says what to check."""
+    import ray
+
+    try:
+        ray.init(address=address, **init)
+    except ConnectionError as e:
+        raise CurationError(f"could not join the Ray cluster at {address}: {e}. Is its head still running? "
+                            f"If it uses token authentication, {TOKEN_HINT}") from None
+
+
+def check_head(address: str, *, connect_s: float = CONNECT_TIMEOUT_S, answer_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Refuse `address` unless a Ray head's GCS answers there within the deadlines."""
+    host, port = _host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=connect_s).close()
+    except OSError as e:
+        raise CurationError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}): start its head there with "
+            f"`ray start --head --port={port}`, or give `--address` (or RAY_ADDRESS) the head's GCS address "
+            "(HOST:6379 unless `ray start --head` had another --port)"
+        ) from None
+    _ask_cluster_id(address, f"{host}:{port}", answer_s)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise CurationError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS address, HOST:6379 by default), "
+                            "`auto` or ray://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _ask_cluster_id(address: str, target: str, answer_s: float) -> None:
+    """The GCS's cluster id, asked without a token: a head with token authentication answers
+    UNAUTHENTICATED, which is enough to know it is one when this shell is set up to send its
+    token (Ray then checks the token itself)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                               timeout=answer_s)
+            return
+        except grpc.RpcError as e:
+            code = e.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            return
+        raise CurationError(f"the Ray cluster at {address} uses token authentication: {TOKEN_HINT}")
+    said = f"no answer within {answer_s:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"gRPC: {code.name.lower()}"
+    raise CurationError(
+        f"{address} answers, but not as a Ray head's GCS ({said}): give `--address` "
+        "the GCS port (6379 unless `ray start --head` had another --port); the dashboard's port (8265) takes "
+        "`ray job submit`, not `--address`"
+    )
