@@ -1,10 +1,16 @@
 """`m3-curate finetune --workers 2`: the same loop on two Ray Train workers (CPU, Gloo DDP),
 each streaming its own row groups; rank 0 writes checkpoints and the model, and a resumed
-run on Ray continues from the newest checkpoint."""
+run on Ray continues from the newest checkpoint. More workers than the cluster can place are
+refused before Ray Train waits for them."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +19,7 @@ from curation.finetune.train import checkpoints
 from shards_factory import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_finetune_on_two_ray_train_workers(tmp_path, capsys):
@@ -32,3 +39,35 @@ def test_finetune_on_two_ray_train_workers(tmp_path, capsys):
 
     assert main([*argv[:-6], "--max-steps", "6", "--save-steps", "2", "--resume"]) == 0
     assert json.loads((out / "train_summary.json").read_text())["resumed_from"] == 4
+
+
+def test_more_workers_than_the_cluster_can_place_are_refused_at_once(tmp_path):
+    """Ray Train would wait for them without end: it gives up starting the group after a
+    minute and starts again. The local Ray started for the run has this machine's CPUs."""
+    data = write_shards(tmp_path / "build", conversations=6)
+    workers = (os.cpu_count() or 1) + 1
+    run = subprocess.run([sys.executable, "-m", "curation", "-q", "finetune", "--data", str(data), "--model", "tiny",
+                          "--out", str(tmp_path / "run"), "--workers", str(workers), "--max-steps", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert (f"--workers {workers}: each Ray Train worker takes one CPU and the Ray cluster has {workers - 1}: "
+            f"give --workers {workers - 1} or fewer, or add nodes") in run.stderr
+    assert not (tmp_path / "run" / "ray").exists()  # no Ray Train run began
+
+
+@pytest.mark.parametrize("workers, use_gpu, resources, message", [
+    (2, False, {"CPU": 2.0}, None),
+    (4, True, {"CPU": 2.0, "GPU": 4.0}, None),  # a GPU worker reserves no CPU
+    (3, True, {"CPU": 64.0, "GPU": 2.0}, "--workers 3 --use-gpu: each Ray Train worker takes one GPU and the Ray cluster has 2: "
+                                         "give --workers 2 or fewer"),
+    (1, True, {"CPU": 64.0}, "--workers 1 --use-gpu: each Ray Train worker takes one GPU and the Ray cluster has 0: drop --use-gpu"),
+])
+def test_the_room_for_workers_is_what_scaling_config_reserves_for_each(workers, use_gpu, resources, message):
+    from curation.errors import CurationError
+    from curation.finetune.ray_train import check_room
+
+    if message is None:
+        check_room(workers, use_gpu, resources)
+    else:
+        with pytest.raises(CurationError, match=re.escape(message)):
+            check_room(workers, use_gpu, resources)

@@ -49,6 +49,21 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     )
 
 
+def check_room(workers: int, use_gpu: bool, resources: dict[str, float]) -> None:
+    """Refuse more workers than the cluster can place: Ray Train would wait for them without
+    end (it gives up starting the group after a minute, and starts again)."""
+    kind = "GPU" if use_gpu else "CPU"  # what ScalingConfig reserves per worker: 1 GPU, or 1 CPU
+    have = resources.get(kind, 0.0)
+    if have >= workers:
+        return
+    if have >= 1:
+        fix = f"give --workers {int(have)} or fewer, or add nodes"
+    else:
+        fix = "drop --use-gpu, or join a cluster with GPUs (--address)" if use_gpu else "add nodes with CPUs"
+    flags = f"--workers {workers}" + (" --use-gpu" if use_gpu else "")
+    raise CurationError(f"{flags}: each Ray Train worker takes one {kind} and the Ray cluster has {have:g}: {fix}")
+
+
 def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run `train(config)` on `workers` Ray Train workers (one GPU each with `use_gpu`) and
     return the summary rank 0 wrote."""
@@ -67,10 +82,7 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
         join(address) if address else ray.init()  # Ray Train's cleanup queries the state API (dashboard)
         started = not address
     try:
-        if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
-            raise CurationError(
-                f"--workers {workers} --use-gpu: the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s)"
-            )
+        check_room(workers, use_gpu, ray.cluster_resources())
         out = Path(config.out).resolve()
         config.out, config.data = str(out), str(Path(config.data).resolve())
         if Path(config.model).exists():
