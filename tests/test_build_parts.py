@@ -623,3 +623,41 @@ def test_each_expert_result_of_an_item_is_read_and_serialised_once_for_all_its_c
     for row in rows:  # the bytes a row held before: the findings its template saw, less the run timings
         f = cache.get(content, row["provenance"]["expert_fingerprint"], json.loads(row["meta"])["args"])
         assert row["findings"] == json.dumps({k: v for k, v in f.to_dict().items() if k != "timing"}, sort_keys=True)
+
+
+def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_prompts_and_what_the_driver_just_made(tmp_path):
+    """What `curation.build.shared` asks every other node of a cluster to see: files, not
+    just folders (a node's own empty folder of the same name must not pass), and under
+    `--out` and an outside cache something the driver made for this build."""
+    from dataclasses import replace
+
+    from curation.build.shared import read_paths, unseen, written_marks
+    from curation.items import StudyItem
+
+    spec = BuildSpec.model_validate({
+        "name": "p", "prompts": [str(tmp_path / "p")],
+        "sources": [{"name": "ct", "kind": "dicom", "root": str(tmp_path / "ct"), "labels": str(tmp_path / "seg")},
+                    {"name": "x", "kind": "image2d", "root": str(tmp_path / "x"), "labels": str(tmp_path / "x.csv")}],
+        "experts": [{"name": "V", "runner": "vista3d", "bundle": str(tmp_path / "b")}, {"name": "C", "runner": "labels"}],
+        "tasks": [{"template": "t0.j2", "source": "ct", "expert": "V"}, {"template": "t1.j2", "source": "x", "expert": "C"}],
+    })
+    ct = StudyItem(item_id="s1", patient_key="p", study_key="s", source="ct", kind="dicom", modality="CT", shape=[2, 2, 8],
+                   spacing=[1.0, 1.0, 1.0], n_files=8, uris=["P1/1/IM2.dcm", "P1/1/IM1.dcm"])
+    plan = replace(plan_for(spec, {"V"}), source=[ct, replace(ct, item_id="s2", uris=["P2/1/IM1.dcm"])])
+    paths = read_paths(plan)
+    assert paths == {"sources[0].root (ct)": f"{tmp_path}/ct/P1/1/IM2.dcm", "sources[0].labels": f"{tmp_path}/seg",
+                     "sources[1].root (x)": f"{tmp_path}/x",  # nothing indexed: the root
+                     "sources[1].labels": f"{tmp_path}/x.csv", "experts[0].bundle (V)": f"{tmp_path}/b", "prompts[0]": f"{tmp_path}/p"}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x.csv").write_text("image\n")
+    assert unseen(paths) == ["sources[0].root (ct)", "sources[0].labels", "experts[0].bundle (V)", "prompts[0]"]
+
+    out, folder = tmp_path / "out", tmp_path / "out" / "internal" / "plan" / "progress-b1"
+    folder.mkdir(parents=True)
+    with written_marks(folder, out / "internal" / "cache", out, "b1") as marks:  # the cache under --out: the folder says it
+        assert marks == {"output.dir (this build's folder under it)": str(folder)}
+    (tmp_path / "cache").mkdir()
+    with written_marks(folder, tmp_path / "cache", out, "b1") as marks:
+        mark = Path(marks["output.cache (a mark the driver wrote in it)"])
+        assert mark.parent == tmp_path / "cache" and mark.exists() and unseen(marks) == []
+    assert not mark.exists()

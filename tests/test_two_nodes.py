@@ -11,12 +11,16 @@ shell that sends no token is refused first, in one line that says how to send it
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
+The second test runs the worker node in a mount namespace of its own, with an empty folder over
+the archive and `--out`, as a node that mounts no shared storage there: the build must stop
+before its first item, naming that node and each path it lacks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +42,10 @@ BIN = Path(sys.executable).parent
 HOSTED = ("VISTA3D", "CXR")
 
 
-def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int) -> None:
-    """`ray start` for the head (`head`) or a worker joining it, every port its own."""
+def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int, hide: Path | None = None) -> None:
+    """`ray start` for the head (`head`) or a worker joining it, every port its own. `hide`: the
+    node runs in a mount namespace of its own with an empty folder mounted over this one, so
+    it does not see what the driver's machine has there."""
     ports = iter(free_ports(8))
     common = [f"--num-cpus={cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
               f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
@@ -48,7 +54,8 @@ def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus
               "--object-store-memory=200000000"]
     role = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={next(ports)}"] if head
             else [f"--address=127.0.0.1:{gcs}"])
-    subprocess.run([str(BIN / "ray"), "start", *role, *common], env=env, check=True, capture_output=True, timeout=180)
+    wrap = ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {hide} && exec \"$0\" \"$@\""] if hide else []
+    subprocess.run([*wrap, str(BIN / "ray"), "start", *role, *common], env=env, check=True, capture_output=True, timeout=180)
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -109,3 +116,38 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     assert cards["cluster"]["counts"]["rows"]["total"] == cards["local"]["counts"]["rows"]["total"]
     hosts = {name: {e["actors"] for n, e in card["experts"].items() if n in HOSTED} for name, card in cards.items()}
     assert hosts == {"local": {1}, "cluster": {2}}
+
+
+def test_a_node_that_does_not_see_the_archive_and_out_is_named_before_the_build_begins(tmp_path):
+    """The worker node sees an empty folder where the driver's machine has the archive and
+    `--out`, as a node that mounts no shared storage there would: the build stops before its
+    first item, naming the node and each path it lacks."""
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {tmp_path}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"a node that sees other folders needs a mount namespace (unshare --mount): {probe.stderr.strip()}")
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=1, seed=0)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(demo_manifest(archive, tmp_path / "out"), sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    (gcs,) = free_ports(1)
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    try:
+        start_node(temp_dir, env, head=True, gcs=gcs, cpus=2)
+        start_node(temp_dir, env, head=False, gcs=gcs, cpus=2, hide=tmp_path)
+        built = subprocess.run([sys.executable, "-m", "curation", "build", str(manifest), "--address", f"127.0.0.1:{gcs}"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert built.returncode == 2, built.stdout[-3000:] + built.stderr[-3000:]
+    error = built.stderr.strip().splitlines()[-1]
+    assert re.match(r"m3-curate: error: node \S+ \([0-9a-f]{8}\) does not see ", error) and "Traceback" not in built.stderr, \
+        built.stderr[-3000:]
+    assert error.count("does not see") == 1  # the worker; the head is the driver's own node
+    assert f"sources[0].root (ct): {archive}/ct/" in error
+    assert f"output.dir (this build's folder under it): {tmp_path}/out/internal/plan/progress-" in error
+    assert error.endswith("Every node must mount the archive, the bundles, --out and the cache at the same paths as the "
+                          "driver's machine (README: On a cluster)")
+    assert not (tmp_path / "out" / "dataset").exists()

@@ -1,0 +1,111 @@
+"""What every node of a cluster must see at the paths the driver resolved, looked for on each
+node before the build begins.
+
+Load tasks, expert actors and render tasks open the manifest's paths as the driver resolved
+them (README: "On a cluster"). A node that mounts the archive elsewhere, or not at all, would
+set every item it loads aside as unreadable; a node whose `--out` or cache is a folder of its
+own would read no input block and write results no other node sees. Either is a mistake in
+how the cluster was set up, so the build stops before its first item, naming the node and the
+paths. One task per node other than the driver's own (pinned to it, no CPU reserved) looks for:
+
+- each source's first indexed file (its root where nothing was indexed), and its labels path;
+- each expert's bundle folder and each prompt folder of the manifest;
+- a folder or file the driver has just made, where workers write what others read: this
+  build's own folder under `--out` (`internal/plan/progress-<build>`), and a mark in the cache
+  when the cache lies outside `--out`. A same-named folder of the node's own has neither.
+
+Nodes that join the cluster later (an autoscaler's) are not looked at.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from curation.build.plan import Plan
+from curation.errors import CurationError
+from curation.items import source_path
+
+log = logging.getLogger(__name__)
+
+ANSWER_TIMEOUT_S = 120.0  # a node that starts no worker in this time is left unchecked, with a warning
+
+
+def read_paths(plan: Plan) -> dict[str, str]:
+    """What the nodes read, each under the manifest key it comes from: the first indexed file
+    of each source, labels, bundles and prompt folders."""
+    spec, paths = plan.spec, {}
+    first: dict[str, str] = {}
+    for item in plan.source:
+        if len(first) == len(spec.sources):
+            break
+        if item.source not in first and item.uris:
+            first[item.source] = str(source_path(Path(spec.source(item.source).root), item.uris[0]))
+    for i, src in enumerate(spec.sources):
+        paths[f"sources[{i}].root ({src.name})"] = first.get(src.name, str(src.root))
+        for key in ("labels", "file"):
+            value = getattr(src, key, None)
+            if isinstance(value, Path):
+                paths[f"sources[{i}].{key}"] = str(value)
+    for i, expert in enumerate(spec.experts):
+        if expert.bundle is not None:
+            paths[f"experts[{i}].bundle ({expert.name})"] = str(expert.bundle)
+    for i, folder in enumerate(spec.prompts):
+        paths[f"prompts[{i}]"] = str(folder)
+    return paths
+
+
+@contextmanager
+def written_marks(build_folder: Path, cache_root: Path, out: Path, build_id: str) -> Iterator[dict[str, str]]:
+    """What the nodes must find that the driver has just made: `build_folder` (under `out`),
+    and a mark file in the cache when the cache lies outside `out` (removed afterwards)."""
+    marks = {"output.dir (this build's folder under it)": str(build_folder)}
+    mark = None
+    if not cache_root.resolve().is_relative_to(out.resolve()):
+        mark = cache_root / f".node-check-{build_id}"
+        mark.write_bytes(b"")
+        marks["output.cache (a mark the driver wrote in it)"] = str(mark)
+    try:
+        yield marks
+    finally:
+        if mark is not None:
+            mark.unlink(missing_ok=True)
+
+
+def unseen(paths: Mapping[str, str]) -> list[str]:
+    """The keys of `paths` that this machine does not see."""
+    return [key for key, path in paths.items() if not os.path.exists(path)]
+
+
+def check_every_node_sees(paths: Mapping[str, str], *, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Refuse the build when a node other than the driver's does not see every one of `paths`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    own = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != own]
+    if not nodes:
+        return
+    look = ray.remote(num_cpus=0, max_retries=0)(unseen)
+    asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(dict(paths)): n
+             for n in nodes}
+    done, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+    for ref in late:
+        node = asked[ref]
+        log.warning("node %s did not answer within %g s: not checked for the shared paths", _name(node), timeout_s)
+        ray.cancel(ref, force=True)
+    problems = []
+    for ref in done:
+        missing = ray.get(ref)
+        if missing:
+            problems.append(f"node {_name(asked[ref])} does not see " + "; ".join(f"{key}: {paths[key]}" for key in missing))
+    if problems:
+        raise CurationError(". ".join(problems) + ". Every node must mount the archive, the bundles, --out and the cache at "
+                            "the same paths as the driver's machine (README: On a cluster)")
+
+
+def _name(node: dict) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
