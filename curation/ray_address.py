@@ -3,10 +3,11 @@
 `ray.init(address=HOST:PORT)` waits without end where nothing listens at that address, waits
 minutes where something that is not a Ray head answers (the dashboard's port, say), and prints
 a warning a second for 20 s before a bare `ConnectionError` where the head wants a token this
-shell does not send (Ray's default since 2.5x: an explicit address never turns token
-authentication on by itself). So the address is asked first, with a deadline, the way Ray
-would ask it: a TCP connection, then the head's GCS for its cluster id over gRPC. Each way it
-can fail has its own message saying what to do. Shared by the build and the fine-tune, which
+shell does not send, or sends a wrong one. `ray start --head` turns token authentication on by
+default, and an explicit address never turns it on in the driver: that takes
+RAY_AUTH_MODE=token. So the address is asked first, with deadlines, the way Ray would ask it: a
+TCP connection, then the head's GCS for its cluster id over gRPC, with the token Ray would
+send. Each way it can fail has its own message saying what to do. Shared by the build and the fine-tune, which
 must not depend on each other.
 """
 
@@ -48,6 +49,8 @@ def join(address: str, **init: Any) -> None:
 
     try:
         ray.init(address=address, **init)
+    except ray.exceptions.AuthenticationError as e:
+        raise CurationError(f"could not join the Ray cluster at {address}: {e}") from None
     except ConnectionError as e:
         raise CurationError(f"could not join the Ray cluster at {address}: {e}. Is its head still running? "
                             f"If it uses token authentication, {TOKEN_HINT}") from None
@@ -76,22 +79,30 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _ask_cluster_id(address: str, target: str, answer_s: float) -> None:
-    """The GCS's cluster id, asked without a token: a head with token authentication answers
-    UNAUTHENTICATED, which is enough to know it is one when this shell is set up to send its
-    token (Ray then checks the token itself)."""
+    """The GCS's cluster id, asked as Ray would: with this shell's token when RAY_AUTH_MODE is
+    `token`, else without one (a head with token authentication then answers UNAUTHENTICATED)."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    metadata = _token_metadata() if token_mode else ()
+    if metadata == ():
+        if token_mode:
+            raise CurationError(f"RAY_AUTH_MODE=token, but this shell has no token to send to {address}: put the head's "
+                                "(`ray get-auth-token` there) in RAY_AUTH_TOKEN, ~/.ray/auth_token or the file RAY_AUTH_TOKEN_PATH names")
     with grpc.insecure_channel(target) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
-                                                                               timeout=answer_s)
+                                                                               timeout=answer_s, metadata=metadata or None)
             return
         except grpc.RpcError as e:
             code = e.code()
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        if metadata is None:  # token mode, and this Ray cannot say what it would send: Ray checks the token itself
             return
+        if token_mode:
+            raise CurationError(f"the Ray cluster at {address} refused this shell's token: put the head's (`ray get-auth-token` "
+                                "there) in RAY_AUTH_TOKEN, ~/.ray/auth_token or the file RAY_AUTH_TOKEN_PATH names")
         raise CurationError(f"the Ray cluster at {address} uses token authentication: {TOKEN_HINT}")
     said = f"no answer within {answer_s:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"gRPC: {code.name.lower()}"
     raise CurationError(
@@ -99,3 +110,18 @@ def _ask_cluster_id(address: str, target: str, answer_s: float) -> None:
         "the GCS port (6379 unless `ray start --head` had another --port); the dashboard's port (8265) takes "
         "`ray job submit`, not `--address`"
     )
+
+
+def _token_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The token Ray would send (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) as
+    gRPC metadata, () when there is none. Ray keeps its token loader in `ray._raylet`; where
+    that is not there (another Ray), None: the token is left to Ray."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        if not loader.has_token(ignore_auth_mode=True):
+            return ()
+        return tuple(loader.get_token_for_http_header().items())
+    except (ImportError, AttributeError, TypeError):
+        return None

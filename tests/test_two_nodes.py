@@ -7,7 +7,7 @@ and the shards must be byte-identical to those of a build on an embedded local R
 spreads the hosts over the nodes on a best-effort basis (SPREAD), and a host that
 starts first may take every hosted item of so small an archive, so the test does not ask that
 the hosts ran on both nodes. The head has token authentication, Ray's default: a build from a
-shell that sends no token is refused first, in one line that says how to send it.
+shell that sends no token, or a wrong one, is refused first, in one line that says how to send it.
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
@@ -98,6 +98,10 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
                                  cwd=REPO, env=without_token, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and f"the Ray cluster at 127.0.0.1:{gcs} uses token authentication: set RAY_AUTH_MODE=token" \
             in refused.stderr, refused.stderr[-3000:]
+        for token, said in ({"RAY_AUTH_TOKEN": "not-the-heads"}, "refused this shell's token"), ({"HOME": str(tmp_path)}, "no token to send"):
+            asked = subprocess.run([sys.executable, "-c", f"from curation.ray_address import check_head; check_head('127.0.0.1:{gcs}')"],
+                                   cwd=REPO, env={**env, **token}, capture_output=True, text=True, timeout=120)
+            assert asked.returncode != 0 and said in asked.stderr, asked.stderr[-3000:]
         built = subprocess.run([sys.executable, "-m", "curation", "-q", "build", str(manifests["cluster"]),
                                 "--address", f"127.0.0.1:{gcs}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]

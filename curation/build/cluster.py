@@ -41,8 +41,8 @@ from curation.build.plan import Plan
 from curation.build.stages import WORK_SCHEMA, BuildContext, WorkItem, voxel_bytes, work_table
 from curation.errors import CurationError
 from curation.local_ray import stop_local_ray
-from curation.ray_address import join
 from curation.manifest import BuildSpec
+from curation.ray_address import join
 
 BLOCK_ITEMS = 16  # items per input block at most ...
 BLOCK_BYTES = 64 << 20  # ... and voxels per input block at most (estimated from the index)

@@ -60,12 +60,12 @@ from curation.build.shared import check_every_node_sees, read_paths, written_mar
 from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
 from curation.errors import CurationError
-from curation.ray_address import cluster_address
 from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec, load_manifest, manifest_hash
 from curation.preflight import ExpertsFrom, check_templates, preflight
+from curation.ray_address import cluster_address
 from curation.store.cache import FindingsCache, expert_infos_from_cache
 from curation.store.card import ExpertEntry, Tally, build_ledger, code_version, dataset_card
 from curation.store.layout import Layout
