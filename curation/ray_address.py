@@ -27,7 +27,7 @@ TOKEN_HINT = ("set RAY_AUTH_MODE=token in this shell, with the cluster's token (
 
 def cluster_address(address: str | None) -> str | None:
     """The address to join (`address`, else `RAY_ADDRESS`), checked; None for a Ray of our own.
-    `auto` and Ray Client (`ray://`) addresses are left to Ray."""
+    `auto`, `local` and Ray Client (`ray://`) addresses are left to Ray."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         return None
@@ -37,7 +37,7 @@ def cluster_address(address: str | None) -> str | None:
             f"`ray job submit --address {address} --working-dir . -- python -m curation build MANIFEST`, "
             "or give `--address` the cluster's GCS address (HOST:6379)"
         )
-    if address != "auto" and not address.startswith("ray://"):
+    if address not in ("auto", "local") and not address.startswith("ray://"):
         check_head(address)
     return address
 

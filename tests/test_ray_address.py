@@ -96,10 +96,10 @@ def test_an_address_of_the_wrong_form_is_refused_with_the_form_it_takes(address,
         cluster_address(address)
 
 
-def test_no_address_is_a_ray_of_our_own_and_auto_is_left_to_ray(monkeypatch):
+def test_no_address_is_a_ray_of_our_own_and_auto_local_and_ray_client_are_left_to_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster_address(None) is None
-    assert cluster_address("auto") == "auto"
+    assert cluster_address("auto") == "auto" and cluster_address("local") == "local"
     assert cluster_address("ray://head:10001") == "ray://head:10001"
 
 
