@@ -656,8 +656,7 @@ def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_promp
     folder.mkdir(parents=True)
     with written_marks(folder, out / "internal" / "cache", out, "b1") as marks:  # the cache under --out: the folder says it
         assert marks == {"output.dir (this build's folder under it)": str(folder)}
-    (tmp_path / "cache").mkdir()
-    with written_marks(folder, tmp_path / "cache", out, "b1") as marks:
+    with written_marks(folder, tmp_path / "cache", out, "b1") as marks:  # a cache not made yet
         mark = Path(marks["output.cache (a mark the driver wrote in it)"])
         assert mark.parent == tmp_path / "cache" and mark.exists() and unseen(marks) == []
     assert not mark.exists()

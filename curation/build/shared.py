@@ -66,6 +66,7 @@ def written_marks(build_folder: Path, cache_root: Path, out: Path, build_id: str
     mark = None
     if not cache_root.resolve().is_relative_to(out.resolve()):
         mark = cache_root / f".node-check-{build_id}"
+        cache_root.mkdir(parents=True, exist_ok=True)  # a new cache's first result would make it
         mark.write_bytes(b"")
         marks["output.cache (a mark the driver wrote in it)"] = str(mark)
     try:
