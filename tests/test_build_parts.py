@@ -626,12 +626,12 @@ def test_each_expert_result_of_an_item_is_read_and_serialised_once_for_all_its_c
 
 
 def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_prompts_and_what_the_driver_just_made(tmp_path):
-    """What `curation.build.shared` asks every other node of a cluster to see: files, not
-    just folders (a node's own empty folder of the same name must not pass), and under
-    `--out` and an outside cache something the driver made for this build."""
+    """What `curation.build.shared` asks every other node of a cluster to see and to write in:
+    files, not just folders (a node's own empty folder of the same name must not pass), and
+    under `--out` and an outside cache something the driver made for this build."""
     from dataclasses import replace
 
-    from curation.build.shared import read_paths, unseen, written_marks
+    from curation.build.shared import lacking, node_needs, read_paths
     from curation.items import StudyItem
 
     spec = BuildSpec.model_validate({
@@ -650,13 +650,25 @@ def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_promp
                      "sources[1].labels": f"{tmp_path}/x.csv", "experts[0].bundle (V)": f"{tmp_path}/b", "prompts[0]": f"{tmp_path}/p"}
     (tmp_path / "x").mkdir()
     (tmp_path / "x.csv").write_text("image\n")
-    assert unseen(paths) == ["sources[0].root (ct)", "sources[0].labels", "experts[0].bundle (V)", "prompts[0]"]
+    assert lacking(paths, {}) == [f"sources[0].root (ct): not found: {tmp_path}/ct/P1/1/IM2.dcm", f"sources[0].labels: not found: {tmp_path}/seg",
+                                  f"experts[0].bundle (V): not found: {tmp_path}/b", f"prompts[0]: not found: {tmp_path}/p"]
 
     out, folder = tmp_path / "out", tmp_path / "out" / "internal" / "plan" / "progress-b1"
     folder.mkdir(parents=True)
-    with written_marks(folder, out / "internal" / "cache", out, "b1") as marks:  # the cache under --out: the folder says it
-        assert marks == {"output.dir (this build's folder under it)": str(folder)}
-    with written_marks(folder, tmp_path / "cache", out, "b1") as marks:  # a cache not made yet
-        mark = Path(marks["output.cache (a mark the driver wrote in it)"])
-        assert mark.parent == tmp_path / "cache" and mark.exists() and unseen(marks) == []
-    assert not mark.exists()
+    with node_needs(plan, folder, out / "internal" / "cache", out, "b1") as (see, write):  # the cache under --out: the folder says it
+        assert see == {**paths, "output.dir (this build's folder under it)": str(folder)}
+        assert write == {"output.dir (this build's folder under it)": str(folder), "output.cache": str(out / "internal" / "cache")}
+    with node_needs(plan, folder, tmp_path / "cache", out, "b1") as (see, write):  # an outside cache, not made yet
+        mark = Path(see["output.cache (a mark the driver wrote in it)"])
+        assert mark.parent == tmp_path / "cache" and mark.exists()
+        assert lacking({"mark": str(mark)}, write) == []  # both folders take a file
+    assert not mark.exists() and not list((tmp_path / "cache").iterdir())  # the mark, and the write check's file, gone
+
+
+def test_a_folder_a_node_cannot_write_in_is_named_with_the_reason():
+    from curation.build.shared import lacking
+
+    if os.access("/sys", os.W_OK) and not Path("/sys").is_mount():
+        pytest.skip("/sys is writable here: this case needs a folder that refuses writes")
+    # a folder that is not there is for `see` to name, not `write`
+    assert lacking({}, {"output.cache": "/sys", "output.dir": "/nowhere/at/all"}) == ["output.cache: cannot write in /sys (Permission denied)"]

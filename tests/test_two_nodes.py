@@ -11,9 +11,9 @@ shell that sends no token, or a wrong one, is refused first, in one line that sa
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
 "nodes" see at the same paths, as shared storage mounted at one path on every node would be.
-The second test runs the worker node in a mount namespace of its own, with an empty folder over
-the archive and `--out`, as a node that mounts no shared storage there: the build must stop
-before its first item, naming that node and each path it lacks.
+The last test runs the worker node in a mount namespace of its own, with an empty folder over
+the archive and `--out` (a node that mounts no shared storage there), or with them read-only:
+the build must stop before its first item, naming that node and what it lacks.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ BIN = Path(sys.executable).parent
 HOSTED = ("VISTA3D", "CXR")
 
 
-def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int, hide: Path | None = None) -> None:
-    """`ray start` for the head (`head`) or a worker joining it, every port its own. `hide`: the
-    node runs in a mount namespace of its own with an empty folder mounted over this one, so
-    it does not see what the driver's machine has there."""
+def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus: int, mounts: str = "") -> None:
+    """`ray start` for the head (`head`) or a worker joining it, every port its own. `mounts`:
+    the node runs in a mount namespace of its own, after this shell command there (a folder
+    hidden or made read-only for that node alone)."""
     ports = iter(free_ports(8))
     common = [f"--num-cpus={cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
               f"--node-manager-port={next(ports)}", f"--object-manager-port={next(ports)}",
@@ -54,7 +54,7 @@ def start_node(temp_dir: str, env: dict[str, str], *, head: bool, gcs: int, cpus
               "--object-store-memory=200000000"]
     role = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={next(ports)}"] if head
             else [f"--address=127.0.0.1:{gcs}"])
-    wrap = ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {hide} && exec \"$0\" \"$@\""] if hide else []
+    wrap = ["unshare", "--mount", "sh", "-c", f"{mounts} && exec \"$0\" \"$@\""] if mounts else []
     subprocess.run([*wrap, str(BIN / "ray"), "start", *role, *common], env=env, check=True, capture_output=True, timeout=180)
 
 
@@ -122,13 +122,23 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     assert hosts == {"local": {1}, "cluster": {2}}
 
 
-def test_a_node_that_does_not_see_the_archive_and_out_is_named_before_the_build_begins(tmp_path):
+HIDDEN = "mount -t tmpfs none {folder}"  # an empty folder over it: the node mounts no shared storage there
+READ_ONLY = "mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"  # it sees the files, and cannot write
+
+
+@pytest.mark.parametrize("mounts, lacks", [
+    (HIDDEN, ["sources[0].root (ct): not found: {folder}/archive/ct/",
+              "output.dir (this build's folder under it): not found: {folder}/out/internal/plan/progress-"]),
+    (READ_ONLY, ["output.dir (this build's folder under it): cannot write in {folder}/out/internal/plan/progress-",
+                 "(Read-only file system)"]),
+], ids=["hidden", "read-only"])
+def test_a_node_that_lacks_the_archive_or_cannot_write_out_is_named_before_the_build_begins(tmp_path, mounts, lacks):
     """The worker node sees an empty folder where the driver's machine has the archive and
-    `--out`, as a node that mounts no shared storage there would: the build stops before its
-    first item, naming the node and each path it lacks."""
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {tmp_path}"], capture_output=True, text=True)
+    `--out` (a node that mounts no shared storage there), or sees them read-only: the build
+    stops before its first item, naming that node and what it lacks."""
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", mounts.format(folder=tmp_path)], capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"a node that sees other folders needs a mount namespace (unshare --mount): {probe.stderr.strip()}")
+        pytest.skip(f"a node that sees other folders needs a mount namespace (unshare --mount, mount): {probe.stderr.strip()}")
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
@@ -139,7 +149,7 @@ def test_a_node_that_does_not_see_the_archive_and_out_is_named_before_the_build_
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     try:
         start_node(temp_dir, env, head=True, gcs=gcs, cpus=2)
-        start_node(temp_dir, env, head=False, gcs=gcs, cpus=2, hide=tmp_path)
+        start_node(temp_dir, env, head=False, gcs=gcs, cpus=2, mounts=mounts.format(folder=tmp_path))
         built = subprocess.run([sys.executable, "-m", "curation", "build", str(manifest), "--address", f"127.0.0.1:{gcs}"],
                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
@@ -147,11 +157,11 @@ def test_a_node_that_does_not_see_the_archive_and_out_is_named_before_the_build_
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert built.returncode == 2, built.stdout[-3000:] + built.stderr[-3000:]
     error = built.stderr.strip().splitlines()[-1]
-    assert re.match(r"m3-curate: error: node \S+ \([0-9a-f]{8}\) does not see ", error) and "Traceback" not in built.stderr, \
+    assert re.match(r"m3-curate: error: node \S+ \([0-9a-f]{8}\) lacks ", error) and "Traceback" not in built.stderr, \
         built.stderr[-3000:]
-    assert error.count("does not see") == 1  # the worker; the head is the driver's own node
-    assert f"sources[0].root (ct): {archive}/ct/" in error
-    assert f"output.dir (this build's folder under it): {tmp_path}/out/internal/plan/progress-" in error
-    assert error.endswith("Every node must mount the archive, the bundles, --out and the cache at the same paths as the "
-                          "driver's machine (README: On a cluster)")
+    assert error.count(" lacks ") == 1  # the worker; the head is the driver's own node
+    for what in lacks:
+        assert what.format(folder=tmp_path) in error, error
+    assert error.endswith("Every node must mount the archive and the bundles, and --out and the cache writable, at the same "
+                          "paths as the driver's machine (README: On a cluster)")
     assert not (tmp_path / "out" / "dataset").exists()

@@ -12,7 +12,9 @@ paths. One task per node other than the driver's own (pinned to it, no CPU reser
 - each expert's bundle folder and each prompt folder of the manifest;
 - a folder or file the driver has just made, where workers write what others read: this
   build's own folder under `--out` (`internal/plan/progress-<build>`), and a mark in the cache
-  when the cache lies outside `--out`. A same-named folder of the node's own has neither.
+  when the cache lies outside `--out`. A same-named folder of the node's own has neither;
+- and that it can write in both (a file made and removed): a read-only mount, or a uid the
+  storage refuses, would fail each write of a count or a result.
 
 Nodes that join the cluster later (an autoscaler's) are not looked at.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,30 +62,43 @@ def read_paths(plan: Plan) -> dict[str, str]:
 
 
 @contextmanager
-def written_marks(build_folder: Path, cache_root: Path, out: Path, build_id: str) -> Iterator[dict[str, str]]:
-    """What the nodes must find that the driver has just made: `build_folder` (under `out`),
-    and a mark file in the cache when the cache lies outside `out` (removed afterwards)."""
-    marks = {"output.dir (this build's folder under it)": str(build_folder)}
+def node_needs(plan: Plan, build_folder: Path, cache_root: Path, out: Path, build_id: str) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """(what every node must see, the folders it must write in), each under its manifest key:
+    `read_paths`, `build_folder` (this build's, under `out`: the workers' count files go there)
+    and, when the cache lies outside `out`, a mark file the driver writes in it (removed
+    afterwards); the cache and `build_folder` must take the workers' writes."""
+    see = {**read_paths(plan), "output.dir (this build's folder under it)": str(build_folder)}
+    write = {"output.dir (this build's folder under it)": str(build_folder), "output.cache": str(cache_root)}
     mark = None
     if not cache_root.resolve().is_relative_to(out.resolve()):
         mark = cache_root / f".node-check-{build_id}"
         cache_root.mkdir(parents=True, exist_ok=True)  # a new cache's first result would make it
         mark.write_bytes(b"")
-        marks["output.cache (a mark the driver wrote in it)"] = str(mark)
+        see["output.cache (a mark the driver wrote in it)"] = str(mark)
     try:
-        yield marks
+        yield see, write
     finally:
         if mark is not None:
             mark.unlink(missing_ok=True)
 
 
-def unseen(paths: Mapping[str, str]) -> list[str]:
-    """The keys of `paths` that this machine does not see."""
-    return [key for key, path in paths.items() if not os.path.exists(path)]
+def lacking(see: Mapping[str, str], write: Mapping[str, str]) -> list[str]:
+    """What this machine lacks, each as `key: what`: a path of `see` it does not find, a folder
+    of `write` it finds but cannot write in (tried for real: permission bits say nothing to
+    root, nor about a read-only mount)."""
+    found = [f"{key}: not found: {path}" for key, path in see.items() if not os.path.exists(path)]
+    for key, folder in write.items():
+        if os.path.isdir(folder):
+            try:
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".node-check-"):
+                    pass
+            except OSError as e:
+                found.append(f"{key}: cannot write in {folder} ({e.strerror or type(e).__name__})")
+    return found
 
 
-def check_every_node_sees(paths: Mapping[str, str], *, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
-    """Refuse the build when a node other than the driver's does not see every one of `paths`."""
+def check_every_node(see: Mapping[str, str], write: Mapping[str, str], *, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Refuse the build when a node other than the driver's lacks any of `see` or `write`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -90,22 +106,17 @@ def check_every_node_sees(paths: Mapping[str, str], *, timeout_s: float = ANSWER
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != own]
     if not nodes:
         return
-    look = ray.remote(num_cpus=0, max_retries=0)(unseen)
-    asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(dict(paths)): n
-             for n in nodes}
+    look = ray.remote(num_cpus=0, max_retries=0)(lacking)
+    pinned = {n["NodeID"]: NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes}
+    asked = {look.options(scheduling_strategy=pinned[n["NodeID"]]).remote(dict(see), dict(write)): n for n in nodes}
     done, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
     for ref in late:
-        node = asked[ref]
-        log.warning("node %s did not answer within %g s: not checked for the shared paths", _name(node), timeout_s)
+        log.warning("node %s did not answer within %g s: not checked for the shared paths", _name(asked[ref]), timeout_s)
         ray.cancel(ref, force=True)
-    problems = []
-    for ref in done:
-        missing = ray.get(ref)
-        if missing:
-            problems.append(f"node {_name(asked[ref])} does not see " + "; ".join(f"{key}: {paths[key]}" for key in missing))
+    problems = [f"node {_name(asked[ref])} lacks " + "; ".join(found) for ref in done if (found := ray.get(ref))]
     if problems:
-        raise CurationError(". ".join(problems) + ". Every node must mount the archive, the bundles, --out and the cache at "
-                            "the same paths as the driver's machine (README: On a cluster)")
+        raise CurationError(". ".join(problems) + ". Every node must mount the archive and the bundles, and --out and the "
+                            "cache writable, at the same paths as the driver's machine (README: On a cluster)")
 
 
 def _name(node: dict) -> str:
