@@ -1,12 +1,12 @@
-"""What every node of a cluster must see at the paths the driver resolved, looked for on each
-node before the build begins.
+"""What every node of a cluster must see, and write in, at the paths the driver resolved,
+tried on each node before the build begins.
 
 Load tasks, expert actors and render tasks open the manifest's paths as the driver resolved
 them (README: "On a cluster"). A node that mounts the archive elsewhere, or not at all, would
 set every item it loads aside as unreadable; a node whose `--out` or cache is a folder of its
 own would read no input block and write results no other node sees. Either is a mistake in
-how the cluster was set up, so the build stops before its first item, naming the node and the
-paths. One task per node other than the driver's own (pinned to it, no CPU reserved) looks for:
+how the cluster was set up, so the build stops before its first item, naming the node and what
+it lacks. One task per node other than the driver's own (pinned to it, no CPU reserved) looks for:
 
 - each source's first indexed file (its root where nothing was indexed), and its labels path;
 - each expert's bundle folder and each prompt folder of the manifest;
