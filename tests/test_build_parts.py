@@ -139,6 +139,30 @@ def test_an_expert_host_runs_items_at_once_only_when_the_runner_says_it_is_safe_
     assert runs_overlap(1)
 
 
+def test_an_expert_host_runs_an_expert_once_on_two_items_with_the_same_files_handed_to_it_at_once(tmp_path, monkeypatch):
+    """Two lanes that read one picture can hand a host's two threads its two items at once,
+    both loaded before either ran: the second waits for the first's result and counts it as
+    cached (a fresh demo build ran CXR 33 and 35 times on its 32 pictures before this)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from build_helpers import CountingLabelsRunner
+    from curation.build.stages import ExpertStage, WorkItem, load_item
+
+    monkeypatch.setattr(CountingLabelsRunner, "thread_safe", True, raising=False)  # their runs could overlap
+    _, prep = prepared(tmp_path, counting=True)
+    item = next(p for p in prep.plan.iter_working() if p.item.source == "cxr")
+    works = [load_item(WorkItem(plan=item), prep.ctx) for _ in range(2)]
+    assert all(w.missing == {"CXR": [""]} for w in works)  # both loaded before either ran
+    monkeypatch.setenv("M3_TEST_RUN_SLEEP", "0.3")
+    runs = tmp_path / "runs.log"
+    monkeypatch.setenv("M3_TEST_RUN_LOG", str(runs))
+    host = ExpertStage(prep.ctx, ("CXR",), gpus=0.0, last=True, threads=2)
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(host.run_item, works))
+    assert len(runs.read_text().splitlines()) == 1
+    assert sorted((w.report.runs.get("CXR", 0), w.report.cached.get("CXR", 0)) for w in done) == [(0, 1), (1, 0)]
+
+
 def test_actors_leave_every_node_room_for_a_task_wherever_ray_puts_them(tmp_path):
     """Two nodes of 2 CPUs and eight actors: with 0.37 CPU each (the whole cluster less one CPU)
     Ray can put four on each node, leaving 0.52 CPU per node, and no load task (1 CPU) ever

@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,6 +256,31 @@ def _setup_key(expert: str) -> str:
     return f"{expert}-{context.get_actor_id() or 'tasks-' + context.get_node_id()}"
 
 
+class _KeyLocks:
+    """A lock per key, made when a thread first asks for it and dropped when no thread holds or
+    waits for it: an expert host's threads may be handed two items with the same files at once
+    (two lanes that read one picture), and the second must wait for the first's result in the
+    cache instead of running the expert again."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def hold(self, key: tuple[str, str]) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+
 class _Expert:
     """One expert inside a stage: its runner built and set up once, then run on the items that
     still lack its findings, which go to the cache. A runner that cannot be set up (an
@@ -269,6 +295,7 @@ class _Expert:
         self.ctx, self.name, self.fingerprint, self.cache = ctx, name, ctx.fingerprints[name], ctx.cache()
         self.broken: str | None = None
         self.one_at_a_time: threading.Lock | nullcontext[None] = nullcontext()
+        self.running = _KeyLocks()  # (content, argument): one run of each at a time
         try:
             with self.cache.running(_setup_key(name), SETUP, ctx.build_id, tries=SETUP_TRIES):
                 self.runner = make_runner(runner_spec(spec), image_max_side=ctx.spec.output.image_max_side)
@@ -317,6 +344,10 @@ class _Expert:
         """One run, its findings or its failure written to the cache. An item whose run killed
         processes of this build `RUN_TRIES` times (Ray retries the batch on a restarted worker)
         is set aside instead of killing the next one too."""
+        with self.running.hold((content, arg)):
+            self._run_unless_cached(inp, content, arg, report)
+
+    def _run_unless_cached(self, inp: Any, content: str, arg: str, report: ItemReport) -> None:
         if self.cache.has(content, self.fingerprint, arg):
             # made since this item was loaded: by another item with the same files (a qa set's
             # questions share their images, two sources may name one picture) or before a
