@@ -163,6 +163,16 @@ def test_an_expert_host_runs_an_expert_once_on_two_items_with_the_same_files_han
     assert sorted((w.report.runs.get("CXR", 0), w.report.cached.get("CXR", 0)) for w in done) == [(0, 1), (1, 0)]
 
 
+def test_a_cluster_with_no_cpu_is_refused_before_ray_data_waits_for_one():
+    """A head started with `--num-cpus=0` before any worker joined: Ray Data would wait for a
+    CPU for the load tasks without end (measured: still waiting at 2 minutes)."""
+    from curation.build.cluster import NodeLimits, refuse_without_cpus
+
+    with pytest.raises(CurationError, match=r"the Ray cluster has no CPU on any of its 1 node\(s\).*start a worker node"):
+        refuse_without_cpus(NodeLimits(cpus=0.0, gpus=1.0, memory=2**34, count=1))
+    refuse_without_cpus(NodeLimits(cpus=0.5, gpus=0.0, memory=2**34, count=1))  # part of one is enough for a task
+
+
 def test_actors_leave_every_node_room_for_a_task_wherever_ray_puts_them(tmp_path):
     """Two nodes of 2 CPUs and eight actors: with 0.37 CPU each (the whole cluster less one CPU)
     Ray can put four on each node, leaving 0.52 CPU per node, and no load task (1 CPU) ever

@@ -86,6 +86,16 @@ class NodeLimits:
                    memory=max((r.get("memory", 0.0) for r in alive), default=0.0), count=max(1, len(alive)))
 
 
+def refuse_without_cpus(node: NodeLimits) -> None:
+    """Every load and render task reserves part of a CPU: on a cluster whose nodes have none
+    (a head started with `--num-cpus=0` before any worker joined) Ray Data would wait for
+    them without end."""
+    if node.cpus <= 0:
+        raise CurationError(f"the Ray cluster has no CPU on any of its {node.count} node(s), and the build's load and render "
+                            "tasks each need part of one: start a worker node (`ray start --address=HEAD:6379`) or give the "
+                            "head CPUs (`ray start --head --num-cpus=N`); on an autoscaling cluster, build once a worker has joined")
+
+
 def task_cpus(cpus_total: float, nodes: int) -> float:
     """CPUs each load and render task reserves: one, or half a node's share on a cluster
     too small for that to leave room for the actors.

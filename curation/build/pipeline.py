@@ -50,6 +50,7 @@ from curation.build.cluster import (
     pipeline_dataset,
     place_experts,
     ray_session,
+    refuse_without_cpus,
     task_cpus,
     write_lane_inputs,
 )
@@ -274,6 +275,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     import ray
 
     node, resources = NodeLimits.of_cluster(), ray.cluster_resources()
+    refuse_without_cpus(node)
     placements = place_experts(prep.spec, prep.plan, resources, node)
     limit = item_bytes_limit(node, placements)
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
