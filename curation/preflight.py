@@ -259,11 +259,21 @@ def writable_folder(path: str | Path, what: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise CurationError(f"{what} {path}: {existing} is a file, so no folder can be made there")
+    refused = write_refused(existing)
+    if refused is not None:
+        raise CurationError(f"{what} {path}: cannot write in {existing}: {refused.strerror or refused}")
+
+
+def write_refused(folder: str | Path) -> OSError | None:
+    """Why no file can be made in the existing `folder`, or None: tried for real (a temporary
+    file, removed), since permission bits say nothing to root and nothing about read-only or
+    full file systems. A cluster's nodes ask it too (`curation.build.shared`)."""
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".m3-curate-probe-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".m3-curate-probe-"):
             pass
     except OSError as e:
-        raise CurationError(f"{what} {path}: cannot write in {existing}: {e.strerror or e}") from None
+        return e
+    return None
 
 
 def writable_file(path: str | Path, what: str) -> None:

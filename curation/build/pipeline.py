@@ -57,7 +57,7 @@ from curation.build.cluster import (
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary, through_experts
 from curation.build.scan import scan_index
-from curation.build.shared import check_every_node, node_needs
+from curation.build.shared import check_every_node
 from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
 from curation.errors import CurationError
@@ -281,8 +281,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
     progress_dir = prep.layout.plan_inputs / f"progress-{prep.ctx.build_id}"  # removed with the input blocks
     progress_dir.mkdir()
-    with node_needs(prep.plan, progress_dir, Path(prep.ctx.cache_root), prep.layout.out, prep.ctx.build_id) as (see, write):
-        check_every_node(see, write)  # a cluster's other nodes; none on a local Ray
+    check_every_node(prep.plan, progress_dir, Path(prep.ctx.cache_root), prep.layout.out, prep.ctx.build_id)  # none on a local Ray
     ctx = replace(prep.ctx, item_bytes_limit=limit, progress_dir=str(progress_dir))
     collector.progress.watch({k: i.items for k, i in inputs.items() if prep.plan.lanes[k].experts},
                              lambda: through_experts(progress_dir))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 from curation.build.plan import Plan
 from curation.errors import CurationError
 from curation.items import source_path
+from curation.preflight import write_refused
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,16 @@ def lacking(see: Mapping[str, str], write: Mapping[str, str]) -> list[str]:
     root, nor about a read-only mount)."""
     found = [f"{key}: not found: {path}" for key, path in see.items() if not os.path.exists(path)]
     for key, folder in write.items():
-        if os.path.isdir(folder):
-            try:
-                with tempfile.NamedTemporaryFile(dir=folder, prefix=".node-check-"):
-                    pass
-            except OSError as e:
-                found.append(f"{key}: cannot write in {folder} ({e.strerror or type(e).__name__})")
+        refused = write_refused(folder) if os.path.isdir(folder) else None
+        if refused is not None:
+            found.append(f"{key}: cannot write in {folder} ({refused.strerror or type(refused).__name__})")
     return found
 
 
-def check_every_node(see: Mapping[str, str], write: Mapping[str, str], *, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
-    """Refuse the build when a node other than the driver's lacks any of `see` or `write`."""
+def check_every_node(plan: Plan, build_folder: Path, cache_root: Path, out: Path, build_id: str, *,
+                     timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Refuse the build when a node other than the driver's lacks any of `node_needs`; on a Ray
+    of one node nothing is gathered or written."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -107,13 +106,14 @@ def check_every_node(see: Mapping[str, str], write: Mapping[str, str], *, timeou
     if not nodes:
         return
     look = ray.remote(num_cpus=0, max_retries=0)(lacking)
-    pinned = {n["NodeID"]: NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes}
-    asked = {look.options(scheduling_strategy=pinned[n["NodeID"]]).remote(dict(see), dict(write)): n for n in nodes}
-    done, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
-    for ref in late:
-        log.warning("node %s did not answer within %g s: not checked for the shared paths", _name(asked[ref]), timeout_s)
-        ray.cancel(ref, force=True)
-    problems = [f"node {_name(asked[ref])} lacks " + "; ".join(found) for ref in done if (found := ray.get(ref))]
+    with node_needs(plan, build_folder, cache_root, out, build_id) as (see, write):
+        asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(see, write): n
+                 for n in nodes}
+        done, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in late:
+            log.warning("node %s did not answer within %g s: not checked for the shared paths", _name(asked[ref]), timeout_s)
+            ray.cancel(ref, force=True)
+        problems = [f"node {_name(asked[ref])} lacks " + "; ".join(found) for ref in done if (found := ray.get(ref))]
     if problems:
         raise CurationError(". ".join(problems) + ". Every node must mount the archive and the bundles, and --out and the "
                             "cache writable, at the same paths as the driver's machine (README: On a cluster)")
