@@ -23,6 +23,7 @@ CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 10.0
 TOKEN_HINT = ("set RAY_AUTH_MODE=token in this shell, with the cluster's token (`ray get-auth-token` on the head) in "
               "RAY_AUTH_TOKEN or ~/.ray/auth_token")
+TOKEN_PLACES = "put the head's (`ray get-auth-token` there) in RAY_AUTH_TOKEN, ~/.ray/auth_token or the file RAY_AUTH_TOKEN_PATH names"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -86,10 +87,8 @@ def _ask_cluster_id(address: str, target: str, answer_s: float) -> None:
 
     token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
     metadata = _token_metadata() if token_mode else ()
-    if metadata == ():
-        if token_mode:
-            raise CurationError(f"RAY_AUTH_MODE=token, but this shell has no token to send to {address}: put the head's "
-                                "(`ray get-auth-token` there) in RAY_AUTH_TOKEN, ~/.ray/auth_token or the file RAY_AUTH_TOKEN_PATH names")
+    if token_mode and metadata == ():
+        raise CurationError(f"RAY_AUTH_MODE=token, but this shell has no token to send to {address}: {TOKEN_PLACES}")
     with grpc.insecure_channel(target) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
@@ -101,8 +100,7 @@ def _ask_cluster_id(address: str, target: str, answer_s: float) -> None:
         if metadata is None:  # token mode, and this Ray cannot say what it would send: Ray checks the token itself
             return
         if token_mode:
-            raise CurationError(f"the Ray cluster at {address} refused this shell's token: put the head's (`ray get-auth-token` "
-                                "there) in RAY_AUTH_TOKEN, ~/.ray/auth_token or the file RAY_AUTH_TOKEN_PATH names")
+            raise CurationError(f"the Ray cluster at {address} refused this shell's token: {TOKEN_PLACES}")
         raise CurationError(f"the Ray cluster at {address} uses token authentication: {TOKEN_HINT}")
     said = f"no answer within {answer_s:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"gRPC: {code.name.lower()}"
     raise CurationError(
