@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from curation import signals
 from curation.atomic import STORAGE_ERRNOS
 from curation.errors import CurationError
 
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    signals.stop_on_sigterm()
     try:
         code = args.run(args)
     except CurationError as e:
@@ -311,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m3-curate: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if signals.terminated():
+            print("m3-curate: terminated (SIGTERM)", file=sys.stderr)
+            return signals.EXIT_CODE
         print("m3-curate: interrupted", file=sys.stderr)
         return 130
     return code if isinstance(code, int) else 0

@@ -18,6 +18,7 @@ import socket
 from typing import Any
 
 from curation.errors import CurationError
+from curation.signals import stop_on_sigterm
 
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 10.0
@@ -45,11 +46,13 @@ def cluster_address(address: str | None) -> str | None:
 
 def join(address: str, **init: Any) -> None:
     """`ray.init(address=...)`, its `ConnectionError` (a token refused, a head gone meanwhile)
-    as a message that says what to check."""
+    as a message that says what to check; SIGTERM then stops the command as before
+    (`curation.signals`)."""
     import ray
 
     try:
         ray.init(address=address, **init)
+        stop_on_sigterm()
     except ray.exceptions.AuthenticationError as e:
         raise CurationError(f"could not join the Ray cluster at {address}: {e}") from None
     except ConnectionError as e:

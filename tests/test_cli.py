@@ -155,3 +155,30 @@ def test_a_command_ends_without_module_teardown_yet_runs_its_exit_handlers(tmp_p
     bad = code.replace(str(path), str(tmp_path / "missing.yaml"))
     result = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
     assert result.returncode == 2 and one_line(result.stderr).startswith("m3-curate: error:")
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_exit_handlers_run(tmp_path):
+    """A scheduler's SIGTERM (`kill`, Kubernetes, `ray job stop`) mid-command: one line, status
+    143, and the exit handlers run (Python's default ends the process with neither)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "archive"
+    code = ("import atexit, sys; from curation import cli; "
+            "atexit.register(lambda: print('exit handler ran', flush=True)); "
+            f"sys.argv = ['m3-curate', '-q', 'demo-archive', {str(out)!r}, '--cases', '400']; cli.run()")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.monotonic() + 120
+    while not any(out.rglob("*.dcm")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the command ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert one_line(stderr) == "m3-curate: terminated (SIGTERM)"
+    assert stdout.rstrip().endswith("exit handler ran")

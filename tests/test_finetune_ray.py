@@ -71,3 +71,38 @@ def test_the_room_for_workers_is_what_scaling_config_reserves_for_each(workers, 
     else:
         with pytest.raises(CurationError, match=re.escape(message)):
             check_room(workers, use_gpu, resources)
+
+
+def test_sigterm_mid_training_on_ray_ends_in_one_line_with_every_ray_process_gone(tmp_path):
+    """A scheduler's SIGTERM while Ray Train trains: status 143 and one line, as for a build
+    (`curation.signals`). Ray Train's `fit` turns the interrupt into a `KeyboardInterrupt` of
+    its own, and without the handler Ray's printed its crash report."""
+    import signal
+    import time
+
+    import psutil
+
+    data = write_shards(tmp_path / "build", conversations=40, seed=4, rows_per_shard=10, row_group_size=5)
+    log = tmp_path / "finetune.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "curation", "finetune", "--data", str(data), "--model", "tiny",
+                                 "--out", str(tmp_path / "run"), "--workers", "1", "--epochs", "1000", "--log-steps", "1"],
+                                cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        deadline = time.monotonic() + 240
+        while not re.search(r"step \d+/", log.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for p in [proc, *family]:
+                p.kill()
+            raise AssertionError("finetune did not end within 60 s of SIGTERM") from None
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    assert text.rstrip().splitlines()[-1] == "m3-curate: terminated (SIGTERM)", text[-3000:]
+    assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left running: {[p.name() for p in alive]}"

@@ -67,13 +67,19 @@ def runs(log: Path) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]  # type: ignore[misc]
 
 
-def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
+def counting_build(tmp_path: Path) -> tuple[Path, Path, list[str], dict[str, str]]:
+    """A two-case demo build whose runners log each run (`M3_TEST_RUN_LOG`): its manifest,
+    output folder, command and environment."""
     archive, out = tmp_path / "archive", tmp_path / "out"
     write_demo_archive(archive, cases=2, seed=0)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(demo_manifest(archive, out, counting=True)))
     command = [sys.executable, "-m", "curation", "-q", "build", str(manifest)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    return manifest, out, command, {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+
+
+def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
+    manifest, out, command, env = counting_build(tmp_path)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
 
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -112,6 +118,48 @@ def test_killed_build_resumes_without_rerunning_cached_experts(tmp_path):
     assert sum(e["runs"] for e in card["experts"].values()) == len(second)
     assert not list((out / "dataset" / "data").rglob("*.tmp"))
     assert not list((out / "internal" / "cache").rglob("*.running.json")), "a finished build leaves no run marked in progress"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_build_ends_in_one_line_with_every_ray_process_gone_and_resumes(tmp_path, how):
+    """Ctrl-C (SIGINT to the terminal's process group) and a scheduler's SIGTERM to the build
+    (`kill`, Kubernetes, `ray job stop`) while experts work: the build stops within seconds with
+    one line and the shell's status for that signal, no Ray crash report and no traceback,
+    every process of its local Ray ended and no scratch left; run again, it finishes. Before,
+    SIGTERM printed Ray's `*** SIGTERM received … PC: @` report and ended with status 15."""
+    import psutil
+
+    _, out, command, env = counting_build(tmp_path)
+    run_log = tmp_path / "runs.log"
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_SLEEP": "0.5"})
+    deadline = time.monotonic() + 180
+    while len(runs(run_log)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the build ended before the signal:\n{proc.stderr.read()[-3000:]}"  # type: ignore[union-attr]
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in p.name() for p in family), "the build's local Ray should be running"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"the build did not end within 60 s of {how}")
+    status, line = (130, "m3-curate: interrupted") if how == "ctrl-c" else (143, "m3-curate: terminated (SIGTERM)")
+    assert proc.returncode == status, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == line, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left running after {how}: {[p.name() for p in alive]}"
+    assert not (out / "internal" / "plan").exists() and not (out / "dataset" / "dataset_card.json").exists()
+
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    assert sum(e["cached"] for e in card["experts"].values()) >= len(runs(run_log)) - 2  # what finished before the signal was kept
 
 
 @pytest.mark.parametrize("pool", [True, False], ids=["actor pool", "in load tasks"])

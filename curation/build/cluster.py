@@ -43,6 +43,7 @@ from curation.errors import CurationError
 from curation.local_ray import stop_local_ray
 from curation.manifest import BuildSpec
 from curation.ray_address import join
+from curation.signals import stop_on_sigterm
 
 BLOCK_ITEMS = 16  # items per input block at most ...
 BLOCK_BYTES = 64 << 20  # ... and voxels per input block at most (estimated from the index)
@@ -140,6 +141,7 @@ def ray_session(address: str | None) -> Iterator[str]:
         where = f"the Ray cluster at {address}"
     else:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        stop_on_sigterm()  # ray.init put its own handler in
         where = "a local Ray started for this build"
     try:
         yield where

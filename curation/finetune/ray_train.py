@@ -73,13 +73,18 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
 
     from curation.local_ray import stop_local_ray
     from curation.ray_address import cluster_address, join
+    from curation.signals import stop_on_sigterm
 
     if workers < 1:
         raise CurationError(f"--workers {workers}: must be at least 1")
     started = False
     if not ray.is_initialized():
         address = cluster_address(address)
-        join(address) if address else ray.init()  # Ray Train's cleanup queries the state API (dashboard)
+        if address:
+            join(address)
+        else:
+            ray.init()  # with the dashboard: Ray Train's cleanup queries the state API
+            stop_on_sigterm()  # ray.init put its own handler in
         started = not address
     try:
         check_room(workers, use_gpu, ray.cluster_resources())
