@@ -165,3 +165,79 @@ def test_a_node_that_lacks_the_archive_or_cannot_write_out_is_named_before_the_b
     assert error.endswith("Every node must mount the archive and the bundles, and --out and the cache writable, at the same "
                           "paths as the driver's machine (README: On a cluster)")
     assert not (tmp_path / "out" / "dataset").exists()
+
+
+def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_finishes(tmp_path, monkeypatch):
+    """The worker node (3 CPUs) dies while the experts work. The build's one expert host
+    reserved 2 of its CPUs, and the head has 1: Ray cannot restart the host anywhere and waits
+    for the node without end (on the demo-24 archive with a node of 2 CPUs each, the restarted
+    host took the head's last CPU from the load tasks, with the same end). The build stops once
+    it has not moved for the watch's time, naming the node; run again on the head alone, it
+    finishes from what was cached. The build runs in this process, so that the watch's times can
+    be shortened."""
+    import ctypes
+    import threading
+    import time
+
+    from curation.build import lost_node
+    from curation.build.pipeline import build
+    from curation.errors import CurationError
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_demo_archive(archive, cases=3, seed=0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(b"not a model: the runner reads the ground truth")
+    data = demo_manifest(archive, out, counting=True)
+    for e in data["experts"]:
+        if e["name"] != "CT_TISSUE":  # weights and no `actors`: every one in the expert host
+            e.pop("actors", None)
+            e.update(runner="build_helpers:WeightedLabelsRunner", bundle=str(weights))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_log = tmp_path / "runs.log"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_SLEEP": "1.0"}
+    env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(lost_node, "EVERY_S", 1.0)
+    monkeypatch.setattr(lost_node, "STALL_S", 10.0)
+    monkeypatch.setattr(lost_node, "PAUSES", 1)
+    (gcs,) = free_ports(1)
+    head_dir, worker_dir = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rw"))
+
+    ended = threading.Event()
+
+    def lose_the_worker() -> None:
+        deadline = time.monotonic() + 300
+        while (not run_log.exists() or len(run_log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop_head(worker_dir)
+        if not ended.wait(240):  # the build waits without end: fail the test rather than hang the suite
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(TimeoutError))
+
+    try:
+        start_node(head_dir, env, head=True, gcs=gcs, cpus=1)
+        start_node(worker_dir, env, head=False, gcs=gcs, cpus=3)
+        killer = threading.Thread(target=lose_the_worker, daemon=True)
+        killer.start()
+        try:
+            with pytest.raises(CurationError) as stopped:
+                build(manifest, address=f"127.0.0.1:{gcs}", progress=False)
+        finally:
+            ended.set()
+        killer.join()
+        runs_before = len(run_log.read_text().splitlines())
+        finished = build(manifest, address=f"127.0.0.1:{gcs}", progress=False)  # the head alone now
+    finally:
+        stop_head(worker_dir)
+        stop_head(head_dir)
+        for folder in (head_dir, worker_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+    message = str(stopped.value)
+    assert re.match(r"node \S+ \([0-9a-f]{8}\) left the Ray cluster at \d\d:\d\d:\d\d, and the build has not moved since", message), message
+    assert message.endswith("run the same command again, and it plans for the nodes the cluster has then")
+    card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    assert card["counts"]["rows"]["total"] == finished.card["counts"]["rows"]["total"] > 0
+    assert sum(e["cached"] for e in card["experts"].values()) > 0 and runs_before >= 3  # what ran before the loss was kept

@@ -54,6 +54,7 @@ from curation.build.cluster import (
     task_cpus,
     write_lane_inputs,
 )
+from curation.build.lost_node import LostNodeWatch, NodeLost
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary, through_experts
 from curation.build.scan import scan_index
@@ -291,12 +292,19 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
+    watch = LostNodeWatch.start(lambda: (collector.progress.done, tuple(sorted(through_experts(progress_dir).items()))))
     try:
-        cpus = task_cpus(float(resources.get("CPU", 1.0)), node.count)
-        dataset = pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus, store=float(resources.get("object_store_memory", 0.0)))
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
-                collector.collect(work.plan, table_from_bytes(rows), work.report)
+        try:
+            cpus = task_cpus(float(resources.get("CPU", 1.0)), node.count)
+            dataset = pipeline_dataset(inputs, prep.plan, ctx, placements, cpus=cpus, store=float(resources.get("object_store_memory", 0.0)))
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
+                    collector.collect(work.plan, table_from_bytes(rows), work.report)
+        finally:
+            if watch is not None:
+                watch.stop()  # inside the outer try: a NodeLost raised meanwhile is still caught
+    except NodeLost:
+        raise CurationError(watch.reason if watch is not None and watch.reason else "a node left the Ray cluster") from None
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
         cause = _user_error(e)
         if cause is None:

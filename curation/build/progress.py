@@ -49,7 +49,7 @@ READ_EVERY = 1.0  # seconds between two readings of the workers' counts (a share
 WRITE_EVERY = 1.0  # seconds between two writes of one worker's count
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -160,7 +160,7 @@ class BuildProgress:
             if self.done < passed < total:  # the experts ahead of rendering set the pace; rendering follows in bursts
                 eta = _experts_eta(lanes, self._passed, self._first, now)
         return (f"{self.label}: {self.done}/{self.total} items ({pct:.0f}%), {experts}{self.rows} rows, {self.runs} expert runs, "
-                f"{self.set_aside} set aside, {rate:.1f} items/s, {_clock(elapsed)} elapsed, eta {eta or '?'}")
+                f"{self.set_aside} set aside, {rate:.1f} items/s, {clock(elapsed)} elapsed, eta {eta or '?'}")
 
     def _draw(self, now: float) -> None:
         if self.live:
@@ -189,7 +189,7 @@ def _eta(done: int, total: int, elapsed: float) -> str | None:
     """Time left at the pace so far; None until it is `_settled`."""
     if elapsed <= 0 or not _settled(done, total):
         return None
-    return _clock((total - done) * elapsed / done)
+    return clock((total - done) * elapsed / done)
 
 
 def _experts_eta(lanes: Mapping[int, int], passed: Mapping[int, LaneCount], first: tuple[float, float] | None, now: float) -> str | None:
@@ -209,8 +209,8 @@ def _experts_eta(lanes: Mapping[int, int], passed: Mapping[int, LaneCount], firs
             left += (items - got.items) * got.seconds / got.items if got.items else 0.0
     seconds = left * (now - first[0]) / (spent - first[1])
     if unknown:  # at least this long; "at least 0:00" says nothing
-        return f">{_clock(seconds)}" if seconds >= 1 else None
-    return _clock(seconds)
+        return f">{clock(seconds)}" if seconds >= 1 else None
+    return clock(seconds)
 
 
 class PassedCount:

@@ -1,0 +1,71 @@
+"""`LostNodeWatch` on its own: a real thread raising `NodeLost` in this (the main) thread, with
+the nodes' liveness and the build's counts given as functions. The whole story, a node killed
+under a real build on two Ray nodes, is `tests/test_two_nodes.py`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from curation.build.lost_node import LostNodeWatch, NodeLost
+
+NODES = {"a" * 56: "10.0.0.1 (aaaaaaaa)", "b" * 56: "10.0.0.2 (bbbbbbbb)"}
+
+
+def wait_in_main_thread(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def only_first() -> dict[str, str]:
+    return dict(list(NODES.items())[:1])
+
+
+def test_a_lost_node_and_no_move_stop_the_build_naming_the_node():
+    watch = LostNodeWatch(lambda: 7, NODES, alive=only_first, every=0.02, stall=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(NodeLost):
+            wait_in_main_thread(30)
+    finally:
+        watch.stop()
+    assert time.monotonic() - started >= 0.3  # not before the stall
+    assert watch.reason is not None and watch.reason.startswith("node 10.0.0.2 (bbbbbbbb) left the Ray cluster at ")
+    assert "What finished is cached: run the same command again" in watch.reason
+
+
+@pytest.mark.parametrize("mark, alive", [
+    (itertools.count().__next__, only_first),  # a node lost, and the build still moves: the nodes left have room
+    (lambda: 7, lambda: NODES),  # nothing moves, and every node is there: a long expert run
+], ids=["lost, still moving", "still, none lost"])
+def test_the_watch_lets_a_build_that_moves_or_has_every_node_go_on(mark, alive):
+    watch = LostNodeWatch(mark, NODES, alive=alive, every=0.02, stall=0.1)
+    try:
+        wait_in_main_thread(1.0)
+    finally:
+        watch.stop()
+    assert watch.reason is None
+
+
+def test_the_wait_grows_with_the_longest_pause_before_the_loss():
+    """The build moved once, 0.4 s in, and lost a node at 0.5 s: it is given five times that
+    pause (2 s) rather than the 0.1 s stall."""
+    t0 = time.monotonic()
+    watch = LostNodeWatch(lambda: int(time.monotonic() - t0 >= 0.4), NODES,
+                          alive=lambda: NODES if time.monotonic() - t0 < 0.5 else only_first(), every=0.05, stall=0.1)
+    try:
+        with pytest.raises(NodeLost):
+            wait_in_main_thread(30)
+    finally:
+        watch.stop()
+    assert time.monotonic() - t0 >= 0.5 + 5 * 0.4 - 0.1
+
+
+def test_after_stop_no_node_lost_is_raised():
+    watch = LostNodeWatch(lambda: 7, NODES, alive=only_first, every=0.02, stall=0.05)
+    watch.stop()
+    wait_in_main_thread(0.3)
+    assert watch.reason is None
