@@ -103,6 +103,43 @@ def test_sigterm_mid_training_on_ray_ends_in_one_line_with_every_ray_process_gon
     text = log.read_text()
     assert proc.returncode == 143, text[-3000:]
     assert text.rstrip().splitlines()[-1] == "m3-curate: terminated (SIGTERM)", text[-3000:]
-    assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
+    assert not any(l.startswith("Traceback") for l in text.splitlines()) and "SIGTERM received" not in text, text[-3000:]
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running: {[p.name() for p in alive]}"
+
+
+def test_a_ray_train_worker_killed_mid_training_is_one_line_and_resume_goes_on(tmp_path):
+    """A worker's process dies (the OOM killer, a crash; on a cluster its node lost, the same
+    error): one line that says what happened and where the newest checkpoint is, not Ray
+    Train's `WorkerGroupError` traceback, and `--resume` goes on from that checkpoint."""
+    import time
+
+    import psutil
+
+    data = write_shards(tmp_path / "build", conversations=40, seed=4, rows_per_shard=10, row_group_size=5)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "curation", "-q", "finetune", "--data", str(data), "--model", "tiny", "--out", str(out),
+               "--workers", "1", "--save-steps", "3"]
+    log = tmp_path / "finetune.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([*command, "--epochs", "1000"], cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while not checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and checkpoints(out), log.read_text()[-3000:]
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in p.name()]
+        assert len(workers) == 1, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
+        workers[0].kill()
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 2, text[-3000:]
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("m3-curate: error: --workers 1: Ray Train's worker 0 was lost (killed, out of memory, a crash, or its "
+                           "node gone): The actor is dead because its worker process has died"), line
+    newest = re.search(r"The newest checkpoint is (\S+): the same command with --resume goes on from it$", line)
+    assert newest and not any(l.startswith("Traceback") for l in text.splitlines()), text[-3000:]  # Ray's actors' own logs are prefixed
+    step = int(newest.group(1).rsplit("-", 1)[1])
+
+    resumed = subprocess.run([*command, "--resume", "--max-steps", str(step + 2)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from"] >= step

@@ -64,6 +64,35 @@ def check_room(workers: int, use_gpu: bool, resources: dict[str, float]) -> None
     raise CurationError(f"{flags}: each Ray Train worker takes one {kind} and the Ray cluster has {have:g}: {fix}")
 
 
+def _lost_workers(error: Exception) -> list[str]:
+    """What took each failed Ray Train worker away, where it was its process or node (killed,
+    out of memory, a node lost) or it stopped answering; empty when any worker failed in the
+    training code itself. Ray Train reports both as `WorkerGroupError`, its failures by rank."""
+    from ray.exceptions import RayActorError
+
+    lost = []
+    for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
+        cause = getattr(failure, "health_check_failure", None)  # Ray Train's WorkerHealthCheckFailedError
+        if isinstance(cause, RayActorError):
+            said = [line.strip() for line in str(cause).splitlines() if line.strip().startswith(("The actor is dead", "The actor died because"))]
+            why = said[0].split(" Some common causes")[0] if said else "its process died"  # Ray's advice on OOM follows
+            lost.append(f"Ray Train's worker {rank} was lost (killed, out of memory, a crash, or its node gone): {why}")
+        elif type(failure).__name__ == "WorkerHealthCheckTimeoutError":
+            lost.append(f"Ray Train's worker {rank} stopped answering its health checks")
+        else:
+            return []
+    return lost
+
+
+def _resume_hint(out: Path) -> str:
+    from curation.finetune.train import checkpoints
+
+    done = checkpoints(out)
+    if not done:
+        return "No checkpoint was written yet: run the same command again"
+    return f"The newest checkpoint is {done[-1]}: the same command with --resume goes on from it"
+
+
 def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run `train(config)` on `workers` Ray Train workers (one GPU each with `use_gpu`) and
     return the summary rank 0 wrote."""
@@ -98,7 +127,13 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
             run_config=RunConfig(name="finetune", storage_path=str(out / "ray")),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ray.train.WorkerGroupError as e:
+            lost = _lost_workers(e)
+            if not lost:
+                raise  # the training code's own error: a bug keeps its traceback
+            raise CurationError(f"--workers {workers}: {'; '.join(lost)}. {_resume_hint(out)}") from None
     finally:
         if started:
             stop_local_ray()
