@@ -69,3 +69,20 @@ def test_after_stop_no_node_lost_is_raised():
     watch.stop()
     wait_in_main_thread(0.3)
     assert watch.reason is None
+
+
+def test_a_node_that_joined_after_the_start_and_is_lost_is_named_too():
+    """An autoscaler's node, joined after the build began, then gone."""
+    late = {"c" * 56: "10.0.0.3 (cccccccc)"}
+    t0 = time.monotonic()
+
+    def alive() -> dict[str, str]:
+        return {**NODES, **late} if 0.2 <= time.monotonic() - t0 < 0.5 else dict(NODES)
+
+    watch = LostNodeWatch(lambda: 7, dict(NODES), alive=alive, every=0.02, stall=0.3)
+    try:
+        with pytest.raises(NodeLost):
+            wait_in_main_thread(30)
+    finally:
+        watch.stop()
+    assert watch.reason is not None and watch.reason.startswith("node 10.0.0.3 (cccccccc) left the Ray cluster at ")

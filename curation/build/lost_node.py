@@ -7,12 +7,13 @@ tasks that feed them need a CPU each and waited, and so did the hosts: 7 minutes
 still read `300/336 through experts`. Ray waits without end because it cannot know whether the
 node comes back (an autoscaler may start one).
 
-`LostNodeWatch` reads every few seconds which of the nodes the build began with are alive, and
-whether the build has moved (items through their experts, their expert seconds, items rendered).
-Once a node is lost and the build has not moved for `max(STALL_S, 5 × the longest pause between
-moves before the loss)`, it stops the build with a `CurationError` that names the node. What
-finished is cached, and the next run plans for the nodes there are then. Where the nodes left
-have room, or a new node joins, the build keeps moving and the watch does nothing.
+`LostNodeWatch` reads every few seconds which of the nodes the build began with, or that joined
+since, are alive, and whether the build has moved (items through their experts, their expert
+seconds, items rendered). Once a node is lost and the build has not moved for
+`max(STALL_S, 5 × the longest pause between moves before the loss)`, it stops the build with a
+`CurationError` that names the node. What finished is cached, and the next run plans for the
+nodes there are then. Where the nodes left have room, or a new node joins, the build keeps
+moving and the watch does nothing.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class NodeLost(BaseException):
 
 class LostNodeWatch:
     """Watches from a thread of its own as soon as it is made. `mark()`: a value that changes
-    whenever the build moves; `nodes`: the nodes to watch (id → name), `alive()` the ones alive
-    now. `stop()` before leaving the block that catches `NodeLost`: after it returns, no
+    whenever the build moves; `nodes`: the nodes to watch (id → name; those that join later are
+    added), `alive()` the ones alive now. `stop()` before leaving the block that catches `NodeLost`: after it returns, no
     `NodeLost` is raised."""
 
     def __init__(self, mark: Callable[[], Hashable], nodes: dict[str, str], *, alive: Callable[[], dict[str, str]] | None = None,
@@ -99,6 +100,7 @@ class LostNodeWatch:
             return None
         gone = [n for n in self.nodes if n not in alive]
         if not gone:
+            self.nodes.update(alive)  # a node that joined since (an autoscaler's) is watched too
             return None
         log.warning("node %s left the Ray cluster; the build goes on with the nodes left", self.nodes[gone[0]])
         return self.nodes[gone[0]], now, datetime.now().strftime("%H:%M:%S")
