@@ -182,3 +182,36 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_exit_handlers_run(tmp_pa
     assert proc.returncode == 143, stderr
     assert one_line(stderr) == "m3-curate: terminated (SIGTERM)"
     assert stdout.rstrip().endswith("exit handler ran")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_worker_processes_scan_is_one_line(tmp_path, write_manifest):
+    """The terminal sends Ctrl-C's SIGINT to every process of its group, the scan's worker
+    processes too: they leave it to the command, which prints its one line (before, each
+    forked worker printed a `KeyboardInterrupt` traceback of its own)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from curation.demo import write_demo_archive
+
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, cases=4, ct_cases=125, brain_cases=50, cxr_images=5000, distinct=16, jobs=2)
+    path = write_manifest({"name": "x", "sources": [{"name": "ct", "kind": "dicom", "root": str(archive / "ct")},
+                                                    {"name": "cxr", "kind": "image2d", "root": str(archive / "cxr")}]})
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "curation", "-q", "index", str(path), "--out", str(tmp_path / "o"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and len(psutil.Process(proc.pid).children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the scan ended before its workers were seen"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert one_line(stderr) == "m3-curate: interrupted"

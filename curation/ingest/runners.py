@@ -7,6 +7,7 @@ know which it was given.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -22,6 +23,16 @@ class Runner(Protocol):
     results as they finish (in any order). `args` is consumed lazily."""
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]: ...
+
+
+def _leave_signals_to_the_command() -> None:
+    """In each pool worker: Ctrl-C and SIGTERM are the command's to handle. The terminal sends
+    SIGINT to every process of the group, and a worker (forked, with the command's handlers)
+    printed a `KeyboardInterrupt` traceback of its own beside the command's one line. The
+    command shuts the pool down as it ends; a SIGTERM sent to every process ends a worker
+    quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class LocalRunner:
@@ -68,7 +79,7 @@ class LocalRunner:
         else:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["curation.ingest.scan"])
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_leave_signals_to_the_command)
         return self._pool
 
     def close(self) -> None:
