@@ -2,11 +2,11 @@
 resources (a head and a worker, 2 CPUs each, one temp folder of their own so no other Ray on
 the machine sees them), the build run with `--address` from outside the cluster, as the
 README's cluster recipe does. Two experts have weights and run in the expert hosts (two on
-this cluster, one locally), two in pools of two actors: the pools must have run on both nodes,
-and the shards must be byte-identical to those of a build on an embedded local Ray. Ray Data
-spreads the hosts over the nodes on a best-effort basis (SPREAD), and a host that
-starts first may take every hosted item of so small an archive, so the test does not ask that
-the hosts ran on both nodes. The head has token authentication, Ray's default: a build from a
+this cluster, one locally), two in pools of two actors: both nodes must have run experts, and
+the shards must be byte-identical to those of a build on an embedded local Ray. Ray Data
+spreads actors over the nodes on a best-effort basis (SPREAD), and an actor that starts first
+may take every item of its kind in so small an archive, so the test asks neither the hosts nor
+the pools alone to have run on both nodes (the pools alone did not, in 2 of about 10 runs). The head has token authentication, Ray's default: a build from a
 shell that sends no token, or a wrong one, is refused first, in one line that says how to send it.
 
 Inputs, the output folder and the cache are paths on this machine's file system, which both
@@ -113,7 +113,7 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     for line in nodes_log.read_text().splitlines():
         node, expert = line.split()
         nodes["hosts" if expert in HOSTED else "pools"].add(node)
-    assert len(nodes["pools"]) == 2 and nodes["hosts"], f"runs by node: {nodes}"
+    assert len(nodes["pools"] | nodes["hosts"]) == 2 and nodes["pools"] and nodes["hosts"], f"runs by node: {nodes}"
     cluster, local_shards = shard_bytes(tmp_path / "cluster"), shard_bytes(tmp_path / "local")
     assert cluster and cluster == local_shards
     cards = {name: json.loads((tmp_path / name / "dataset" / "dataset_card.json").read_text()) for name in ("local", "cluster")}
