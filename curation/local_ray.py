@@ -4,6 +4,19 @@ depend on the build."""
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def start_local_ray(**init: Any) -> None:
+    """`ray.init(**init)` for a Ray of this process's own, with SIGTERM handled as Ctrl-C
+    again afterwards: `ray.init` puts its own handler in (`curation.signals`)."""
+    import ray
+
+    from curation.signals import stop_on_sigterm
+
+    ray.init(**init)
+    stop_on_sigterm()
+
 
 def stop_local_ray() -> None:
     """`ray.shutdown()` of a Ray this process started, without its one-second wait for the

@@ -9,8 +9,8 @@ and ended with status 15, or with SIGABRT when the signal reached Ray's workers 
 Here SIGTERM raises `Terminated`, a `KeyboardInterrupt`, in the main thread: every `with` and
 `finally` on the way out runs as for Ctrl-C (the build's staged files removed, a local Ray
 stopped), and the command line prints one line and exits with 143 (128 + SIGTERM, `EXIT_CODE`). Ray puts its
-handler back each time it starts or joins, so each place that calls `ray.init` calls
-`stop_on_sigterm` after it.
+handler back each time it starts or joins, so the two ways in, `curation.local_ray.start_local_ray`
+and `curation.ray_address.join`, call `stop_on_sigterm` after `ray.init`.
 """
 
 from __future__ import annotations

@@ -40,10 +40,9 @@ import pyarrow.parquet as pq
 from curation.build.plan import Plan
 from curation.build.stages import WORK_SCHEMA, BuildContext, WorkItem, voxel_bytes, work_table
 from curation.errors import CurationError
-from curation.local_ray import stop_local_ray
+from curation.local_ray import start_local_ray, stop_local_ray
 from curation.manifest import BuildSpec
 from curation.ray_address import join
-from curation.signals import stop_on_sigterm
 
 BLOCK_ITEMS = 16  # items per input block at most ...
 BLOCK_BYTES = 64 << 20  # ... and voxels per input block at most (estimated from the index)
@@ -140,8 +139,7 @@ def ray_session(address: str | None) -> Iterator[str]:
         join(address, logging_level=logging.WARNING)
         where = f"the Ray cluster at {address}"
     else:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        stop_on_sigterm()  # ray.init put its own handler in
+        start_local_ray(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         where = "a local Ray started for this build"
     try:
         yield where

@@ -100,20 +100,15 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.local_ray import stop_local_ray
+    from curation.local_ray import start_local_ray, stop_local_ray
     from curation.ray_address import cluster_address, join
-    from curation.signals import stop_on_sigterm
 
     if workers < 1:
         raise CurationError(f"--workers {workers}: must be at least 1")
     started = False
     if not ray.is_initialized():
         address = cluster_address(address)
-        if address:
-            join(address)
-        else:
-            ray.init()  # with the dashboard: Ray Train's cleanup queries the state API
-            stop_on_sigterm()  # ray.init put its own handler in
+        join(address) if address else start_local_ray()  # with the dashboard: Ray Train's cleanup queries the state API
         started = not address
     try:
         check_room(workers, use_gpu, ray.cluster_resources())
