@@ -10,12 +10,15 @@ import multiprocessing
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
 
 from curation.cpus import available_cpus
 
 R = TypeVar("R")
+
+_COMMAND_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class Runner(Protocol):
@@ -30,9 +33,25 @@ def _leave_signals_to_the_command() -> None:
     SIGINT to every process of the group, and a worker (forked, with the command's handlers)
     printed a `KeyboardInterrupt` traceback of its own beside the command's one line. The
     command shuts the pool down as it ends; a SIGTERM sent to every process ends a worker
-    quietly."""
+    quietly. The worker starts with both blocked (`_held_while_workers_start`), so one sent
+    before this ran is discarded, or ends it quietly, here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _COMMAND_SIGNALS)
+
+
+@contextmanager
+def _held_while_workers_start() -> Iterator[None]:
+    """Blocks SIGINT and SIGTERM in this thread while a submit may start a worker process. A
+    worker inherits the block (forked from here, or from a fork server that this started), so a
+    Ctrl-C that reaches it between its fork and its initializer waits for the initializer instead
+    of raising `KeyboardInterrupt` in multiprocessing's start-up code, which printed its
+    traceback. This process gets the signal as the block lifts."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMAND_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class LocalRunner:
@@ -60,9 +79,11 @@ class LocalRunner:
                     yield fn(*a)
             return
         pool = self._pool or self._start()
-        pending: set[Future[R]] = {pool.submit(fn, *first), pool.submit(fn, *second)}
+        with _held_while_workers_start():
+            pending: set[Future[R]] = {pool.submit(fn, *first), pool.submit(fn, *second)}
         for a in it:
-            pending.add(pool.submit(fn, *a))
+            with _held_while_workers_start():
+                pending.add(pool.submit(fn, *a))
             if len(pending) >= 2 * self.workers:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in finished)
