@@ -11,15 +11,25 @@ Here SIGTERM raises `Terminated`, a `KeyboardInterrupt`, in the main thread: eve
 stopped), and the command line prints one line and exits with 143 (128 + SIGTERM, `EXIT_CODE`). Ray puts its
 handler back each time it starts or joins, so the two ways in, `curation.local_ray.start_local_ray`
 and `curation.ray_address.join`, call `stop_on_sigterm` after `ray.init`.
+
+Worker processes that a command starts (the scan's pool, `demo-archive`'s draw) leave both
+signals to the command: they start with both blocked (`held_while_workers_start`) and ignore
+Ctrl-C from their initializer on (`leave_signals_to_the_command`); the command ends them as it
+ends.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
+from multiprocessing.context import BaseContext
 from types import FrameType
 
 EXIT_CODE = 128 + signal.SIGTERM
+_COMMAND_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _received = threading.Event()
 
 
@@ -43,3 +53,33 @@ def stop_on_sigterm() -> None:
     handler: called from another, as by a test's thread, it leaves the handler as it is)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+
+
+def leave_signals_to_the_command() -> None:
+    """A worker process's initializer: Ctrl-C and SIGTERM are the command's to handle. The
+    terminal sends SIGINT to every process of the group, and a worker (with the command's
+    handlers) printed a `KeyboardInterrupt` traceback of its own beside the command's one line.
+    The command ends its workers as it ends; a SIGTERM sent to every process ends a worker
+    quietly. The worker started with both blocked (`held_while_workers_start`), so one sent
+    before this ran is discarded, or ends it quietly, here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _COMMAND_SIGNALS)
+
+
+@contextmanager
+def held_while_workers_start(context: BaseContext) -> Iterator[None]:
+    """Blocks SIGINT and SIGTERM in this thread while worker processes of `context` may start. A
+    worker inherits the block (forked or spawned from here, or forked from a fork server that
+    started here), so a Ctrl-C that reaches it before its initializer waits for the initializer
+    instead of raising `KeyboardInterrupt` in multiprocessing's start-up code, which printed a
+    traceback. This process gets the signal as the block lifts. multiprocessing's resource
+    tracker, which spawned and fork-server workers need, lifts both signals' block as it starts
+    (it blocks them only for its own start), so it is started first."""
+    if context.get_start_method() != "fork":
+        resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMAND_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

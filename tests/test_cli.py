@@ -184,6 +184,41 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_exit_handlers_run(tmp_pa
     assert stdout.rstrip().endswith("exit handler ran")
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_stopping_demo_archive_ends_its_worker_processes_with_it(tmp_path, how):
+    """`demo-archive --jobs 2` draws in worker processes, each part long. Ctrl-C (SIGINT to the
+    whole group) or a SIGTERM to the command alone ends the command with its one line and its
+    workers with it: before, the workers went on with their parts and the command waited for
+    them (minutes here), and each printed its own traceback on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "archive"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "curation", "-q", "demo-archive", str(out), "--ct", "2000", "--brain", "1",
+                             "--cxr", "1", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.monotonic() + 120
+    while not any(out.rglob("*.dcm")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before the signal"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, one_line(stderr)) == ((130, "m3-curate: interrupted") if how == "ctrl-c" else
+                                                   (143, "m3-curate: terminated (SIGTERM)"))
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes left running: {alive}"
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_worker_processes_scan_is_one_line(tmp_path, write_manifest):
     """The terminal sends Ctrl-C's SIGINT to every process of its group, the scan's worker

@@ -85,8 +85,9 @@ def archive_digest(root: Path) -> str:
 
 
 @pytest.mark.slow
-def test_the_default_demo_keeps_its_bytes(tmp_path: Path) -> None:
-    write_demo_archive(tmp_path / "demo", cases=4, seed=0)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_default_demo_keeps_its_bytes_in_any_number_of_processes(tmp_path: Path, jobs: int) -> None:
+    write_demo_archive(tmp_path / "demo", cases=4, seed=0, jobs=jobs)
     assert archive_digest(tmp_path / "demo") == DEFAULT_DEMO_DIGEST
 
 

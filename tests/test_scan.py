@@ -92,64 +92,6 @@ def test_a_scan_beside_other_threads_takes_its_workers_from_a_fork_server(manife
         runner.close()
 
 
-_SIGINT_AT_FORK = """
-import os, signal
-import multiprocessing.forkserver as forkserver
-
-def ctrl_c():
-    os.kill(os.getpid(), signal.SIGINT)
-
-os.register_at_fork(after_in_child=ctrl_c)  # a forked worker, before it runs any code of its own
-
-serve_one = forkserver._serve_one
-
-def serve_after_ctrl_c(child_r, fds, unused_fds, handlers):
-    # a fork server's child ignores SIGINT until it puts back the handlers it was started with
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    ctrl_c()
-    return serve_one(child_r, fds, unused_fds, handlers)
-
-forkserver._serve_one = serve_after_ctrl_c
-"""
-
-_POOL_SCRIPT = """
-import os, sys, threading
-from curation.ingest.runners import LocalRunner
-
-def pid(_):
-    return os.getpid()
-
-if __name__ == "__main__":
-    stop = threading.Event()
-    if sys.argv[1] == "forkserver":  # another thread: the runner takes its workers from a fork server
-        threading.Thread(target=stop.wait, daemon=True).start()
-    runner = LocalRunner(2)
-    pids = set(runner.map(pid, [(i,) for i in range(40)]))
-    print(runner._pool._mp_context.get_start_method(), len(pids))
-    runner.close()
-"""
-
-
-@pytest.mark.parametrize("start", ["fork", "forkserver"])
-def test_ctrl_c_between_a_workers_fork_and_its_initializer_is_left_to_the_command(start: str, tmp_path: Path) -> None:
-    """Ctrl-C reaches every process of the terminal's group, a worker that is still starting too.
-    Each worker here is sent SIGINT as it starts (in a forked pool, the moment it is forked; from
-    a fork server, once that child has put back its handlers), before the pool's initializer
-    could ignore it: the workers must start and work, and nothing be printed. Before, each printed a `KeyboardInterrupt` traceback
-    from multiprocessing's start-up code and the pool broke."""
-    import subprocess
-    import sys
-
-    (tmp_path / "sitecustomize.py").write_text(_SIGINT_AT_FORK)
-    (tmp_path / "pool.py").write_text(_POOL_SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)])}
-    done = subprocess.run([sys.executable, str(tmp_path / "pool.py"), start], capture_output=True, text=True, env=env, timeout=120)
-    assert (done.returncode, done.stderr) == (0, "")
-    assert done.stdout.split() == [start, "2"]
-
-
 def test_in_memory_index_writes_the_same_bytes(manifest: Path, tmp_path: Path) -> None:
     from curation.ingest.index import write_index
 

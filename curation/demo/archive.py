@@ -28,7 +28,6 @@ import io
 import json
 import multiprocessing
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from curation.demo.dicom import (AXIAL_SERIES, LOCALIZER_SERIES, CAPTURE_SERIES,
                                  write_ct_study, write_truncated)
 from curation.demo.identity import fake_identity, part_rng
 from curation.errors import CurationError
+from curation.signals import held_while_workers_start, leave_signals_to_the_command
 
 GENERATOR = "m3-curate demo-archive"
 FORMAT_VERSION = 1
@@ -130,14 +130,18 @@ def _check_counts(n_ct: int, n_brain: int, distinct: int | None, jobs: int, ct_s
 
 def _draw(plan: _Plan, jobs: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Draw the distinct cases, in `jobs` processes (each case's bytes depend on its seed and
-    number alone, so the split does not matter)."""
+    number alone, so the split does not matter). A Ctrl-C or SIGTERM ends the workers with the
+    command (the pool is terminated as the block ends), rather than after their parts."""
     parts: list[tuple[str, range]] = [("ct", r) for r in _chunks(plan.ct, jobs)] + [("brain", r) for r in _chunks(plan.brain, jobs)]
     parts += [("cxr", r) for r in _chunks(plan.cxr, jobs)]
     if jobs == 1:
         results = [_draw_part(plan, kind, r) for kind, r in parts]
     else:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_draw_part, [plan] * len(parts), *zip(*parts)))
+        spawn = multiprocessing.get_context("spawn")
+        with held_while_workers_start(spawn):
+            pool = spawn.Pool(jobs, initializer=leave_signals_to_the_command)
+        with pool:
+            results = pool.starmap(_draw_part, [(plan, kind, r) for kind, r in parts], chunksize=1)
     ct = {"cases": [], "truncated": {}, "files": 0}
     brain: list[dict[str, Any]] = []
     cxr: dict[str, Any] = {"labels_csv": "cxr/labels.csv", "label_columns": list(CXR_LABELS), "images": [], "rows": []}

@@ -7,18 +7,16 @@ know which it was given.
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing.context import BaseContext
 from typing import Any, Protocol, TypeVar
 
 from curation.cpus import available_cpus
+from curation.signals import held_while_workers_start, leave_signals_to_the_command
 
 R = TypeVar("R")
-
-_COMMAND_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class Runner(Protocol):
@@ -26,32 +24,6 @@ class Runner(Protocol):
     results as they finish (in any order). `args` is consumed lazily."""
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]: ...
-
-
-def _leave_signals_to_the_command() -> None:
-    """In each pool worker: Ctrl-C and SIGTERM are the command's to handle. The terminal sends
-    SIGINT to every process of the group, and a worker (forked, with the command's handlers)
-    printed a `KeyboardInterrupt` traceback of its own beside the command's one line. The
-    command shuts the pool down as it ends; a SIGTERM sent to every process ends a worker
-    quietly. The worker starts with both blocked (`_held_while_workers_start`), so one sent
-    before this ran is discarded, or ends it quietly, here."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _COMMAND_SIGNALS)
-
-
-@contextmanager
-def _held_while_workers_start() -> Iterator[None]:
-    """Blocks SIGINT and SIGTERM in this thread while a submit may start a worker process. A
-    worker inherits the block (forked from here, or from a fork server that this started), so a
-    Ctrl-C that reaches it between its fork and its initializer waits for the initializer instead
-    of raising `KeyboardInterrupt` in multiprocessing's start-up code, which printed its
-    traceback. This process gets the signal as the block lifts."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMAND_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class LocalRunner:
@@ -64,6 +36,7 @@ class LocalRunner:
     def __init__(self, workers: int | None = None):
         self.workers = max(1, workers if workers is not None else available_cpus())
         self._pool: ProcessPoolExecutor | None = None
+        self._context: BaseContext = multiprocessing.get_context("fork")
 
     def map(self, fn: Callable[..., R], args: Iterable[tuple[Any, ...]]) -> Iterator[R]:
         it = iter(args)
@@ -79,10 +52,10 @@ class LocalRunner:
                     yield fn(*a)
             return
         pool = self._pool or self._start()
-        with _held_while_workers_start():
+        with held_while_workers_start(self._context):
             pending: set[Future[R]] = {pool.submit(fn, *first), pool.submit(fn, *second)}
         for a in it:
-            with _held_while_workers_start():
+            with held_while_workers_start(self._context):
                 pending.add(pool.submit(fn, *a))
             if len(pending) >= 2 * self.workers:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -100,7 +73,8 @@ class LocalRunner:
         else:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["curation.ingest.scan"])
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_leave_signals_to_the_command)
+        self._context = context
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=leave_signals_to_the_command)
         return self._pool
 
     def close(self) -> None:
