@@ -6,10 +6,10 @@ import argparse
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from curation.errors import CurationError
+from curation.signals import held_while_workers_start, leave_signals_to_the_command, stop_on_sigterm, terminated
 from expert_runners.demo_training import BUNDLES, DEFAULT_CASES, DEFAULT_SEED, train_bundle
 from expert_runners.demo_training.common import check_seed, file_size
 
@@ -44,17 +44,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [n for n in BUNDLES if n in only]  # ct_organs first: the longest
     started = time.perf_counter()
-    if args.jobs == 1 or len(names) == 1:
-        results = [train_bundle(n, args.out, args.seed, args.cases) for n in names]
-    else:
-        # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(train_bundle, n, args.out, args.seed, args.cases) for n in names]
-            results = [f.result() for f in futures]
+    stop_on_sigterm()
+    try:
+        results = train(names, args)
+    except KeyboardInterrupt:
+        print("demo training: " + ("terminated (SIGTERM)" if terminated() else "interrupted"), file=sys.stderr)
+        return 143 if terminated() else 130
     for name, root, seconds in results:
         print(f"{name}: {seconds:.0f} s, {file_size(root) / 1e6:.2f} MB at {root}", flush=True)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
+
+
+def train(names: list[str], args: argparse.Namespace) -> list[tuple[str, Path, float]]:
+    if args.jobs == 1 or len(names) == 1:
+        return [train_bundle(n, args.out, args.seed, args.cases) for n in names]
+    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang.
+    # A Pool, as it is terminated with the command on Ctrl-C, where a ProcessPoolExecutor waits.
+    spawn = multiprocessing.get_context("spawn")
+    with held_while_workers_start(spawn):
+        pool = spawn.Pool(min(args.jobs, len(names)), initializer=leave_signals_to_the_command)
+    with pool:
+        return pool.starmap(train_bundle, [(n, args.out, args.seed, args.cases) for n in names], chunksize=1)
 
 
 if __name__ == "__main__":
