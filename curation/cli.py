@@ -313,9 +313,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m3-curate: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if signals.terminated():
-            print("m3-curate: terminated (SIGTERM)", file=sys.stderr)
-            return signals.EXIT_CODE
-        print("m3-curate: interrupted", file=sys.stderr)
-        return 130
+        return signals.report_stop("m3-curate")
     return code if isinstance(code, int) else 0

@@ -12,21 +12,25 @@ stopped), and the command line prints one line and exits with 143 (128 + SIGTERM
 handler back each time it starts or joins, so the two ways in, `curation.local_ray.start_local_ray`
 and `curation.ray_address.join`, call `stop_on_sigterm` after `ray.init`.
 
-Worker processes that a command starts (the scan's pool, `demo-archive`'s draw) leave both
-signals to the command: they start with both blocked (`held_while_workers_start`) and ignore
-Ctrl-C from their initializer on (`leave_signals_to_the_command`); the command ends them as it
-ends.
+Worker processes that a command starts (the scan's pool, `demo-archive`'s draw, the demo
+bundles' training) leave both signals to the command: they start with both blocked
+(`held_while_workers_start`) and ignore Ctrl-C from their initializer on
+(`leave_signals_to_the_command`); the command ends them as it ends (`command_pool`).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing import resource_tracker
-from multiprocessing.context import BaseContext
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # multiprocessing is imported where workers start: every command imports this module
+    from multiprocessing.context import BaseContext
+    from multiprocessing.pool import Pool
 
 EXIT_CODE = 128 + signal.SIGTERM
 _COMMAND_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -46,6 +50,16 @@ def terminated() -> bool:
     """Whether SIGTERM arrived: the `KeyboardInterrupt` that reaches the command line may be
     another one than `Terminated` (Ray Train's `fit` raises its own)."""
     return _received.is_set()
+
+
+def report_stop(prog: str) -> int:
+    """For a command's `except KeyboardInterrupt`: print its one line and return its status
+    (130 for Ctrl-C, `EXIT_CODE` for SIGTERM)."""
+    if terminated():
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_CODE
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 def stop_on_sigterm() -> None:
@@ -77,9 +91,19 @@ def held_while_workers_start(context: BaseContext) -> Iterator[None]:
     tracker, which spawned and fork-server workers need, lifts both signals' block as it starts
     (it blocks them only for its own start), so it is started first."""
     if context.get_start_method() != "fork":
+        from multiprocessing import resource_tracker
+
         resource_tracker.ensure_running()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMAND_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def command_pool(context: BaseContext, processes: int) -> Pool:
+    """A `multiprocessing` Pool whose workers leave Ctrl-C and SIGTERM to the command. Use it in
+    a `with` block: leaving it terminates the workers, so a stopped command does not wait for
+    their tasks (a `ProcessPoolExecutor` waits for those that run)."""
+    with held_while_workers_start(context):
+        return context.Pool(processes, initializer=leave_signals_to_the_command)

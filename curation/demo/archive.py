@@ -44,7 +44,7 @@ from curation.demo.dicom import (AXIAL_SERIES, LOCALIZER_SERIES, CAPTURE_SERIES,
                                  write_ct_study, write_truncated)
 from curation.demo.identity import fake_identity, part_rng
 from curation.errors import CurationError
-from curation.signals import held_while_workers_start, leave_signals_to_the_command
+from curation.signals import command_pool
 
 GENERATOR = "m3-curate demo-archive"
 FORMAT_VERSION = 1
@@ -131,16 +131,13 @@ def _check_counts(n_ct: int, n_brain: int, distinct: int | None, jobs: int, ct_s
 def _draw(plan: _Plan, jobs: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Draw the distinct cases, in `jobs` processes (each case's bytes depend on its seed and
     number alone, so the split does not matter). A Ctrl-C or SIGTERM ends the workers with the
-    command (the pool is terminated as the block ends), rather than after their parts."""
+    command, rather than after their parts (`command_pool`)."""
     parts: list[tuple[str, range]] = [("ct", r) for r in _chunks(plan.ct, jobs)] + [("brain", r) for r in _chunks(plan.brain, jobs)]
     parts += [("cxr", r) for r in _chunks(plan.cxr, jobs)]
     if jobs == 1:
         results = [_draw_part(plan, kind, r) for kind, r in parts]
     else:
-        spawn = multiprocessing.get_context("spawn")
-        with held_while_workers_start(spawn):
-            pool = spawn.Pool(jobs, initializer=leave_signals_to_the_command)
-        with pool:
+        with command_pool(multiprocessing.get_context("spawn"), jobs) as pool:
             results = pool.starmap(_draw_part, [(plan, kind, r) for kind, r in parts], chunksize=1)
     ct = {"cases": [], "truncated": {}, "files": 0}
     brain: list[dict[str, Any]] = []

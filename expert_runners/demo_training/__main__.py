@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from curation.errors import CurationError
-from curation.signals import held_while_workers_start, leave_signals_to_the_command, stop_on_sigterm, terminated
+from curation.signals import command_pool, report_stop, stop_on_sigterm
 from expert_runners.demo_training import BUNDLES, DEFAULT_CASES, DEFAULT_SEED, train_bundle
 from expert_runners.demo_training.common import check_seed, file_size
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = train(names, args)
     except KeyboardInterrupt:
-        print("demo training: " + ("terminated (SIGTERM)" if terminated() else "interrupted"), file=sys.stderr)
-        return 143 if terminated() else 130
+        return report_stop("demo training")
     for name, root, seconds in results:
         print(f"{name}: {seconds:.0f} s, {file_size(root) / 1e6:.2f} MB at {root}", flush=True)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -59,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(names: list[str], args: argparse.Namespace) -> list[tuple[str, Path, float]]:
     if args.jobs == 1 or len(names) == 1:
         return [train_bundle(n, args.out, args.seed, args.cases) for n in names]
-    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang.
-    # A Pool, as it is terminated with the command on Ctrl-C, where a ProcessPoolExecutor waits.
-    spawn = multiprocessing.get_context("spawn")
-    with held_while_workers_start(spawn):
-        pool = spawn.Pool(min(args.jobs, len(names)), initializer=leave_signals_to_the_command)
-    with pool:
+    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
+    with command_pool(multiprocessing.get_context("spawn"), min(args.jobs, len(names))) as pool:
         return pool.starmap(train_bundle, [(n, args.out, args.seed, args.cases) for n in names], chunksize=1)
 
 
