@@ -20,6 +20,16 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+def wait_for_first_dicom(proc, out: Path) -> None:
+    """Until the `demo-archive` that `proc` runs has written its first DICOM file under `out`."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while not any(out.rglob("*.dcm")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before the signal"
+
+
 def test_missing_manifest(capsys, tmp_path):
     code, err = run(capsys, "index", str(tmp_path / "nope.yaml"))
     assert code == 2 and "manifest not found" in one_line(err)
@@ -164,7 +174,6 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_exit_handlers_run(tmp_pa
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "archive"
     code = ("import atexit, sys; from curation import cli; "
@@ -173,10 +182,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_its_exit_handlers_run(tmp_pa
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)})
-    deadline = time.monotonic() + 120
-    while not any(out.rglob("*.dcm")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the command ended before the signal"
+    wait_for_first_dicom(proc, out)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
@@ -194,7 +200,6 @@ def test_stopping_demo_archive_ends_its_worker_processes_with_it(tmp_path, how):
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
 
@@ -203,10 +208,7 @@ def test_stopping_demo_archive_ends_its_worker_processes_with_it(tmp_path, how):
     proc = subprocess.Popen([sys.executable, "-m", "curation", "-q", "demo-archive", str(out), "--ct", "2000", "--brain", "1",
                              "--cxr", "1", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(repo)})
-    deadline = time.monotonic() + 120
-    while not any(out.rglob("*.dcm")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the command ended before the signal"
+    wait_for_first_dicom(proc, out)
     workers = psutil.Process(proc.pid).children(recursive=True)
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
