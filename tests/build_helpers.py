@@ -6,7 +6,8 @@
   `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
   `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
   while experts are busy; with `M3_TEST_NODE_LOG` set, `<Ray node> <expert>` of each run goes there, and
-  with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds).
+  with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds);
+  with `M3_TEST_RUN_GATE` set, each run waits (at most 5 minutes) until that file exists.
 - `WeightedLabelsRunner`: `CountingLabelsRunner` with the files of its `bundle:` folder as
   weights, and safe in threads: placed as an expert with weights is (an expert host on a CPU
   cluster) without loading a model.
@@ -41,6 +42,10 @@ def _count(inp: ExpertInput, args: str, expert: str = "") -> None:
 
         with open(nodes, "a") as f:
             f.write(f"{ray.get_runtime_context().get_node_id()} {expert}\n")
+    gate = os.environ.get("M3_TEST_RUN_GATE")
+    deadline = time.monotonic() + 300
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
     delay = float(os.environ.get("M3_TEST_RUN_SLEEP", "0") or 0)
     if delay:
         time.sleep(delay)

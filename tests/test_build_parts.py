@@ -219,6 +219,44 @@ def test_local_session_stops_every_ray_process():
         assert p.wait(timeout=10) is not None, p.args
 
 
+@pytest.mark.ray
+def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_message():
+    """Ray Data wraps what a task raises in a UserCodeException, and only its text crosses to the
+    driver: the build still stops with the `CurationError`'s own message (one line, status 2),
+    not a Ray traceback (a node that joined without `--out`, `stages.read_blocks`)."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    from curation.build.pipeline import _user_error
+    from curation.errors import CurationError
+
+    said = "node 10.0.0.3 (cccccccc) cannot read this build's input blocks (/out/x: No such file or directory): --out must be shared"
+
+    def task(batch):
+        raise CurationError(said)
+
+    class Actor:
+        def __call__(self, batch):
+            raise CurationError(said)
+
+    def other(batch):
+        raise ValueError("a bug, not the user's: curation.errors.Nothing: not a CurationError")
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    found = {}
+    with ray_session(None):
+        blocks = ray.data.from_blocks([pa.table({"a": [1]})])
+        for name, ds in {"task": blocks.map_batches(task, batch_format="pyarrow"),
+                         "actor": blocks.map_batches(Actor, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)),
+                         "other": blocks.map_batches(other, batch_format="pyarrow")}.items():
+            with pytest.raises(Exception) as raised:
+                ds.materialize()
+            found[name] = _user_error(raised.value)
+    assert {name: str(e) if e else None for name, e in found.items()} == {"task": said, "actor": said, "other": None}
+    assert all(type(e) is CurationError for e in (found["task"], found["actor"]))
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_small_object_store_gets_a_budget_that_holds_the_blocks(tmp_path):
@@ -665,7 +703,7 @@ def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_promp
     under `--out` and an outside cache something the driver made for this build."""
     from dataclasses import replace
 
-    from curation.build.shared import lacking, node_needs, read_paths
+    from curation.build.shared import NodeCheck, lacking, node_needs, read_paths
     from curation.items import StudyItem
 
     spec = BuildSpec.model_validate({
@@ -689,13 +727,15 @@ def test_the_nodes_look_for_each_sources_first_file_its_labels_the_bundles_promp
 
     out, folder = tmp_path / "out", tmp_path / "out" / "internal" / "plan" / "progress-b1"
     folder.mkdir(parents=True)
-    with node_needs(plan, folder, out / "internal" / "cache", out, "b1") as (see, write):  # the cache under --out: the folder says it
-        assert see == {**paths, "output.dir (this build's folder under it)": str(folder)}
-        assert write == {"output.dir (this build's folder under it)": str(folder), "output.cache": str(out / "internal" / "cache")}
-    with node_needs(plan, folder, tmp_path / "cache", out, "b1") as (see, write):  # an outside cache, not made yet
-        mark = Path(see["output.cache (a mark the driver wrote in it)"])
-        assert mark.parent == tmp_path / "cache" and mark.exists()
-        assert lacking({"mark": str(mark)}, write) == []  # both folders take a file
+    see, write, mark = node_needs(plan, folder, out / "internal" / "cache", out, "b1")  # the cache under --out: the folder says it
+    assert see == {**paths, "output.dir (this build's folder under it)": str(folder)} and mark is None
+    assert write == {"output.dir (this build's folder under it)": str(folder), "output.cache": str(out / "internal" / "cache")}
+    see, write, mark = node_needs(plan, folder, tmp_path / "cache", out, "b1")  # an outside cache, not made yet
+    assert mark == Path(see["output.cache (a mark the driver wrote in it)"]) and mark.parent == tmp_path / "cache"
+    check = NodeCheck(see, write, mark)
+    check.write_mark()  # before the first node is asked; it stays for the nodes that join later
+    assert mark.exists() and lacking({"mark": str(mark)}, write) == []  # both folders take a file
+    check.close()
     assert not mark.exists() and not list((tmp_path / "cache").iterdir())  # the mark, and the write check's file, gone
 
 

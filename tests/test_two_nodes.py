@@ -25,6 +25,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,12 @@ def test_a_build_on_two_nodes_uses_both_and_writes_the_shards_of_a_local_build(t
     assert hosts == {"local": {1}, "cluster": {2}}
 
 
+def skip_without_mount_namespace(mounts: str) -> None:
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", mounts], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"a node that sees other folders needs a mount namespace (unshare --mount, mount): {probe.stderr.strip()}")
+
+
 HIDDEN = "mount -t tmpfs none {folder}"  # an empty folder over it: the node mounts no shared storage there
 READ_ONLY = "mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"  # it sees the files, and cannot write
 
@@ -136,9 +144,7 @@ def test_a_node_that_lacks_the_archive_or_cannot_write_out_is_named_before_the_b
     """The worker node sees an empty folder where the driver's machine has the archive and
     `--out` (a node that mounts no shared storage there), or sees them read-only: the build
     stops before its first item, naming that node and what it lacks."""
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", mounts.format(folder=tmp_path)], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"a node that sees other folders needs a mount namespace (unshare --mount, mount): {probe.stderr.strip()}")
+    skip_without_mount_namespace(mounts.format(folder=tmp_path))
     archive = tmp_path / "archive"
     write_demo_archive(archive, cases=1, seed=0)
     manifest = tmp_path / "m.yaml"
@@ -167,6 +173,86 @@ def test_a_node_that_lacks_the_archive_or_cannot_write_out_is_named_before_the_b
     assert not (tmp_path / "out" / "dataset").exists()
 
 
+def hosted_build(tmp_path: Path, cases: int) -> tuple[Path, Path, Path]:
+    """(archive, out, manifest): the demo archive of `cases` cases, with every expert but CT
+    tissue given weights and no `actors`, so in the expert host, counting its runs."""
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_demo_archive(archive, cases=cases, seed=0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(b"not a model: the runner reads the ground truth")
+    data = demo_manifest(archive, out, counting=True)
+    for e in data["experts"]:
+        if e["name"] != "CT_TISSUE":
+            e.pop("actors", None)
+            e.update(runner="build_helpers:WeightedLabelsRunner", bundle=str(weights))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return archive, out, manifest
+
+
+@pytest.mark.parametrize("cpus", [0, 2], ids=["no CPU", "2 CPUs"])
+def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_it(tmp_path, monkeypatch, cpus):
+    """The build starts on the head alone; while its experts run, a worker node joins that
+    sees an empty folder where the archive and `--out` are (an autoscaler's node without the
+    shared mount). Each expert run waits at a gate, so the build is still running however
+    slowly the node starts. The build stops, naming that node and what it lacks; run again
+    once the node is gone, it finishes. The build runs in this process, so that the watch
+    looks every second. A node with no CPU gets no task of the build, only the watch's
+    question; one with CPUs may get a load task first, which stops the build too."""
+    from curation.build import node_watch
+    from curation.build.pipeline import build
+    from curation.errors import CurationError
+
+    skip_without_mount_namespace(HIDDEN.format(folder=tmp_path))
+    archive, out, manifest = hosted_build(tmp_path, cases=1)
+    run_log, gate = tmp_path / "runs.log", Path(tempfile.mkdtemp(prefix="gate", dir="/tmp")) / "open"  # the gate outside what the node hides
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_GATE": str(gate)}
+    env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(node_watch, "EVERY_S", 1.0)
+    (gcs,) = free_ports(1)
+    head_dir, worker_dir = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rw"))
+
+    def join_without_the_archive() -> None:
+        deadline = time.monotonic() + 300
+        while not run_log.exists() and time.monotonic() < deadline:  # the experts are at work
+            time.sleep(0.2)
+        start_node(worker_dir, env, head=False, gcs=gcs, cpus=cpus, mounts=HIDDEN.format(folder=tmp_path))
+
+    try:
+        start_node(head_dir, env, head=True, gcs=gcs, cpus=2)
+        joiner = threading.Thread(target=join_without_the_archive, daemon=True)
+        joiner.start()
+        with pytest.raises(CurationError) as stopped:
+            build(manifest, address=f"127.0.0.1:{gcs}", progress=False)
+        joiner.join()
+        stop_head(worker_dir)
+        gate.touch()
+        finished = build(manifest, address=f"127.0.0.1:{gcs}", progress=False)  # the head alone again
+    finally:
+        gate.touch()
+        stop_head(worker_dir)
+        stop_head(head_dir)
+        for folder in (head_dir, worker_dir, gate.parent):
+            shutil.rmtree(folder, ignore_errors=True)
+    # the watch's question to the new node, or a load task there, whichever comes first
+    message = str(stopped.value)
+    asked = re.match(rf"node \S+ \([0-9a-f]{{8}}\) joined the Ray cluster at \d\d:\d\d:\d\d and lacks sources\[0\]\.root "
+                     rf"\(ct\): not found: {re.escape(str(archive))}/ct/", message)
+    loaded = re.match(rf"node \S+ \([0-9a-f]{{8}}\) cannot read this build's input blocks \({re.escape(str(out))}/internal/plan/"
+                      r"lane-\d+\.parquet: No such file or directory\)\. Every node must mount the archive", message)
+    assert asked or (loaded and cpus), message
+    assert not asked or f"output.dir (this build's folder under it): not found: {out}/internal/plan/progress-" in message
+    assert message.endswith("(README: On a cluster). What finished is cached: run the same command again once that node has "
+                            "them, or without it"), message
+    card = json.loads((out / "dataset" / "dataset_card.json").read_text())
+    assert card["counts"]["rows"]["total"] == finished.card["counts"]["rows"]["total"] > 0
+    assert not list((out / "internal" / "cache").glob(".node-check-*"))  # no mark left (the cache is under --out: none made)
+
+
 def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_finishes(tmp_path, monkeypatch):
     """The worker node (3 CPUs) dies while the experts work. The build's one expert host
     reserved 2 of its CPUs, and the head has 1: Ray cannot restart the host anywhere and waits
@@ -176,34 +262,21 @@ def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_
     finishes from what was cached. The build runs in this process, so that the watch's times can
     be shortened."""
     import ctypes
-    import threading
-    import time
 
-    from curation.build import lost_node
+    from curation.build import node_watch
     from curation.build.pipeline import build
     from curation.errors import CurationError
 
-    archive, out = tmp_path / "archive", tmp_path / "out"
-    write_demo_archive(archive, cases=3, seed=0)
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    (weights / "model.bin").write_bytes(b"not a model: the runner reads the ground truth")
-    data = demo_manifest(archive, out, counting=True)
-    for e in data["experts"]:
-        if e["name"] != "CT_TISSUE":  # weights and no `actors`: every one in the expert host
-            e.pop("actors", None)
-            e.update(runner="build_helpers:WeightedLabelsRunner", bundle=str(weights))
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    archive, out, manifest = hosted_build(tmp_path, cases=3)
     run_log = tmp_path / "runs.log"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_SLEEP": "1.0"}
     env.pop("RAY_ADDRESS", None)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(lost_node, "EVERY_S", 1.0)
-    monkeypatch.setattr(lost_node, "STALL_S", 10.0)
-    monkeypatch.setattr(lost_node, "PAUSES", 1)
+    monkeypatch.setattr(node_watch, "EVERY_S", 1.0)
+    monkeypatch.setattr(node_watch, "STALL_S", 10.0)
+    monkeypatch.setattr(node_watch, "PAUSES", 1)
     (gcs,) = free_ports(1)
     head_dir, worker_dir = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rw"))
 

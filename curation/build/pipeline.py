@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from curation import errors
 from curation.atomic import write_parquet
 from curation.build import fingerprints
 from curation.build.cluster import (
@@ -54,7 +56,7 @@ from curation.build.cluster import (
     task_cpus,
     write_lane_inputs,
 )
-from curation.build.lost_node import LostNodeWatch, NodeLost
+from curation.build.node_watch import NodeFault, NodeWatch
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary, through_experts
 from curation.build.scan import scan_index
@@ -282,7 +284,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     inputs = write_lane_inputs(prep.plan, prep.layout.plan_inputs, limit)
     progress_dir = prep.layout.plan_inputs / f"progress-{prep.ctx.build_id}"  # removed with the input blocks
     progress_dir.mkdir()
-    check_every_node(prep.plan, progress_dir, Path(prep.ctx.cache_root), prep.layout.out, prep.ctx.build_id)  # none on a local Ray
+    check, nodes = check_every_node(prep.plan, progress_dir, Path(prep.ctx.cache_root), prep.layout.out, prep.ctx.build_id)
     ctx = replace(prep.ctx, item_bytes_limit=limit, progress_dir=str(progress_dir))
     collector.progress.watch({k: i.items for k, i in inputs.items() if prep.plan.lanes[k].experts},
                              lambda: through_experts(progress_dir))
@@ -292,7 +294,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
-    watch = LostNodeWatch.start(lambda: (collector.progress.done, tuple(sorted(through_experts(progress_dir).items()))))
+    watch = NodeWatch(lambda: (collector.progress.done, tuple(sorted(through_experts(progress_dir).items()))), nodes, joined=check)
     try:
         try:
             cpus = task_cpus(float(resources.get("CPU", 1.0)), node.count)
@@ -301,10 +303,10 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
                 for work, rows in zip(work_items(batch), batch.column("rows").to_pylist()):
                     collector.collect(work.plan, table_from_bytes(rows), work.report)
         finally:
-            if watch is not None:
-                watch.stop()  # inside the outer try: a NodeLost raised meanwhile is still caught
-    except NodeLost:
-        raise CurationError(watch.reason if watch is not None and watch.reason else "a node left the Ray cluster") from None
+            watch.stop()  # inside the outer try: a NodeFault raised meanwhile is still caught
+            check.close()
+    except NodeFault:
+        raise CurationError(watch.reason or "the Ray cluster's nodes changed") from None
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
         cause = _user_error(e)
         if cause is None:
@@ -326,8 +328,15 @@ def _where_experts_run(placements: dict[str, Placement]) -> str:
     return "; ".join(parts) or "none"
 
 
+# How a CurationError raised in a Ray Data task reaches the driver: Ray Data wraps it in a
+# UserCodeException `from` it, and only the worker's traceback text crosses the process
+# boundary (an exception's pickle drops its __cause__), whose line for it reads so.
+REMOTE_ERROR = re.compile(r"^curation\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
 def _user_error(error: BaseException) -> CurationError | None:
-    """The `CurationError` (a full disk, say) at the root of an exception Ray wrapped."""
+    """The `CurationError` (a full disk, say) at the root of an exception Ray wrapped, raised
+    in this process or in a task (`REMOTE_ERROR`)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [error]
     while todo:
@@ -338,6 +347,10 @@ def _user_error(error: BaseException) -> CurationError | None:
         if isinstance(e, CurationError):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    for found in REMOTE_ERROR.finditer(str(error)):
+        kind = getattr(errors, found.group(1), None)
+        if isinstance(kind, type) and issubclass(kind, CurationError):
+            return CurationError(found.group(2))
     return None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
 import sys
 import threading
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 
 from curation.build.plan import ItemPlan, PlannedConversation, runner_spec, task_name
 from curation.build.progress import PassedCount
-from curation.errors import ItemError
+from curation.errors import CurationError, ItemError
 from curation.findings import without_timing
 from curation.items import StudyItem, Volume
 from curation.manifest import BuildSpec
@@ -229,8 +230,17 @@ def load_batch(batch: pa.Table, ctx: BuildContext) -> pa.Table:
 
 def read_blocks(batch: pa.Table, path: str) -> pa.Table:
     """The input blocks (row groups of a lane's input file, `cluster.write_lane_inputs`) that a
-    batch of block numbers names."""
-    f = pq.ParquetFile(path)
+    batch of block numbers names. A node that cannot open the file does not share `--out` (one
+    that joined the cluster after the build checked its nodes, `curation.build.shared`): the
+    build stops naming it, rather than with pyarrow's traceback."""
+    try:
+        f = pq.ParquetFile(path)
+    except OSError as e:
+        from curation.build.shared import SHARED_RULE, this_node
+
+        why = os.strerror(e.errno) if e.errno else str(e)  # pyarrow's own strerror repeats the path
+        raise CurationError(f"node {this_node()} cannot read this build's input blocks ({path}: {why}). {SHARED_RULE}. "
+                            "What finished is cached: run the same command again once that node has them, or without it") from None
     return pa.concat_tables([f.read_row_group(k) for k in batch.column("block").to_pylist()])
 
 
