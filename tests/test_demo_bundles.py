@@ -118,3 +118,38 @@ def test_training_draws_full_batches_each_index_once_per_pass():
     assert all(sorted(p) == list(range(8)) for p in passes) and len({tuple(p) for p in passes}) == 3
     uneven = draws(np.random.default_rng(0), 10, 4)  # 2 left over after two batches: a fresh pass
     assert all(len(next(uneven)) == 4 for _ in range(5))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_stopping_the_demo_training_ends_it_and_its_trainings_with_one_line(tmp_path, how):
+    """`python -m expert_runners.demo_training --jobs 2` trains two bundles in worker processes,
+    minutes each. Ctrl-C (SIGINT to the whole group) or a SIGTERM to the command alone ends it
+    with its one line and status, and its workers with it: before, the command waited for the
+    trainings and each process printed a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "expert_runners.demo_training", str(tmp_path / "bundles"), "--cases", "2",
+                             "--only", "brats_demo,cxr_demo", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline, workers = time.monotonic() + 120, []
+    while proc.poll() is None and time.monotonic() < deadline:  # until both trainings have begun: torch imported, at work
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+        if len(workers) >= 2 and all(sum(p.cpu_times()[:2]) > 4.0 for p in workers):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and len(workers) >= 2, "the trainings did not start"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr.strip()) == ((130, "demo training: interrupted") if how == "ctrl-c" else
+                                                 (143, "demo training: terminated (SIGTERM)")), stderr[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"training processes left running: {alive}"
