@@ -220,14 +220,16 @@ def test_local_session_stops_every_ray_process():
 
 
 @pytest.mark.ray
-def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_message():
+def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_message(capfd):
     """Ray Data wraps what a task raises in a UserCodeException, and only its text crosses to the
     driver: the build still stops with the `CurationError`'s own message (one line, status 2),
-    not a Ray traceback (a node that joined without `--out`, `stages.read_blocks`)."""
+    not a Ray traceback (a node that joined without `--out`, `stages.read_blocks`), and Ray
+    Data's console lines on a failed task, with advice on its settings, are left out."""
     import pyarrow as pa
     import ray
     import ray.data
 
+    from curation.build.cluster import _quiet_ray_data_console
     from curation.build.pipeline import _user_error
     from curation.errors import CurationError
 
@@ -246,6 +248,7 @@ def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_m
     assert not ray.is_initialized(), "another test left Ray running"
     found = {}
     with ray_session(None):
+        _quiet_ray_data_console()
         blocks = ray.data.from_blocks([pa.table({"a": [1]})])
         for name, ds in {"task": blocks.map_batches(task, batch_format="pyarrow"),
                          "actor": blocks.map_batches(Actor, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)),
@@ -255,6 +258,8 @@ def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_m
             found[name] = _user_error(raised.value)
     assert {name: str(e) if e else None for name, e in found.items()} == {"task": said, "actor": said, "other": None}
     assert all(type(e) is CurationError for e in (found["task"], found["actor"]))
+    said_by_ray_data = capfd.readouterr().err
+    assert "Dataset execution will now abort" not in said_by_ray_data and "Exception occurred in user code" not in said_by_ray_data
 
 
 @pytest.mark.slow

@@ -114,12 +114,25 @@ def _quiet_ray_logs() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
+class _TaskFailureLines(logging.Filter):
+    """Ray Data's two console lines when a task of the build fails, each with advice on Ray Data's
+    settings: the build says what failed in a line of its own (a `CurationError`) or with a
+    traceback (a bug). Both stay in Ray Data's log file."""
+
+    SAID = ("An exception was raised from a task of operator", "Exception occurred in user code")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
+
+
 def _quiet_ray_data_console() -> None:
     import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _TaskFailureLines) for f in handler.filters):
+                handler.addFilter(_TaskFailureLines())
     # "Progress bars disabled": ours replace them
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
