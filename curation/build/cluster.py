@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -417,6 +418,10 @@ def pipeline_dataset(inputs: dict[int, LaneInput], plan: Plan, ctx: BuildContext
     from curation.build.stages import load_planned, render_batch
 
     _quiet_ray_data_console()
+    # Ray Data's usage collection: a thread that asks Prometheus for the cluster's metrics every
+    # 10 s, and an actor made at the end of each execution, even a failed one (where the head is
+    # lost, that waits for the head until Ray ends the driver). A user may set it to 0.
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # ours is in curation.build.progress
     data_ctx.override_object_store_memory_limit_fraction = store_fraction(inputs, placements, store)
