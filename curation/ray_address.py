@@ -62,7 +62,7 @@ def join(address: str, **init: Any) -> None:
 
 def check_head(address: str, *, connect_s: float = CONNECT_TIMEOUT_S, answer_s: float = ANSWER_TIMEOUT_S) -> None:
     """Refuse `address` unless a Ray head's GCS answers there within the deadlines."""
-    host, port = _host_port(address)
+    host, port = host_port(address)
     try:
         socket.create_connection((host, port), timeout=connect_s).close()
     except OSError as e:
@@ -74,7 +74,7 @@ def check_head(address: str, *, connect_s: float = CONNECT_TIMEOUT_S, answer_s: 
     _ask_cluster_id(address, f"{host}:{port}", answer_s)
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise CurationError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS address, HOST:6379 by default), "

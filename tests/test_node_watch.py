@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from curation.build.node_watch import NodeWatch, NodeFault
+from curation.build import node_watch
+from curation.build.node_watch import NodeFault, NodeWatch
 
 NODES = {"a" * 56: "10.0.0.1 (aaaaaaaa)", "b" * 56: "10.0.0.2 (bbbbbbbb)"}
 
@@ -132,3 +133,50 @@ def test_a_node_that_joins_with_the_shared_paths_is_asked_once_and_the_build_goe
     finally:
         watch.stop()
     assert watch.reason is None and joined.asked == list(LATE)
+
+
+class Head:
+    """A head probe (`HeadProbe`) that answers until `gone` seconds, and again after `back`."""
+
+    address = "10.0.0.1:6379"
+
+    def __init__(self, gone: float, back: float = float("inf")):
+        self.t0, self.gone, self.back = time.monotonic(), gone, back
+
+    def __call__(self) -> None:
+        if self.gone <= time.monotonic() - self.t0 < self.back:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_a_head_that_stops_answering_stops_the_build_and_its_nodes_are_not_asked_meanwhile(monkeypatch):
+    """Ray's own calls (the nodes, here `alive`) wait for a lost head without end: the watch asks
+    them only while the head answers, and stops the build once it has not for HEAD_S."""
+    monkeypatch.setattr(node_watch, "HEAD_S", 0.3)
+    head, asked_after = Head(gone=0.1), []
+
+    def alive() -> dict[str, str]:
+        if time.monotonic() - head.t0 > 0.15:
+            asked_after.append(time.monotonic() - head.t0)
+        return dict(NODES)
+
+    watch = NodeWatch(itertools.count().__next__, NODES, head=head, alive=alive, every=0.02, stall=30)
+    try:
+        with pytest.raises(NodeFault):
+            wait_in_main_thread(30)
+    finally:
+        watch.stop()
+    assert time.monotonic() - head.t0 >= 0.1 + 0.3
+    assert re.fullmatch(r"the Ray cluster's head \(10\.0\.0\.1:6379\) has not answered since \d\d:\d\d:\d\d \(0:00\): the build "
+                        r"cannot go on without it\. What finished is cached: once the head is back, run the same command again",
+                        watch.reason or ""), watch.reason
+    assert not asked_after, f"the nodes were asked while the head did not answer, at {asked_after}"
+
+
+def test_a_head_that_answers_again_in_time_lets_the_build_go_on(monkeypatch):
+    monkeypatch.setattr(node_watch, "HEAD_S", 0.5)
+    watch = NodeWatch(lambda: 7, NODES, head=Head(gone=0.1, back=0.3), alive=lambda: NODES, every=0.02, stall=30)
+    try:
+        wait_in_main_thread(1.0)
+    finally:
+        watch.stop()
+    assert watch.reason is None

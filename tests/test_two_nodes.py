@@ -18,6 +18,7 @@ the build must stop before its first item, naming that node and what it lacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -251,6 +252,51 @@ def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_
     card = json.loads((out / "dataset" / "dataset_card.json").read_text())
     assert card["counts"]["rows"]["total"] == finished.card["counts"]["rows"]["total"] > 0
     assert not list((out / "internal" / "cache").glob(".node-check-*"))  # no mark left (the cache is under --out: none made)
+
+
+def test_a_build_whose_head_is_lost_stops_naming_it_before_ray_ends_the_driver(tmp_path):
+    """The head's processes are killed (its machine lost) while the experts work. Ray's calls
+    wait for it, and a minute later Ray would end the driver with a line of its own and status
+    1; the build stops first, with its own line and status 2, once the head has not answered
+    for the watch's time (shortened here, in the command's process: a driver that lost its head
+    is ended by Ray a minute later whatever it does meanwhile, so the build cannot run in this
+    one)."""
+    import psutil
+
+    _, _, manifest = hosted_build(tmp_path, cases=2)
+    run_log = tmp_path / "runs.log"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_SLEEP": "1.0"}
+    env.pop("RAY_ADDRESS", None)
+    (gcs,) = free_ports(1)
+    head_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    code = ("import sys; from curation import cli; from curation.build import node_watch; "
+            "node_watch.EVERY_S, node_watch.HEAD_S = 1.0, 5.0; "
+            f"sys.argv = ['m3-curate', '-q', 'build', {str(manifest)!r}, '--address', '127.0.0.1:{gcs}']; cli.run()")
+    try:
+        start_node(head_dir, env, head=True, gcs=gcs, cpus=2)
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 300
+        while (not run_log.exists() or len(run_log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the build ended before its head was lost"
+        head = [p for p in psutil.process_iter(["cmdline"]) if any(head_dir in a for a in (p.info["cmdline"] or []))]
+        for p in {q.pid: q for h in head for q in [h, *h.children(recursive=True)]}.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        lost = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        ended = time.monotonic()
+    finally:
+        stop_head(head_dir)
+        shutil.rmtree(head_dir, ignore_errors=True)
+    said = [line for line in stderr.splitlines() if line.startswith("m3-curate")]
+    assert proc.returncode == 2 and len(said) == 1, stderr[-3000:]
+    assert re.fullmatch(r"m3-curate: error: the Ray cluster's head \(\S+:\d+\) has not answered since \d\d:\d\d:\d\d "
+                        r"\(0:0\d\): the build cannot go on without it\. What finished is cached: once the head is back, run "
+                        r"the same command again", said[0]), said[0]
+    assert ended - lost < 50, f"ended {ended - lost:.0f} s after the loss: Ray ends the driver at 60 s"
 
 
 def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_finishes(tmp_path, monkeypatch):

@@ -19,13 +19,20 @@ node comes back (an autoscaler may start one).
   lacks them would set every item it loads aside, so the build stops, naming it and what it
   lacks.
 
-What finished is cached either way, and the next run plans for the nodes there are then.
+- once the head (its GCS) has not answered for HEAD_S, it stops the build naming the head:
+  Ray's own calls wait for a lost head without a word, and a minute later Ray ends the driver
+  with a line of its own (`Failed to connect to GCS within 60 seconds … The program will
+  terminate`, status 1). The watch opens a TCP connection to the head's GCS, with a deadline,
+  and asks Ray for the nodes only while the head answers: that call would wait with the rest.
+
+What finished is cached in every case, and the next run plans for the nodes there are then.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 EVERY_S = 5.0  # seconds between two looks at the nodes and the build's counts
 STALL_S = 600.0  # a build without a move this long after losing a node is stopped (at least)
 PAUSES = 5  # ... or this many times its longest pause between moves before the loss
+HEAD_S = 30.0  # a head that has not answered this long is lost (Ray ends the driver at 60 s)
+HEAD_CONNECT_S = 2.0  # each look's deadline
 
 
 class NodeFault(BaseException):
@@ -57,19 +66,40 @@ class JoinedNodes(Protocol):
         """(node id, what it lacks) for each node asked whose answer came since, and lacks something."""
 
 
+class HeadProbe:
+    """Raises `OSError` unless the head's GCS at `address` takes a TCP connection within
+    HEAD_CONNECT_S: refused where its process is gone, no answer where its machine is."""
+
+    def __init__(self, address: str):
+        self.address = address
+
+    @classmethod
+    def of_session(cls) -> HeadProbe:
+        import ray
+
+        return cls(ray.get_runtime_context().gcs_address)
+
+    def __call__(self) -> None:
+        from curation.ray_address import host_port
+
+        socket.create_connection(host_port(self.address), timeout=HEAD_CONNECT_S).close()
+
+
 class NodeWatch:
     """Watches from a thread of its own as soon as it is made. `mark()`: a value that changes
     whenever the build moves; `nodes`: the nodes the build began with, all checked (id → name;
     any other alive node is a joiner: added, and given to `joined` to check); `alive()`: the
-    nodes alive now. `stop()` before leaving the block that catches `NodeFault`: after it
-    returns, no `NodeFault` is raised."""
+    nodes alive now; `head`: asks the head (`HeadProbe`). `stop()` before leaving the block
+    that catches `NodeFault`: after it returns, no `NodeFault` is raised."""
 
     def __init__(self, mark: Callable[[], Hashable], nodes: Mapping[str, str], *, joined: JoinedNodes | None = None,
-                 alive: Callable[[], dict[str, str]] | None = None, every: float | None = None, stall: float | None = None):
-        self.mark, self.nodes, self.joined, self.alive = mark, dict(nodes), joined, alive or _alive
+                 head: HeadProbe | None = None, alive: Callable[[], dict[str, str]] | None = None,
+                 every: float | None = None, stall: float | None = None):
+        self.mark, self.nodes, self.joined, self.head, self.alive = mark, dict(nodes), joined, head, alive or _alive
         self.every, self.stall = every or EVERY_S, stall or STALL_S
         self.reason: str | None = None
         self._joined_at: dict[str, str] = {}
+        self._silent: tuple[float, str] | None = None  # since when the head has not answered (monotonic, clock)
         self._main = threading.main_thread().ident
         self._armed = True
         self._lock = threading.Lock()
@@ -81,7 +111,7 @@ class NodeWatch:
         with self._lock:
             self._armed = False
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(timeout=HEAD_CONNECT_S + 1.0)  # a look under way ends within its deadline
 
     def _watch(self) -> None:
         last, moved, longest = self._read(None), time.monotonic(), 0.0
@@ -92,6 +122,10 @@ class NodeWatch:
                 if lost is None:
                     longest = max(longest, now - moved)
                 last, moved = mark, now
+            if not self._head_answers(now):
+                if self.reason is not None:
+                    return
+                continue
             alive = self._alive()
             if alive is not None:
                 self._welcome(alive)
@@ -114,6 +148,27 @@ class NodeWatch:
         except Exception as e:  # noqa: BLE001  (a count that cannot be read now is no move)
             log.debug("the build's counts not read: %s", e)
             return before
+
+    def _head_answers(self, now: float) -> bool:
+        """Whether the head answered; the build is stopped once it has not for HEAD_S."""
+        if self.head is None:
+            return True
+        try:
+            self.head()
+        except OSError as e:
+            if self._silent is None:
+                self._silent = (now, datetime.now().strftime("%H:%M:%S"))
+                log.warning("the Ray cluster's head (%s) does not answer (%s): the build stops if it has not answered "
+                            "again in %s", self.head.address, e.strerror or type(e).__name__, clock(HEAD_S))
+            elif now - self._silent[0] >= HEAD_S:
+                self._fire(f"the Ray cluster's head ({self.head.address}) has not answered since {self._silent[1]} "
+                           f"({clock(now - self._silent[0])}): the build cannot go on without it. What finished is "
+                           "cached: once the head is back, run the same command again")
+            return False
+        if self._silent is not None:
+            log.warning("the Ray cluster's head answers again")
+            self._silent = None
+        return True
 
     def _alive(self) -> dict[str, str] | None:
         try:

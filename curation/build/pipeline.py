@@ -56,7 +56,7 @@ from curation.build.cluster import (
     task_cpus,
     write_lane_inputs,
 )
-from curation.build.node_watch import NodeFault, NodeWatch
+from curation.build.node_watch import HeadProbe, NodeFault, NodeWatch
 from curation.build.plan import ItemPlan, Plan, make_plan
 from curation.build.progress import BuildProgress, summary, through_experts
 from curation.build.scan import scan_index
@@ -294,7 +294,8 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     if pools:
         log.info("waiting for expert actors to start (%s): each loads its model before its first item", ", ".join(pools))
     t = time.perf_counter()
-    watch = NodeWatch(lambda: (collector.progress.done, tuple(sorted(through_experts(progress_dir).items()))), nodes, joined=check)
+    watch = NodeWatch(lambda: (collector.progress.done, tuple(sorted(through_experts(progress_dir).items()))), nodes, joined=check,
+                      head=HeadProbe.of_session())
     try:
         try:
             cpus = task_cpus(float(resources.get("CPU", 1.0)), node.count)
