@@ -1,5 +1,6 @@
-"""A build that a node leaves without a way forward, or that a node joins without the shared
-paths, stops in one line instead of waiting for ever or setting items aside.
+"""A build that a node leaves without a way forward, that a node joins without the shared
+paths, or whose head is lost, stops in one line instead of waiting for ever, setting items
+aside or being ended by Ray.
 
 Measured on two nodes of 2 CPUs (the demo-24 archive, the worker node killed 25 s in): Ray
 restarted the lost expert host on the node left, whose two CPUs then held both hosts. The load
@@ -17,8 +18,7 @@ node comes back (an autoscaler may start one).
 - a node that joins after the build began (an autoscaler's) is watched too, and is asked for
   the shared paths as the nodes at the start were (`curation.build.shared.NodeCheck`): one that
   lacks them would set every item it loads aside, so the build stops, naming it and what it
-  lacks.
-
+  lacks;
 - once the head (its GCS) has not answered for HEAD_S, it stops the build naming the head:
   Ray's own calls wait for a lost head without a word, and a minute later Ray ends the driver
   with a line of its own (`Failed to connect to GCS within 60 seconds … The program will
