@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import Protocol
 
 from curation.build.progress import clock
-from curation.build.shared import SHARED_RULE, node_name
+from curation.build.shared import RERUN_WITH_THE_NODE, SHARED_RULE, alive_nodes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class NodeWatch:
     def __init__(self, mark: Callable[[], Hashable], nodes: Mapping[str, str], *, joined: JoinedNodes | None = None,
                  head: HeadProbe | None = None, alive: Callable[[], dict[str, str]] | None = None,
                  every: float | None = None, stall: float | None = None):
-        self.mark, self.nodes, self.joined, self.head, self.alive = mark, dict(nodes), joined, head, alive or _alive
+        self.mark, self.nodes, self.joined, self.head, self.alive = mark, dict(nodes), joined, head, alive or alive_nodes
         self.every, self.stall = every or EVERY_S, stall or STALL_S
         self.reason: str | None = None
         self._joined_at: dict[str, str] = {}
@@ -200,8 +200,7 @@ class NodeWatch:
             return False
         node, lacks = found[0]
         self._fire(f"node {self.nodes[node]} joined the Ray cluster at {self._joined_at.get(node, '?')} and lacks "
-                   + "; ".join(lacks) + f": every item it loads would be set aside. {SHARED_RULE}. What finished is cached: "
-                   "run the same command again once that node has them, or without it")
+                   + "; ".join(lacks) + f": every item it loads would be set aside. {SHARED_RULE}. {RERUN_WITH_THE_NODE}")
         return True
 
     def _first_lost(self, alive: dict[str, str] | None, now: float) -> tuple[str, float, str] | None:
@@ -216,11 +215,4 @@ class NodeWatch:
         with self._lock:
             if self._armed and self._main is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._main), ctypes.py_object(NodeFault))
-
-
-def _alive() -> dict[str, str]:
-    """The cluster's alive nodes: id → `IP (id8)`."""
-    import ray
-
-    return {n["NodeID"]: node_name(n) for n in ray.nodes() if n.get("Alive")}
 

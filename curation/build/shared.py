@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT_S = 120.0  # a node that starts no worker in this time is left unchecked, with a warning
 SHARED_RULE = ("Every node must mount the archive and the bundles, and --out and the cache writable, at the same paths "
                "as the driver's machine (README: On a cluster)")
+RERUN_WITH_THE_NODE = "What finished is cached: run the same command again once that node has them, or without it"
 
 
 def read_paths(plan: Plan) -> dict[str, str]:
@@ -159,7 +160,7 @@ def check_every_node(plan: Plan, build_folder: Path, cache_root: Path, out: Path
     import ray
 
     own = ray.get_runtime_context().get_node_id()
-    alive = {n["NodeID"]: node_name(n) for n in ray.nodes() if n.get("Alive")}
+    alive = alive_nodes()
     check = NodeCheck(*node_needs(plan, build_folder, cache_root, out, build_id), timeout_s=timeout_s)
     try:
         check.ask({node: name for node, name in alive.items() if node != own})
@@ -172,6 +173,13 @@ def check_every_node(plan: Plan, build_folder: Path, cache_root: Path, out: Path
         raise CurationError(". ".join(f"node {check.names[node]} lacks " + "; ".join(lacks) for node, lacks in found)
                             + f". {SHARED_RULE}")
     return check, alive
+
+
+def alive_nodes() -> dict[str, str]:
+    """The cluster's alive nodes: id → `node_name`."""
+    import ray
+
+    return {n["NodeID"]: node_name(n) for n in ray.nodes() if n.get("Alive")}
 
 
 def node_name(node: Mapping) -> str:

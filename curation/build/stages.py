@@ -236,11 +236,11 @@ def read_blocks(batch: pa.Table, path: str) -> pa.Table:
     try:
         f = pq.ParquetFile(path)
     except OSError as e:
-        from curation.build.shared import SHARED_RULE, this_node
+        from curation.build.shared import RERUN_WITH_THE_NODE, SHARED_RULE, this_node
 
         why = os.strerror(e.errno) if e.errno else str(e)  # pyarrow's own strerror repeats the path
         raise CurationError(f"node {this_node()} cannot read this build's input blocks ({path}: {why}). {SHARED_RULE}. "
-                            "What finished is cached: run the same command again once that node has them, or without it") from None
+                            f"{RERUN_WITH_THE_NODE}") from None
     return pa.concat_tables([f.read_row_group(k) for k in batch.column("block").to_pylist()])
 
 
