@@ -66,21 +66,26 @@ def check_room(workers: int, use_gpu: bool, resources: dict[str, float]) -> None
 
 def _lost_workers(error: Exception) -> list[str]:
     """What took each failed Ray Train worker away, where it was its process or node (killed,
-    out of memory, a node lost) or it stopped answering; empty when any worker failed in the
-    training code itself. Ray Train reports both as `WorkerGroupError`, its failures by rank."""
+    out of memory, a node lost) or it stopped answering; empty when no worker was lost, only
+    failed in the training code itself. Ray Train reports both as `WorkerGroupError`, its
+    failures by rank. Where one of several workers is lost, the others fail in their next
+    collective (Gloo's "Connection closed by peer", NCCL's abort): that is the loss, not a
+    second fault, so they are named as stopped with it."""
     from ray.exceptions import RayActorError
 
-    lost = []
+    lost, with_it = [], []
     for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
         cause = getattr(failure, "health_check_failure", None)  # Ray Train's WorkerHealthCheckFailedError
         if isinstance(cause, RayActorError):
             said = [line.strip() for line in str(cause).splitlines() if line.strip().startswith(("The actor is dead", "The actor died because"))]
-            why = said[0].split(" Some common causes")[0] if said else "its process died"  # Ray's advice on OOM follows
+            why = said[0].split(" Some common causes")[0].rstrip(".") if said else "its process died"  # Ray's advice on OOM follows
             lost.append(f"Ray Train's worker {rank} was lost (killed, out of memory, a crash, or its node gone): {why}")
         elif type(failure).__name__ == "WorkerHealthCheckTimeoutError":
             lost.append(f"Ray Train's worker {rank} stopped answering its health checks")
         else:
-            return []
+            with_it.append(str(rank))
+    if lost and with_it:
+        lost.append(f"worker{'s' * (len(with_it) > 1)} {', '.join(with_it)} stopped with it (a training step needs every worker)")
     return lost
 
 
