@@ -4,8 +4,9 @@
 - `CountingTissueRunner` / `CountingLabelsRunner`: the weight-free runners, registered in a
   manifest by dotted path (`build_helpers:CountingTissueRunner`); each run appends a line
   `<item_id> <args>` to the file named by `M3_TEST_RUN_LOG` (if set) and sleeps
-  `M3_TEST_RUN_SLEEP` seconds (if set), so tests can count expert runs and kill a build
-  while experts are busy; with `M3_TEST_NODE_LOG` set, `<Ray node> <expert>` of each run goes there, and
+  `M3_TEST_RUN_SLEEP` seconds (if set; or the seconds written in the file it names, read at
+  each run, so a test can slow one build and not the next), so tests can count expert runs
+  and kill a build while experts are busy; with `M3_TEST_NODE_LOG` set, `<Ray node> <expert>` of each run goes there, and
   with `M3_TEST_TIMELINE` set, `<expert> <pid> <start> <end>` of each run (epoch seconds);
   with `M3_TEST_RUN_GATE` set, each run waits (at most 5 minutes) until that file exists.
 - `WeightedLabelsRunner`: `CountingLabelsRunner` with the files of its `bundle:` folder as
@@ -46,7 +47,8 @@ def _count(inp: ExpertInput, args: str, expert: str = "") -> None:
     deadline = time.monotonic() + 300
     while gate and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.05)
-    delay = float(os.environ.get("M3_TEST_RUN_SLEEP", "0") or 0)
+    delay = os.environ.get("M3_TEST_RUN_SLEEP", "0") or "0"
+    delay = float(Path(delay).read_text() if os.path.isfile(delay) else delay)
     if delay:
         time.sleep(delay)
     timeline = os.environ.get("M3_TEST_TIMELINE")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -220,23 +221,26 @@ def test_local_session_stops_every_ray_process():
 
 
 @pytest.mark.ray
-def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_message(capfd):
+def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_message(tmp_path, capfd):
     """Ray Data wraps what a task raises in a UserCodeException, and only its text crosses to the
     driver: the build still stops with the `CurationError`'s own message (one line, status 2),
-    not a Ray traceback (a node that joined without `--out`, `stages.read_blocks`), and Ray
-    Data's console lines on a failed task, with advice on its settings, are left out."""
+    not a Ray traceback, and Ray Data's console lines on a failed task, with advice on its
+    settings, are left out. The task is a load task on a node that cannot see `--out` (one that
+    joined the cluster after the build checked its nodes): `stages.read_blocks` names the node."""
     import pyarrow as pa
     import ray
     import ray.data
 
     from curation.build.cluster import _quiet_ray_data_console
     from curation.build.pipeline import _user_error
+    from curation.build.stages import read_blocks
     from curation.errors import CurationError
 
     said = "node 10.0.0.3 (cccccccc) cannot read this build's input blocks (/out/x: No such file or directory): --out must be shared"
+    missing = tmp_path / "internal" / "plan" / "lane-0.parquet"
 
     def task(batch):
-        raise CurationError(said)
+        return read_blocks(pa.table({"block": [0]}), str(missing))
 
     class Actor:
         def __call__(self, batch):
@@ -256,7 +260,10 @@ def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_m
             with pytest.raises(Exception) as raised:
                 ds.materialize()
             found[name] = _user_error(raised.value)
-    assert {name: str(e) if e else None for name, e in found.items()} == {"task": said, "actor": said, "other": None}
+    assert re.fullmatch(rf"node \S+ \([0-9a-f]{{8}}\) cannot read this build's input blocks \({re.escape(str(missing))}: "
+                        r"No such file or directory\)\. Every node must mount .*\. What finished is cached: run the same command "
+                        r"again once that node has them, or without it", str(found["task"])), found["task"]
+    assert str(found["actor"]) == said and found["other"] is None
     assert all(type(e) is CurationError for e in (found["task"], found["actor"]))
     said_by_ray_data = capfd.readouterr().err
     assert "Dataset execution will now abort" not in said_by_ray_data and "Exception occurred in user code" not in said_by_ray_data

@@ -41,7 +41,9 @@ def free_ports(n: int) -> list[int]:
 
 
 def stop_head(temp_dir: str) -> None:
-    """End every process of the head whose temp folder is `temp_dir`, and their children."""
+    """End every process of the head whose temp folder is `temp_dir`, and their children: those
+    still there 3 s after SIGTERM are killed (the GCS server and the autoscaler's monitor do not
+    end on SIGTERM within 20 s, and the folder is the test's own)."""
     import psutil
 
     roots = []
@@ -54,7 +56,7 @@ def stop_head(temp_dir: str) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    _, alive = psutil.wait_procs(list(family.values()), timeout=3)
     for p in alive:
         try:
             p.kill()

@@ -192,15 +192,15 @@ def hosted_build(tmp_path: Path, cases: int) -> tuple[Path, Path, Path]:
     return archive, out, manifest
 
 
-@pytest.mark.parametrize("cpus", [0, 2], ids=["no CPU", "2 CPUs"])
-def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_it(tmp_path, monkeypatch, cpus):
+def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_it(tmp_path, monkeypatch):
     """The build starts on the head alone; while its experts run, a worker node joins that
     sees an empty folder where the archive and `--out` are (an autoscaler's node without the
     shared mount). Each expert run waits at a gate, so the build is still running however
     slowly the node starts. The build stops, naming that node and what it lacks; run again
     once the node is gone, it finishes. The build runs in this process, so that the watch
-    looks every second. A node with no CPU gets no task of the build, only the watch's
-    question; one with CPUs may get a load task first, which stops the build too."""
+    looks every second. The node has no CPU, so it gets no task of the build, only the watch's
+    question. (One with CPUs may get a load task first, which stops the build naming the node
+    too: `stages.read_blocks`, tested in test_build_parts.)"""
     from curation.build import node_watch
     from curation.build.pipeline import build
     from curation.errors import CurationError
@@ -221,7 +221,7 @@ def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_
         deadline = time.monotonic() + 300
         while not run_log.exists() and time.monotonic() < deadline:  # the experts are at work
             time.sleep(0.2)
-        start_node(worker_dir, env, head=False, gcs=gcs, cpus=cpus, mounts=HIDDEN.format(folder=tmp_path))
+        start_node(worker_dir, env, head=False, gcs=gcs, cpus=0, mounts=HIDDEN.format(folder=tmp_path))
 
     try:
         start_node(head_dir, env, head=True, gcs=gcs, cpus=2)
@@ -239,14 +239,10 @@ def test_a_node_that_joins_mid_build_without_the_archive_stops_the_build_naming_
         stop_head(head_dir)
         for folder in (head_dir, worker_dir, gate.parent):
             shutil.rmtree(folder, ignore_errors=True)
-    # the watch's question to the new node, or a load task there, whichever comes first
     message = str(stopped.value)
-    asked = re.match(rf"node \S+ \([0-9a-f]{{8}}\) joined the Ray cluster at \d\d:\d\d:\d\d and lacks sources\[0\]\.root "
-                     rf"\(ct\): not found: {re.escape(str(archive))}/ct/", message)
-    loaded = re.match(rf"node \S+ \([0-9a-f]{{8}}\) cannot read this build's input blocks \({re.escape(str(out))}/internal/plan/"
-                      r"lane-\d+\.parquet: No such file or directory\)\. Every node must mount the archive", message)
-    assert asked or (loaded and cpus), message
-    assert not asked or f"output.dir (this build's folder under it): not found: {out}/internal/plan/progress-" in message
+    assert re.match(rf"node \S+ \([0-9a-f]{{8}}\) joined the Ray cluster at \d\d:\d\d:\d\d and lacks sources\[0\]\.root "
+                    rf"\(ct\): not found: {re.escape(str(archive))}/ct/", message), message
+    assert f"output.dir (this build's folder under it): not found: {out}/internal/plan/progress-" in message
     assert message.endswith("(README: On a cluster). What finished is cached: run the same command again once that node has "
                             "them, or without it"), message
     card = json.loads((out / "dataset" / "dataset_card.json").read_text())
@@ -314,9 +310,11 @@ def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_
     from curation.errors import CurationError
 
     archive, out, manifest = hosted_build(tmp_path, cases=3)
-    run_log = tmp_path / "runs.log"
+    run_log, run_sleep = tmp_path / "runs.log", tmp_path / "run-sleep"
+    run_sleep.write_text("1.0")  # slow while the node is lost; the rerun at full speed
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log), "M3_TEST_RUN_SLEEP": "1.0"}
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "M3_TEST_RUN_LOG": str(run_log),
+           "M3_TEST_RUN_SLEEP": str(run_sleep)}
     env.pop("RAY_ADDRESS", None)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -348,6 +346,7 @@ def test_a_build_that_a_lost_node_leaves_stuck_stops_naming_it_and_the_next_run_
             ended.set()
         killer.join()
         runs_before = len(run_log.read_text().splitlines())
+        run_sleep.write_text("0")
         finished = build(manifest, address=f"127.0.0.1:{gcs}", progress=False)  # the head alone now
     finally:
         stop_head(worker_dir)
