@@ -71,10 +71,14 @@ def test_the_room_for_workers_is_what_scaling_config_reserves_for_each(workers, 
             check_room(workers, use_gpu, resources)
 
 
-def test_sigterm_mid_training_on_ray_ends_in_one_line_with_every_ray_process_gone(tmp_path):
-    """A scheduler's SIGTERM while Ray Train trains: status 143 and one line, as for a build
-    (`curation.signals`). Ray Train's `fit` turns the interrupt into a `KeyboardInterrupt` of
-    its own, and without the handler Ray's printed its crash report."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_stopping_training_on_ray_ends_in_one_line_with_every_ray_process_gone(tmp_path, how):
+    """Ctrl-C at the terminal (SIGINT to the whole process group) or a scheduler's SIGTERM while
+    two Ray Train workers train: status 130 or 143 and one line, as for a build
+    (`curation.signals`). Ray Train's `fit` puts a SIGINT handler of its own in place (Ctrl-C
+    ended the command with status 1 after Ray's log line) and turns SIGTERM's interrupt into
+    a `KeyboardInterrupt` of its own (without the command's handler, Ray printed its crash
+    report)."""
     import signal
     import time
 
@@ -84,23 +88,27 @@ def test_sigterm_mid_training_on_ray_ends_in_one_line_with_every_ray_process_gon
     log = tmp_path / "finetune.log"
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "curation", "finetune", "--data", str(data), "--model", "tiny",
-                                 "--out", str(tmp_path / "run"), "--workers", "1", "--epochs", "1000", "--log-steps", "1"],
+                                 "--out", str(tmp_path / "run"), "--workers", "2", "--epochs", "1000", "--log-steps", "1"],
                                 cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, text=True)
         deadline = time.monotonic() + 240
         while not re.search(r"step \d+/", log.read_text()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, log.read_text()[-3000:]
         family = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             for p in [proc, *family]:
                 p.kill()
-            raise AssertionError("finetune did not end within 60 s of SIGTERM") from None
+            raise AssertionError(f"finetune did not end within 60 s of {how}") from None
     text = log.read_text()
-    assert proc.returncode == 143, text[-3000:]
-    assert text.rstrip().splitlines()[-1] == "m3-curate: terminated (SIGTERM)", text[-3000:]
+    status, said = {"ctrl-c": (130, "m3-curate: interrupted"), "sigterm": (143, "m3-curate: terminated (SIGTERM)")}[how]
+    assert proc.returncode == status, text[-3000:]
+    assert text.rstrip().splitlines()[-1] == said, text[-3000:]
     assert not any(l.startswith("Traceback") for l in text.splitlines()) and "SIGTERM received" not in text, text[-3000:]
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running: {[p.name() for p in alive]}"

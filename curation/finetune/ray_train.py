@@ -89,6 +89,21 @@ def _lost_workers(error: Exception) -> list[str]:
     return lost
 
 
+def _trainer(**kwargs: Any) -> Any:
+    """A `TorchTrainer` that leaves Ctrl-C to the command (`curation.signals`): the one `fit`
+    makes puts a SIGINT handler of its own in place for the rest of the process, which aborts
+    the run and ends the command with status 1 after Ray's log line, not the command's one line
+    and 130. Without it the interrupt leaves `fit` as a `KeyboardInterrupt`; the local Ray, or
+    the driver's connection to the cluster, ends with the command and takes the run's actors."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass
+
+    return Trainer(**kwargs)
+
+
 def _resume_hint(out: Path) -> str:
     from curation.finetune.train import checkpoints
 
@@ -103,7 +118,6 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
     return the summary rank 0 wrote."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from curation.local_ray import start_local_ray, stop_local_ray
     from curation.ray_address import cluster_address, join
@@ -121,8 +135,8 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
         config.out, config.data = str(out), str(Path(config.data).resolve())
         if Path(config.model).exists():
             config.model = str(Path(config.model).resolve())
-        trainer = TorchTrainer(
-            _worker_loop,
+        trainer = _trainer(
+            train_loop_per_worker=_worker_loop,
             train_loop_config={"config": asdict(config)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
             run_config=RunConfig(name="finetune", storage_path=str(out / "ray")),
