@@ -37,7 +37,7 @@ from curation.store.shards import ShardWriter  # noqa: E402
 
 def replayed(source: Path, rows: int, per_item: int, per_shard: int) -> list[tuple[bytes, bytes]]:
     """(pickled work record, rows as Arrow IPC) per item, as render tasks send them."""
-    table = pa.concat_tables([pa.parquet.read_table(f) for f in shard_files(source)])
+    table = pa.concat_tables([pa.parquet.read_table(f) for f in shard_files(source).files])
     out, pos = [], 0
     while pos < rows:
         take = table.slice(pos % table.num_rows, per_item)

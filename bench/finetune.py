@@ -178,7 +178,7 @@ def main() -> None:
         t0 = t = time.perf_counter()
         data, origin = shards(args, work)
         splits = [s for s in ("train", "val", "test") if any((shards_root(data) / s).glob("*.parquet"))]
-        print(f"data        {origin}: rows { {s: count_rows(shard_files(data, s)) for s in splits} } ({time.perf_counter() - t:.1f} s)")
+        print(f"data        {origin}: rows { {s: count_rows(shard_files(data, s).files) for s in splits} } ({time.perf_counter() - t:.1f} s)")
         train_tiny(args, data, work / "model")
         t = time.perf_counter()
         result = evaluate(work / "model", data, split="test", cpu_threads=args.cpu_threads)

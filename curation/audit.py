@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.findings import png_digest
 from curation.imaging import COLOURS
 from curation.render import grounding
 from curation.rows import grounding_category
-from curation.store.layout import shard_files, shards_root
+from curation.store.layout import iter_rows, shard_files, shards_root
 
 CALL_CLASH = "call not decided by the question"
 COLUMNS = ["id", "task", "images", "messages", "findings", "meta"]
@@ -53,6 +52,7 @@ class TaskAudit:
 class Audit:
     tasks: dict[str, TaskAudit] = field(default_factory=lambda: defaultdict(TaskAudit))
     examples: dict[str, str] = field(default_factory=dict)  # category → one row's problem, for the reader
+    unread: dict[str, str] = field(default_factory=dict)  # shards that did not open, so went unchecked: path → why
 
     @property
     def ungrounded(self) -> int:
@@ -122,17 +122,18 @@ def audit(out: str | Path) -> Audit:
     bad: dict[int, set[str]] = defaultdict(set)  # row number → categories
     rows: list[tuple[str, str]] = []  # (task, id) by row number
     calls: dict[tuple[Any, ...], dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
-    for path in shard_files(out):
-        for row in pq.read_table(path, columns=COLUMNS).to_pylist():
-            n = len(rows)
-            rows.append((row["task"], row["id"]))
-            found, meta = _row_problems(row)
-            for p in found:
-                bad[n].add(p.category)
-                result.examples.setdefault(p.category, f"{row['task']} row {row['id']}: {p.detail}")
-            if meta.get("question") is not None:
-                made = tuple(c for c in meta.get("calls") or [] if c)
-                calls[_prompt_key(row, meta)][made].append(n)
+    shards = shard_files(out)
+    result.unread = shards.set_aside
+    for row in iter_rows(shards.files, columns=COLUMNS):
+        n = len(rows)
+        rows.append((row["task"], row["id"]))
+        found, meta = _row_problems(row)
+        for p in found:
+            bad[n].add(p.category)
+            result.examples.setdefault(p.category, f"{row['task']} row {row['id']}: {p.detail}")
+        if meta.get("question") is not None:
+            made = tuple(c for c in meta.get("calls") or [] if c)
+            calls[_prompt_key(row, meta)][made].append(n)
     for groups in calls.values():
         if len(groups) > 1:
             for made, numbers in groups.items():
@@ -179,11 +180,13 @@ def table(result: Audit) -> str:
     lines.append(f"{'all':34s} {total:6d} {total - result.ungrounded:9d}  {result.ungrounded} ungrounded")
     for category, example in sorted(result.examples.items()):
         lines.append(f"  e.g. {category}: {example}")
+    for path, why in result.unread.items():
+        lines.append(f"not checked: {path}: {why}")
     return "\n".join(lines)
 
 
 def audit_command(args: argparse.Namespace) -> None:
     result = audit(args.out)
     print(table(result))
-    if result.ungrounded:
+    if result.ungrounded or result.unread:
         sys.exit(1)

@@ -37,13 +37,12 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import pyarrow.parquet as pq
-
 from curation.errors import CurationError
-from curation.store.layout import shard_files
+from curation.store.layout import read_batches, shard_files
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
@@ -172,19 +171,25 @@ class _JsonList:
         self.tmp.unlink(missing_ok=True)
 
 
-def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: int = 256) -> dict[str, int]:
-    """Write `OUT/<split>.json` and `OUT/images/`; returns rows per split."""
+@dataclass(frozen=True)
+class Exported:
+    rows: dict[str, int]  # by split
+    set_aside: dict[str, str]  # shards that did not open: path → why (`shard_files`)
+
+
+def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: int = 256) -> Exported:
+    """Write `OUT/<split>.json` and `OUT/images/`."""
     if layout not in LAYOUTS:
         raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    files = shard_files(Path(shards))
+    found = shard_files(Path(shards))
     out.mkdir(parents=True, exist_ok=True)
     images = inside(out, "images")
     images.mkdir(exist_ok=True)
     writers: dict[str, _JsonList] = {}
     seen: set[str] = set()
     try:
-        for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["id", "split", "images", "messages"]):
+        for path in found.files:
+            for batch in read_batches(path, batch_size=batch_rows, columns=["id", "split", "images", "messages"]):
                 for row in batch.to_pylist():
                     row_id = safe_name(row["id"], "id", str(path))
                     split = safe_name(row["split"], "split", f"{path}: row {row_id}")
@@ -207,13 +212,15 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
         raise
     for w in writers.values():
         w.close()
-    return {split: w.count for split, w in sorted(writers.items())}
+    return Exported({split: w.count for split, w in sorted(writers.items())}, found.set_aside)
 
 
 def export_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
     layout = getattr(args, "layout", "vila")
-    counts = export_llava(Path(args.shards), out, layout=layout)
+    exported = export_llava(Path(args.shards), out, layout=layout)
+    counts = exported.rows
     total = sum(counts.values())
     print(f"exported {total} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) to {out} in the {layout} layout: "
-          f"{', '.join(f'{s}.json' for s in counts)} and images/")
+          f"{', '.join(f'{s}.json' for s in counts)} and images/"
+          + (f"; {len(exported.set_aside)} shards set aside, named above, that do not open" if exported.set_aside else ""))

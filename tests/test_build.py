@@ -269,7 +269,7 @@ def test_the_progress_line_counts_items_past_their_experts_in_the_workers(built)
 def test_export_llava_of_a_build(built, tmp_path):
     from curation.export import export_llava
 
-    counts = export_llava(built.out, tmp_path)
+    counts = export_llava(built.out, tmp_path).rows
     assert sum(counts.values()) == built.card["counts"]["rows"]["total"]
     for split in counts:
         for record in json.loads((tmp_path / f"{split}.json").read_text()):

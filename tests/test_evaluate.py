@@ -15,7 +15,7 @@ from curation.finetune import closed as closed_module
 from curation.finetune import evaluate as ev
 from curation.finetune import scoring
 from curation.finetune.closed import Closed, closed_from_meta, closed_question
-from curation.finetune.data import iter_rows
+from curation.store.layout import iter_rows
 from curation.finetune.scoring import TurnScorer, expectations, parse_calls
 from curation.store.layout import shard_files
 from shards_factory import write_shards
@@ -244,7 +244,7 @@ def model(build, tmp_path_factory) -> Path:
 
 def _answerer(build: Path, monkeypatch, answer):
     """Replace generation by `answer(reference)` for every assistant turn, in evaluation order."""
-    refs = [e.reference for row in iter_rows(shard_files(build, "test")) for e in expectations(row)[0]]
+    refs = [e.reference for row in iter_rows(shard_files(build, "test").files) for e in expectations(row)[0]]
     queue = iter(refs)
     monkeypatch.setattr(ev, "_generate", lambda model, processor, prompts, n: [answer(next(queue)) for _ in prompts])
     return refs

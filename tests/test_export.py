@@ -24,7 +24,7 @@ IMAGE = {"type": "image", "text": None}
 def test_every_row_becomes_a_record_with_its_images_in_order(tmp_path):
     shards = write_shards(tmp_path / "build", conversations=30)
     table = pa.concat_tables([pq.read_table(f) for f in sorted((shards / "dataset" / "data").glob("*/*.parquet"))])
-    counts = export_llava(shards, tmp_path / "llava")
+    counts = export_llava(shards, tmp_path / "llava").rows
     assert sum(counts.values()) == table.num_rows
     by_id = {r["id"]: r for r in table.to_pylist()}
     seen_multi = seen_single = False
@@ -95,7 +95,7 @@ def test_every_record_loads_in_the_loaders_its_layout_is_for_with_images_in_plac
     table = pa.concat_tables([pq.read_table(f) for f in sorted((shards / "dataset" / "data").glob("*/*.parquet"))])
     by_id = {r["id"]: r for r in table.to_pylist()}
     out = tmp_path / layout
-    counts = export_llava(shards, out, layout=layout)
+    counts = export_llava(shards, out, layout=layout).rows
     multi = 0
     for split in counts:
         for record in json.loads((out / f"{split}.json").read_text()):
@@ -121,7 +121,7 @@ def test_the_vila_layout_is_not_for_llava_next_loaders(tmp_path):
     from vila_loaders import LoaderError, llava_next, vila_next
 
     shards = write_shards(tmp_path / "build", conversations=30)
-    counts = export_llava(shards, tmp_path / "vila", layout="vila")
+    counts = export_llava(shards, tmp_path / "vila", layout="vila").rows
     records = [r for s in counts for r in json.loads((tmp_path / "vila" / f"{s}.json").read_text())]
     several = next(r for r in records if "images" in r)
     with pytest.raises(LoaderError, match="image tokens for 0 images"):
@@ -137,7 +137,7 @@ def test_loaders_that_move_images_to_the_first_turn_break_trigger_then_result(tm
     from vila_loaders import vila_llava_dataset
 
     shards = write_shards(tmp_path / "build", conversations=30)
-    counts = export_llava(shards, tmp_path / "x", layout="llava-next")
+    counts = export_llava(shards, tmp_path / "x", layout="llava-next").rows
     records = [r for s in counts for r in json.loads((tmp_path / "x" / f"{s}.json").read_text())]
     trigger = next(r for r in records if len(r["conversations"]) >= 4 and "<image>" in r["conversations"][2]["value"])
     loaded = vila_llava_dataset(trigger, str(tmp_path / "x"))

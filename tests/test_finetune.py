@@ -14,7 +14,8 @@ import torch
 
 from curation.cli import main
 from curation.finetune.chat import ChatCollator
-from curation.finetune.data import ShardStream, count_rows, iter_rows
+from curation.finetune.data import ShardStream, count_rows
+from curation.store.layout import iter_rows
 from curation.finetune.tiny import CHAT_TEMPLATE, build_tiny
 from curation.finetune.machine import available_cpus, cpu_threads
 from curation.finetune.train import StepLog, TrainConfig, checkpoints, prepare, steps_per_epoch, train
@@ -48,7 +49,7 @@ def _ids(rows):
 
 
 def test_stream_splits_row_groups_across_processes(shards):
-    files = shard_files(shards, "train")
+    files = shard_files(shards, "train").files
     ids = []
     for rank in range(2):
         stream = ShardStream(files, collate=_ids, batch_size=1, shuffle_buffer=4, rank=rank, world_size=2, columns=["id"])
@@ -59,7 +60,7 @@ def test_stream_splits_row_groups_across_processes(shards):
 
 
 def test_stream_is_seeded_and_skip_resumes_at_the_same_batch(shards):
-    files = shard_files(shards, "train")
+    files = shard_files(shards, "train").files
 
     def batches(seed, skip=0, k=6):
         it = iter(ShardStream(files, collate=_ids, batch_size=3, seed=seed, shuffle_buffer=8, skip_batches=skip, columns=["id"]))
@@ -86,7 +87,7 @@ def test_stream_reads_row_groups_lazily(shards, monkeypatch):
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
-    files = shard_files(shards, "train")
+    files = shard_files(shards, "train").files
     stream = ShardStream(files, collate=_ids, batch_size=2, shuffle_buffer=4, columns=["id"])
     next(iter(stream))
     assert sum(read) <= 4 + 2 + 8  # buffer + batch + at most one row group (8 rows) read ahead
@@ -94,7 +95,7 @@ def test_stream_reads_row_groups_lazily(shards, monkeypatch):
 
 
 def test_dataloader_workers_keep_the_single_process_order(shards):
-    files = shard_files(shards, "train")
+    files = shard_files(shards, "train").files
     make = lambda: ShardStream(files, collate=_ids, batch_size=2, shuffle_buffer=4, skip_batches=1, columns=["id"])  # noqa: E731
     single = [b for _, b in zip(range(6), make())]
     loader = torch.utils.data.DataLoader(make(), batch_size=None, num_workers=2)
@@ -105,7 +106,7 @@ def test_dataloader_workers_keep_the_single_process_order(shards):
 
 
 def _multi_turn_multi_image(shards) -> dict:
-    for row in iter_rows(shard_files(shards, "train")):
+    for row in iter_rows(shard_files(shards, "train").files):
         assistants = sum(m["role"] == "assistant" for m in row["messages"])
         if assistants >= 2 and len(row["images"]) >= 2:
             return row
@@ -145,11 +146,11 @@ def test_only_assistant_tokens_carry_labels(shards, tiny, template):
 
 
 def _single_turn(shards) -> dict:
-    return next(r for r in iter_rows(shard_files(shards, "train")) if len(r["messages"]) == 2)
+    return next(r for r in iter_rows(shard_files(shards, "train").files) if len(r["messages"]) == 2)
 
 
 def test_max_length_drops_rows_instead_of_cutting_images(shards, processor):
-    rows = list(iter_rows(shard_files(shards, "train"), limit=4))
+    rows = list(iter_rows(shard_files(shards, "train").files, limit=4))
     full = ChatCollator(processor)(rows)
     lengths = full["attention_mask"].sum(1).tolist()
     limit = sorted(lengths)[1]
@@ -180,7 +181,7 @@ def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # the loss falls
     # every --save-steps, at the end of each epoch, and at the end
-    per_epoch = steps_per_epoch(config, count_rows(shard_files(shards, "train")), 1)
+    per_epoch = steps_per_epoch(config, count_rows(shard_files(shards, "train").files), 1)
     assert 7 < per_epoch < 12
     assert [p.name for p in checkpoints(tmp_path / "straight")] == [f"checkpoint-{s}" for s in (6, per_epoch, 12)]
     state = json.loads((tmp_path / "straight" / "checkpoint-12" / "trainer_state.json").read_text())
@@ -203,7 +204,7 @@ def test_train_checkpoint_resume_and_eval(shards, tiny, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["-q", "eval", "--model", str(tmp_path / "killed"), "--data", str(shards), "--out", str(out), "--cpu-threads", "1"]) == 0
     result = json.loads(out.read_text())
-    assert result["split"] == "test" and result["rows"] == count_rows(shard_files(shards, "test"))
+    assert result["split"] == "test" and result["rows"] == count_rows(shard_files(shards, "test").files)
     assert result["expert_selection"]["turns"] > 0 and 0 <= result["expert_selection"]["accuracy"] <= 1
     assert sum(t["rows"] for t in result["by_task"].values()) == result["rows"]
 

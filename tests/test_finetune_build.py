@@ -17,7 +17,8 @@ from build_helpers import demo_manifest
 from curation.cli import main
 from curation.demo import write_demo_archive
 from curation.finetune.chat import ChatCollator
-from curation.finetune.data import count_rows, iter_rows
+from curation.finetune.data import count_rows
+from curation.store.layout import iter_rows
 from curation.finetune.train import TrainConfig, prepare, train
 from curation.store.layout import shard_files
 
@@ -45,7 +46,7 @@ def test_tiny_model_trains_and_evaluates_on_a_real_build(build, tmp_path):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(config.model)
-    row = next(r for r in iter_rows(shard_files(build, "train"))
+    row = next(r for r in iter_rows(shard_files(build, "train").files)
                if len(r["images"]) >= 2 and sum(m["role"] == "assistant" for m in r["messages"]) >= 2)
     batch = ChatCollator(processor)([row])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -59,5 +60,5 @@ def test_tiny_model_trains_and_evaluates_on_a_real_build(build, tmp_path):
     report = tmp_path / "eval.json"
     assert main(["-q", "eval", "--model", str(out), "--data", str(build), "--out", str(report), "--cpu-threads", "1"]) == 0
     result = json.loads(report.read_text())
-    assert result["rows"] == count_rows(shard_files(build, "test"))
+    assert result["rows"] == count_rows(shard_files(build, "test").files)
     assert set(result) >= {"expert_selection", "closed_questions", "by_task", "false_calls", "missed_calls", "decisions"}

@@ -21,7 +21,7 @@ from vlm_families import FAMILIES, build_family, labelled_runs, one_thread  # no
 from curation.cli import main
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
-from curation.finetune.data import iter_rows
+from curation.store.layout import iter_rows
 from curation.finetune.lora import lora_config, model_parts
 from curation.finetune.processors import has_torchvision, load_processor, save_processor
 from curation.finetune.train import TrainConfig, prepare, train
@@ -49,7 +49,7 @@ def models(shards, tmp_path_factory):
 
 
 def _rows(shards) -> list[dict]:
-    return list(iter_rows(shard_files(shards, "train")))
+    return list(iter_rows(shard_files(shards, "train").files))
 
 
 def _multi_turn_multi_image(shards) -> dict:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
-from curation.store.layout import Layout, shard_files
+from curation.store.layout import Layout, iter_rows, shard_files
 
 
 def spec(tmp_path, **output):
@@ -35,8 +39,8 @@ def test_shareable_and_internal_folders_do_not_overlap(tmp_path):
 def test_shards_are_found_from_the_build_folder_or_below(tmp_path, given):
     part = tmp_path / "dataset" / "data" / "train" / "part-00000.parquet"
     part.parent.mkdir(parents=True)
-    part.write_bytes(b"")
-    assert shard_files(tmp_path / given) == shard_files(tmp_path / given, "train") == [part]
+    pq.write_table(pa.table({"id": ["a"]}), part)
+    assert shard_files(tmp_path / given).files == shard_files(tmp_path / given, "train").files == [part]
     with pytest.raises(CurationError, match="no shards for split 'test'.*splits with shards here: train"):
         shard_files(tmp_path / given, "test")
 
@@ -46,3 +50,50 @@ def test_a_folder_without_shards_is_named(tmp_path):
         shard_files(tmp_path)
     with pytest.raises(CurationError, match="no such folder"):
         shard_files(tmp_path / "missing")
+
+
+def write_split(folder, n: int) -> list:
+    folder.mkdir(parents=True)
+    paths = [folder / f"part-{k:05d}.parquet" for k in range(n)]
+    for k, path in enumerate(paths):
+        pq.write_table(pa.table({"id": [f"{k}-{i}" for i in range(20)]}), path, row_group_size=5)
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not Parquet", "empty"])
+def test_a_shard_that_does_not_open_is_set_aside_named_and_the_others_are_read(tmp_path, caplog, damage):
+    """A copy cut short, a file of another kind, an empty file: every command that reads
+    shards gets the others and the set-aside one with why (`Shards.set_aside`), and a warning
+    names it."""
+    paths = write_split(tmp_path / "data" / "train", 3)
+    broken = paths[1]
+    broken.write_bytes({"cut short": broken.read_bytes()[:-40], "not Parquet": b'{"id": "a"}', "empty": b""}[damage])
+    with caplog.at_level(logging.WARNING):
+        shards = shard_files(tmp_path, "train")
+    assert shards.files == [paths[0], paths[2]]
+    assert list(shards.set_aside) == [str(broken)] and shards.set_aside[str(broken)].startswith("not a readable Parquet file (")
+    assert [r.getMessage() for r in caplog.records if str(broken) in r.getMessage()] == [
+        f"{broken}: set aside, {shards.set_aside[str(broken)]}; the other shards are read (copy the dataset again, or build it "
+        "again: the build writes the same bytes)"]
+    assert len(list(iter_rows(shards.files))) == 40
+
+
+def test_no_shard_that_opens_is_an_error_naming_the_folder(tmp_path):
+    for path in write_split(tmp_path / "data" / "test", 2):
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CurationError, match=r"data/test: no shard opens \(not a readable Parquet file \(.+\)\); copy the dataset again"):
+        shard_files(tmp_path, "test")
+
+
+def test_a_shard_whose_rows_do_not_read_stops_the_reader_naming_it(tmp_path):
+    """Bytes changed inside a row group: the footer opens, so only reading the rows finds it."""
+    path = write_split(tmp_path / "data" / "train", 1)[0]
+    chunk = pq.read_metadata(path).row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+    assert shard_files(tmp_path).files == [path]
+    rows = iter_rows([path], batch_rows=5)
+    assert len([next(rows) for _ in range(10)]) == 10  # the first two row groups
+    with pytest.raises(CurationError, match=rf"^{path}: its rows do not read \(.+\): the file is damaged; copy the dataset again"):
+        next(rows)

@@ -303,7 +303,7 @@ def test_no_sentinel_reaches_an_export_and_every_record_loads_in_vila(built: Bui
 
     for layout in ("vila", "llava-next"):
         out = tmp_path / layout
-        counts = export_llava(built.out, out, layout=layout)
+        counts = export_llava(built.out, out, layout=layout).rows
         assert sum(counts.values()) == built.card["counts"]["rows"]["total"]
         found = find_sentinels(out, built.sentinels)
         assert not found, found

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from curation.finetune.data import iter_rows
+from curation.store.layout import iter_rows
 from curation.finetune.tiny import build_tiny, message_texts, train_tokenizer
 from curation.store.layout import shard_files
 
@@ -84,7 +84,7 @@ GEMMA3_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", 
 
 
 def _texts(data: Path) -> list[str]:
-    return list(message_texts(iter_rows(shard_files(data, "train"), columns=["messages"], limit=2000)))
+    return list(message_texts(iter_rows(shard_files(data, "train").files, columns=["messages"], limit=2000)))
 
 
 def _llama(tokenizer: Any, **kw: Any):

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from curation.errors import CurationError
+from curation.store.layout import read_batches
 
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 
@@ -32,18 +33,6 @@ TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 def count_rows(files: Sequence[Path]) -> int:
     """Rows in `files`, from the Parquet footers alone."""
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
-def iter_rows(files: Sequence[Path], *, columns: Sequence[str] | None = None, limit: int | None = None, batch_rows: int = 64) -> Iterator[dict[str, Any]]:
-    """Rows of `files` in order, as dicts, a record batch at a time."""
-    n = 0
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
-            for row in batch.to_pylist():
-                if limit is not None and n >= limit:
-                    return
-                n += 1
-                yield row
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +98,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             buffer: list[dict[str, Any]] = []
             k = 0
             for unit in mine:
-                pf = pq.ParquetFile(unit.file)
-                for batch in pf.iter_batches(batch_size=64, row_groups=[unit.row_group], columns=self.columns):
+                for batch in read_batches(unit.file, batch_size=64, row_groups=[unit.row_group], columns=self.columns):
                     for row in batch.to_pylist():
                         k += 1
                         if by_row and (k - 1) % self.world_size != self.rank:

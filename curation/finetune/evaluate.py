@@ -103,10 +103,10 @@ def evaluate(
     """Generate on the split's rows with the model in folder `model` and score every turn."""
     import pyarrow.parquet as pq
 
-    from curation.finetune.data import iter_rows
-    from curation.store.layout import shard_files
+    from curation.store.layout import iter_rows, shard_files
 
-    files = shard_files(data, split)
+    shards = shard_files(data, split)
+    files = shards.files
     net, processor = load_model(model, cpu_threads)
     present = set(pq.ParquetFile(files[0]).schema_arrow.names)
     rows = iter_rows(files, columns=[c for c in EVAL_COLUMNS if c in present], limit=limit)
@@ -120,7 +120,7 @@ def evaluate(
     seconds = time.monotonic() - t0
     return {
         "model": str(model), "data": str(data), "split": split, **report,
-        "generations": generations, "seconds": round(seconds, 2),
+        "generations": generations, "seconds": round(seconds, 2), "set_aside_shards": shards.set_aside,
     }
 
 

@@ -144,11 +144,10 @@ def build_tiny(
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from curation.finetune.data import iter_rows
-    from curation.store.layout import shard_files
+    from curation.store.layout import iter_rows, shard_files
 
     out = Path(out)
-    files = shard_files(data, "train")
+    files = shard_files(data, "train").files
     tokenizer = train_tokenizer(message_texts(iter_rows(files, columns=["messages"], limit=max_rows)), vocab_size=vocab_size)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(

@@ -39,11 +39,11 @@ import torch
 
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
-from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows, iter_rows
+from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows
 from curation.finetune.machine import cpu_threads
 from curation.finetune.memory import gib, state_bytes
 from curation.finetune.processors import load_processor, save_processor
-from curation.store.layout import shard_files
+from curation.store.layout import iter_rows, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def prepare(config: TrainConfig) -> TrainConfig:
         raise CurationError("--batch-size and --grad-accum must be at least 1")
     if config.epochs <= 0 and config.max_steps <= 0:
         raise CurationError("--epochs must be positive (or give --max-steps)")
-    files = shard_files(config.data, "train")
+    files = shard_files(config.data, "train").files
     if config.lr is None:
         config.lr = TINY_LR if config.model == "tiny" else LORA_LR if config.lora else FULL_LR
     if config.model == "tiny":
@@ -357,6 +357,7 @@ class Run:
     """What the loop works with, set up by `_setup`."""
 
     rows: int
+    set_aside: dict[str, str]  # shards that did not open: path → why (`shard_files`)
     state: dict[str, Any]
     model: Any
     processor: Any
@@ -369,7 +370,8 @@ class Run:
 def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device, wrap: Callable | None) -> Run:
     """Model, processor, optimizer and schedule (restored when resuming), collator, batches
     from the resume position on, progress."""
-    files = shard_files(config.data, "train")
+    shards = shard_files(config.data, "train")
+    files = shards.files
     rows = count_rows(files)
     steps = total_steps(config, rows, world_size)
     resume_from, state = restore(config, world_size)
@@ -386,7 +388,7 @@ def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device
     )
     model = wrap(model) if wrap is not None else model
     return Run(
-        rows, state, model, processor, collator, Stepper(model, optimizer, scheduler, config=config, device=device, world_size=world_size),
+        rows, shards.set_aside, state, model, processor, collator, Stepper(model, optimizer, scheduler, config=config, device=device, world_size=world_size),
         iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers)),
         StepLog(state["step"], steps, steps_per_epoch(config, rows, world_size), config.log_steps, config.save_steps, world_size),
     )
@@ -408,7 +410,7 @@ def _summary(run: Run) -> dict[str, Any]:
         "steps": run.progress.steps, "resumed_from": run.progress.start, "rows": run.rows,
         "trainable_parameters": sum(p.numel() for p in run.stepper.params),
         # rows set aside, by reason (counted here only with --num-workers 0)
-        "dropped_rows": run.collator.dropped, "skipped_rows": dict(run.collator.skipped),
+        "dropped_rows": run.collator.dropped, "skipped_rows": dict(run.collator.skipped), "set_aside_shards": run.set_aside,
         "seconds": round(time.monotonic() - run.progress.t0, 2), "final_loss": losses[-1][1] if losses else None, "losses": losses,
     }
 

@@ -22,12 +22,16 @@ and `eval` agree on them (`output.cache`, when the manifest sets it, wins over `
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from curation.atomic import write_text
 from curation.errors import CurationError
+
+log = logging.getLogger(__name__)
 
 SHARD_GLOB = "part-*.parquet"
 INTERNAL_NOTE = """# Internal: do not share
@@ -131,13 +135,76 @@ def shards_root(path: str | Path) -> Path:
     raise CurationError(f"{path}: no shards (<split>/{SHARD_GLOB}) here or in dataset/data/; give a build's output folder")
 
 
-def shard_files(path: str | Path, split: str | None = None) -> list[Path]:
-    """Shard files in name order (all splits, or one): an error naming the folder when there are none."""
+@dataclass(frozen=True)
+class Shards:
+    """The shard files a command reads, in name order, and those it sets aside: a file whose
+    Parquet footer does not open (a copy cut short, a file that is not Parquet) is named in a
+    warning and in the command's record (`set_aside`: path → why), and the rest are read."""
+
+    files: list[Path]
+    set_aside: dict[str, str]
+
+
+def shard_files(path: str | Path, split: str | None = None) -> Shards:
+    """Shard files (all splits, or one): an error naming the folder when there are none, or
+    when none of them opens."""
     root = shards_root(path)
     if split is None:
-        return sorted(root.glob(f"*/{SHARD_GLOB}"))
-    files = sorted((root / split).glob(SHARD_GLOB))
+        files = sorted(root.glob(f"*/{SHARD_GLOB}"))
+    else:
+        files = sorted((root / split).glob(SHARD_GLOB))
     if not files:
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob(SHARD_GLOB)))
         raise CurationError(f"{root / split}: no shards for split {split!r} (splits with shards here: {', '.join(have) or 'none'})")
-    return files
+    set_aside = {str(f): why for f in files if (why := unreadable(f))}
+    if len(set_aside) == len(files):
+        raise CurationError(f"{root if split is None else root / split}: no shard opens ({next(iter(set_aside.values()))}); {DAMAGED}")
+    for f, why in set_aside.items():
+        log.warning("%s: set aside, %s; the other shards are read (%s)", f, why, DAMAGED)
+    return Shards([f for f in files if str(f) not in set_aside], set_aside)
+
+
+DAMAGED = "copy the dataset again, or build it again: the build writes the same bytes"
+
+
+def unreadable(shard: Path) -> str | None:
+    """Why `shard`'s Parquet footer does not open, or None when it does (one small read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(shard)
+    except (OSError, pa.ArrowException) as e:
+        return f"not a readable Parquet file ({_first_sentence(e)})"
+    return None
+
+
+def _first_sentence(error: Exception) -> str:
+    """pyarrow's message, on one line and without its advice."""
+    return " ".join(str(error).split()).split(". ")[0].rstrip(".: ")
+
+
+def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
+    """`pq.ParquetFile(shard).iter_batches(**iter_batches)`, where a shard whose footer opened
+    but whose rows do not read (bytes changed inside the file, found only as they are read)
+    stops the command naming it, not with pyarrow's traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        yield from pq.ParquetFile(shard).iter_batches(**iter_batches)
+    except (OSError, pa.ArrowException) as e:
+        raise CurationError(f"{shard}: its rows do not read ({_first_sentence(e)}): the file is damaged; "
+                            f"{DAMAGED}") from None
+
+
+def iter_rows(files: Sequence[Path], *, columns: Sequence[str] | None = None, limit: int | None = None, batch_rows: int = 64) -> Iterator[dict[str, Any]]:
+    """Rows of `files` in order, as dicts, a record batch at a time."""
+    n = 0
+    for f in files:
+        for batch in read_batches(f, batch_size=batch_rows, columns=list(columns) if columns else None):
+            for row in batch.to_pylist():
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield row

@@ -1,0 +1,54 @@
+"""A shard that does not open (a copy cut short) in the folder a command reads: `finetune`,
+`eval`, `export` and `audit` each read the other shards, name the set-aside one in a warning
+and record it with why in what they write (`curation.store.layout.shard_files`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from curation.audit import audit, table
+from curation.cli import main
+from curation.finetune.data import count_rows
+from curation.store.layout import shard_files
+from shards_factory import write_shards
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    data = write_shards(tmp_path / "build", conversations=40, seed=4, rows_per_shard=4, row_group_size=2)
+    cut = [shard_files(data, split).files[1] for split in ("train", "test")]
+    for path in cut:
+        path.write_bytes(path.read_bytes()[:-40])
+    return data, {str(p) for p in cut}
+
+
+def test_each_command_that_reads_shards_sets_a_damaged_one_aside_and_records_it(damaged, tmp_path, capsys, caplog):
+    data, cut = damaged
+    run = tmp_path / "run"
+    assert main(["-q", "finetune", "--data", str(data), "--model", "tiny", "--out", str(run), "--max-steps", "2",
+                 "--batch-size", "2"]) == 0
+    trained = json.loads((run / "train_summary.json").read_text())
+    assert set(trained["set_aside_shards"]) == {p for p in cut if "/train/" in p} and trained["steps"] == 2
+
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--model", str(run), "--data", str(data), "--out", str(out), "--limit", "2", "--cpu-threads", "1"]) == 0
+    assert set(json.loads(out.read_text())["set_aside_shards"]) == {p for p in cut if "/test/" in p}
+
+    capsys.readouterr()
+    caplog.clear()
+    assert main(["export", "llava", str(data), str(tmp_path / "llava")]) == 0
+    said = capsys.readouterr().out
+    assert said.rstrip().endswith("; 2 shards set aside, named above, that do not open"), said
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert all(any(w.startswith(f"{p}: set aside, not a readable Parquet file") for w in warned) for p in cut), warned
+    exported = sum(len(json.loads(f.read_text())) for f in (tmp_path / "llava").glob("*.json"))
+    assert exported == count_rows(shard_files(data).files) > 0
+
+    checked = audit(data)
+    assert checked.unread.keys() == cut and sum(t.rows for t in checked.tasks.values()) == exported
+    assert all(f"not checked: {p}: not a readable Parquet file (" in table(checked) for p in cut)
+    with pytest.raises(SystemExit) as ended:  # an audit that could not read every row does not pass
+        main(["audit", str(data)])
+    assert ended.value.code == 1
