@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.store.cache import FindingsCache, content_hash
+from curation.store.cache import DamagedEntry, FindingsCache, content_hash
 from curation.errors import CurationError, ItemError
 from curation.ingest.index import scan_source
 from curation.ingest import SourceReader, readers_for
@@ -295,7 +295,10 @@ def _findings(reader: SourceReader, expert: _Expert, item: StudyItem, content: s
     preview's cache), and which it was."""
     fingerprint = expert.fingerprint()
     for cache, label in ((build_cache, "build cache"), (own_cache, "preview cache")):
-        found = cache.get(content, fingerprint, args)
+        try:
+            found = cache.get(content, fingerprint, args)
+        except DamagedEntry:  # moved aside, and said: run the expert here
+            found = None
         if found is not None:
             return found, label
     from expert_runners.base import ExpertInput, pick_device

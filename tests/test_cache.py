@@ -27,3 +27,41 @@ def test_round_trip_keyed_by_fingerprint_and_args(tmp_path: Path):
     assert cache.get("c0ffee", "fp1", "everything") is None
     assert cache.get("c0ffee", "fp2", "organs") is None
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_entry_that_does_not_read_is_moved_aside_named_and_made_again(tmp_path: Path, caplog):
+    """Cached findings cut short (a failing disk) or changed by hand: the build sets the item's
+    conversations aside for this run with the reason (its ledger and card), the warning names
+    the file, and the entry is moved aside, so the next build runs the expert again; a damaged
+    failure record or expert registry counts as none. Before, each was a JSON traceback that
+    ended the build, `render` and `preview`."""
+    import logging
+    from types import SimpleNamespace
+
+    from curation.build.stages import _cached_result
+    from curation.store.cache import DAMAGED
+
+    cache = FindingsCache(tmp_path)
+    f = Findings(expert="CXR", runner="cxr_ensemble", classes=[ClassResult("Effusion", 0.8, True)],
+                 images=[Image(kind="key_slice", png=b"\x89PNG fake")])
+    entry = cache.put("c0ffee", "fp1", f, args="")
+    entry.write_bytes(entry.read_bytes()[:-30])
+    with caplog.at_level(logging.WARNING):
+        result = _cached_result("CXR", "", "c0ffee", SimpleNamespace(fingerprints={"CXR": "fp1"}), cache, report=None)
+    assert result.findings is None and result.status == "quarantined"
+    assert result.reason.startswith("CXR(): its cached findings did not read (JSONDecodeError: ") and result.reason.endswith(
+        ") and were moved aside: the next build runs CXR again") and str(tmp_path) not in result.reason  # reasons reach the card
+    assert [r.getMessage().split(": does not read (")[0] for r in caplog.records] == [str(entry)]
+    assert not cache.has("c0ffee", "fp1") and not cache.settled("c0ffee", "fp1")  # the next build runs it
+    assert entry.with_name(entry.name + DAMAGED).is_file()
+    cache.put("c0ffee", "fp1", f)
+    assert cache.get("c0ffee", "fp1") == f
+
+    error = cache.put_error("bad", "fp1", "load failed: truncated")
+    error.write_text('{"status": "quarant')
+    assert cache.get_error("bad", "fp1") is None and not cache.settled("bad", "fp1")
+    cache.register([{"spec": {"name": "CXR"}, "fingerprint": "fp1"}])
+    cache.registry_path.write_text("[{")
+    assert cache.experts() == []
+    cache.register([{"spec": {"name": "CXR"}, "fingerprint": "fp1"}])
+    assert cache.experts() == [{"spec": {"name": "CXR"}, "fingerprint": "fp1"}]

@@ -43,7 +43,7 @@ from curation.findings import without_timing
 from curation.items import StudyItem, Volume
 from curation.manifest import BuildSpec
 from curation.rows import ROW_SCHEMA, Conversation, row_id
-from curation.store.cache import DiedHere, FindingsCache, content_hash
+from curation.store.cache import DamagedEntry, DiedHere, FindingsCache, content_hash
 from curation.store.report import ConversationOutcome, ItemReport
 
 if TYPE_CHECKING:
@@ -470,10 +470,14 @@ def _cached_result(expert: str, arg: str, content: str | None, ctx: BuildContext
     """An expert result of the item, read from the cache (or why there is none)."""
     if content is None:
         return _Result(status="quarantined", reason=report.errors.get("load", "the item could not be read"))
-    findings = cache.get(content, ctx.fingerprints[expert], arg)
+    call = f"{expert}({arg})"
+    try:
+        findings = cache.get(content, ctx.fingerprints[expert], arg)
+    except DamagedEntry as e:
+        return _Result(status="quarantined", reason=f"{call}: its cached findings did not read ({e}) and were moved aside: the "
+                                                     f"next build runs {expert} again")
     if findings is not None:
         return _Result(findings=findings)
-    call = f"{expert}({arg})"
     error = cache.get_error(content, ctx.fingerprints[expert], arg)
     if error is None:
         return _Result(status="quarantined", reason=f"no cached findings of {call}: run `m3-curate build`")

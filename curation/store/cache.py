@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -38,6 +39,9 @@ from curation.items import StudyItem, source_path
 from curation.manifest import BuildSpec
 
 TMP = "_tmp"  # the cache's folder for files being written
+DAMAGED = ".damaged"  # the suffix of an entry that did not read, moved aside
+
+log = logging.getLogger(__name__)
 
 
 def content_hash(item: StudyItem, root: Path) -> str:
@@ -52,6 +56,11 @@ def content_hash(item: StudyItem, root: Path) -> str:
                 h.update(block)
     h.update(f"frame={item.frame}".encode())
     return h.hexdigest()[:32]
+
+
+class DamagedEntry(Exception):
+    """Cached findings that do not read (a file cut short or changed by a failing disk, or by
+    hand), moved aside to `<entry>.damaged` so that the next build runs the expert again."""
 
 
 class DiedHere(Exception):
@@ -94,11 +103,15 @@ class FindingsCache:
         return self.root / fingerprint / content[:2] / f"{content}-{arg}.json"
 
     def get(self, content: str, fingerprint: str, args: str = "") -> Findings | None:
+        """The cached findings, None where there are none, or `DamagedEntry` where the entry
+        does not read."""
         path = self.path(content, fingerprint, args)
         try:
             return Findings.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError) as e:  # JSON cut short, base64 or fields changed
+            raise _set_aside(path, f"{type(e).__name__}: {e}") from None
 
     def has(self, content: str, fingerprint: str, args: str = "") -> bool:
         return self.path(content, fingerprint, args).is_file()
@@ -133,11 +146,15 @@ class FindingsCache:
 
     def get_error(self, content: str, fingerprint: str, args: str = "") -> tuple[str, str] | None:
         """(status, reason) of a recorded failure, or None."""
+        path = self.error_path(content, fingerprint, args)
         try:
-            d = json.loads(self.error_path(content, fingerprint, args).read_text())
+            d = json.loads(path.read_text())
+            return str(d["status"]), str(d["reason"])
         except FileNotFoundError:
             return None
-        return str(d["status"]), str(d["reason"])
+        except (ValueError, KeyError, TypeError) as e:  # not settled either (`settled`): the next build runs it again
+            _set_aside(path, f"{type(e).__name__}: {e}")
+            return None
 
     # -- runs in progress: an item that kills its expert's process is set aside, not retried forever
 
@@ -185,12 +202,29 @@ class FindingsCache:
             return list(json.loads(self.registry_path.read_text()))
         except FileNotFoundError:
             return []
+        except (ValueError, TypeError) as e:  # `render` then lacks the older configurations: a build records its own again
+            _set_aside(self.registry_path, f"{type(e).__name__}: {e}")
+            return []
 
     def register(self, entries: list[dict[str, Any]]) -> None:
         """Record expert configurations (dicts with at least `spec` and `fingerprint`); an
         entry with the same spec and fingerprint replaces the old one."""
         keep = [e for e in self.experts() if not any(_same(e, n) for n in entries)]
         self._write(self.registry_path, keep + entries)
+
+
+def _set_aside(path: Path, why: str) -> DamagedEntry:
+    """Move a cache file that does not read out of the way (kept beside it as evidence), say
+    so naming it, and return the error for the caller, which says why without the path (a
+    reason may reach the dataset card)."""
+    aside = path.with_name(path.name + DAMAGED)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another reader of the same entry moved it first
+        pass
+    why = " ".join(why.split())[:200]
+    log.warning("%s: does not read (%s); moved to %s, and the next build makes it again", path, why, aside.name)
+    return DamagedEntry(why)
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
