@@ -25,6 +25,17 @@ class ItemError(CurationError):
         self.reason = reason
 
 
+def brief(error: BaseException) -> str:
+    """A library's error for a line of ours: on one line, its first sentence (the rest is
+    usually its advice, or its guesses).
+
+    >>> brief(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+    ...                    "internal miniz error."))
+    'PytorchStreamReader failed reading zip archive: failed finding central directory'
+    """
+    return " ".join(str(error).split()).split(". ")[0].rstrip(".: ")
+
+
 def validation_message(err: ValidationError, *, prefix: str = "", unknown: str = "unknown key (check its spelling)",
                        empty: str = "", show_input: bool = True) -> str:
     """Every problem of a pydantic `ValidationError` as `key: what is wrong`, joined by "; ".

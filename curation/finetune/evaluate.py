@@ -37,14 +37,16 @@ def load_model(model: str | Path, cpu_threads: int | None) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText
 
     from curation.finetune.machine import cpu_threads as threads
+    from curation.finetune.model_folder import loading
     from curation.finetune.processors import load_processor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(threads(cpu_threads))
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
-    processor = load_processor(model)  # without torchvision: the family's processor minus its video part
+    with loading(model, "copy the model folder again, or give another (finetune's --out)"):
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
+        processor = load_processor(model)  # without torchvision: the family's processor minus its video part
     return net, processor
 
 

@@ -42,6 +42,7 @@ from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows
 from curation.finetune.machine import cpu_threads
 from curation.finetune.memory import gib, state_bytes
+from curation.finetune.model_folder import loading
 from curation.finetune.processors import load_processor, save_processor
 from curation.store.layout import iter_rows, shard_files
 
@@ -183,17 +184,25 @@ def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | Non
     """The model to train (and its processor): from the checkpoint when resuming."""
     from transformers import AutoModelForImageTextToText
 
-    if config.lora:
-        model = _with_lora(config, _use_bf16(config, device), checkpoint)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint or config.model, dtype=torch.float32)
-    processor = load_processor(checkpoint or config.model)
+    with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
+        if config.lora:
+            model = _with_lora(config, _use_bf16(config, device), checkpoint)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(checkpoint or config.model, dtype=torch.float32)
+        processor = load_processor(checkpoint or config.model)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda":
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x names it so
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), processor
+
+
+def _reload_advice(config: TrainConfig, checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return f"--model {config.model}: copy the model folder again"
+    return (f"remove {checkpoint.name}, and --resume goes on from the checkpoint before it (without --resume, the run starts "
+            f"again from --model)")
 
 
 def context_length(model: Any) -> int | None:
@@ -378,8 +387,9 @@ def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device
     model, processor = load_model(config, device, resume_from)
     optimizer, scheduler = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], steps)
     if resume_from:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        with loading(resume_from, _reload_advice(config, resume_from)):
+            optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
+            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
         log.info("resumed from %s at step %d", resume_from, state["step"])
     collator = ChatCollator(processor, max_length=config.max_length or context_length(model), name=config.model)
     stream = ShardStream(

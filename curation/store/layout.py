@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.atomic import write_text
-from curation.errors import CurationError
+from curation.errors import CurationError, brief
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,8 @@ def unreadable(shard: Path) -> str | None:
     try:
         pq.read_metadata(shard)
     except (OSError, pa.ArrowException) as e:
-        return f"not a readable Parquet file ({_first_sentence(e)})"
+        return f"not a readable Parquet file ({brief(e)})"
     return None
-
-
-def _first_sentence(error: Exception) -> str:
-    """pyarrow's message, on one line and without its advice."""
-    return " ".join(str(error).split()).split(". ")[0].rstrip(".: ")
 
 
 def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
@@ -194,7 +189,7 @@ def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
     try:
         yield from pq.ParquetFile(shard).iter_batches(**iter_batches)
     except (OSError, pa.ArrowException) as e:
-        raise CurationError(f"{shard}: its rows do not read ({_first_sentence(e)}): the file is damaged; "
+        raise CurationError(f"{shard}: its rows do not read ({brief(e)}): the file is damaged; "
                             f"{DAMAGED}") from None
 
 

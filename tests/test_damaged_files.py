@@ -1,10 +1,14 @@
-"""A shard that does not open (a copy cut short) in the folder a command reads: `finetune`,
-`eval`, `export` and `audit` each read the other shards, name the set-aside one in a warning
-and record it with why in what they write (`curation.store.layout.shard_files`)."""
+"""Files cut short (a copy interrupted, a disk that filled) in what the commands after a build
+read. A shard that does not open: `finetune`, `eval`, `export` and `audit` each read the other
+shards, name the set-aside one in a warning and record it with why in what they write
+(`curation.store.layout.shard_files`). A model folder or checkpoint that does not load: one
+line naming it and what to do (`curation.finetune.model_folder`), not the traceback of
+safetensors or torch."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -52,3 +56,29 @@ def test_each_command_that_reads_shards_sets_a_damaged_one_aside_and_records_it(
     with pytest.raises(SystemExit) as ended:  # an audit that could not read every row does not pass
         main(["audit", str(data)])
     assert ended.value.code == 1
+
+
+def test_a_model_folder_or_checkpoint_cut_short_is_one_line_naming_it(tmp_path, capsys):
+    data = write_shards(tmp_path / "build", conversations=20, seed=4)
+    run = tmp_path / "run"
+    train = ["-q", "finetune", "--data", str(data), "--model", "tiny", "--out", str(run), "--save-steps", "2"]
+    assert main([*train, "--max-steps", "4"]) == 0
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["-q", "eval", "--model", str(run), "--data", str(data), "--limit", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"m3-curate: error: {run}: does not load (SafetensorError: Error while deserializing header: incomplete metadata, file "
+        "not fully covered): copy the model folder again, or give another (finetune's --out)")
+
+    newest = run / "checkpoint-4"
+    for part in ("optimizer.pt", "model.safetensors"):
+        (newest / part).write_bytes((newest / part).read_bytes()[:100])
+        assert main([*train, "--max-steps", "6", "--resume"]) == 2
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said.startswith(f"m3-curate: error: {newest}: does not load (") and said.endswith(
+            "): remove checkpoint-4, and --resume goes on from the checkpoint before it (without --resume, the run starts again "
+            "from --model)"), said
+    shutil.rmtree(newest)
+    assert main([*train, "--max-steps", "6", "--resume"]) == 0
+    assert json.loads((run / "train_summary.json").read_text())["resumed_from"] == 2
