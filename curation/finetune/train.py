@@ -167,9 +167,11 @@ def _with_lora(config: TrainConfig, bf16: bool, checkpoint: Path | None) -> Any:
     from curation.finetune.lora import lora_config
 
     # frozen base weights may stay in bf16; adapters and the projector train in fp32
-    base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    with loading(config.model, _reload_advice(config, None)):
+        base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     if checkpoint is not None:
-        model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+        with loading(checkpoint, _reload_advice(config, checkpoint)):
+            model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
     else:
         lora = lora_config(base, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            targets=config.lora_targets, name=config.model)
@@ -184,11 +186,12 @@ def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | Non
     """The model to train (and its processor): from the checkpoint when resuming."""
     from transformers import AutoModelForImageTextToText
 
-    with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
-        if config.lora:
-            model = _with_lora(config, _use_bf16(config, device), checkpoint)
-        else:
+    if config.lora:
+        model = _with_lora(config, _use_bf16(config, device), checkpoint)  # the LoRA set-up's own errors are not the folder's
+    else:
+        with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
             model = AutoModelForImageTextToText.from_pretrained(checkpoint or config.model, dtype=torch.float32)
+    with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
         processor = load_processor(checkpoint or config.model)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda":
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x names it so
