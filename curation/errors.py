@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +24,33 @@ class ItemError(CurationError):
         super().__init__(f"{where}: {reason}")
         self.where = where
         self.reason = reason
+
+
+# How a CurationError raised in a Ray worker reaches the driver, where Ray wraps it: Ray Data
+# in a UserCodeException `from` it, Ray Train in a WorkerGroupError of every rank's failure.
+# Only the worker's traceback text crosses the process boundary (an exception's pickle drops
+# its __cause__), whose line for it reads so.
+REMOTE_ERROR = re.compile(r"^curation\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def user_error(error: BaseException) -> CurationError | None:
+    """The `CurationError` (a full disk, a damaged file) at the root of an exception Ray
+    wrapped, raised in this process or in a worker (`REMOTE_ERROR`); None for a bug."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CurationError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    for found in REMOTE_ERROR.finditer(str(error)):
+        kind = globals().get(found.group(1))
+        if isinstance(kind, type) and issubclass(kind, CurationError):
+            return CurationError(found.group(2))
+    return None
 
 
 def brief(error: BaseException) -> str:

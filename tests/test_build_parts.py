@@ -232,9 +232,8 @@ def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_m
     import ray.data
 
     from curation.build.cluster import _quiet_ray_data_console
-    from curation.build.pipeline import _user_error
     from curation.build.stages import read_blocks
-    from curation.errors import CurationError
+    from curation.errors import CurationError, user_error
 
     said = "node 10.0.0.3 (cccccccc) cannot read this build's input blocks (/out/x: No such file or directory): --out must be shared"
     missing = tmp_path / "internal" / "plan" / "lane-0.parquet"
@@ -259,7 +258,7 @@ def test_a_curation_error_raised_in_a_task_or_an_actor_reaches_the_user_as_its_m
                          "other": blocks.map_batches(other, batch_format="pyarrow")}.items():
             with pytest.raises(Exception) as raised:
                 ds.materialize()
-            found[name] = _user_error(raised.value)
+            found[name] = user_error(raised.value)
     assert re.fullmatch(rf"node \S+ \([0-9a-f]{{8}}\) cannot read this build's input blocks \({re.escape(str(missing))}: "
                         r"No such file or directory\)\. Every node must mount .*\. What finished is cached: run the same command "
                         r"again once that node has them, or without it", str(found["task"])), found["task"]

@@ -82,3 +82,32 @@ def test_a_model_folder_or_checkpoint_cut_short_is_one_line_naming_it(tmp_path, 
     shutil.rmtree(newest)
     assert main([*train, "--max-steps", "6", "--resume"]) == 0
     assert json.loads((run / "train_summary.json").read_text())["resumed_from"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_shard_damaged_inside_stops_a_run_on_two_ray_train_workers_in_one_line(tmp_path):
+    """Bytes changed in a later row group of a train shard: the footer opens and the driver's
+    first rows read, so a Ray Train worker finds it mid-run. Ray Train reports it in a
+    `WorkerGroupError` of both ranks (the other fails in its next collective); the command
+    still ends with the worker's one line, status 2, not that traceback."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    data = write_shards(tmp_path / "build", conversations=40, seed=4, rows_per_shard=10, row_group_size=5)
+    last = shard_files(data, "train").files[-1]  # the driver's checks read the first shard's first rows only
+    chunk = pq.read_metadata(last).row_group(1).column(2)
+    damaged = bytearray(last.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    damaged[middle : middle + 16] = b"\xff" * 16
+    last.write_bytes(bytes(damaged))
+    run = subprocess.run([sys.executable, "-m", "curation", "-q", "finetune", "--data", str(data), "--model", "tiny",
+                          "--out", str(tmp_path / "run"), "--workers", "2", "--max-steps", "30"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    said = run.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"m3-curate: error: {last}: its rows do not read (") and said.endswith(
+        "): the file is damaged; copy the dataset again, or build it again: the build writes the same bytes"), said
+    assert not any(line.startswith("Traceback") for line in run.stderr.splitlines()), run.stderr[-3000:]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -40,7 +39,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation import errors
 from curation.atomic import write_parquet
 from curation.build import fingerprints
 from curation.build.cluster import (
@@ -63,7 +61,7 @@ from curation.build.scan import scan_index
 from curation.build.shared import check_every_node
 from curation.build.stages import BuildContext, WorkItem, look_up, render_item, table_from_bytes, work_items
 from curation.cpus import available_cpus
-from curation.errors import CurationError
+from curation.errors import CurationError, user_error
 from curation.expert_info import ExpertInfo
 from curation.ingest import readers_for
 from curation.items import LedgerEntry, StudyItem
@@ -309,7 +307,7 @@ def _run_pipeline(prep: _Prepared, collector: _Collector, where: str, wall: dict
     except NodeFault:
         raise CurationError(watch.reason or "the Ray cluster's nodes changed") from None
     except Exception as e:  # noqa: BLE001  (a CurationError raised in a worker comes back wrapped by Ray)
-        cause = _user_error(e)
+        cause = user_error(e)
         if cause is None:
             raise
         raise CurationError(str(cause.args[0] if cause.args else cause)) from None
@@ -327,32 +325,6 @@ def _where_experts_run(placements: dict[str, Placement]) -> str:
         parts.append(f"{hosted} in {hosts.actors} expert host{'s' if hosts.actors > 1 else ''} "
                      f"({hosts.threads} items at once, cpu {hosts.cpus} each)")
     return "; ".join(parts) or "none"
-
-
-# How a CurationError raised in a Ray Data task reaches the driver: Ray Data wraps it in a
-# UserCodeException `from` it, and only the worker's traceback text crosses the process
-# boundary (an exception's pickle drops its __cause__), whose line for it reads so.
-REMOTE_ERROR = re.compile(r"^curation\.errors\.(\w+): (.+)$", re.MULTILINE)
-
-
-def _user_error(error: BaseException) -> CurationError | None:
-    """The `CurationError` (a full disk, say) at the root of an exception Ray wrapped, raised
-    in this process or in a task (`REMOTE_ERROR`)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CurationError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    for found in REMOTE_ERROR.finditer(str(error)):
-        kind = getattr(errors, found.group(1), None)
-        if isinstance(kind, type) and issubclass(kind, CurationError):
-            return CurationError(found.group(2))
-    return None
 
 
 def _refuse_partial_over_complete(layout: Layout, limit: int | None, force: bool) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from curation.errors import CurationError
+from curation.errors import CurationError, user_error
 from curation.finetune.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,12 @@ def train_on_ray(config: TrainConfig, *, workers: int, use_gpu: bool = False, ad
             trainer.fit()
         except ray.train.WorkerGroupError as e:
             lost = _lost_workers(e)
-            if not lost:
-                raise  # the training code's own error: a bug keeps its traceback
-            raise CurationError(f"--workers {workers}: {'; '.join(lost)}. {_resume_hint(out)}") from None
+            if lost:
+                raise CurationError(f"--workers {workers}: {'; '.join(lost)}. {_resume_hint(out)}") from None
+            said = user_error(e)  # a worker's CurationError (a damaged shard), or None: a bug keeps its traceback
+            if said is None:
+                raise
+            raise said from None
     finally:
         if started:
             stop_local_ray()
