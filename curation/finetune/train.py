@@ -186,13 +186,14 @@ def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | Non
     """The model to train (and its processor): from the checkpoint when resuming."""
     from transformers import AutoModelForImageTextToText
 
+    folder, advice = checkpoint or config.model, _reload_advice(config, checkpoint)
     if config.lora:
         model = _with_lora(config, _use_bf16(config, device), checkpoint)  # the LoRA set-up's own errors are not the folder's
     else:
-        with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
-            model = AutoModelForImageTextToText.from_pretrained(checkpoint or config.model, dtype=torch.float32)
-    with loading(checkpoint or config.model, _reload_advice(config, checkpoint)):
-        processor = load_processor(checkpoint or config.model)
+        with loading(folder, advice):
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    with loading(folder, advice):
+        processor = load_processor(folder)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else device.type == "cuda":
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x names it so
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

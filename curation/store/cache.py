@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.atomic import sweep, write_json
-from curation.errors import CurationError
+from curation.errors import CurationError, brief
 from curation.expert_info import ExpertInfo
 from curation.findings import Findings
 from curation.items import StudyItem, source_path
@@ -111,7 +111,7 @@ class FindingsCache:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:  # JSON cut short, base64 or fields changed
-            raise _set_aside(path, f"{type(e).__name__}: {e}") from None
+            raise _set_aside(path, e) from None
 
     def has(self, content: str, fingerprint: str, args: str = "") -> bool:
         return self.path(content, fingerprint, args).is_file()
@@ -153,7 +153,7 @@ class FindingsCache:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:  # not settled either (`settled`): the next build runs it again
-            _set_aside(path, f"{type(e).__name__}: {e}")
+            _set_aside(path, e)
             return None
 
     # -- runs in progress: an item that kills its expert's process is set aside, not retried forever
@@ -203,7 +203,7 @@ class FindingsCache:
         except FileNotFoundError:
             return []
         except (ValueError, TypeError) as e:  # `render` then lacks the older configurations: a build records its own again
-            _set_aside(self.registry_path, f"{type(e).__name__}: {e}")
+            _set_aside(self.registry_path, e)
             return []
 
     def register(self, entries: list[dict[str, Any]]) -> None:
@@ -213,7 +213,7 @@ class FindingsCache:
         self._write(self.registry_path, keep + entries)
 
 
-def _set_aside(path: Path, why: str) -> DamagedEntry:
+def _set_aside(path: Path, error: Exception) -> DamagedEntry:
     """Move a cache file that does not read out of the way (kept beside it as evidence), say
     so naming it, and return the error for the caller, which says why without the path (a
     reason may reach the dataset card)."""
@@ -222,7 +222,7 @@ def _set_aside(path: Path, why: str) -> DamagedEntry:
         os.replace(path, aside)
     except FileNotFoundError:  # another reader of the same entry moved it first
         pass
-    why = " ".join(why.split())[:200]
+    why = f"{type(error).__name__}: {brief(error)}"
     log.warning("%s: does not read (%s); moved to %s, and the next build makes it again", path, why, aside.name)
     return DamagedEntry(why)
 
