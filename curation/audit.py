@@ -122,7 +122,7 @@ def audit(out: str | Path) -> Audit:
     bad: dict[int, set[str]] = defaultdict(set)  # row number → categories
     rows: list[tuple[str, str]] = []  # (task, id) by row number
     calls: dict[tuple[Any, ...], dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
-    shards = shard_files(out)
+    shards = shard_files(out, columns=COLUMNS)
     result.unread = shards.set_aside
     for row in iter_rows(shards.files, columns=COLUMNS):
         n = len(rows)

@@ -47,6 +47,7 @@ from curation.store.layout import read_batches, shard_files
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
 LAYOUTS = ("vila", "llava-next")
+COLUMNS = ["id", "split", "images", "messages"]
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -174,14 +175,14 @@ class _JsonList:
 @dataclass(frozen=True)
 class Exported:
     rows: dict[str, int]  # by split
-    set_aside: dict[str, str]  # shards that did not open: path → why (`shard_files`)
+    set_aside: dict[str, str]  # shards that could not be read: path → why (`shard_files`)
 
 
 def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: int = 256) -> Exported:
     """Write `OUT/<split>.json` and `OUT/images/`."""
     if layout not in LAYOUTS:
         raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    found = shard_files(Path(shards))
+    found = shard_files(Path(shards), columns=COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     images = inside(out, "images")
     images.mkdir(exist_ok=True)
@@ -189,7 +190,7 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
     seen: set[str] = set()
     try:
         for path in found.files:
-            for batch in read_batches(path, batch_size=batch_rows, columns=["id", "split", "images", "messages"]):
+            for batch in read_batches(path, batch_size=batch_rows, columns=COLUMNS):
                 for row in batch.to_pylist():
                     row_id = safe_name(row["id"], "id", str(path))
                     split = safe_name(row["split"], "split", f"{path}: row {row_id}")
@@ -223,4 +224,4 @@ def export_command(args: argparse.Namespace) -> None:
     total = sum(counts.values())
     print(f"exported {total} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) to {out} in the {layout} layout: "
           f"{', '.join(f'{s}.json' for s in counts)} and images/"
-          + (f"; {len(exported.set_aside)} shards set aside, named above, that do not open" if exported.set_aside else ""))
+          + (f"; {len(exported.set_aside)} shards set aside, named above, that could not be read" if exported.set_aside else ""))

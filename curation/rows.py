@@ -43,6 +43,7 @@ a labels table row), `count`, `follow_up`, `group`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,47 @@ ROW_SCHEMA = pa.schema(
         ("provenance", PROVENANCE),
     ]
 )
+
+
+def column_problems(schema: pa.Schema, columns: Sequence[str]) -> list[str]:
+    """How a Parquet schema fails to give `columns` as `ROW_SCHEMA` does (none: it reads as our
+    rows). A reader sees Python values, so the large and view forms of strings, binaries and
+    lists, dictionary encoding and extra struct fields are the same to it; a column missing, or
+    of another shape (`images` as a list of paths, as LLaVA's JSON turned to Parquet has it),
+    is not."""
+    problems = []
+    for name in columns:
+        expected = ROW_SCHEMA.field(name).type
+        if schema.get_field_index(name) < 0:
+            problems.append(f"no {name} column")
+        elif not _reads_as(schema.field(name).type, expected):
+            problems.append(f"{name} is {_shape(schema.field(name).type)}, not {_shape(expected)}")
+    return problems
+
+
+def _shape(t: pa.DataType) -> str:
+    """A type as `list<struct<bytes: binary>>`: without the names Parquet gives list items."""
+    if pa.types.is_struct(t):
+        return f"struct<{', '.join(f'{f.name}: {_shape(f.type)}' for f in t)}>"
+    if hasattr(t, "value_type") and not pa.types.is_dictionary(t):
+        return f"{'large_' if pa.types.is_large_list(t) else ''}list<{_shape(t.value_type)}>"
+    return str(t)
+
+
+def _reads_as(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if pa.types.is_dictionary(actual):
+        actual = actual.value_type
+    if pa.types.is_null(actual):
+        return True  # every value null: a nullable column of any type
+    if pa.types.is_struct(expected):
+        return pa.types.is_struct(actual) and all(
+            actual.get_field_index(f.name) >= 0 and _reads_as(actual.field(f.name).type, f.type) for f in expected)
+    if pa.types.is_list(expected):
+        lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view)
+        return any(is_list(actual) for is_list in lists) and _reads_as(actual.value_type, expected.value_type)
+    plain = {pa.large_string(): pa.string(), pa.string_view(): pa.string(), pa.large_binary(): pa.binary(),
+             pa.binary_view(): pa.binary()}
+    return plain.get(actual, actual) == expected
 
 
 @dataclass(slots=True)

@@ -43,10 +43,10 @@ def rows(render_demo: Demo) -> list[dict]:
     return out
 
 
-def write(out: Path, rows: list[dict]) -> Path:
+def write(out: Path, rows: list[dict], schema: pa.Schema = ROW_SCHEMA, name: str = "part-00000.parquet") -> Path:
     folder = out / "dataset" / "data" / "train"
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), folder / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / name)
     return out
 
 
@@ -57,6 +57,23 @@ def test_written_rows_are_grounded(rows: list[dict], tmp_path: Path, capsys) -> 
     assert main(["audit", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "vista3d/tumor_presence.j2" in printed and f"{len(rows)} ungrounded" not in printed and "0 ungrounded" in printed
+
+
+def test_shards_without_meta_are_not_checked_and_do_not_pass(rows: list[dict], tmp_path: Path, capsys) -> None:
+    """Shards written before the `meta` column (or by another tool) cannot be audited: the audit
+    says so and which column is missing, never reports their rows as ungrounded for it."""
+    out = write(tmp_path / "old", [{k: v for k, v in row.items() if k != "meta"} for row in rows], ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("meta")))
+    assert main(["audit", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"m3-curate: error: {out}/dataset/data: no shard can be read: not the rows this command reads (no meta column); "
+        "a dataset from another tool, or written before this version's columns: build it again")
+    write(tmp_path / "old", rows, name="part-00001.parquet")
+    result = audit(out)
+    assert list(result.unread) == [str(out / "dataset" / "data" / "train" / "part-00000.parquet")]
+    assert result.ungrounded == 0 and sum(t.rows for t in result.tasks.values()) == len(rows)
+    with pytest.raises(SystemExit) as ended:
+        main(["audit", str(out)])
+    assert ended.value.code == 1 and "not checked: " in capsys.readouterr().out
 
 
 def test_tampered_rows_are_caught_with_their_reason(rows: list[dict], tmp_path: Path) -> None:

@@ -19,16 +19,28 @@ from curation.store.layout import shard_files
 from shards_factory import write_shards
 
 
+CUT = "not a readable Parquet file ("
+OTHER = "not the rows this command reads (images is list<string>, not list<struct<bytes: binary, path: string>>)"
+
+
 @pytest.fixture
 def damaged(tmp_path):
+    """A train shard cut short, and a test shard as another tool writes it (`images` as paths)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     data = write_shards(tmp_path / "build", conversations=40, seed=4, rows_per_shard=4, row_group_size=2)
-    cut = [shard_files(data, split).files[1] for split in ("train", "test")]
-    for path in cut:
-        path.write_bytes(path.read_bytes()[:-40])
-    return data, {str(p) for p in cut}
+    cut, other = (shard_files(data, split).files[1] for split in ("train", "test"))
+    cut.write_bytes(cut.read_bytes()[:-40])
+    table = pq.read_table(other)
+    paths = pa.array([[f"images/{i}.png" for _ in images] for i, images in zip(table["id"].to_pylist(), table["images"].to_pylist())])
+    pq.write_table(table.set_column(table.schema.get_field_index("images"), "images", paths), other)
+    return data, {str(cut): CUT, str(other): OTHER}
 
 
 def test_each_command_that_reads_shards_sets_a_damaged_one_aside_and_records_it(damaged, tmp_path, capsys, caplog):
+    """...or one that is not our rows: the other shards are read, and the set-aside ones are
+    named with why."""
     data, cut = damaged
     run = tmp_path / "run"
     assert main(["-q", "finetune", "--data", str(data), "--model", "tiny", "--out", str(run), "--max-steps", "2",
@@ -44,15 +56,16 @@ def test_each_command_that_reads_shards_sets_a_damaged_one_aside_and_records_it(
     caplog.clear()
     assert main(["export", "llava", str(data), str(tmp_path / "llava")]) == 0
     said = capsys.readouterr().out
-    assert said.rstrip().endswith("; 2 shards set aside, named above, that do not open"), said
+    assert said.rstrip().endswith("; 2 shards set aside, named above, that could not be read"), said
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert all(any(w.startswith(f"{p}: set aside, not a readable Parquet file") for w in warned) for p in cut), warned
+    assert all(any(w.startswith(f"{p}: set aside, {why}") for w in warned) for p, why in cut.items()), warned
     exported = sum(len(json.loads(f.read_text())) for f in (tmp_path / "llava").glob("*.json"))
-    assert exported == count_rows(shard_files(data).files) > 0
+    assert exported == count_rows(shard_files(data, columns=["images"]).files) > 0
 
     checked = audit(data)
-    assert checked.unread.keys() == cut and sum(t.rows for t in checked.tasks.values()) == exported
-    assert all(f"not checked: {p}: not a readable Parquet file (" in table(checked) for p in cut)
+    assert checked.unread.keys() == cut.keys()
+    assert sum(t.rows for t in checked.tasks.values()) == exported
+    assert all(f"not checked: {p}: {why}" in table(checked) for p, why in cut.items())
     with pytest.raises(SystemExit) as ended:  # an audit that could not read every row does not pass
         main(["audit", str(data)])
     assert ended.value.code == 1

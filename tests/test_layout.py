@@ -81,7 +81,7 @@ def test_a_shard_that_does_not_open_is_set_aside_named_and_the_others_are_read(t
 def test_no_shard_that_opens_is_an_error_naming_the_folder(tmp_path):
     for path in write_split(tmp_path / "data" / "test", 2):
         path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CurationError, match=r"data/test: no shard opens \(not a readable Parquet file \(.+\)\); copy the dataset again"):
+    with pytest.raises(CurationError, match=r"data/test: no shard can be read: not a readable Parquet file \(.+\); copy the dataset again"):
         shard_files(tmp_path, "test")
 
 
@@ -97,3 +97,41 @@ def test_a_shard_whose_rows_do_not_read_stops_the_reader_naming_it(tmp_path):
     assert len([next(rows) for _ in range(10)]) == 10  # the first two row groups
     with pytest.raises(CurationError, match=rf"^{path}: its rows do not read \(.+\): the file is damaged; copy the dataset again"):
         next(rows)
+
+
+IMAGES = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+
+
+@pytest.mark.parametrize("columns, problem", [
+    ({"id": pa.large_string(), "images": pa.large_list(pa.struct([("bytes", pa.large_binary()), ("path", pa.string_view()),
+                                                                  ("width", pa.int32())]))}, None),  # a rewrite by polars
+    ({"id": pa.dictionary(pa.int32(), pa.string()), "images": IMAGES}, None),  # pandas' categorical
+    ({"id": pa.null(), "images": IMAGES}, None),  # every value null
+    ({"images": IMAGES}, "no id column"),
+    ({"id": pa.string(), "images": pa.list_(pa.string())},  # LLaVA's JSON turned to Parquet: image paths
+     "images is list<string>, not list<struct<bytes: binary, path: string>>"),
+    ({"id": pa.int64(), "images": pa.list_(pa.struct([("path", pa.string())]))},
+     "id is int64, not string; images is list<struct<path: string>>, not list<struct<bytes: binary, path: string>>"),
+])
+def test_a_shard_without_the_columns_a_command_reads_is_set_aside_saying_which(tmp_path, caplog, columns, problem):
+    """The columns a command reads are checked in the footer, so a dataset from another tool, or
+    one written before a column existed, is set aside with what it lacks instead of failing at
+    its first row; forms that read as the same Python values (large, view, dictionary, extra
+    struct fields, all null) are read."""
+    good, other = write_split(tmp_path / "data" / "train", 2)
+    pq.write_table(pa.table({"id": ["a"], "images": pa.array([[{"bytes": b"png", "path": None}]], IMAGES)}), good)
+    pq.write_table(pa.table({name: pa.nulls(2, type) for name, type in columns.items()}), other)
+    with caplog.at_level(logging.WARNING):
+        shards = shard_files(tmp_path, columns=["id", "images"])
+    if problem is None:
+        assert shards.files == [good, other] and not shards.set_aside and not caplog.records
+        return
+    assert shards.files == [good] and shards.set_aside == {str(other): f"not the rows this command reads ({problem})"}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{other}: set aside, not the rows this command reads ({problem}); the other shards are read (a dataset from another tool, "
+        "or written before this version's columns: build it again)"]
+    caplog.clear()
+    assert shard_files(tmp_path, columns=["id", "images"], warn=False).files == [good] and not caplog.records
+    good.unlink()
+    with pytest.raises(CurationError, match=rf"^{tmp_path / 'data'}: no shard can be read: not the rows this command reads"):
+        shard_files(tmp_path, columns=["id", "images"])

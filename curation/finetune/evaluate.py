@@ -103,15 +103,12 @@ def evaluate(
     cpu_threads: int | None = None,
 ) -> dict[str, Any]:
     """Generate on the split's rows with the model in folder `model` and score every turn."""
-    import pyarrow.parquet as pq
-
+    from curation.finetune.data import TRAIN_COLUMNS
     from curation.store.layout import iter_rows, shard_files
 
-    shards = shard_files(data, split)
-    files = shards.files
+    shards = shard_files(data, split, columns=TRAIN_COLUMNS)
     net, processor = load_model(model, cpu_threads)
-    present = set(pq.ParquetFile(files[0]).schema_arrow.names)
-    rows = iter_rows(files, columns=[c for c in EVAL_COLUMNS if c in present], limit=limit)
+    rows = iter_rows(shards.files, columns=EVAL_COLUMNS, limit=limit)  # a shard without `expert` or `meta` is scored from its text
     t0 = time.monotonic()
     scorer = TurnScorer()
     generations = 0

@@ -137,9 +137,11 @@ def build_tiny(
     image_size: int = 32,
     patch_size: int = 8,
     max_rows: int | None = 5000,
+    warn: bool = True,
 ) -> Path:
     """Write a tiny LLaVA (model, processor, tokenizer) to `out`, its tokenizer trained on the
-    text of at most `max_rows` train rows under `data`. Returns `out`."""
+    text of at most `max_rows` train rows under `data` (`warn=False`: the caller has named the
+    shards it sets aside). Returns `out`."""
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -147,7 +149,7 @@ def build_tiny(
     from curation.store.layout import iter_rows, shard_files
 
     out = Path(out)
-    files = shard_files(data, "train").files
+    files = shard_files(data, "train", columns=["messages"], warn=warn).files
     tokenizer = train_tokenizer(message_texts(iter_rows(files, columns=["messages"], limit=max_rows)), vocab_size=vocab_size)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(

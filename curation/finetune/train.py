@@ -104,7 +104,7 @@ def prepare(config: TrainConfig) -> TrainConfig:
         raise CurationError("--batch-size and --grad-accum must be at least 1")
     if config.epochs <= 0 and config.max_steps <= 0:
         raise CurationError("--epochs must be positive (or give --max-steps)")
-    files = shard_files(config.data, "train").files
+    files = shard_files(config.data, "train", columns=TRAIN_COLUMNS).files
     if config.lr is None:
         config.lr = TINY_LR if config.model == "tiny" else LORA_LR if config.lora else FULL_LR
     if config.model == "tiny":
@@ -112,7 +112,7 @@ def prepare(config: TrainConfig) -> TrainConfig:
 
         base = Path(config.out) / "tiny-base"
         if not (base / "config.json").exists():
-            build_tiny(config.data, base, seed=config.seed, **config.tiny)
+            build_tiny(config.data, base, seed=config.seed, warn=False, **config.tiny)
         config.model = str(base)
     elif not (Path(config.model) / "config.json").exists():
         raise CurationError(f"--model {config.model}: not a model folder (no config.json); give a local model folder or 'tiny'")
@@ -370,7 +370,7 @@ class Run:
     """What the loop works with, set up by `_setup`."""
 
     rows: int
-    set_aside: dict[str, str]  # shards that did not open: path → why (`shard_files`)
+    set_aside: dict[str, str]  # shards that could not be read: path → why (`shard_files`)
     state: dict[str, Any]
     model: Any
     processor: Any
@@ -383,7 +383,7 @@ class Run:
 def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device, wrap: Callable | None) -> Run:
     """Model, processor, optimizer and schedule (restored when resuming), collator, batches
     from the resume position on, progress."""
-    shards = shard_files(config.data, "train")
+    shards = shard_files(config.data, "train", columns=TRAIN_COLUMNS, warn=False)  # `prepare` warned
     files = shards.files
     rows = count_rows(files)
     steps = total_steps(config, rows, world_size)

@@ -138,44 +138,51 @@ def shards_root(path: str | Path) -> Path:
 @dataclass(frozen=True)
 class Shards:
     """The shard files a command reads, in name order, and those it sets aside: a file whose
-    Parquet footer does not open (a copy cut short, a file that is not Parquet) is named in a
+    Parquet footer does not open (a copy cut short, a file that is not Parquet), or whose
+    columns are not the rows the command reads (a dataset from another tool), is named in a
     warning and in the command's record (`set_aside`: path → why), and the rest are read."""
 
     files: list[Path]
     set_aside: dict[str, str]
 
 
-def shard_files(path: str | Path, split: str | None = None) -> Shards:
-    """Shard files (all splits, or one): an error naming the folder when there are none, or
-    when none of them opens."""
+def shard_files(path: str | Path, split: str | None = None, *, columns: Sequence[str] = (), warn: bool = True) -> Shards:
+    """Shard files (all splits, or one) that open and hold `columns` as the build writes them:
+    an error naming the folder when there are none, or when none of them can be read.
+    `warn=False` for a second look at the same folder (a training worker after its driver)."""
     root = shards_root(path)
-    if split is None:
-        files = sorted(root.glob(f"*/{SHARD_GLOB}"))
-    else:
-        files = sorted((root / split).glob(SHARD_GLOB))
+    folder = root if split is None else root / split
+    files = sorted(folder.glob(f"*/{SHARD_GLOB}" if split is None else SHARD_GLOB))
     if not files:
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob(SHARD_GLOB)))
-        raise CurationError(f"{root / split}: no shards for split {split!r} (splits with shards here: {', '.join(have) or 'none'})")
-    set_aside = {str(f): why for f in files if (why := unreadable(f))}
-    if len(set_aside) == len(files):
-        raise CurationError(f"{root if split is None else root / split}: no shard opens ({next(iter(set_aside.values()))}); {DAMAGED}")
-    for f, why in set_aside.items():
-        log.warning("%s: set aside, %s; the other shards are read (%s)", f, why, DAMAGED)
-    return Shards([f for f in files if str(f) not in set_aside], set_aside)
+        raise CurationError(f"{folder}: no shards for split {split!r} (splits with shards here: {', '.join(have) or 'none'})")
+    found = {str(f): why for f in files if (why := unreadable(f, columns))}
+    if len(found) == len(files):
+        why, advice = next(iter(found.values()))
+        raise CurationError(f"{folder}: no shard can be read: {why}; {advice}")
+    for f, (why, advice) in found.items() if warn else ():
+        log.warning("%s: set aside, %s; the other shards are read (%s)", f, why, advice)
+    return Shards([f for f in files if str(f) not in found], {f: why for f, (why, _) in found.items()})
 
 
 DAMAGED = "copy the dataset again, or build it again: the build writes the same bytes"
+NOT_OURS = "a dataset from another tool, or written before this version's columns: build it again"
 
 
-def unreadable(shard: Path) -> str | None:
-    """Why `shard`'s Parquet footer does not open, or None when it does (one small read)."""
+def unreadable(shard: Path, columns: Sequence[str] = ()) -> tuple[str, str] | None:
+    """Why `shard` cannot be read for `columns` and what to do, or None when it can (one small
+    read: the footer)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from curation.rows import column_problems
+
     try:
-        pq.read_metadata(shard)
+        schema = pq.read_schema(shard)
     except (OSError, pa.ArrowException) as e:
-        return f"not a readable Parquet file ({brief(e)})"
+        return f"not a readable Parquet file ({brief(e)})", DAMAGED
+    if problems := column_problems(schema, columns):
+        return f"not the rows this command reads ({'; '.join(problems)})", NOT_OURS
     return None
 
 
