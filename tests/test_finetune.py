@@ -226,7 +226,8 @@ def test_finetune_command_with_tiny_model(shards, tmp_path, capsys):
 @pytest.mark.slow
 def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
     pytest.importorskip("peft")
-    config = _config(shards, tiny, tmp_path / "lora", lora=True, lora_rank=4, max_steps=3, save_steps=2, gradient_checkpointing=True)
+    lora = dict(lora=True, lora_rank=4, max_steps=4, save_steps=2, gradient_checkpointing=True, log_steps=1)
+    config = _config(shards, tiny, tmp_path / "lora", **lora)
     summary = train(config)
     from transformers import AutoModelForImageTextToText
 
@@ -237,8 +238,20 @@ def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora")  # LoRA merged into a plain model
     assert not any("lora" in n for n, _ in merged.named_parameters())
     config.resume = True
-    resumed = train(config)
-    assert resumed["resumed_from"] == 3
+    assert train(config)["resumed_from"] == 4  # after the end: nothing left to do
+
+    # stopped after step 3: the adapters, optimizer and schedule come back from checkpoint-2,
+    # and the run goes on with the losses of the uninterrupted one
+    def stop(metrics):
+        if metrics["step"] >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_config(shards, tiny, tmp_path / "stopped", **lora), report=stop)
+    assert [p.name for p in checkpoints(tmp_path / "stopped")] == ["checkpoint-2"]
+    resumed = train(_config(shards, tiny, tmp_path / "stopped", resume=True, **lora))
+    assert resumed["resumed_from"] == 2 and [s for s, _ in resumed["losses"]] == [1, 2, 3, 4]
+    assert [v for _, v in resumed["losses"]] == pytest.approx([v for _, v in summary["losses"]], abs=1e-4)
 
 
 def test_prepare_names_the_missing_thing(tmp_path, shards):
