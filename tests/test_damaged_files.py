@@ -124,3 +124,46 @@ def test_a_shard_damaged_inside_stops_a_run_on_two_ray_train_workers_in_one_line
     assert said.startswith(f"m3-curate: error: {last}: its rows do not read (") and said.endswith(
         "): the file is damaged; copy the dataset again, or build it again: the build writes the same bytes"), said
     assert not any(line.startswith("Traceback") for line in run.stderr.splitlines()), run.stderr[-3000:]
+
+
+def test_a_bit_flipped_in_a_shard_the_build_wrote_stops_every_reader_naming_it(tmp_path):
+    """The build writes a CRC32 with every page and every command reads shards through
+    `layout.read_batches`, which checks them: a bit flipped on disk (in the text, the pixels,
+    the meta or an id) stops the command naming the shard, or lands where nothing reads it (a
+    page header's statistics) and the rows are the same. A reader that does not check gets
+    other text or pixels for some of the same flips, and no error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.build.stages import PLACED_SCHEMA
+    from curation.errors import CurationError
+    from curation.store.layout import iter_rows
+    from curation.store.shards import ShardWriter
+    from shards_factory import make_rows
+
+    rows = make_rows(40, seed=4)
+    writer = ShardWriter(tmp_path / "data", {("train", 0): (0, len(rows))})
+    writer.add("train", pa.Table.from_pylist([{**r, "_shard": 0, "_pos": p} for p, r in enumerate(rows)], schema=PLACED_SCHEMA))
+    writer.resolve("train", [(0, p) for p in range(len(rows))])
+    [shard] = writer.finish()
+    written, clean = shard.read_bytes(), pq.read_table(shard)
+    chunks = {c.path_in_schema: c for c in (pq.read_metadata(shard).row_group(0).column(k) for k in range(clean.num_columns + 3))
+              if c.path_in_schema in ("id", "images.list.element.bytes", "messages.list.element.content.list.element.text", "meta")}
+    assert len(chunks) == 4
+    caught = silent = 0
+    for column, chunk in chunks.items():
+        for k in range(1, 6):  # five places spread over the column's pages
+            flipped = bytearray(written)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            flipped[start + k * chunk.total_compressed_size // 6] ^= 0x10
+            shard.write_bytes(bytes(flipped))
+            try:
+                assert pa.Table.from_pylist(list(iter_rows([shard])), schema=clean.schema).equals(clean), (column, k)
+            except CurationError as e:
+                assert str(e).startswith(f"{shard}: its rows do not read (") and "the file is damaged" in str(e)
+                caught += 1
+            try:
+                silent += not pq.read_table(shard).equals(clean)
+            except (OSError, pa.ArrowException):
+                pass
+    assert caught >= 15 and silent > 0

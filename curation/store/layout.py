@@ -189,12 +189,14 @@ def unreadable(shard: Path, columns: Sequence[str] = ()) -> tuple[str, str] | No
 def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
     """`pq.ParquetFile(shard).iter_batches(**iter_batches)`, where a shard whose footer opened
     but whose rows do not read (bytes changed inside the file, found only as they are read)
-    stops the command naming it, not with pyarrow's traceback."""
+    stops the command naming it, not with pyarrow's traceback. The build writes a CRC32 with
+    every page and they are checked here: without them, a third of single bit flips in a shard
+    read back as other text or pixels, without an error (`bench/README.md`, "Shards on disk")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        yield from pq.ParquetFile(shard).iter_batches(**iter_batches)
+        yield from pq.ParquetFile(shard, page_checksum_verification=True).iter_batches(**iter_batches)
     except (OSError, pa.ArrowException) as e:
         raise CurationError(f"{shard}: its rows do not read ({brief(e)}): the file is damaged; "
                             f"{DAMAGED}") from None

@@ -176,7 +176,8 @@ def _write_sorted(table: pa.Table, path: Path) -> None:
     order = pc.sort_indices(table["_pos"])
     try:
         with replacing(path) as tmp:
-            with pq.ParquetWriter(tmp, schema_with_hf_metadata(ROW_SCHEMA), compression="zstd") as writer:
+            # a CRC32 with every page, which `layout.read_batches` checks
+            with pq.ParquetWriter(tmp, schema_with_hf_metadata(ROW_SCHEMA), compression="zstd", write_page_checksum=True) as writer:
                 for start in range(0, table.num_rows, ROW_GROUP):
                     group = table.take(order.slice(start, ROW_GROUP)).drop_columns(list(PLACE)).cast(ROW_SCHEMA)
                     writer.write_table(group, row_group_size=ROW_GROUP)
