@@ -25,6 +25,42 @@ from curation.errors import CurationError
 
 
 
+def whole(low: int, high: int | None = None, *, unset: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` (to `high`), or `unset`, the value that
+    means "not given". Every number a command takes is declared with its range, so one it
+    cannot use (`--save-steps 0`, `--limit -3`) is refused in argparse's line before any work,
+    not found as a traceback or quietly taken as another setting."""
+    wanted = f"a whole number ≥ {low}" if high is None else f"a whole number from {low} to {high}"
+    wanted += f" (or {unset})" if unset is not None else ""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (value != unset and not (low <= value and (high is None or value <= high))):
+            raise argparse.ArgumentTypeError(f"{wanted} is wanted, got {text!r}")
+        return value
+
+    return whole_number
+
+
+def number(*, above: float | None = None, low: float | None = None, below: float | None = None) -> Callable[[str], float]:
+    """`whole`'s counterpart for a real number: above (>) or from (≥) a bound, and below one."""
+    wanted = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">", above), ("≥", low), ("<", below)) if bound is not None)
+
+    def real_number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value == value and (above is None or value > above) and (low is None or value >= low) and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"a number {wanted} is wanted, got {text!r}")
+        return value
+
+    return real_number
+
+
 def _demo_archive(args: argparse.Namespace) -> None:
     from curation.demo import write_demo_archive
     from curation.preflight import writable_folder
@@ -162,21 +198,21 @@ def parser() -> argparse.ArgumentParser:
 
     s = command("demo-archive", "write a synthetic archive with ground truth (CT DICOM, brain MRI NIfTI, chest X-rays)")
     s.add_argument("dir", help="the folder to write")
-    s.add_argument("--cases", type=int, default=4, help="patients per modality")
-    s.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    s.add_argument("--ct", type=int, help="CT patients (default: --cases)")
-    s.add_argument("--brain", type=int, help="brain MRI cases (default: --cases)")
-    s.add_argument("--cxr", type=int, help="chest X-rays (default: 8 per case, at least 16)")
-    s.add_argument("--distinct", type=int,
+    s.add_argument("--cases", type=whole(1), default=4, help="patients per modality")
+    s.add_argument("--seed", type=whole(0), default=0, help="the same seed gives the same bytes")
+    s.add_argument("--ct", type=whole(1), help="CT patients (default: --cases)")
+    s.add_argument("--brain", type=whole(1), help="brain MRI cases (default: --cases)")
+    s.add_argument("--cxr", type=whole(1), help="chest X-rays (default: 8 per case, at least 16)")
+    s.add_argument("--distinct", type=whole(1),
                    help="draw at most this many cases per kind (16x for X-rays) and copy the rest under new identities: large archives in minutes (default: draw every case)")
-    s.add_argument("--jobs", type=int, default=1, help="processes drawing cases")
+    s.add_argument("--jobs", type=whole(1), default=1, help="processes drawing cases")
     s.add_argument("--ct-size", choices=["demo", "full"], default="demo", help="full: CT at 512x512 with 500 slices")
     s.set_defaults(run=_demo_archive)
 
     s = command("index", "discover items: internal/index.parquet and internal/ledger.parquet")
     s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
-    s.add_argument("--workers", type=int, help="processes reading headers (default: the CPUs this process may use, a container's quota counted)")
+    s.add_argument("--workers", type=whole(1), help="processes reading headers (default: the CPUs this process may use, a container's quota counted)")
     s.set_defaults(run=_index)
 
     s = command("convert", "write every indexed item as NIfTI (RAS, CT in HU): what the experts see")
@@ -189,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("manifest", help="the build's manifest (YAML)")
     s.add_argument("--out", help="output folder (default: the manifest's output.dir)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started for this build)")
-    s.add_argument("--limit", type=int, help="use only the first N items, for a quick try (default: all)")
+    s.add_argument("--limit", type=whole(1), help="use only the first N items, for a quick try (default: all)")
     s.add_argument("--force", action="store_true", help="let --limit replace a complete build in --out (default: refuse)")
     s.set_defaults(run=_delegate("curation.build.pipeline:build_command", _check_build))
 
@@ -203,12 +239,12 @@ def parser() -> argparse.ArgumentParser:
     which = s.add_mutually_exclusive_group()
     which.add_argument("--task", help="one task of the manifest, by its template path (default: every task)")
     which.add_argument("--template", help="a template file no task names yet, tried on the manifest's items (default: none)")
-    s.add_argument("-n", type=int, default=8, help="samples per task")
+    s.add_argument("-n", type=whole(1), default=8, help="samples per task")
     s.add_argument("--html", required=True, help="the page to write")
     s.add_argument("--out", help="output folder whose cache to use (default: the manifest's output.dir)")
     s.add_argument("--watch", action="store_true",
                    help="serve the page on 127.0.0.1, re-render when a template or phrasing file changes (default: write once)")
-    s.add_argument("--port", type=int, default=0, help="port for --watch (0: any free port)")
+    s.add_argument("--port", type=whole(0, 65535), default=0, help="port for --watch (0: any free port)")
     s.set_defaults(run=_delegate("curation.preview:preview_command", _check_preview))
 
     s = command("audit", "check every row of a build against its meta, pictures and findings (grounding); exit 1 if any fails")
@@ -228,24 +264,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="a build's output folder, its dataset/ folder or dataset/data/")
     s.add_argument("--model", required=True, help="a local image-text-to-text model folder, or 'tiny'")
     s.add_argument("--out", required=True, help="folder for checkpoints and the trained model")
-    s.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
-    s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-5, VILA-M3's for full tuning; 2e-4 with --lora; 1e-3 for --model tiny)")
-    s.add_argument("--batch-size", type=int, default=1, help="rows per device step")
-    s.add_argument("--grad-accum", type=int, default=1, help="steps accumulated per optimizer step")
-    s.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (-1: run the epochs)")
-    s.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up the learning rate")
+    s.add_argument("--epochs", type=number(above=0), default=1.0, help="passes over the training split")
+    s.add_argument("--lr", type=number(above=0), help="peak learning rate (default: 2e-5, VILA-M3's for full tuning; 2e-4 with --lora; 1e-3 for --model tiny)")
+    s.add_argument("--batch-size", type=whole(1), default=1, help="rows per device step")
+    s.add_argument("--grad-accum", type=whole(1), default=1, help="steps accumulated per optimizer step")
+    s.add_argument("--max-steps", type=whole(1, unset=-1), default=-1, help="stop after N optimizer steps (-1: run the epochs)")
+    s.add_argument("--warmup-ratio", type=number(low=0, below=1), default=0.03, help="share of the steps spent warming up the learning rate")
     s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights (default: all weights)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (default: start afresh)")
-    s.add_argument("--workers", type=int, default=0, help="Ray Train workers (0: train in this process)")
+    s.add_argument("--workers", type=whole(0), default=0, help="Ray Train workers (0: train in this process)")
     s.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU)")
-    s.add_argument("--seed", type=int, default=0, help="seed of shuffling and initialisation")
-    s.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (alpha is 2r)")
-    s.add_argument("--max-length", type=int, help="set aside rows longer than this many tokens (default: the model's context)")
-    s.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps, and after each epoch")
-    s.add_argument("--log-steps", type=int, default=10, help="log the loss every N optimizer steps")
-    s.add_argument("--shuffle-buffer", type=int, default=256, help="rows held for shuffling")
-    s.add_argument("--num-workers", type=int, default=0, help="DataLoader processes preparing batches")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when training on CPU (default: the idle CPUs this process may use)")
+    s.add_argument("--seed", type=whole(0), default=0, help="seed of shuffling and initialisation")
+    s.add_argument("--lora-rank", type=whole(1), default=16, help="LoRA rank r (alpha is 2r)")
+    s.add_argument("--max-length", type=whole(1), help="set aside rows longer than this many tokens (default: the model's context)")
+    s.add_argument("--save-steps", type=whole(1), default=500, help="checkpoint every N optimizer steps, and after each epoch")
+    s.add_argument("--log-steps", type=whole(1), default=10, help="log the loss every N optimizer steps")
+    s.add_argument("--shuffle-buffer", type=whole(1), default=256, help="rows held for shuffling")
+    s.add_argument("--num-workers", type=whole(0), default=0, help="DataLoader processes preparing batches")
+    s.add_argument("--cpu-threads", type=whole(1), help="torch threads when training on CPU (default: the idle CPUs this process may use)")
     s.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
     s.set_defaults(run=_delegate("curation.finetune:finetune_command", _check_out()))
 
@@ -254,10 +290,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="a build's output folder, its dataset/ folder or dataset/data/")
     s.add_argument("--split", default="test", help="the split to evaluate")
     s.add_argument("--out", help="write the JSON here as well as to stdout (default: stdout only)")
-    s.add_argument("--limit", type=int, help="evaluate at most N rows (default: all)")
-    s.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer at most")
-    s.add_argument("--batch-size", type=int, default=8, help="prompts generated together, left-padded")
-    s.add_argument("--cpu-threads", type=int, help="torch threads when running on CPU (default: the idle CPUs this process may use)")
+    s.add_argument("--limit", type=whole(1), help="evaluate at most N rows (default: all)")
+    s.add_argument("--max-new-tokens", type=whole(1), default=48, help="tokens generated per answer at most")
+    s.add_argument("--batch-size", type=whole(1), default=8, help="prompts generated together, left-padded")
+    s.add_argument("--cpu-threads", type=whole(1), help="torch threads when running on CPU (default: the idle CPUs this process may use)")
     s.set_defaults(run=_delegate("curation.finetune.evaluate:eval_command", _check_out(file=True)))
     return p
 

@@ -101,6 +101,38 @@ def test_every_command_has_a_description_and_every_option_help_and_its_default()
         assert "(default: " in text or name in ("demo-archive",)
 
 
+def test_every_number_an_option_takes_has_its_range_and_the_default_is_in_it():
+    """A bare `type=int` takes `--save-steps 0` and ends in a ZeroDivisionError mid-run (or
+    `--cpu-threads 0` as "the default"): every number is declared with `cli.whole`/`cli.number`."""
+    _, commands = subcommands()
+    numbers = 0
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.type not in (int, float), f"{name} {action.option_strings}: a number without its range"
+            if getattr(action.type, "__name__", "") in ("whole_number", "real_number"):
+                numbers += 1
+                if action.default is not None:
+                    assert action.type(str(action.default)) == action.default, f"{name} {action.option_strings}: default out of range"
+    assert numbers >= 25
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["build", "m.yaml", "--limit", "-3"], "argument --limit: a whole number ≥ 1 is wanted, got '-3'"),
+    (["index", "m.yaml", "--workers", "0"], "argument --workers: a whole number ≥ 1 is wanted, got '0'"),
+    (["preview", "m.yaml", "--html", "p.html", "--port", "70000"], "argument --port: a whole number from 0 to 65535 is wanted, got '70000'"),
+    (["finetune", "--data", "d", "--model", "tiny", "--out", "o", "--save-steps", "0"], "argument --save-steps: a whole number ≥ 1 is wanted, got '0'"),
+    (["finetune", "--data", "d", "--model", "tiny", "--out", "o", "--max-steps", "0"], "argument --max-steps: a whole number ≥ 1 (or -1) is wanted, got '0'"),
+    (["finetune", "--data", "d", "--model", "tiny", "--out", "o", "--lr", "-1"], "argument --lr: a number > 0 is wanted, got '-1'"),
+    (["finetune", "--data", "d", "--model", "tiny", "--out", "o", "--warmup-ratio", "2"], "argument --warmup-ratio: a number ≥ 0 and < 1 is wanted, got '2'"),
+    (["finetune", "--data", "d", "--model", "tiny", "--out", "o", "--epochs", "nan"], "argument --epochs: a number > 0 is wanted, got 'nan'"),
+    (["eval", "--model", "m", "--data", "d", "--cpu-threads", "two"], "argument --cpu-threads: a whole number ≥ 1 is wanted, got 'two'"),
+])
+def test_a_number_out_of_its_range_is_refused_before_any_work(argv, said, capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {said}")
+
+
 @pytest.mark.parametrize("argv", [["-q", "index"], ["index", "-q"], ["-v", "index"], ["index", "-v"]])
 def test_quiet_and_verbose_go_before_or_after_the_command(argv, capsys, tmp_path):
     code = main([*argv, str(tmp_path / "nope.yaml")])
