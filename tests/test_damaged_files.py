@@ -90,8 +90,7 @@ def test_a_model_folder_or_checkpoint_cut_short_is_one_line_naming_it(tmp_path, 
         assert main([*train, "--max-steps", "6", "--resume"]) == 2
         said = capsys.readouterr().err.strip().splitlines()[-1]
         assert said.startswith(f"m3-curate: error: {newest}: does not load (") and said.endswith(
-            "): remove checkpoint-4, and --resume goes on from the checkpoint before it (without --resume, the run starts again "
-            "from --model)"), said
+            "): remove checkpoint-4, and --resume goes on from the checkpoint before it, or from --model when none is left"), said
     shutil.rmtree(newest)
     assert main([*train, "--max-steps", "6", "--resume"]) == 0
     assert json.loads((run / "train_summary.json").read_text())["resumed_from"] == 2

@@ -223,6 +223,35 @@ def test_finetune_command_with_tiny_model(shards, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 3
 
 
+def test_an_out_folder_with_checkpoints_goes_on_only_as_the_same_run(shards, tiny, tmp_path, capsys):
+    """A run in an --out with checkpoints: without --resume it would leave the old run's
+    checkpoints beside its own (the old, higher-numbered ones kept and resumed from later);
+    with --resume and other settings, base model or rows it would train another run from the
+    middle of this one. Both are refused, naming what differs; a longer run is the same run."""
+    out = tmp_path / "run"
+    argv = ["-q", "finetune", "--data", str(shards), "--model", str(tiny), "--out", str(out), "--batch-size", "2", "--lr", "1e-3",
+            "--cpu-threads", "1", "--save-steps", "2"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    other = write_shards(tmp_path / "other", conversations=20, seed=2)
+    refused = {
+        "fresh": ([*argv, "--max-steps", "2"], f"--out {out} holds the checkpoints of an earlier run (the newest checkpoint-2): add "
+                                               "--resume to go on from it, or choose another --out to start afresh"),
+        "batch": ([*argv, "--max-steps", "4", "--resume", "--batch-size", "4"], "--batch-size 2 (now 4)"),
+        "lora": ([*argv, "--max-steps", "4", "--resume", "--lora"], "with --lora off (now on):"),
+        "data": ([*argv, "--max-steps", "4", "--resume", "--data", str(other)],
+                 f"{count_rows(shard_files(shards, 'train').files)} train rows in --data (now {count_rows(shard_files(other, 'train').files)})"),
+    }
+    capsys.readouterr()
+    for name, (args, said) in refused.items():
+        assert main(args) == 2, name
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said in line and (name == "fresh" or line.startswith(f"m3-curate: error: --resume: {out / 'checkpoint-2'} was written by "
+                                                                    "a run with ")), line
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]
+    assert main([*argv, "--max-steps", "4", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
+
+
 @pytest.mark.slow
 def test_lora_and_gradient_checkpointing(shards, tiny, tmp_path):
     pytest.importorskip("peft")

@@ -119,7 +119,46 @@ def prepare(config: TrainConfig) -> TrainConfig:
     check_template(load_processor(config.model), list(iter_rows(files, columns=TRAIN_COLUMNS, limit=4)), name=config.model)
     if config.lora:
         _check_lora_parts(config.model)
+    check_resume(config, count_rows(files))
     return config
+
+
+RUN_SETTINGS = ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum", "lr", "warmup_ratio",
+                "weight_decay", "max_grad_norm", "max_length", "seed", "shuffle_buffer")
+"""What a resumed run shares with the run that wrote its checkpoint: the model's form (LoRA or
+not), the optimizer's settings, and the batches (their size and order: the checkpoint says how
+many were used, not which). `--epochs`/`--max-steps` may change (a run made longer), and so may
+where and how often it saves and logs, and the machine it runs on (`--workers`, with a warning)."""
+
+
+def check_resume(config: TrainConfig, rows: int) -> None:
+    """An `--out` with checkpoints holds a run: only `--resume` goes on in it, and with the
+    settings, base model and train rows of the run that wrote the newest checkpoint. Otherwise
+    a run would quietly train another from the middle of this one (other batches skipped as
+    seen, another schedule) or fail to load it; and a fresh run there would leave the old
+    checkpoints beside its own, the newest of them (the old run's) kept and resumed from."""
+    found = checkpoints(config.out)
+    if not found:
+        return
+    if not config.resume:
+        raise CurationError(f"--out {config.out} holds the checkpoints of an earlier run (the newest {found[-1].name}): add --resume "
+                            "to go on from it, or choose another --out to start afresh")
+    state = json.loads((found[-1] / STATE).read_text())
+    saved = state.get("config", {})
+    changed = [f"--{k.replace('_', '-')} {_shown(saved[k])} (now {_shown(getattr(config, k))})"
+               for k in RUN_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+    base = state.get("base_model")
+    if base is not None and Path(base).resolve() != Path(config.model).resolve():
+        changed.insert(0, f"--model {base} (now {config.model})")
+    if state.get("train_rows", rows) != rows:
+        changed.append(f"{state['train_rows']} train rows in --data (now {rows})")
+    if changed:
+        raise CurationError(f"--resume: {found[-1]} was written by a run with {', '.join(changed)}: give the same to go on from it, "
+                            "or choose another --out to start afresh")
+
+
+def _shown(value: Any) -> str:
+    return {True: "on", False: "off", None: "unset"}.get(value, str(value)) if isinstance(value, (bool, type(None))) else str(value)
 
 
 def _check_lora_parts(model: str) -> None:
@@ -205,8 +244,7 @@ def load_model(config: TrainConfig, device: torch.device, checkpoint: Path | Non
 def _reload_advice(config: TrainConfig, checkpoint: Path | None) -> str:
     if checkpoint is None:
         return f"--model {config.model}: copy the model folder again"
-    return (f"remove {checkpoint.name}, and --resume goes on from the checkpoint before it (without --resume, the run starts "
-            f"again from --model)")
+    return f"remove {checkpoint.name}, and --resume goes on from the checkpoint before it, or from --model when none is left"
 
 
 def context_length(model: Any) -> int | None:
@@ -410,7 +448,7 @@ def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device
 
 def _checkpoint(run: Run, config: TrainConfig, done: int, rank: int, world_size: int) -> None:
     if rank == 0:
-        state = {"step": done, "total_steps": run.progress.steps, "world_size": world_size, "base_model": config.model,
+        state = {"step": done, "total_steps": run.progress.steps, "world_size": world_size, "base_model": config.model, "train_rows": run.rows,
                  "lora": config.lora, "config": asdict(config), "losses": run.state["losses"]}
         stepper = run.stepper
         save_checkpoint(Path(config.out), done, run.model, run.processor, stepper.optimizer, stepper.scheduler, state, config.save_total_limit)
