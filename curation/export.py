@@ -26,7 +26,8 @@ before the call that made it: use neither layout with them for expert-call data.
 Every file written stays inside OUT whatever the shards hold: a row's `id` and `split` become
 file names only when they are plain names (letters, digits, `_`, `-`, `.`; no `..`), and each
 path is checked to resolve inside OUT. Shards are read a batch at a time and the JSON is
-streamed, so memory stays flat however many rows there are.
+streamed, so memory stays flat however many rows there are. An export replaces the last one in
+OUT whole and leaves other files alone (`_replace`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from curation.atomic import write_text
 from curation.errors import CurationError
 from curation.store.layout import read_batches, shard_files
 
@@ -179,17 +182,35 @@ class Exported:
 
 
 def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: int = 256) -> Exported:
-    """Write `OUT/<split>.json` and `OUT/images/`."""
+    """Write `OUT/<split>.json` and `OUT/images/`, replacing the export OUT held before as a
+    whole (`_replace`)."""
     if layout not in LAYOUTS:
         raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     found = shard_files(Path(shards), columns=COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
-    images = inside(out, "images")
-    images.mkdir(exist_ok=True)
+    previous = _previous(out)
+    _check_ours(out, ["images", *sorted({f"{p.parent.name}.json" for p in found.files})], previous)
+    stage = inside(out, STAGE)
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        rows = _write(found.files, stage, layout, batch_rows)
+        _replace(out, stage, ["images", *(f"{split}.json" for split in rows)], previous)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Exported(rows, found.set_aside)
+
+
+STAGE, MARK = ".export.new", ".m3-curate-export"  # the export being written; what the last one wrote here
+
+
+def _write(files: list[Path], stage: Path, layout: str, batch_rows: int) -> dict[str, int]:
+    """Every row of `files` into `stage`: records by split, images in `images/`. Rows by split."""
+    images = stage / "images"
+    images.mkdir(parents=True)
     writers: dict[str, _JsonList] = {}
     seen: set[str] = set()
     try:
-        for path in found.files:
+        for path in files:
             for batch in read_batches(path, batch_size=batch_rows, columns=COLUMNS):
                 for row in batch.to_pylist():
                     row_id = safe_name(row["id"], "id", str(path))
@@ -205,7 +226,7 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
                             target.write_bytes(image["bytes"])
                         names.append(f"images/{name}")
                     if split not in writers:
-                        writers[split] = _JsonList(inside(out, f"{split}.json"))
+                        writers[split] = _JsonList(inside(stage, f"{split}.json"))
                     writers[split].add(llava_record(row, names, layout))
     except BaseException:
         for w in writers.values():
@@ -213,7 +234,41 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
         raise
     for w in writers.values():
         w.close()
-    return Exported({split: w.count for split, w in sorted(writers.items())}, found.set_aside)
+    return {split: w.count for split, w in sorted(writers.items())}
+
+
+def _previous(out: Path) -> list[str]:
+    """What the last export into `out` wrote there (`MARK`), so the next one replaces exactly
+    that: a `test.json` of another dataset left beside this one's `train.json` would be read as
+    this dataset's test split."""
+    try:
+        names = json.loads((out / MARK).read_text())["written"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and SAFE_NAME.fullmatch(n) and ".." not in n]
+
+
+def _check_ours(out: Path, names: list[str], previous: list[str]) -> None:
+    taken = [n for n in names if (out / n).is_symlink() or (out / n).exists() and n not in previous]
+    if taken:
+        raise CurationError(f"OUT {out}: {', '.join(taken)} there {'is' if len(taken) == 1 else 'are'} not from an m3-curate export, "
+                            "which would replace or mix with it: choose another folder, or move it away")
+
+
+def _replace(out: Path, stage: Path, names: list[str], previous: list[str]) -> None:
+    """The new export in place of the last one: its files moved aside, the new ones moved in
+    (renames within OUT), then the old ones removed. Other files in OUT are left alone."""
+    _check_ours(out, names, previous)  # splits found only in the rows
+    old = inside(out, ".export.old")
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for name in previous:
+        if (out / name).exists():
+            os.replace(out / name, old / name)
+    for name in names:
+        os.replace(stage / name, out / name)
+    write_text(out / MARK, json.dumps({"written": names}) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_command(args: argparse.Namespace) -> None:

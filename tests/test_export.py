@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from shards_factory import write_shards
 from curation.cli import main
 from curation.errors import CurationError
 from curation.export import conversations, export_llava, turn_text
+from curation.store.layout import shard_files
 
 
 def text(t):
@@ -182,6 +184,46 @@ def test_a_link_in_the_output_folder_does_not_lead_writes_outside(tmp_path):
     out.mkdir()
     elsewhere.mkdir()
     (out / "images").symlink_to(elsewhere)
+    with pytest.raises(CurationError, match=rf"^OUT {out}: images there is not from an m3-curate export"):
+        export_llava(shards, out)
+    (out / "images").unlink()
+    (out / ".export.new").symlink_to(elsewhere)  # where the export is written before it replaces the last one
     with pytest.raises(CurationError, match="outside"):
         export_llava(shards, out)
     assert not any(elsewhere.iterdir())
+
+
+def test_an_export_replaces_the_last_one_in_its_folder_whole_and_nothing_else(tmp_path, capsys):
+    """A second export into a folder holds only its own splits and images (another dataset's
+    `test.json` left beside would be read as this one's test split); files the export did not
+    write are left alone, and refused where it would write over them; an export that fails
+    leaves the last one as it was."""
+    a = write_shards(tmp_path / "a", conversations=30, seed=4)
+    b = write_shards(tmp_path / "b", conversations=10, seed=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export_llava(a, out).rows.keys() == {"train", "val", "test"}
+    counts = export_llava(b, out).rows
+    assert set(counts) == {"train"} and sorted(p.name for p in out.iterdir()) == [".m3-curate-export", "images", "notes.txt", "train.json"]
+    records = json.loads((out / "train.json").read_text())
+    assert len(records) == counts["train"] and {p.name for p in (out / "images").iterdir()} == {
+        Path(i).name for r in records for i in ([r["image"]] if "image" in r else r.get("images", []))}
+
+    broken = shard_files(a, "test").files[0]  # the export fails on its rows
+    chunk = pq.read_metadata(broken).row_group(0).column(0)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(broken.read_bytes())
+    data[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CurationError, match="its rows do not read"):
+        export_llava(a, out)
+    assert json.loads((out / "train.json").read_text()) == records and not (out / ".export.new").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "test.json").write_text("[]")
+    assert main(["-q", "export", "llava", str(b), str(foreign)]) == 0  # b has no test split: test.json is not in the way
+    with pytest.raises(CurationError, match=rf"^OUT {foreign}: test.json there is not from an m3-curate export"):
+        export_llava(a, foreign)
+    assert (foreign / "test.json").read_text() == "[]"
