@@ -110,3 +110,27 @@ def test_convert_command_leaves_unused_libraries_out(tmp_path: Path, write_manif
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "['pydicom']"
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
+
+
+def test_a_second_convert_into_a_folder_leaves_only_its_own_files_and_the_users(tmp_path: Path, write_manifest) -> None:
+    """The last convert's files that this one does not write again (an item not indexed now,
+    the other suffix) are removed, or they would read as items of this index; files convert
+    never wrote stay."""
+    import dicom_factory as fac
+    from curation.ingest.convert import convert
+    from curation.ingest.index import Index, build_index
+    from curation.manifest import load_manifest
+
+    for k, name in enumerate(("a", "b")):
+        fac.write_series(tmp_path / "in" / name, n_slices=4, series_uid=f"1.2.3.{k + 1}")
+    spec = load_manifest(write_manifest({"name": "c", "sources": [{"name": "s", "kind": "dicom", "root": str(tmp_path / "in"),
+                                                                   "select": {"min_slices": 1}}]}))
+    out = tmp_path / "out"
+    index = build_index(spec)
+    first = convert(spec, out, index=index)
+    assert len(first.written) == 2
+    (out / "mine.nii.gz").write_bytes(b"a user's own file")
+    kept = index.items[:1]
+    second = convert(spec, out, compress=False, index=Index(items=kept, ledger=[e for e in index.ledger if e.item_id == kept[0].item_id]))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{kept[0].item_id}.nii", "mine.nii.gz", "index.parquet", "ledger.parquet"])
+    assert second.written == [out / f"{kept[0].item_id}.nii"]

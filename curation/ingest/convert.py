@@ -40,6 +40,7 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
     aside in `out/ledger.parquet` with its reason and the others go on."""
     index = index or build_index(spec)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_items(out)
     readers = readers_for(spec)
     suffix = ".nii.gz" if compress else ".nii"
     result = Converted()
@@ -58,7 +59,32 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
             if n % 10 == 0 or n == len(futures):
                 log.info("converted %d/%d items (%.1f s)", n, len(futures), time.perf_counter() - started)
     _record(index, result, out)
+    _remove_stale(out, previous, set(result.written))
     return result
+
+
+def _previous_items(out: Path) -> list[str]:
+    """The items the last convert into `out` wrote (its `index.parquet`), none if it holds no
+    readable one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(out / "index.parquet").read(columns=["item_id"]).column("item_id").to_pylist()
+    except (OSError, pa.ArrowException, KeyError):
+        return []
+
+
+def _remove_stale(out: Path, previous: list[str], written: set[Path]) -> None:
+    """The last convert's files that this one did not write again: an item no longer indexed
+    (another manifest, another archive), one that failed this time, or the other suffix
+    (`--uncompressed` after compressed). Left there, they would read as items of this index.
+    Files it did not write are left alone."""
+    stale = [p for item in previous for p in (out / f"{item}.nii.gz", out / f"{item}.nii") if p not in written and p.exists()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed %d NIfTI files of the last convert into %s that this one did not write", len(stale), out)
 
 
 def _record(index: Index, result: Converted, out: Path) -> None:
