@@ -46,6 +46,7 @@ from typing import IO, Any
 from curation.atomic import write_text
 from curation.errors import CurationError
 from curation.store.layout import read_batches, shard_files
+from curation.store.output import OutputLock
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
@@ -187,16 +188,16 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
     if layout not in LAYOUTS:
         raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     found = shard_files(Path(shards), columns=COLUMNS)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _previous(out)
-    _check_ours(out, ["images", *sorted({f"{p.parent.name}.json" for p in found.files})], previous)
-    stage = inside(out, STAGE)
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        rows = _write(found.files, stage, layout, batch_rows)
-        _replace(out, stage, ["images", *(f"{split}.json" for split in rows)], previous)
-    finally:
+    with OutputLock.of_folder(out, "export", "OUT"):
+        previous = _previous(out)
+        _check_ours(out, ["images", *sorted({f"{p.parent.name}.json" for p in found.files})], previous)
+        stage = inside(out, STAGE)
         shutil.rmtree(stage, ignore_errors=True)
+        try:
+            rows = _write(found.files, stage, layout, batch_rows)
+            _replace(out, stage, ["images", *(f"{split}.json" for split in rows)], previous)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return Exported(rows, found.set_aside)
 
 

@@ -1,5 +1,6 @@
 """User mistakes give one line on stderr and exit status 2, never a traceback."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,31 @@ def test_ctrl_c_while_worker_processes_scan_is_one_line(tmp_path, write_manifest
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert one_line(stderr) == "m3-curate: interrupted"
+
+
+def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_folder(tmp_path, write_manifest, capsys):
+    """Two runs writing checkpoints, two exports swapping or two converts removing each other's
+    files in one folder would leave it a mix of both: the second stops naming the first, as a
+    second build does (`OutputLock`; here the first is this process, holding the lock)."""
+    import dicom_factory as fac
+    from shards_factory import write_shards
+
+    from curation.store.output import OutputLock
+
+    shards = write_shards(tmp_path / "build", conversations=6)
+    fac.write_series(tmp_path / "in" / "s", n_slices=4)
+    manifest = write_manifest({"name": "c", "sources": [{"name": "s", "kind": "dicom", "root": str(tmp_path / "in"), "select": {"min_slices": 1}}]})
+    runs = {
+        "finetune": (["finetune", "--data", str(shards), "--model", "tiny", "--out", str(tmp_path / "ft"), "--max-steps", "1"], "--out"),
+        "export": (["export", "llava", str(shards), str(tmp_path / "llava")], "OUT"),
+        "convert": (["convert", str(manifest), "--out", str(tmp_path / "nifti")], "--out"),
+    }
+    for command, (argv, flag) in runs.items():
+        folder = tmp_path / argv[argv.index(flag) + 1 if flag != "OUT" else -1]
+        with OutputLock.of_folder(folder, command, flag):
+            capsys.readouterr()
+            assert main(["-q", *argv]) == 2, command
+            said = capsys.readouterr().err.strip().splitlines()[-1]
+            assert said.startswith(f"m3-curate: error: {folder} is being written by another `m3-curate {command}` (pid {os.getpid()} ")
+            assert said.endswith(f"wait for it to finish, or give this one another {flag}"), said
+        assert main(["-q", *argv]) == 0, command  # the lock goes with its holder

@@ -132,5 +132,5 @@ def test_a_second_convert_into_a_folder_leaves_only_its_own_files_and_the_users(
     (out / "mine.nii.gz").write_bytes(b"a user's own file")
     kept = index.items[:1]
     second = convert(spec, out, compress=False, index=Index(items=kept, ledger=[e for e in index.ledger if e.item_id == kept[0].item_id]))
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{kept[0].item_id}.nii", "mine.nii.gz", "index.parquet", "ledger.parquet"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{kept[0].item_id}.nii", "mine.nii.gz", "index.parquet", "ledger.parquet", ".m3-curate.lock"])
     assert second.written == [out / f"{kept[0].item_id}.nii"]

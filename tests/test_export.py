@@ -205,7 +205,7 @@ def test_an_export_replaces_the_last_one_in_its_folder_whole_and_nothing_else(tm
     (out / "notes.txt").write_text("mine")
     assert export_llava(a, out).rows.keys() == {"train", "val", "test"}
     counts = export_llava(b, out).rows
-    assert set(counts) == {"train"} and sorted(p.name for p in out.iterdir()) == [".m3-curate-export", "images", "notes.txt", "train.json"]
+    assert set(counts) == {"train"} and sorted(p.name for p in out.iterdir()) == [".m3-curate-export", ".m3-curate.lock", "images", "notes.txt", "train.json"]
     records = json.loads((out / "train.json").read_text())
     assert len(records) == counts["train"] and {p.name for p in (out / "images").iterdir()} == {
         Path(i).name for r in records for i in ([r["image"]] if "image" in r else r.get("images", []))}

@@ -25,20 +25,22 @@ import json
 def finetune_command(args: argparse.Namespace) -> None:
     """`m3-curate finetune --data DIR --model PATH|tiny --out DIR [options]`."""
     from curation.finetune.train import TrainConfig, prepare, train
+    from curation.store.output import OutputLock
 
-    config = prepare(TrainConfig.from_args(args))
-    if args.workers and args.workers > 0:
-        from curation.finetune.ray_train import train_on_ray
+    with OutputLock.of_folder(args.out, "finetune", "--out"):
+        config = prepare(TrainConfig.from_args(args))
+        if args.workers and args.workers > 0:
+            from curation.finetune.ray_train import train_on_ray
 
-        summary = train_on_ray(config, workers=args.workers, use_gpu=args.use_gpu, address=getattr(args, "address", None))
-    else:
-        if args.use_gpu:
-            import torch
+            summary = train_on_ray(config, workers=args.workers, use_gpu=args.use_gpu, address=getattr(args, "address", None))
+        else:
+            if args.use_gpu:
+                import torch
 
-            if not torch.cuda.is_available():
-                from curation.errors import CurationError
+                if not torch.cuda.is_available():
+                    from curation.errors import CurationError
 
-                raise CurationError("--use-gpu: no CUDA device is visible to this process")
-        summary = train(config)
+                    raise CurationError("--use-gpu: no CUDA device is visible to this process")
+            summary = train(config)
     brief = {k: v for k, v in summary.items() if k != "losses"}
     print(json.dumps({"out": config.out, **brief}))

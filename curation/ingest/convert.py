@@ -19,6 +19,7 @@ from curation.ingest.nifti_write import write_nifti
 from curation.ingest.reasons import describe
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec
+from curation.store.output import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,13 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
     """Index (unless given), then load and write each item; an item that fails to load is set
     aside in `out/ledger.parquet` with its reason and the others go on."""
     index = index or build_index(spec)
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock.of_folder(out, "convert", "--out"):
+        return _convert_all(spec, index, out, ".nii.gz" if compress else ".nii", workers)
+
+
+def _convert_all(spec: BuildSpec, index: Index, out: Path, suffix: str, workers: int) -> Converted:
     previous = _previous_items(out)
     readers = readers_for(spec)
-    suffix = ".nii.gz" if compress else ".nii"
     result = Converted()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:

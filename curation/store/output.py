@@ -4,6 +4,9 @@
   long as it writes; a second one stops at once with a line that names the holder. The lock
   is the operating system's (`flock`), so it dies with its process: a killed build never
   leaves a lock that blocks the next one (the file's text only names who held it last).
+  `finetune`, `export` and `convert` hold one on their output folder the same way
+  (`OutputLock.of_folder`): two runs writing checkpoints, or two exports swapping, into one
+  folder would leave it a mix of both.
 - `publish`: a build writes its dataset into `.dataset.new/` and, once it is complete, swaps
   it for `dataset/` with two renames; `dataset/` is never a mix of old and new shards, and
   for the instant between the renames there is none. `recover` finishes or undoes a swap a
@@ -18,18 +21,29 @@ import os
 import shutil
 import socket
 import time
+from pathlib import Path
 from typing import IO, Any
 
 from curation.errors import CurationError
 from curation.store.layout import Layout
 
 
+FOLDER_LOCK = ".m3-curate.lock"
+
+
 class OutputLock:
     """`with OutputLock(layout, "build"):` — the exclusive right to write `layout.out`."""
 
-    def __init__(self, layout: Layout, command: str):
-        self.path, self.command = layout.lock, command
+    def __init__(self, layout: Layout, command: str, flag: str = "--out"):
+        self.path, self.folder, self.command, self.flag = layout.lock, layout.out, command, flag
         self._file: IO[str] | None = None
+
+    @classmethod
+    def of_folder(cls, folder: str | os.PathLike[str], command: str, flag: str) -> OutputLock:
+        """The lock of a folder a command writes other than a build's (`FOLDER/.m3-curate.lock`)."""
+        lock = cls(Layout(Path(folder)), command, flag)
+        lock.path = lock.folder / FOLDER_LOCK
+        return lock
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,8 +54,8 @@ class OutputLock:
             f.seek(0)
             holder = _describe(f.read())
             f.close()
-            raise CurationError(f"{self.path.parent.parent} is being written by {holder}; wait for it to finish, "
-                                "or give this one another --out") from None
+            raise CurationError(f"{self.folder} is being written by {holder}; wait for it to finish, "
+                                f"or give this one another {self.flag}") from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"command": self.command, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
