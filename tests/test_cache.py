@@ -65,3 +65,28 @@ def test_an_entry_that_does_not_read_is_moved_aside_named_and_made_again(tmp_pat
     assert cache.experts() == []
     cache.register([{"spec": {"name": "CXR"}, "fingerprint": "fp1"}])
     assert cache.experts() == [{"spec": {"name": "CXR"}, "fingerprint": "fp1"}]
+
+
+def test_a_byte_changed_in_an_entry_that_still_reads_as_json_is_found(tmp_path: Path):
+    """A digit changed on disk (a failing disk, an edit) leaves valid JSON with another volume
+    or probability, which an answer would state as the expert's: the entry's seal (sha256 of
+    its contents) finds it, and it is moved aside as one that does not read. Entries written
+    before the seal are read as they are."""
+    import json
+
+    import pytest
+
+    from curation.store.cache import SEAL, DamagedEntry
+
+    cache = FindingsCache(tmp_path)
+    f = Findings(expert="CXR", runner="cxr_ensemble", classes=[ClassResult("Effusion", 0.8125, True)])
+    entry = cache.put("c0ffee", "fp1", f)
+    text = entry.read_text()
+    assert "0.8125" in text and json.loads(text)[SEAL]
+    entry.write_text(text.replace("0.8125", "0.3125"))
+    with pytest.raises(DamagedEntry, match=r"ValueError: its contents do not match their sha256"):
+        cache.get("c0ffee", "fp1")
+    assert not cache.has("c0ffee", "fp1")
+    unsealed = {k: v for k, v in json.loads(text).items() if k != SEAL}
+    entry.write_text(json.dumps(unsealed))
+    assert cache.get("c0ffee", "fp1") == f

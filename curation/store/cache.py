@@ -4,6 +4,9 @@ argument) — `<VISTA3D(everything)>` and `<VISTA3D(hepatic tumor)>` are differe
 Experts are the expensive part of a build; everything after them is cheap and always redone.
 A cached entry is one JSON file (PNG bytes base64-encoded) written to a temporary file in
 `_tmp/` and renamed (`curation.atomic`), so a killed build leaves either a whole entry or none,
+and sealed with the sha256 of its contents (`SEAL`), so a digit changed on disk is found when
+it is read rather than becoming another volume in an answer (entries of earlier versions, without
+a seal, are read as they are);
 and a rerun picks up exactly where it stopped; `sweep_tmp` removes what killed writers left
 in `_tmp/`. Nothing lists the entries: each is found by its path, so the cache's size never
 weighs on a build's memory.
@@ -39,6 +42,7 @@ from curation.items import StudyItem, source_path
 from curation.manifest import BuildSpec
 
 TMP = "_tmp"  # the cache's folder for files being written
+SEAL = "sha256"  # an entry's key for the digest of the rest of it
 DAMAGED = ".damaged"  # the suffix of an entry that did not read, moved aside
 
 log = logging.getLogger(__name__)
@@ -107,7 +111,7 @@ class FindingsCache:
         does not read."""
         path = self.path(content, fingerprint, args)
         try:
-            return Findings.from_dict(json.loads(path.read_text()))
+            return Findings.from_dict(_unsealed(json.loads(path.read_text())))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:  # JSON cut short, base64 or fields changed
@@ -118,7 +122,7 @@ class FindingsCache:
 
     def put(self, content: str, fingerprint: str, findings: Findings, args: str = "") -> Path:
         path = self.path(content, fingerprint, args)
-        self._write(path, findings.to_dict(with_png=True))
+        self._write(path, _sealed(findings.to_dict(with_png=True)))
         self.error_path(content, fingerprint, args).unlink(missing_ok=True)
         return path
 
@@ -211,6 +215,23 @@ class FindingsCache:
         entry with the same spec and fingerprint replaces the old one."""
         keep = [e for e in self.experts() if not any(_same(e, n) for n in entries)]
         self._write(self.registry_path, keep + entries)
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sealed(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, SEAL: _digest(data)}
+
+
+def _unsealed(data: Any) -> Any:
+    """An entry's contents, checked against its seal (where it has one)."""
+    if isinstance(data, dict) and SEAL in data:
+        seal = data.pop(SEAL)
+        if seal != _digest(data):
+            raise ValueError("its contents do not match their sha256 (bytes changed on disk)")
+    return data
 
 
 def _set_aside(path: Path, error: Exception) -> DamagedEntry:
