@@ -109,12 +109,20 @@ def _handler(page: LivePage) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _server(port: int, page: LivePage) -> ThreadingHTTPServer:
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), _handler(page))
+    except OSError as e:
+        raise CurationError(f"--port {port}: cannot serve on 127.0.0.1 there ({e.strerror or e}): give another port, "
+                            "or 0 for any free one") from None
+
+
 def watch(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C: exit status 130)."""
     page = LivePage()
     version = 1
+    server = _server(args.port, page)  # before the first render: a port in use is said at once
     _render(args, page, version)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), _handler(page))
     thread = threading.Thread(target=server.serve_forever, name="preview-server", daemon=True)
     thread.start()
     seen = watched_files(args)

@@ -312,6 +312,23 @@ def test_a_failed_sample_fails_the_command(manifest: Path, tmp_path: Path, capsy
 
 
 @pytest.mark.slow
+def test_watch_on_a_port_in_use_says_so_before_rendering(manifest: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import socket
+
+    from curation import preview_watch
+    from curation.cli import main
+
+    monkeypatch.setattr(preview_watch, "_render", lambda *a: pytest.fail("rendered before the port was known to be free"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["-q", "preview", str(manifest), "-n", "1", "--html", str(tmp_path / "p.html"), "--watch", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"m3-curate: error: --port {port}: cannot serve on 127.0.0.1 there (Address already in use): give another port, or 0 for "
+        "any free one")
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
 def test_watch_serves_the_page_and_a_saved_template_edit_shows_in_the_browser(manifest: Path, tmp_path: Path) -> None:
     """A person's loop: the page open in a browser, a template edited and saved, the new text on
