@@ -105,7 +105,8 @@ def test_no_address_is_a_ray_of_our_own_and_auto_local_and_ray_client_are_left_t
 
 def test_every_command_that_takes_an_address_refuses_a_dead_one_before_any_work(tmp_path):
     """The build (its manifest checked, nothing indexed, no Ray) and the fine-tune on Ray
-    workers: exit status 2 and one line, in seconds."""
+    workers (before its shards are read or a model built): exit status 2 and one line, in
+    seconds."""
     from curation.finetune.ray_train import train_on_ray
     from curation.finetune.train import TrainConfig
 
@@ -119,6 +120,12 @@ def test_every_command_that_takes_an_address_refuses_a_dead_one_before_any_work(
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in built.stderr and "Traceback" not in built.stderr
     assert not (tmp_path / "out" / "internal" / "index.parquet").exists()  # refused before the archive was indexed
 
+    tuned = subprocess.run([sys.executable, "-m", "curation", "finetune", "--data", str(tmp_path / "out"), "--model", "tiny", "--out",
+                            str(tmp_path / "ft"), "--workers", "1", "--address", f"127.0.0.1:{port}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert tuned.returncode == 2 and tuned.stderr.strip().splitlines()[-1].startswith(
+        f"m3-curate: error: no Ray cluster answers at 127.0.0.1:{port}"), tuned.stderr[-2000:]
+    assert not (tmp_path / "ft" / "tiny-base").exists()
     config = TrainConfig(data=str(tmp_path / "out"), model="tiny", out=str(tmp_path / "ft"))
     with pytest.raises(CurationError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
         train_on_ray(config, workers=1, address=f"127.0.0.1:{port}")

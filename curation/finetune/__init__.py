@@ -28,11 +28,16 @@ def finetune_command(args: argparse.Namespace) -> None:
     from curation.store.output import OutputLock
 
     with OutputLock.of_folder(args.out, "finetune", "--out"):
+        address = getattr(args, "address", None)
+        if args.workers:
+            from curation.ray_address import cluster_address
+
+            address = cluster_address(address)  # a cluster that does not answer is said before any model is built
         config = prepare(TrainConfig.from_args(args))
-        if args.workers and args.workers > 0:
+        if args.workers:
             from curation.finetune.ray_train import train_on_ray
 
-            summary = train_on_ray(config, workers=args.workers, use_gpu=args.use_gpu, address=getattr(args, "address", None))
+            summary = train_on_ray(config, workers=args.workers, use_gpu=args.use_gpu, address=address)
         else:
             if args.use_gpu:
                 import torch
