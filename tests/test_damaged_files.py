@@ -96,6 +96,41 @@ def test_a_model_folder_or_checkpoint_cut_short_is_one_line_naming_it(tmp_path, 
     assert json.loads((run / "train_summary.json").read_text())["resumed_from"] == 2
 
 
+@pytest.mark.parametrize("where", ["tiny-base", "checkpoint-1"])
+def test_a_write_the_file_system_refuses_while_training_is_one_line_naming_the_folder(tmp_path, where):
+    """A full disk (here a file-size limit: the same failing write, with EFBIG) fails inside
+    safetensors ("os error 27") or torch's zip writer ("unexpected pos"), in errors that do not
+    say so: one line naming the folder being written and the reason, status 2, and no half
+    written folder is left to be taken as complete (`model_folder.saving`)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from curation.finetune.tiny import build_tiny
+
+    data = write_shards(tmp_path / "build", conversations=20, seed=4)
+    run = tmp_path / "run"
+    if where == "checkpoint-1":
+        build_tiny(data, run / "tiny-base")  # without the limit: the checkpoint's weights are what fail
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "curation", "-q", "finetune", "--data", str(data), "--model", "tiny", "--out", str(run),
+                           "--max-steps", "2", "--save-steps", "1"], capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"m3-curate: error: {run / where}: File too large (while writing it): free space there, or give another --out")
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")] and not (run / "checkpoint-1").exists()
+    assert (run / "tiny-base" / "config.json").exists() == (where == "checkpoint-1")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_shard_damaged_inside_stops_a_run_on_two_ray_train_workers_in_one_line(tmp_path):

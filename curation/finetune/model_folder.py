@@ -1,19 +1,24 @@
-"""Reading a model folder (a base model, `finetune --out`, a checkpoint) with an error that
-names it.
+"""Reading and writing a model folder (a base model, `finetune --out`, a checkpoint) with an
+error that names it.
 
 A folder copied in part (a transfer cut short, a disk that filled) fails inside transformers,
 safetensors or torch, each with its own traceback (`SafetensorError: incomplete metadata`,
 `PytorchStreamReader failed reading zip archive`). The command stops with one line naming the
-folder and what to do instead.
+folder and what to do instead (`loading`). A write the file system refuses (a full disk, a
+quota, a read-only folder) fails there too, in errors that do not say so: one line naming the
+folder and the reason, as for every other command (`saving`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from curation.atomic import STORAGE_ERRNOS
 from curation.errors import CurationError, brief
 
 
@@ -30,3 +35,44 @@ def loading(folder: str | Path, advice: str) -> Iterator[None]:
         raise
     except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         raise CurationError(f"{folder}: does not load ({type(e).__name__}: {brief(e)}): {advice}") from None
+
+
+@contextmanager
+def saving(folder: str | Path) -> Iterator[None]:
+    """Turn a write the file system refuses inside transformers, safetensors or torch into a
+    `CurationError` naming `folder` and the reason. safetensors gives the OS error's number in
+    its message (`(os error 28)`); torch's zip writer gives none (`unexpected pos 704 vs 598`),
+    so a small write of our own asks the folder whether it takes writes. Any other failure keeps
+    its own error."""
+    try:
+        yield
+    except Exception as e:
+        code = e.errno if isinstance(e, OSError) else _os_error_in(str(e))
+        if code not in STORAGE_ERRNOS:
+            code = _refused_here(Path(folder))
+        if code is None:
+            raise
+        raise CurationError(f"{folder}: {os.strerror(code)} (while writing it): free space there, or give another --out") from None
+
+
+def _os_error_in(message: str) -> int | None:
+    found = re.search(r"\(os error (\d+)\)", message)
+    return int(found.group(1)) if found else None
+
+
+def _refused_here(folder: Path, size: int = 1 << 20) -> int | None:
+    """The errno with which `folder` (or the nearest folder above it that exists) refuses a
+    write of `size` bytes, or None when it takes it."""
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / ".m3-curate-write-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno if e.errno in STORAGE_ERRNOS else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 from curation.finetune.evaluate import CALL_RE
+from curation.finetune.model_folder import saving
 
 KNOWN_CALLS = [
     *(f"<VISTA3D({g})>" for g in (
@@ -164,9 +167,17 @@ def build_tiny(
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    staged = out.parent / f".{out.name}.tmp"  # moved in whole, config.json last: `prepare` reuses a folder that has it
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        with saving(out):
+            model.save_pretrained(staged)
+            processor.save_pretrained(staged)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     n = sum(p.numel() for p in model.parameters())
     log.info("tiny LLaVA written to %s: %d parameters, vocabulary %d", out, n, len(tokenizer))
     return out

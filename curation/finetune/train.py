@@ -42,7 +42,7 @@ from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows
 from curation.finetune.machine import cpu_threads
 from curation.finetune.memory import gib, state_bytes
-from curation.finetune.model_folder import loading
+from curation.finetune.model_folder import loading, saving
 from curation.finetune.processors import load_processor, save_processor
 from curation.store.layout import iter_rows, shard_files
 
@@ -281,10 +281,15 @@ def _save(model: Any, processor: Any, path: Path, base: str) -> None:
 def save_checkpoint(out: Path, step: int, model: Any, processor: Any, optimizer: Any, scheduler: Any, state: dict, keep: int) -> Path:
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    _save(model, processor, tmp, state["base_model"])
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    try:
+        with saving(final):
+            _save(model, processor, tmp, state["base_model"])
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in checkpoints(out)[:-keep] if keep > 0 else []:
@@ -296,14 +301,15 @@ def save_checkpoint(out: Path, step: int, model: Any, processor: Any, optimizer:
 def write_final(model: Any, processor: Any, config: TrainConfig, summary: dict[str, Any]) -> None:
     """The trained model (LoRA merged, its adapter beside it in `adapter/`) and the summary."""
     out, final = Path(config.out), getattr(model, "module", model)
-    if config.lora:
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
-        final.save_pretrained(out / "adapter")
-        final = final.merge_and_unload()
-    if getattr(final, "is_activation_checkpointing", False):
-        final.activation_checkpointing_disable()
-    _save(final, processor, out, config.model)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    with saving(out):
+        if config.lora:
+            (out / "adapter").mkdir(parents=True, exist_ok=True)
+            final.save_pretrained(out / "adapter")
+            final = final.merge_and_unload()
+        if getattr(final, "is_activation_checkpointing", False):
+            final.activation_checkpointing_disable()
+        _save(final, processor, out, config.model)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("model written to %s (%d steps, final loss %s)", out, summary["steps"], summary["final_loss"])
 
 
