@@ -134,3 +134,33 @@ def test_a_second_convert_into_a_folder_leaves_only_its_own_files_and_the_users(
     second = convert(spec, out, compress=False, index=Index(items=kept, ledger=[e for e in index.ledger if e.item_id == kept[0].item_id]))
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{kept[0].item_id}.nii", "mine.nii.gz", "index.parquet", "ledger.parquet", ".m3-curate.lock"])
     assert second.written == [out / f"{kept[0].item_id}.nii"]
+
+
+def test_a_write_the_file_system_refuses_stops_convert_rather_than_setting_every_item_aside(tmp_path: Path, write_manifest) -> None:
+    """A full disk (here a file-size limit: the same failing write, with EFBIG) is not the
+    item's fault and no later item would fare better: one line naming the file, status 2,
+    instead of every item quarantined and status 0."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    import dicom_factory as fac
+
+    for k in range(3):
+        fac.write_series(tmp_path / "in" / f"s{k}", rows=64, cols=64, n_slices=8, series_uid=f"1.2.3.{k + 1}")
+    manifest = write_manifest({"name": "c", "sources": [{"name": "s", "kind": "dicom", "root": str(tmp_path / "in"), "select": {"min_slices": 1}}]})
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "curation", "-q", "convert", str(manifest), "--out", str(tmp_path / "out"), "--uncompressed"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"m3-curate: error: cannot write {tmp_path / 'out'}/") and said.endswith(
+        ".nii: File too large (the file exceeds the size limit of this process or file system)"), said
+    assert not (tmp_path / "out" / "ledger.parquet").exists()  # no ledger that calls the items quarantined

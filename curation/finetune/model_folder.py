@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from curation.atomic import STORAGE_ERRNOS
+from curation.atomic import STORAGE_ERRNOS, storage_error
 from curation.errors import CurationError, brief
 
 
@@ -39,8 +39,8 @@ def loading(folder: str | Path, advice: str) -> Iterator[None]:
 
 @contextmanager
 def saving(folder: str | Path) -> Iterator[None]:
-    """Turn a write the file system refuses inside transformers, safetensors or torch into a
-    `CurationError` naming `folder` and the reason. safetensors gives the OS error's number in
+    """Turn a write the file system refuses inside transformers, safetensors or torch into the
+    `CurationError` every writer gives for it (`atomic.storage_error`), naming `folder`. safetensors gives the OS error's number in
     its message (`(os error 28)`); torch's zip writer gives none (`unexpected pos 704 vs 598`),
     so a small write of our own asks the folder whether it takes writes. Any other failure keeps
     its own error."""
@@ -52,7 +52,7 @@ def saving(folder: str | Path) -> Iterator[None]:
             code = _refused_here(Path(folder))
         if code is None:
             raise
-        raise CurationError(f"{folder}: {os.strerror(code)} (while writing it): free space there, or give another --out") from None
+        raise storage_error(Path(folder), OSError(code, os.strerror(code))) from None
 
 
 def _os_error_in(message: str) -> int | None:

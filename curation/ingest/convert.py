@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from curation.errors import ItemError
+from curation.errors import CurationError, ItemError
 from curation.ingest.index import Index, build_index, write_index
 from curation.ingest import SourceReader, readers_for
 from curation.ingest.nifti_write import write_nifti
@@ -57,6 +57,9 @@ def _convert_all(spec: BuildSpec, index: Index, out: Path, suffix: str, workers:
             except ItemError as e:
                 log.warning("item set aside: %s", e)
                 result.failed.append(LedgerEntry(e.where, item.source, "quarantined", f"conversion failed: {e.reason}", item.item_id))
+            except CurationError:  # --out cannot be written (a full disk): not the item's fault, and no later item would fare better
+                pool.shutdown(cancel_futures=True)
+                raise
             except Exception as e:  # a per-item boundary: a writer's or a decoder's failure sets this item aside
                 log.warning("item set aside: %s: %s", item.uris[0], describe(e))
                 result.failed.append(LedgerEntry(item.uris[0], item.source, "quarantined", f"conversion failed: {describe(e, out)}", item.item_id))
