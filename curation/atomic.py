@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,16 @@ TMP_SUFFIX = ".tmp"
 # they are one line naming the path, not a traceback (here and in `curation.cli`)
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO}
+
+
+def errno_of(error: BaseException) -> int | None:
+    """The OS error number behind `error`, also where a library wrapped it in a message of its
+    own and kept no `errno`: pydicom's `OSError("With tag (7FE0,0010) got exception: [Errno 27]
+    File too large")`, safetensors' `SafetensorError("… (os error 28)")`."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno
+    found = re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(error))
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 def tmp_name(path: Path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from curation import signals
-from curation.atomic import STORAGE_ERRNOS
+from curation.atomic import STORAGE_ERRNOS, errno_of
 from curation.errors import CurationError
 
 
@@ -66,6 +66,7 @@ def _demo_archive(args: argparse.Namespace) -> None:
     from curation.preflight import writable_folder
 
     writable_folder(args.dir, "DIR")
+    args.output_path = Path(args.dir)
     s = write_demo_archive(Path(args.dir), cases=args.cases, seed=args.seed, ct_cases=args.ct, brain_cases=args.brain,
                            cxr_images=args.cxr, distinct=args.distinct, jobs=args.jobs, ct_size=args.ct_size)
     print(
@@ -302,9 +303,10 @@ def write_failure(e: OSError, args: argparse.Namespace) -> str | None:
     """One line for an OS-level write failure (full disk, quota, read-only or forbidden output),
     naming the path: the file when the error carries it (Python's own I/O), else the command's
     output (pyarrow's errors carry none). None for any other OSError: a bug keeps its traceback."""
-    if e.errno not in STORAGE_ERRNOS:
+    code = errno_of(e)
+    if code not in STORAGE_ERRNOS:
         return None
-    reason = os.strerror(e.errno)
+    reason = os.strerror(code)
     if e.filename is not None:
         return f"{e.filename}: {reason}"
     where = getattr(args, "output_path", None)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.store.cache import DamagedEntry, FindingsCache, content_hash
+from curation.atomic import write_text
 from curation.errors import CurationError, ItemError
 from curation.ingest.index import scan_source
 from curation.ingest import SourceReader, readers_for
@@ -107,8 +108,7 @@ def preview_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     page = make_page(args)
     path = Path(args.html)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page.html, encoding="utf-8")
+    write_text(path, page.html)
     print(page.summary(path, time.perf_counter() - started))
     return 1 if page.failed else 0
 

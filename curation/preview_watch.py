@@ -22,6 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from curation.atomic import write_text
 from curation.errors import CurationError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _render(args: argparse.Namespace, page: LivePage, version: int) -> None:
         made = make_page(args, live=True, version=version)
         page.set(made.html, version)
         print(made.summary(Path(args.html), time.perf_counter() - started), flush=True)
-        Path(args.html).write_text(made.html, encoding="utf-8")
+        write_text(Path(args.html), made.html)
     except CurationError as e:
         body = f"<div class='error'>{html.escape(str(e))}</div><p>Fix it and save: this page reloads.</p>"
         page.set(page_html("m3-curate preview · error", body, attrs="data-failed='1'", live=True, version=version), version)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if monitor is not None and isinstance(thread, monitor):
             thread.exit()
 
+
+
+@pytest.fixture(autouse=True)
+def _what_a_command_keeps_out_stays_in_its_test():
+    """`index` and `convert` keep pandas and requests out of their process
+    (`curation.ingest.lean`): run in-process by a test, they would keep them out of every test
+    after it in the same process (transformers needs pandas), whichever tests ran before."""
+    before = list(sys.meta_path)
+    yield
+    sys.meta_path[:] = before

@@ -172,6 +172,9 @@ def test_a_write_the_file_system_refuses_is_one_line_naming_the_path(tmp_path, w
     assert result.returncode == 2, result.stderr
     line = one_line(result.stderr)
     assert line.startswith(f"m3-curate: error: {tmp_path / 'o'}") and "File too large" in line
+    drawn = subprocess.run([sys.executable, "-m", "curation", "-q", "demo-archive", str(tmp_path / "demo"), "--cases", "1"],
+                           capture_output=True, text=True, preexec_fn=small_files, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert drawn.returncode == 2 and one_line(drawn.stderr).startswith(f"m3-curate: error: {tmp_path / 'demo'}"), drawn.stderr[-2000:]
 
 
 def test_a_command_ends_without_module_teardown_yet_runs_its_exit_handlers(tmp_path, write_manifest):
@@ -296,6 +299,10 @@ def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_fol
 
     from curation.store.output import OutputLock
 
+    def run(argv: list[str]) -> tuple[int, str]:
+        code = main(["-q", *argv])
+        return code, capsys.readouterr().err
+
     shards = write_shards(tmp_path / "build", conversations=6)
     fac.write_series(tmp_path / "in" / "s", n_slices=4)
     manifest = write_manifest({"name": "c", "sources": [{"name": "s", "kind": "dicom", "root": str(tmp_path / "in"), "select": {"min_slices": 1}}]})
@@ -308,8 +315,9 @@ def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_fol
         folder = tmp_path / argv[argv.index(flag) + 1 if flag != "OUT" else -1]
         with OutputLock.of_folder(folder, command, flag):
             capsys.readouterr()
-            assert main(["-q", *argv]) == 2, command
-            said = capsys.readouterr().err.strip().splitlines()[-1]
-            assert said.startswith(f"m3-curate: error: {folder} is being written by another `m3-curate {command}` (pid {os.getpid()} ")
+            code, err = run(argv)
+            said = err.strip().splitlines()[-1]
+            assert code == 2 and said.startswith(f"m3-curate: error: {folder} is being written by another `m3-curate {command}` "
+                                                 f"(pid {os.getpid()} "), said
             assert said.endswith(f"wait for it to finish, or give this one another {flag}"), said
-        assert main(["-q", *argv]) == 0, command  # the lock goes with its holder
+        assert run(argv)[0] == 0, command  # the lock goes with its holder

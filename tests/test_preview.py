@@ -312,6 +312,31 @@ def test_a_failed_sample_fails_the_command(manifest: Path, tmp_path: Path, capsy
 
 
 @pytest.mark.slow
+def test_a_page_the_file_system_refuses_is_one_line_and_no_partial_page(manifest: Path, tmp_path: Path) -> None:
+    """A full disk (here a file-size limit: the same failing write, with EFBIG): the page is
+    written whole or not at all, and the line names it."""
+    import os
+    import resource
+    import signal
+    import sys
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    from curation.cli import main
+
+    assert main(["-q", "preview", str(manifest), "-n", "2", "--html", str(tmp_path / "first.html")]) == 0  # the findings cached
+    assert (tmp_path / "first.html").stat().st_size > 20_000
+    page = tmp_path / "page" / "p.html"
+    done = subprocess.run([sys.executable, "-m", "curation", "-q", "preview", str(manifest), "-n", "2", "--html", str(page)],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"m3-curate: error: cannot write {page}: File too large (the file exceeds the size limit of this process or file system)"), done.stderr[-2000:]
+    assert not any(page.parent.iterdir())
+
+
 def test_watch_on_a_port_in_use_says_so_before_rendering(manifest: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     import socket
 

@@ -135,6 +135,7 @@ def eval_command(args: argparse.Namespace) -> None:
     )
     text = json.dumps(result, indent=1)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        from curation.atomic import write_text
+
+        write_text(Path(args.out), text + "\n")
     print(text)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from curation.atomic import STORAGE_ERRNOS, storage_error
+from curation.atomic import STORAGE_ERRNOS, errno_of, storage_error
 from curation.errors import CurationError, brief
 
 
@@ -47,17 +46,12 @@ def saving(folder: str | Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        code = e.errno if isinstance(e, OSError) else _os_error_in(str(e))
+        code = errno_of(e)
         if code not in STORAGE_ERRNOS:
             code = _refused_here(Path(folder))
         if code is None:
             raise
         raise storage_error(Path(folder), OSError(code, os.strerror(code))) from None
-
-
-def _os_error_in(message: str) -> int | None:
-    found = re.search(r"\(os error (\d+)\)", message)
-    return int(found.group(1)) if found else None
 
 
 def _refused_here(folder: Path, size: int = 1 << 20) -> int | None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from curation.atomic import write_text
 from curation.errors import CurationError
 from curation.finetune.chat import ChatCollator, check_template
 from curation.finetune.data import TRAIN_COLUMNS, ShardStream, count_rows
@@ -309,7 +310,7 @@ def write_final(model: Any, processor: Any, config: TrainConfig, summary: dict[s
         if getattr(final, "is_activation_checkpointing", False):
             final.activation_checkpointing_disable()
         _save(final, processor, out, config.model)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        write_text(out / "train_summary.json", json.dumps(summary, indent=1))
     log.info("model written to %s (%d steps, final loss %s)", out, summary["steps"], summary["final_loss"])
 
 
