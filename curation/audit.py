@@ -124,7 +124,7 @@ def audit(out: str | Path) -> Audit:
     calls: dict[tuple[Any, ...], dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
     shards = shard_files(out, columns=COLUMNS)
     result.unread = shards.set_aside
-    for row in iter_rows(shards.files, columns=COLUMNS):
+    for row in iter_rows(shards.files, columns=COLUMNS, stamps=shards.stamps):
         n = len(rows)
         rows.append((row["task"], row["id"]))
         found, meta = _row_problems(row)

@@ -45,7 +45,7 @@ from typing import IO, Any
 
 from curation.atomic import write_text
 from curation.errors import CurationError
-from curation.store.layout import read_batches, shard_files
+from curation.store.layout import Stamp, read_batches, shard_files
 from curation.store.output import OutputLock
 
 IMAGE_TOKEN = "<image>"
@@ -194,7 +194,7 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
         stage = inside(out, STAGE)
         shutil.rmtree(stage, ignore_errors=True)
         try:
-            rows = _write(found.files, stage, layout, batch_rows)
+            rows = _write(found.files, found.stamps, stage, layout, batch_rows)
             _replace(out, stage, ["images", *(f"{split}.json" for split in rows)], previous)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -204,7 +204,7 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
 STAGE, MARK = ".export.new", ".m3-curate-export"  # the export being written; what the last one wrote here
 
 
-def _write(files: list[Path], stage: Path, layout: str, batch_rows: int) -> dict[str, int]:
+def _write(files: list[Path], stamps: dict[Path, Stamp], stage: Path, layout: str, batch_rows: int) -> dict[str, int]:
     """Every row of `files` into `stage`: records by split, images in `images/`. Rows by split."""
     images = stage / "images"
     images.mkdir(parents=True)
@@ -212,7 +212,7 @@ def _write(files: list[Path], stage: Path, layout: str, batch_rows: int) -> dict
     seen: set[str] = set()
     try:
         for path in files:
-            for batch in read_batches(path, batch_size=batch_rows, columns=COLUMNS):
+            for batch in read_batches(path, stamps.get(path), batch_size=batch_rows, columns=COLUMNS):
                 for row in batch.to_pylist():
                     row_id = safe_name(row["id"], "id", str(path))
                     split = safe_name(row["split"], "split", f"{path}: row {row_id}")

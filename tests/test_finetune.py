@@ -327,3 +327,21 @@ def test_progress_checkpoints_every_epoch_and_logs_the_time_left():
     assert metrics["eta_s"] == metrics["elapsed_s"]  # 4 steps done since the start, 4 left
     line = progress.line({**metrics, "elapsed_s": 125.0, "eta_s": 3725.0, "rows_per_s": 2.0})
     assert line == "step 6/10 (60%) epoch 1.50 loss 1.5000 lr 1.00e-03 2.0 rows/s elapsed 0:02:05 ETA 1:02:05"
+
+
+def test_a_dataset_replaced_under_a_running_fine_tune_stops_it_instead_of_mixing(tmp_path, tiny):
+    """The stream comes back to each shard by path (row group by row group, epoch after
+    epoch): a build that swapped in a new dataset meanwhile would feed the run the new rows
+    at the old positions. It stops, naming the shard, at the first read of a replaced file."""
+    from curation.errors import CurationError
+
+    data = write_shards(tmp_path / "build", conversations=60, seed=1, rows_per_shard=20, row_group_size=4)
+    train_files = shard_files(data, "train").files
+
+    def rebuild(metrics):
+        if metrics["step"] == 1:
+            for f in train_files:  # the same rows, written again: another file at the same path
+                pq.write_table(pq.read_table(f), f, row_group_size=4)
+
+    with pytest.raises(CurationError, match=r"part-\d+\.parquet: replaced since this command started"):
+        train(_config(data, tiny, tmp_path / "run", max_steps=12, log_steps=1, shuffle_buffer=4, batch_size=2), report=rebuild)

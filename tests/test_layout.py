@@ -135,3 +135,21 @@ def test_a_shard_without_the_columns_a_command_reads_is_set_aside_saying_which(t
     good.unlink()
     with pytest.raises(CurationError, match=rf"^{tmp_path / 'data'}: no shard can be read: not the rows this command reads"):
         shard_files(tmp_path, columns=["id", "images"])
+
+
+@pytest.mark.parametrize("how", ["rebuilt", "removed"])
+def test_a_shard_replaced_after_the_command_found_it_stops_the_reader_naming_it(tmp_path, how):
+    """A build into the same folder swaps in a new dataset under a reader that has the old
+    one's paths: read on, it would mix the two (the new files at the old paths). With the
+    stamps `shard_files` took, the reader stops at the first file that is not what it found."""
+    first, second = write_split(tmp_path / "data" / "train", 2)
+    shards = shard_files(tmp_path)
+    rows = iter_rows(shards.files, stamps=shards.stamps, batch_rows=5)
+    assert len([next(rows) for _ in range(20)]) == 20  # the first shard, read whole
+    if how == "rebuilt":
+        pq.write_table(pa.table({"id": [f"new-{i}" for i in range(20)]}), second, row_group_size=5)
+    else:
+        second.unlink()
+    with pytest.raises(CurationError, match=rf"^{second}: replaced since this command started \(a build into the same folder\?\)"):
+        next(rows)
+    assert len(list(iter_rows(shard_files(tmp_path).files))) == 40 - 20 * (how == "removed")  # a new command reads the new dataset

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from curation.errors import CurationError
-from curation.store.layout import read_batches
+from curation.store.layout import Stamp, read_batches
 
 TRAIN_COLUMNS = ["id", "task", "messages", "images"]
 
@@ -40,6 +40,7 @@ class _Unit:
     file: Path
     row_group: int
     rows: int
+    stamp: Stamp | None  # the file it was when the run began (`layout.read_batches`)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -66,11 +67,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         skip_batches: int = 0,
         columns: Sequence[str] = TRAIN_COLUMNS,
+        stamps: dict[Path, Stamp] | None = None,
     ):
         if batch_size < 1:
             raise CurationError(f"--batch-size {batch_size}: must be at least 1")
         self.units = [
-            _Unit(Path(f), g, meta.row_group(g).num_rows)
+            _Unit(Path(f), g, meta.row_group(g).num_rows, (stamps or {}).get(Path(f)))
             for f in files
             for meta in [pq.ParquetFile(f).metadata]
             for g in range(meta.num_row_groups)
@@ -98,7 +100,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             buffer: list[dict[str, Any]] = []
             k = 0
             for unit in mine:
-                for batch in read_batches(unit.file, batch_size=64, row_groups=[unit.row_group], columns=self.columns):
+                for batch in read_batches(unit.file, unit.stamp, batch_size=64, row_groups=[unit.row_group], columns=self.columns):
                     for row in batch.to_pylist():
                         k += 1
                         if by_row and (k - 1) % self.world_size != self.rank:

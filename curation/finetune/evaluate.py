@@ -108,7 +108,7 @@ def evaluate(
 
     shards = shard_files(data, split, columns=TRAIN_COLUMNS)
     net, processor = load_model(model, cpu_threads)
-    rows = iter_rows(shards.files, columns=EVAL_COLUMNS, limit=limit)  # a shard without `expert` or `meta` is scored from its text
+    rows = iter_rows(shards.files, columns=EVAL_COLUMNS, limit=limit, stamps=shards.stamps)  # a shard without `expert` or `meta` is scored from its text
     t0 = time.monotonic()
     scorer = TurnScorer()
     generations = 0

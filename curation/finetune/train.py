@@ -442,7 +442,7 @@ def _setup(config: TrainConfig, rank: int, world_size: int, device: torch.device
         log.info("resumed from %s at step %d", resume_from, state["step"])
     collator = ChatCollator(processor, max_length=config.max_length or context_length(model), name=config.model)
     stream = ShardStream(
-        files, collate=collator, batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+        files, stamps=shards.stamps, collate=collator, batch_size=config.batch_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
         rank=rank, world_size=world_size, skip_batches=state["step"] * config.grad_accum,
     )
     model = wrap(model) if wrap is not None else model

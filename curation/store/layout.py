@@ -23,7 +23,8 @@ and `eval` agree on them (`output.cache`, when the manifest sets it, wins over `
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,28 @@ class Shards:
     """The shard files a command reads, in name order, and those it sets aside: a file whose
     Parquet footer does not open (a copy cut short, a file that is not Parquet), or whose
     columns are not the rows the command reads (a dataset from another tool), is named in a
-    warning and in the command's record (`set_aside`: path → why), and the rest are read."""
+    warning and in the command's record (`set_aside`: path → why), and the rest are read.
+    `stamps` say which file each path was when the command looked (`stamp`), so that a reader
+    finds a dataset replaced under it (`read_batches`)."""
 
     files: list[Path]
     set_aside: dict[str, str]
+    stamps: dict[Path, Stamp] = field(default_factory=dict)
+
+
+Stamp = tuple[int, int, int]  # (inode, size, mtime in ns)
+
+
+def stamp(path: Path) -> Stamp:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _stamp_now(path: Path) -> Stamp | None:
+    try:
+        return stamp(path)
+    except FileNotFoundError:
+        return None
 
 
 def shard_files(path: str | Path, split: str | None = None, *, columns: Sequence[str] = (), warn: bool = True) -> Shards:
@@ -162,7 +181,8 @@ def shard_files(path: str | Path, split: str | None = None, *, columns: Sequence
         raise CurationError(f"{folder}: no shard can be read: {why}; {advice}")
     for f, (why, advice) in found.items() if warn else ():
         log.warning("%s: set aside, %s; the other shards are read (%s)", f, why, advice)
-    return Shards([f for f in files if str(f) not in found], {f: why for f, (why, _) in found.items()})
+    kept = [f for f in files if str(f) not in found]
+    return Shards(kept, {f: why for f, (why, _) in found.items()}, {f: stamp(f) for f in kept})
 
 
 DAMAGED = "copy the dataset again, or build it again: the build writes the same bytes"
@@ -186,15 +206,21 @@ def unreadable(shard: Path, columns: Sequence[str] = ()) -> tuple[str, str] | No
     return None
 
 
-def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
+def read_batches(shard: Path, stamp_seen: Stamp | None = None, **iter_batches: Any) -> Iterator[Any]:
     """`pq.ParquetFile(shard).iter_batches(**iter_batches)`, where a shard whose footer opened
     but whose rows do not read (bytes changed inside the file, found only as they are read)
     stops the command naming it, not with pyarrow's traceback. The build writes a CRC32 with
     every page and they are checked here: without them, a third of single bit flips in a shard
-    read back as other text or pixels, without an error (`bench/README.md`, "Shards on disk")."""
+    read back as other text or pixels, without an error (`bench/README.md`, "Shards on disk").
+    With `stamp_seen` (`Shards.stamps`), a shard that is no longer the file the command found at
+    its start stops it too: a build into the same folder swapped in a new dataset, and a run
+    that goes on would read a mix of the two (a fine-tune comes back to every shard each epoch)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if stamp_seen is not None and _stamp_now(shard) != stamp_seen:
+        raise CurationError(f"{shard}: replaced since this command started (a build into the same folder?): it reads one "
+                            "dataset, not a mix of two; run it again on the new one, or give builds their own --out")
     try:
         yield from pq.ParquetFile(shard, page_checksum_verification=True).iter_batches(**iter_batches)
     except (OSError, pa.ArrowException) as e:
@@ -202,11 +228,12 @@ def read_batches(shard: Path, **iter_batches: Any) -> Iterator[Any]:
                             f"{DAMAGED}") from None
 
 
-def iter_rows(files: Sequence[Path], *, columns: Sequence[str] | None = None, limit: int | None = None, batch_rows: int = 64) -> Iterator[dict[str, Any]]:
-    """Rows of `files` in order, as dicts, a record batch at a time."""
+def iter_rows(files: Sequence[Path], *, columns: Sequence[str] | None = None, limit: int | None = None, batch_rows: int = 64,
+              stamps: dict[Path, Stamp] | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of `files` in order, as dicts, a record batch at a time (`stamps`: see `read_batches`)."""
     n = 0
     for f in files:
-        for batch in read_batches(f, batch_size=batch_rows, columns=list(columns) if columns else None):
+        for batch in read_batches(f, (stamps or {}).get(f), batch_size=batch_rows, columns=list(columns) if columns else None):
             for row in batch.to_pylist():
                 if limit is not None and n >= limit:
                     return
