@@ -72,8 +72,34 @@ def preflight(spec: BuildSpec, manifest: str | Path | None, *, out: str | Path |
         writable_folder(layout.out, "--out" if out else f"{where.prefix}output.dir")
         if spec.output.cache is not None:
             writable_folder(Path(spec.output.cache), f"{where.prefix}output.cache")
+        check_output_places(spec, layout, where, "--out" if out else "output.dir")
     if rows:
         check_tasks(spec, where, lambda: _expert_infos(spec, out, experts))
+
+
+def check_output_places(spec: BuildSpec, layout: Any, where: _Where, out_key: str) -> None:
+    """The output folder and the cache apart from every source root, and the cache out of the
+    dataset folder. Inside a root, what a build writes (an export's pictures, a preview page)
+    would be read as the archive's next time, and a root inside the output would index its
+    shards; the dataset folder is replaced whole by each build (a cache there would be lost
+    every time) and is the one shared (the cache is internal)."""
+    places = [(out_key, layout.out.resolve())]
+    if spec.output.cache is not None:
+        cache = Path(spec.output.cache).resolve()
+        places.append(("output.cache", cache))
+        for dataset in (layout.dataset, layout.staged().dataset, layout.retired):
+            if cache.is_relative_to(dataset.resolve()):
+                raise where.error("output.cache", f"{cache} is inside the dataset folder {dataset}, which each build replaces whole "
+                                                  "(the cache would be lost every time) and which is the one shared: put the cache "
+                                                  "elsewhere (default: OUT/internal/cache)")
+    for i, s in enumerate(spec.sources):
+        root = Path(s.root).resolve()
+        for key, place in places:
+            if place.is_relative_to(root) or root.is_relative_to(place):
+                inside = f"{place} is inside sources[{i}].root {root}" if place.is_relative_to(root) else \
+                    f"sources[{i}].root {root} is inside it ({place})"
+                raise where.error(key, f"{inside}: what a build writes would be read as the archive's next time; keep outputs and "
+                                       "sources apart")
 
 
 def check_sources(spec: BuildSpec, where: _Where) -> None:

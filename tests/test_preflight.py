@@ -71,6 +71,13 @@ def test_a_good_manifest_passes(scene):
     (dict(x=lambda d: d["tasks"].append({"template": "brats/four_sequences.j2", "source": "ct", "expert": "BRATS"})),
      r"m.yaml: tasks\[2\] \(template brats/four_sequences.j2\)"),
     (dict(output={"dir": "out", "cache": "cxr/a.png"}), r"m.yaml: output.cache .*a.png: a file is there, not a folder"),
+    # outputs apart from the sources, and the cache out of the dataset each build replaces and users share
+    (dict(output={"dir": "cxr/out"}), r"m.yaml: output.dir: .*/cxr/out is inside sources\[2\].root .*/cxr: what a build writes would be "
+                                      r"read as the archive's next time; keep outputs and sources apart"),
+    (dict(output={"dir": "out", "cache": "brain/cache"}), r"m.yaml: output.cache: .*/brain/cache is inside sources\[1\].root"),
+    (dict(output={"dir": "."}), r"m.yaml: output.dir: sources\[0\].root .*/ct is inside it"),
+    (dict(output={"dir": "out", "cache": "out/dataset/cache"}), r"m.yaml: output.cache: .*/out/dataset/cache is inside the dataset folder "
+                                                                 r".*/out/dataset, which each build replaces whole"),
 ])
 def test_each_mistake_names_the_manifest_and_the_key(scene, change, message):
     path = manifest(scene, **change)
