@@ -45,8 +45,8 @@ from typing import IO, Any
 
 from curation.atomic import write_text
 from curation.errors import CurationError
+from curation.folder_lock import FolderLock
 from curation.store.layout import Stamp, read_batches, shard_files
-from curation.store.output import OutputLock
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"user": "human", "assistant": "gpt"}
@@ -188,7 +188,7 @@ def export_llava(shards: Path, out: Path, *, layout: str = "vila", batch_rows: i
     if layout not in LAYOUTS:
         raise CurationError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     found = shard_files(Path(shards), columns=COLUMNS)
-    with OutputLock.of_folder(out, "export", "OUT"):
+    with FolderLock(out, "export", "OUT"):
         previous = _previous(out)
         _check_ours(out, ["images", *sorted({f"{p.parent.name}.json" for p in found.files})], previous)
         stage = inside(out, STAGE)

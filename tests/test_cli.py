@@ -293,11 +293,11 @@ def test_ctrl_c_while_worker_processes_scan_is_one_line(tmp_path, write_manifest
 def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_folder(tmp_path, write_manifest, capsys):
     """Two runs writing checkpoints, two exports swapping or two converts removing each other's
     files in one folder would leave it a mix of both: the second stops naming the first, as a
-    second build does (`OutputLock`; here the first is this process, holding the lock)."""
+    second build does (`FolderLock`; here the first is this process, holding the lock)."""
     import dicom_factory as fac
     from shards_factory import write_shards
 
-    from curation.store.output import OutputLock
+    from curation.folder_lock import FolderLock
 
     def run(argv: list[str]) -> tuple[int, str]:
         code = main(["-q", *argv])
@@ -313,7 +313,7 @@ def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_fol
     }
     for command, (argv, flag) in runs.items():
         folder = tmp_path / argv[argv.index(flag) + 1 if flag != "OUT" else -1]
-        with OutputLock.of_folder(folder, command, flag):
+        with FolderLock(folder, command, flag):
             capsys.readouterr()
             code, err = run(argv)
             said = err.strip().splitlines()[-1]

@@ -25,9 +25,9 @@ import json
 def finetune_command(args: argparse.Namespace) -> None:
     """`m3-curate finetune --data DIR --model PATH|tiny --out DIR [options]`."""
     from curation.finetune.train import TrainConfig, prepare, train
-    from curation.store.output import OutputLock
+    from curation.folder_lock import FolderLock
 
-    with OutputLock.of_folder(args.out, "finetune", "--out"):
+    with FolderLock(args.out, "finetune", "--out"):
         address = getattr(args, "address", None)
         if args.workers:
             from curation.ray_address import cluster_address

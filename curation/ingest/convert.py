@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from curation.errors import CurationError, ItemError
+from curation.folder_lock import FolderLock
 from curation.ingest.index import Index, build_index, write_index
 from curation.ingest import SourceReader, readers_for
 from curation.ingest.nifti_write import write_nifti
 from curation.ingest.reasons import describe
 from curation.items import LedgerEntry, StudyItem
 from curation.manifest import BuildSpec
-from curation.store.output import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def convert(spec: BuildSpec, out: Path, *, compress: bool = True, workers: int =
     """Index (unless given), then load and write each item; an item that fails to load is set
     aside in `out/ledger.parquet` with its reason and the others go on."""
     index = index or build_index(spec)
-    with OutputLock.of_folder(out, "convert", "--out"):
+    with FolderLock(out, "convert", "--out"):
         return _convert_all(spec, index, out, ".nii.gz" if compress else ".nii", workers)
 
 

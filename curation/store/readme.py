@@ -121,6 +121,9 @@ def body(card: dict[str, Any]) -> str:
         "## Loading",
         "```python\nimport datasets\nds = datasets.load_dataset(\"path/to/this/folder\", split=\"train\")  # images as PIL images\n"
         "ds[0][\"messages\"]  # → processor.apply_chat_template(...)\n```",
+        "Every page of the Parquet files carries a CRC32 of its bytes. `datasets` does not check them; "
+        "`pyarrow.parquet.ParquetFile(path, page_checksum_verification=True)` does, and so do `m3-curate finetune`, "
+        "`eval`, `export` and `audit`: a file changed on disk stops the reader instead of giving other text or pixels.",
         "## Licence",
         f"`{m.get('license', 'other')}`, as the build's manifest declares it.",
     ]
