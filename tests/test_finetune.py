@@ -249,6 +249,15 @@ def test_an_out_folder_with_checkpoints_goes_on_only_as_the_same_run(shards, tin
                                                                     "a run with ")), line
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]
     assert main([*argv, "--max-steps", "4", "--resume"]) == 0
+    import argparse
+
+    from curation.cli import parser
+    from curation.finetune.train import RUN_SETTINGS
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {o for a in commands["finetune"]._actions for o in a.option_strings}  # the refusal names each setting as the user sets it
+    assert all((name in flags) == name.startswith("--") and (name.startswith("--") or f"--{name.replace('_', '-')}" not in flags)
+               for name in RUN_SETTINGS.values())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
 
 

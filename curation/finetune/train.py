@@ -124,8 +124,12 @@ def prepare(config: TrainConfig) -> TrainConfig:
     return config
 
 
-RUN_SETTINGS = ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum", "lr", "warmup_ratio",
-                "weight_decay", "max_grad_norm", "max_length", "seed", "shuffle_buffer")
+RUN_SETTINGS = {  # TrainConfig field → how a user names it (a flag, or the field for those a program sets)
+    "lora": "--lora", "lora_rank": "--lora-rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+    "lora_targets": "lora_targets", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+    "warmup_ratio": "--warmup-ratio", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
+    "max_length": "--max-length", "seed": "--seed", "shuffle_buffer": "--shuffle-buffer",
+}
 """What a resumed run shares with the run that wrote its checkpoint: the model's form (LoRA or
 not), the optimizer's settings, and the batches (their size and order: the checkpoint says how
 many were used, not which). `--epochs`/`--max-steps` may change (a run made longer), and so may
@@ -146,8 +150,8 @@ def check_resume(config: TrainConfig, rows: int) -> None:
                             "to go on from it, or choose another --out to start afresh")
     state = json.loads((found[-1] / STATE).read_text())
     saved = state.get("config", {})
-    changed = [f"--{k.replace('_', '-')} {_shown(saved[k])} (now {_shown(getattr(config, k))})"
-               for k in RUN_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+    changed = [f"{name} {_shown(saved[k])} (now {_shown(getattr(config, k))})"
+               for k, name in RUN_SETTINGS.items() if k in saved and saved[k] != getattr(config, k)]
     base = state.get("base_model")
     if base is not None and Path(base).resolve() != Path(config.model).resolve():
         changed.insert(0, f"--model {base} (now {config.model})")
