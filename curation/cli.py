@@ -155,7 +155,7 @@ def _check_preview(args: argparse.Namespace) -> None:
     writable_file(args.html, "--html")
 
 
-def _check_out(key: str = "out", what: str = "--out", file: bool = False) -> Callable[[argparse.Namespace], None]:
+def _check_out(key: str = "out", what: str = "--out", file: bool = False, data: str = "data") -> Callable[[argparse.Namespace], None]:
     def check(args: argparse.Namespace) -> None:
         from curation.preflight import writable_file, writable_folder
 
@@ -163,8 +163,27 @@ def _check_out(key: str = "out", what: str = "--out", file: bool = False) -> Cal
         if path is not None:
             args.output_path = Path(path)
             (writable_file if file else writable_folder)(path, what)
+            _outside_the_dataset(Path(path), getattr(args, data, None), what)
 
     return check
+
+
+def _outside_the_dataset(path: Path, data: str | None, what: str) -> None:
+    """An output inside the shards it is made from, or inside the build's `dataset/` that holds
+    them, would be deleted by the next build (which replaces that folder whole), and would be
+    shared with the dataset."""
+    from curation.store.layout import shards_root
+
+    if data is None:
+        return
+    try:
+        shards = shards_root(data).resolve()
+    except CurationError:
+        return  # no shards there: the command says so
+    dataset = shards.parent if (shards.parent / "dataset_card.json").is_file() else shards
+    if path.resolve().is_relative_to(dataset):
+        raise CurationError(f"{what} {path} is inside {dataset}, the dataset it reads: the next build replaces that folder whole, "
+                            "and it is the folder shared; write elsewhere")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -259,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=["vila", "llava-next"], default="vila",
                    help="vila: `image` for one picture, `images` for several (what VILA-M3's pinned VILA reads); "
                         "llava-next: `image` always a list (LLaVA-NeXT, VILA's LLaVANextDataset)")
-    s.set_defaults(run=_delegate("curation.export:export_command", _check_out("out", "OUT")))
+    s.set_defaults(run=_delegate("curation.export:export_command", _check_out("out", "OUT", data="shards")))
 
     s = command("finetune", "stage-4 fine-tuning on shards")
     s.add_argument("--data", required=True, help="a build's output folder, its dataset/ folder or dataset/data/")

@@ -321,3 +321,22 @@ def test_finetune_export_and_convert_stop_at_once_while_another_writes_their_fol
                                                  f"(pid {os.getpid()} "), said
             assert said.endswith(f"wait for it to finish, or give this one another {flag}"), said
         assert run(argv)[0] == 0, command  # the lock goes with its holder
+
+
+@pytest.mark.parametrize("command", ["export", "finetune", "eval"])
+def test_an_output_inside_the_dataset_it_reads_is_refused_before_any_work(tmp_path, capsys, command):
+    """The next build replaces `dataset/` whole (the export, checkpoints or metrics there would
+    be lost with it), and `dataset/` is the folder shared."""
+    from shards_factory import write_shards
+
+    build = write_shards(tmp_path / "build", conversations=6)
+    (build / "dataset" / "dataset_card.json").write_text("{}")
+    inside = build / "dataset" / "mine"
+    argv = {"export": ["export", "llava", str(build), str(inside)],
+            "finetune": ["finetune", "--data", str(build / "dataset" / "data"), "--model", "tiny", "--out", str(inside)],
+            "eval": ["eval", "--model", str(tmp_path / "model"), "--data", str(build), "--out", str(inside / "eval.json")]}[command]
+    assert main(["-q", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"is inside {(build / 'dataset').resolve()}, the dataset it reads: the next build replaces that folder whole, and it is the "
+        "folder shared; write elsewhere")
+    assert not inside.exists()
