@@ -258,8 +258,11 @@ def _check_ours(out: Path, names: list[str], previous: list[str]) -> None:
 
 def _replace(out: Path, stage: Path, names: list[str], previous: list[str]) -> None:
     """The new export in place of the last one: its files moved aside, the new ones moved in
-    (renames within OUT), then the old ones removed. Other files in OUT are left alone."""
+    (renames within OUT), then the old ones removed. Other files in OUT are left alone. The mark
+    names both while they are swapped, so an export stopped halfway is still taken as ours by
+    the next one."""
     _check_ours(out, names, previous)  # splits found only in the rows
+    write_text(out / MARK, json.dumps({"written": sorted(set(previous) | set(names))}) + "\n")
     old = inside(out, ".export.old")
     shutil.rmtree(old, ignore_errors=True)
     old.mkdir()

@@ -227,3 +227,33 @@ def test_an_export_replaces_the_last_one_in_its_folder_whole_and_nothing_else(tm
     with pytest.raises(CurationError, match=rf"^OUT {foreign}: test.json there is not from an m3-curate export"):
         export_llava(a, foreign)
     assert (foreign / "test.json").read_text() == "[]"
+
+
+def test_an_export_stopped_halfway_through_its_swap_is_replaced_by_the_next(tmp_path, monkeypatch):
+    """Stopped between moving its files in (a kill, a full disk): the mark already names them,
+    so the next export takes them as its own to replace, rather than refusing them as a user's."""
+    import os
+
+    from curation import export as export_module
+
+    a = write_shards(tmp_path / "a", conversations=30, seed=4)
+    b = write_shards(tmp_path / "b", conversations=10, seed=5)
+    out = tmp_path / "out"
+    assert set(export_llava(b, out).rows) == {"train"}  # the last export: no test.json, no val.json
+    moved_in, real_replace = [], os.replace
+
+    def stop_at_the_third_move_in(src, dst):
+        if Path(dst).parent == out and Path(src).parent.name == ".export.new":
+            moved_in.append(Path(dst).name)
+            if len(moved_in) == 3:
+                raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", stop_at_the_third_move_in)
+    with pytest.raises(OSError):
+        export_llava(a, out)
+    monkeypatch.undo()
+    assert moved_in == ["images", "test.json", "train.json"] and (out / "test.json").exists()  # in, and not in the last mark
+    counts = export_llava(a, out).rows
+    assert sum(counts.values()) == 30 and sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "images", "test.json", "train.json", "val.json"]
