@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,6 +56,23 @@ def errno_of(error: BaseException) -> int | None:
 def tmp_name(path: Path) -> str:
     """The temporary name for `path`: hidden, unique per writer, recognisable by `sweep`."""
     return f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+
+
+def write_refused(folder: str | Path, size: int = 0) -> OSError | None:
+    """Why no file (of `size` bytes) can be written in the existing `folder`, or None: tried
+    for real (a temporary file, removed), since permission bits say nothing to root and nothing
+    about read-only or full file systems (where an empty file may still be made: `size`). The
+    preflight, a cluster's nodes (`curation.build.shared`) and a failed model save
+    (`curation.finetune.model_folder`) ask it."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".m3-curate-probe-") as f:
+            if size:
+                f.write(bytes(size))
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    return None
 
 
 def storage_error(path: Path, error: OSError) -> CurationError:

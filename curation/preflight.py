@@ -19,11 +19,11 @@ reader takes; every output folder or file writable.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from curation.atomic import write_refused
 from curation.errors import CurationError
 from curation.manifest import BuildSpec
 
@@ -288,18 +288,6 @@ def writable_folder(path: str | Path, what: str) -> None:
     refused = write_refused(existing)
     if refused is not None:
         raise CurationError(f"{what} {path}: cannot write in {existing}: {refused.strerror or refused}")
-
-
-def write_refused(folder: str | Path) -> OSError | None:
-    """Why no file can be made in the existing `folder`, or None: tried for real (a temporary
-    file, removed), since permission bits say nothing to root and nothing about read-only or
-    full file systems. A cluster's nodes ask it too (`curation.build.shared`)."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".m3-curate-probe-"):
-            pass
-    except OSError as e:
-        return e
-    return None
 
 
 def writable_file(path: str | Path, what: str) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from curation.build.plan import Plan
 from curation.errors import CurationError
 from curation.items import source_path
-from curation.preflight import write_refused
+from curation.atomic import write_refused
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from curation.atomic import STORAGE_ERRNOS, errno_of, storage_error
+from curation.atomic import STORAGE_ERRNOS, errno_of, storage_error, write_refused
 from curation.errors import CurationError, brief
 
 
@@ -59,14 +59,5 @@ def _refused_here(folder: Path, size: int = 1 << 20) -> int | None:
     write of `size` bytes, or None when it takes it."""
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
-    probe = folder / ".m3-curate-write-probe"
-    try:
-        with open(probe, "wb") as f:
-            f.write(bytes(size))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return e.errno if e.errno in STORAGE_ERRNOS else None
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
+    refused = write_refused(folder, size)
+    return refused.errno if refused is not None and refused.errno in STORAGE_ERRNOS else None
